@@ -1,0 +1,14 @@
+# Sourced by the other scripts: creates (or reuses) the PyTorch venv that libtorch comes from and
+# exports what cargo needs to build tch against it. The venv lives outside the clone so that CI
+# and fresh clones on the same machine reuse it.
+DIFFTUNE_CACHE="${DIFFTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/difftune}"
+DIFFTUNE_VENV="$DIFFTUNE_CACHE/venv-torch-2.11.0"
+if ! "$DIFFTUNE_VENV/bin/python" -c 'import torch, sys; sys.exit(not torch.__version__.startswith("2.11.0"))' 2>/dev/null; then
+  echo "difftune: creating the torch venv in $DIFFTUNE_VENV (one-off, a few minutes)" >&2
+  mkdir -p "$DIFFTUNE_CACHE"
+  python3 -m venv "$DIFFTUNE_VENV"
+  "$DIFFTUNE_VENV/bin/pip" install --quiet --upgrade pip
+  "$DIFFTUNE_VENV/bin/pip" install --quiet torch==2.11.0 numpy
+fi
+export PATH="$DIFFTUNE_VENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1

@@ -1,0 +1,3 @@
+//! difftune: parameter-efficient fine-tuning of Stable Diffusion v1.x, with evaluation built in.
+pub mod model;
+pub mod util;

@@ -1,0 +1,8 @@
+//! The Stable Diffusion model stack, with parameter names identical to diffusers/transformers.
+pub mod attention;
+pub mod layers;
+pub mod resnet;
+pub mod transformer;
+pub mod unet;
+pub mod visit;
+pub mod weights;

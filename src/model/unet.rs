@@ -1,0 +1,439 @@
+//! diffusers' UNet2DConditionModel for the SD 1.x / 2.x family, configured from its `config.json`.
+use super::layers::{Conv2d, GroupNorm, Linear};
+use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::transformer::{Transformer2DModel, TransformerConfig};
+use super::visit::{ModuleMut, VisitModules};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{nn, Kind, Tensor};
+
+/// A config value that diffusers accepts either once for all blocks or per block.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(i64),
+    Each(Vec<i64>),
+}
+
+impl PerBlock {
+    fn expand(&self, name: &str, blocks: usize) -> Result<Vec<i64>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; blocks]),
+            PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),
+            PerBlock::Each(v) => bail!("unet config: `{name}` has {} entries for {blocks} blocks", v.len()),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_groups() -> i64 {
+    32
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_one() -> PerBlock {
+    PerBlock::One(1)
+}
+fn default_padding() -> i64 {
+    1
+}
+fn default_scale() -> f64 {
+    1.0
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+
+/// The fields of a diffusers `unet/config.json` that the SD 1.x/2.x architecture uses. Options that
+/// select architectures we do not implement are read so they can be refused with a clear error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UNetConfig {
+    pub in_channels: i64,
+    pub out_channels: i64,
+    pub block_out_channels: Vec<i64>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_mid")]
+    pub mid_block_type: Option<String>,
+    pub layers_per_block: i64,
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    pub cross_attention_dim: i64,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: i64,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: i64,
+    #[serde(default = "default_one")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default = "default_padding")]
+    pub downsample_padding: i64,
+    #[serde(default = "default_scale")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "default_act")]
+    pub act_fn: String,
+    #[serde(default)]
+    pub only_cross_attention: serde_json::Value,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+    #[serde(default)]
+    pub sample_size: Option<i64>,
+}
+
+impl UNetConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading U-Net config {}", path.display()))?;
+        let config: Self = serde_json::from_str(&text)
+            .with_context(|| format!("parsing U-Net config {}", path.display()))?;
+        config.validate().with_context(|| format!("U-Net config {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Refuses configs for architectures this U-Net does not implement, instead of building a
+    /// silently different model.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            bail!(
+                "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same, non-zero length",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            );
+        }
+        for t in &self.down_block_types {
+            if !matches!(t.as_str(), "CrossAttnDownBlock2D" | "DownBlock2D") {
+                bail!("unknown down block type `{t}` (supported: CrossAttnDownBlock2D, DownBlock2D)");
+            }
+        }
+        for t in &self.up_block_types {
+            if !matches!(t.as_str(), "CrossAttnUpBlock2D" | "UpBlock2D") {
+                bail!("unknown up block type `{t}` (supported: CrossAttnUpBlock2D, UpBlock2D)");
+            }
+        }
+        match self.mid_block_type.as_deref() {
+            Some("UNetMidBlock2DCrossAttn") => {}
+            other => bail!("unknown mid block type {other:?} (supported: UNetMidBlock2DCrossAttn)"),
+        }
+        if self.act_fn != "silu" {
+            bail!("unsupported act_fn `{}` (supported: silu)", self.act_fn);
+        }
+        if let Some(t) = &self.class_embed_type {
+            bail!("class_embed_type `{t}` is not supported");
+        }
+        if let Some(t) = &self.addition_embed_type {
+            bail!("addition_embed_type `{t}` is not supported (SDXL-style U-Nets are not)");
+        }
+        if !matches!(self.resnet_time_scale_shift.as_deref(), None | Some("default")) {
+            bail!("resnet_time_scale_shift {:?} is not supported", self.resnet_time_scale_shift);
+        }
+        if !matches!(&self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)) {
+            bail!("only_cross_attention is not supported");
+        }
+        self.heads()?;
+        self.transformer_layers_per_block.expand("transformer_layers_per_block", n)?;
+        for (&c, &h) in self.block_out_channels.iter().zip(&self.heads()?) {
+            if h <= 0 || c % h != 0 {
+                bail!("block width {c} is not divisible by its {h} attention heads");
+            }
+            if c % self.norm_num_groups != 0 {
+                bail!("block width {c} is not divisible by norm_num_groups {}", self.norm_num_groups);
+            }
+        }
+        Ok(())
+    }
+
+    /// Heads per block. diffusers' SD configs store the head *count* in `attention_head_dim`
+    /// (a historical misnomer) unless `num_attention_heads` is given.
+    pub fn heads(&self) -> Result<Vec<i64>> {
+        let n = self.block_out_channels.len();
+        self.num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .expand("attention_head_dim", n)
+    }
+
+    /// Channel widths of the transformer blocks, in model order (down, mid, up), one per block.
+    pub fn transformer_block_widths(&self) -> Vec<i64> {
+        let layers = self
+            .transformer_layers_per_block
+            .expand("transformer_layers_per_block", self.block_out_channels.len())
+            .unwrap_or_default();
+        let mut widths = Vec::new();
+        for (i, t) in self.down_block_types.iter().enumerate() {
+            if t.starts_with("CrossAttn") {
+                let per = self.layers_per_block * layers[i];
+                widths.extend(std::iter::repeat_n(self.block_out_channels[i], per as usize));
+            }
+        }
+        let last = self.block_out_channels.len() - 1;
+        widths.extend(std::iter::repeat_n(self.block_out_channels[last], layers[last] as usize));
+        for (i, t) in self.up_block_types.iter().enumerate() {
+            let block = last - i;
+            if t.starts_with("CrossAttn") {
+                let per = (self.layers_per_block + 1) * layers[block];
+                widths.extend(std::iter::repeat_n(self.block_out_channels[block], per as usize));
+            }
+        }
+        widths
+    }
+}
+
+/// CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without).
+#[derive(Debug)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    pub downsampler: Option<Downsample2D>,
+}
+
+/// CrossAttnUpBlock2D (with `attentions`) or UpBlock2D (without).
+#[derive(Debug)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    pub upsampler: Option<Upsample2D>,
+}
+
+#[derive(Debug)]
+pub struct MidBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+}
+
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    pub conv_in: Conv2d,
+    pub time_linear_1: Linear,
+    pub time_linear_2: Linear,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: MidBlock,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vs: nn::Path, config: &UNetConfig) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let n = c.block_out_channels.len();
+        let heads = c.heads()?;
+        let tlayers = c.transformer_layers_per_block.expand("transformer_layers_per_block", n)?;
+        let ch0 = c.block_out_channels[0];
+        let temb = ch0 * 4;
+        let resnet = |vs: nn::Path, cin: i64, cout: i64, scale: f64| {
+            let rc = ResnetConfig {
+                in_channels: cin,
+                out_channels: cout,
+                temb_channels: Some(temb),
+                groups: c.norm_num_groups,
+                eps: c.norm_eps,
+                output_scale_factor: scale,
+            };
+            ResnetBlock2D::new(vs, &rc)
+        };
+        let transformer = |vs: nn::Path, ch: i64, block: usize| {
+            let tc = TransformerConfig {
+                channels: ch,
+                heads: heads[block],
+                head_dim: ch / heads[block],
+                layers: tlayers[block],
+                context_dim: c.cross_attention_dim,
+                groups: c.norm_num_groups,
+                linear_projection: c.use_linear_projection,
+            };
+            Transformer2DModel::new(vs, &tc)
+        };
+
+        let conv_in = Conv2d::new(&vs / "conv_in", c.in_channels, ch0, 3, 1, 1);
+        let time_linear_1 = Linear::new(&vs / "time_embedding" / "linear_1", ch0, temb, true);
+        let time_linear_2 = Linear::new(&vs / "time_embedding" / "linear_2", temb, temb, true);
+
+        let mut down_blocks = Vec::new();
+        let mut out_ch = ch0;
+        for (i, kind) in c.down_block_types.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = c.block_out_channels[i];
+            let bvs = &vs / "down_blocks" / i;
+            let resnets = (0..c.layers_per_block)
+                .map(|j| resnet(&bvs / "resnets" / j, if j == 0 { in_ch } else { out_ch }, out_ch, 1.0))
+                .collect();
+            let attentions = if kind.starts_with("CrossAttn") {
+                (0..c.layers_per_block).map(|j| transformer(&bvs / "attentions" / j, out_ch, i)).collect()
+            } else {
+                Vec::new()
+            };
+            let downsampler = (i + 1 < n)
+                .then(|| Downsample2D::new(&bvs / "downsamplers" / 0, out_ch, c.downsample_padding));
+            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+        }
+
+        let mid_ch = c.block_out_channels[n - 1];
+        let mvs = &vs / "mid_block";
+        let mid_block = MidBlock {
+            resnets: (0..2)
+                .map(|j| resnet(&mvs / "resnets" / j, mid_ch, mid_ch, c.mid_block_scale_factor))
+                .collect(),
+            attentions: vec![transformer(&mvs / "attentions" / 0, mid_ch, n - 1)],
+        };
+
+        let mut up_blocks = Vec::new();
+        let reversed: Vec<i64> = c.block_out_channels.iter().rev().copied().collect();
+        let mut prev_out = reversed[0];
+        for (i, kind) in c.up_block_types.iter().enumerate() {
+            let out_ch = reversed[i];
+            let in_ch = reversed[(i + 1).min(n - 1)];
+            let bvs = &vs / "up_blocks" / i;
+            let layers = c.layers_per_block + 1;
+            let resnets = (0..layers)
+                .map(|j| {
+                    let skip = if j == layers - 1 { in_ch } else { out_ch };
+                    let cin = if j == 0 { prev_out } else { out_ch };
+                    resnet(&bvs / "resnets" / j, cin + skip, out_ch, 1.0)
+                })
+                .collect();
+            let attentions = if kind.starts_with("CrossAttn") {
+                (0..layers).map(|j| transformer(&bvs / "attentions" / j, out_ch, n - 1 - i)).collect()
+            } else {
+                Vec::new()
+            };
+            let upsampler = (i + 1 < n).then(|| Upsample2D::new(&bvs / "upsamplers" / 0, out_ch));
+            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            prev_out = out_ch;
+        }
+
+        Ok(Self {
+            config: config.clone(),
+            conv_in,
+            time_linear_1,
+            time_linear_2,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(&vs / "conv_norm_out", c.norm_num_groups, ch0, c.norm_eps),
+            conv_out: Conv2d::new(&vs / "conv_out", ch0, c.out_channels, 3, 1, 1),
+        })
+    }
+
+    /// Sinusoidal timestep features as diffusers' `Timesteps` computes them.
+    fn timestep_features(&self, timesteps: &Tensor) -> Tensor {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let shift = self.config.freq_shift as f64;
+        let exponent = Tensor::arange(half, (Kind::Float, timesteps.device()))
+            * (-(10000f64).ln() / (half as f64 - shift));
+        let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
+        let (sin, cos) = (args.sin(), args.cos());
+        if self.config.flip_sin_to_cos {
+            Tensor::cat(&[cos, sin], -1)
+        } else {
+            Tensor::cat(&[sin, cos], -1)
+        }
+    }
+
+    /// Predicts noise (or v) for `sample` `[b, in_ch, h, w]` at `timesteps` (a scalar or `[b]`),
+    /// conditioned on `context` `[b, seq, cross_attention_dim]`.
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
+        let batch = sample.size()[0];
+        let timesteps = if timesteps.dim() == 0 {
+            timesteps.expand([batch], false)
+        } else {
+            timesteps.shallow_clone()
+        };
+        let t_feat = self.timestep_features(&timesteps).to_kind(sample.kind());
+        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t_feat).silu());
+
+        let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let mut h = self.conv_in.forward(&sample);
+        let mut skips = vec![h.shallow_clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward(&h, Some(&temb));
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context);
+                }
+                skips.push(h.shallow_clone());
+            }
+            if let Some(down) = &block.downsampler {
+                h = down.forward(&h);
+                skips.push(h.shallow_clone());
+            }
+        }
+
+        h = self.mid_block.resnets[0].forward(&h, Some(&temb));
+        for (attn, resnet) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
+            h = resnet.forward(&attn.forward(&h, context), Some(&temb));
+        }
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("skip connections run out");
+                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1), Some(&temb));
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context);
+                }
+            }
+            if let Some(up) = &block.upsampler {
+                // Match the next skip's size so inputs that are not a multiple of the total
+                // downsampling factor work as in diffusers.
+                let size = skips.last().map(|s| {
+                    let sz = s.size();
+                    (sz[2], sz[3])
+                });
+                h = up.forward(&h, size);
+            }
+        }
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+    }
+}
+
+impl VisitModules for UNet2DConditionModel {
+    fn visit_modules(&mut self, f: &mut dyn FnMut(ModuleMut<'_>)) {
+        self.conv_in.visit_modules(f);
+        self.time_linear_1.visit_modules(f);
+        self.time_linear_2.visit_modules(f);
+        for b in &mut self.down_blocks {
+            for j in 0..b.resnets.len() {
+                b.resnets[j].visit_modules(f);
+                if let Some(a) = b.attentions.get_mut(j) {
+                    a.visit_modules(f);
+                }
+            }
+            b.downsampler.visit_modules(f);
+        }
+        self.mid_block.resnets[0].visit_modules(f);
+        self.mid_block.attentions.visit_modules(f);
+        self.mid_block.resnets[1].visit_modules(f);
+        for b in &mut self.up_blocks {
+            for j in 0..b.resnets.len() {
+                b.resnets[j].visit_modules(f);
+                if let Some(a) = b.attentions.get_mut(j) {
+                    a.visit_modules(f);
+                }
+            }
+            b.upsampler.visit_modules(f);
+        }
+        self.conv_out.visit_modules(f);
+    }
+}

@@ -1,0 +1,183 @@
+//! Loading and saving safetensors state dicts into tch VarStores, strictly: every variable must
+//! be present with the right shape, and unknown tensors are an error, so a wrong file never makes
+//! a silently wrong model.
+use anyhow::{bail, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{nn, Kind, Tensor};
+
+/// A memory-mapped safetensors file.
+pub struct MappedSafetensors {
+    pub path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+impl MappedSafetensors {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: the file is only read; a concurrent writer could change the bytes we read, which
+        // at worst yields wrong values, never memory unsafety in safe code using the slice.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping {}", path.display()))?;
+        SafeTensors::deserialize(&mmap)
+            .with_context(|| format!("{} is not a valid safetensors file (truncated or another format?)", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), mmap })
+    }
+
+    pub fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.mmap).expect("validated when opened")
+    }
+}
+
+pub fn kind_of(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::BOOL => Kind::Bool,
+        other => bail!("unsupported tensor dtype {other:?}"),
+    })
+}
+
+fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Bool => Dtype::BOOL,
+        other => bail!("cannot save tensors of kind {other:?}"),
+    })
+}
+
+/// Reads one tensor view into a CPU tensor of its stored kind.
+pub fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    Ok(Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)?)
+}
+
+/// Reads every tensor of a safetensors file onto the CPU, in its stored kind.
+pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let file = MappedSafetensors::open(path)?;
+    let st = file.tensors();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = view_to_tensor(&view).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Options for [`load_into`].
+#[derive(Default)]
+pub struct LoadOptions<'a> {
+    /// Tensors in the files that the model does not have and that are known to be harmless
+    /// (e.g. `text_model.embeddings.position_ids` in older CLIP checkpoints).
+    pub ignore_extra: &'a [&'a str],
+}
+
+/// Copies the tensors of `files` into the variables of `vs`, converting to each variable's kind.
+/// Every variable must be found with its exact shape; extra tensors are an error.
+pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Result<()> {
+    let mapped: Vec<MappedSafetensors> = files.iter().map(|p| MappedSafetensors::open(p)).collect::<Result<_>>()?;
+    let parsed: Vec<SafeTensors<'_>> = mapped.iter().map(|m| m.tensors()).collect();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (i, st) in parsed.iter().enumerate() {
+        for name in st.names() {
+            index.insert(name.to_string(), i);
+        }
+    }
+    let shown = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut missing = Vec::new();
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in &mut variables {
+            let Some(&i) = index.get(name.as_str()) else {
+                missing.push(name.clone());
+                continue;
+            };
+            let view = parsed[i].tensor(name)?;
+            let file_shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            if file_shape != var.size() {
+                bail!(
+                    "tensor `{name}` has shape {file_shape:?} in {} but the model expects {:?}",
+                    mapped[i].path.display(),
+                    var.size()
+                );
+            }
+            let src = view_to_tensor(&view)
+                .with_context(|| format!("tensor `{name}` in {}", mapped[i].path.display()))?;
+            var.f_copy_(&src.to_kind(var.kind()))?;
+        }
+        Ok(())
+    })?;
+    if !missing.is_empty() {
+        bail!(
+            "{} model tensor(s) missing from {shown}: {}{}",
+            missing.len(),
+            missing.iter().take(8).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+            if missing.len() > 8 { ", ..." } else { "" }
+        );
+    }
+    let known: std::collections::HashSet<&str> = variables.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<&str> = index
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !known.contains(k) && !opts.ignore_extra.contains(k))
+        .collect();
+    extra.sort();
+    if !extra.is_empty() {
+        bail!(
+            "{} tensor(s) in {shown} that the model does not have (wrong model type or config?): {}{}",
+            extra.len(),
+            extra.iter().take(8).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+            if extra.len() > 8 { ", ..." } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Writes named tensors as safetensors, atomically (temp file + rename). `metadata` goes into the
+/// file header.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let dtype = dtype_of(t.kind())?;
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        owned.push((name.clone(), dtype, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, metadata)?;
+    crate::util::fs::write_atomic(path, &bytes)
+}
+
+/// Reads the `__metadata__` header of a safetensors file.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
