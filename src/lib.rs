@@ -1,3 +1,4 @@
 //! difftune: parameter-efficient fine-tuning of Stable Diffusion v1.x, with evaluation built in.
+pub mod cli;
 pub mod model;
 pub mod util;
