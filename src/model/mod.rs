@@ -6,3 +6,4 @@ pub mod transformer;
 pub mod unet;
 pub mod visit;
 pub mod weights;
+pub mod source;
