@@ -95,3 +95,30 @@ fn missing_and_misshaped_tensors_are_named() {
     let err = format!("{:#}", load_into(&vs, &[path], &LoadOptions::default()).unwrap_err());
     assert!(err.contains("not a valid safetensors file"), "{err}");
 }
+
+/// Run by tools/check_unet_full.py, which writes the weights and reference output.
+#[test]
+#[ignore = "needs tools/check_unet_full.py's 3.4 GB scratch files"]
+fn full_size_sd14_matches_diffusers() {
+    let dir = PathBuf::from(std::env::var("DIFFTUNE_FULL_UNET_DIR").expect("DIFFTUNE_FULL_UNET_DIR"));
+    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4");
+    let config = UNetConfig::from_file(&config_dir.join("unet_config.json")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();
+    load_into(&vs, &[dir.join("diffusion_pytorch_model.safetensors")], &LoadOptions::default()).unwrap();
+    let io = read_all(&dir.join("io.safetensors")).unwrap();
+    let forward = || tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"]));
+    forward();
+    let mut times: Vec<f64> = (0..3)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            forward();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let err = relative_l2(&forward(), &io["output"]);
+    println!("difftune forward (CPU, {} threads): median {:.3} s", tch::get_num_threads(), times[1]);
+    println!("full-size SD v1.4 U-Net: relative L2 error {err:.3e}");
+    assert!(err <= 1e-4);
+}
