@@ -98,7 +98,7 @@ pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Re
     let mut index: HashMap<String, (usize, String)> = HashMap::new();
     for (i, st) in parsed.iter().enumerate() {
         for name in st.names() {
-            let model_name = opts.rename.map_or_else(|| name.to_string(), |rename| rename(name));
+            let model_name = opts.rename.map_or_else(|| name.to_string(), |f| f(name));
             index.insert(model_name, (i, name.to_string()));
         }
     }
@@ -108,11 +108,10 @@ pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Re
     let mut missing = Vec::new();
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &mut variables {
-            let Some((i, file_name)) = index.get(name.as_str()) else {
+            let Some(&(i, ref file_name)) = index.get(name.as_str()) else {
                 missing.push(name.clone());
                 continue;
             };
-            let i = *i;
             let view = parsed[i].tensor(file_name)?;
             let file_shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if file_shape != var.size() {
