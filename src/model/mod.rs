@@ -2,9 +2,9 @@
 pub mod attention;
 pub mod layers;
 pub mod resnet;
+pub mod source;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
 pub mod visit;
 pub mod weights;
-pub mod source;
