@@ -34,7 +34,7 @@ impl Attention {
     ) -> Self {
         let inner = heads * head_dim;
         Self {
-            path: vs.name().to_string(),
+            path: super::layers::path_name(&vs),
             to_q: Linear::new(&vs / "to_q", query_dim, inner, qkv_bias),
             to_k: Linear::new(&vs / "to_k", context_dim, inner, qkv_bias),
             to_v: Linear::new(&vs / "to_v", context_dim, inner, qkv_bias),

@@ -3,6 +3,11 @@
 //! the model code knowing about them.
 use tch::{nn, Tensor};
 
+/// The dotted name of a VarStore path (`down_blocks.1.attentions.0`), as in diffusers state dicts.
+pub fn path_name(vs: &nn::Path) -> String {
+    vs.components().collect::<Vec<_>>().join(".")
+}
+
 /// Something a tuning method attaches to a `Linear`: it computes the layer's whole output, so it can
 /// add a low-rank delta (LoRA) or re-derive the weight (DoRA).
 pub trait LinearExtension: Send + std::fmt::Debug {
@@ -33,7 +38,7 @@ impl Linear {
         );
         let bias =
             bias.then(|| vs.var("bias", &[out_dim], nn::Init::Uniform { lo: -bound, up: bound }));
-        Self { path: vs.name().to_string(), weight, bias, extension: None }
+        Self { path: path_name(&vs), weight, bias, extension: None }
     }
 
     /// The frozen layer's own output, ignoring any extension.
@@ -84,7 +89,7 @@ impl Conv2d {
             nn::Init::Uniform { lo: -bound, up: bound },
         );
         let bias = Some(vs.var("bias", &[out_channels], nn::Init::Uniform { lo: -bound, up: bound }));
-        Self { path: vs.name().to_string(), weight, bias, stride, padding, extension: None }
+        Self { path: path_name(&vs), weight, bias, stride, padding, extension: None }
     }
 
     /// Runs the convolution with another weight/bias but this layer's geometry (used by DoRA and merges).

@@ -8,3 +8,4 @@ pub mod transformer;
 pub mod unet;
 pub mod visit;
 pub mod weights;
+pub mod source;

@@ -89,7 +89,7 @@ pub struct BasicTransformerBlock {
 impl BasicTransformerBlock {
     pub fn new(vs: nn::Path, dim: i64, heads: i64, head_dim: i64, context_dim: i64) -> Self {
         Self {
-            path: vs.name().to_string(),
+            path: super::layers::path_name(&vs),
             norm1: LayerNorm::new(&vs / "norm1", dim, 1e-5),
             attn1: Attention::new(&vs / "attn1", dim, dim, heads, head_dim, false),
             norm2: LayerNorm::new(&vs / "norm2", dim, 1e-5),

@@ -1,2 +1,3 @@
 //! Small shared utilities.
 pub mod fs;
+pub mod tensor;

@@ -1,0 +1,189 @@
+//! Finding a Stable Diffusion model's files: a local diffusers folder (`model_index.json`, `unet/`,
+//! `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) or a Hugging Face hub id resolved through
+//! the hf-hub cache (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only).
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// One model component: its config and its weight files (several when sharded).
+#[derive(Debug, Clone)]
+pub struct ComponentFiles {
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+}
+
+/// The files of a diffusers Stable Diffusion model.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user named: a folder or a hub id.
+    pub spec: String,
+    pub unet: ComponentFiles,
+    pub vae: ComponentFiles,
+    pub text_encoder: ComponentFiles,
+    /// Folder holding `vocab.json` and `merges.txt`.
+    pub tokenizer_dir: PathBuf,
+    pub scheduler_config: PathBuf,
+}
+
+/// Where a component's files come from.
+trait FileSource {
+    fn get(&self, file: &str) -> Result<Option<PathBuf>>;
+    fn describe(&self) -> String;
+}
+
+struct LocalFolder(PathBuf);
+
+impl FileSource for LocalFolder {
+    fn get(&self, file: &str) -> Result<Option<PathBuf>> {
+        let p = self.0.join(file);
+        Ok(p.is_file().then_some(p))
+    }
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+struct Hub {
+    id: String,
+    /// The repo and its file listing when online; `None` in offline mode (cache only).
+    api: Option<(hf_hub::api::sync::ApiRepo, Vec<String>)>,
+    cache: hf_hub::CacheRepo,
+}
+
+impl FileSource for Hub {
+    fn get(&self, file: &str) -> Result<Option<PathBuf>> {
+        if let Some(p) = self.cache.get(file) {
+            return Ok(Some(p));
+        }
+        let Some((api, listing)) = &self.api else { return Ok(None) };
+        if !listing.iter().any(|f| f == file) {
+            return Ok(None);
+        }
+        let path = api
+            .get(file)
+            .with_context(|| format!("downloading {file} from the hub repo {}", self.id))?;
+        Ok(Some(path))
+    }
+    fn describe(&self) -> String {
+        format!("hub repo {}", self.id)
+    }
+}
+
+impl ModelFiles {
+    /// Resolves `spec` (a folder, or a hub id like `CompVis/stable-diffusion-v1-4`). `variant`
+    /// selects e.g. the `fp16` weight files (`diffusion_pytorch_model.fp16.safetensors`).
+    pub fn resolve(spec: &str, variant: Option<&str>) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            if !path.join("unet").is_dir() {
+                bail!(
+                    "{} is not a diffusers Stable Diffusion folder: it has no unet/ (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+                    path.display()
+                );
+            }
+            return Self::from_source(spec, &LocalFolder(path.to_path_buf()), variant);
+        }
+        if path.exists() || !spec.contains('/') || spec.starts_with('.') || spec.starts_with('/') {
+            bail!("model `{spec}` is neither a diffusers model folder nor a hub id (owner/name)");
+        }
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+        let cache = hf_hub::Cache::from_env().model(spec.to_string());
+        let api = if offline {
+            None
+        } else {
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .build()
+                .context("setting up the Hugging Face hub client")?;
+            let repo = api.model(spec.to_string());
+            let info = repo
+                .info()
+                .with_context(|| format!("listing the hub repo {spec} (set HF_HUB_OFFLINE=1 to use the cache only)"))?;
+            Some((repo, info.siblings.into_iter().map(|s| s.rfilename).collect()))
+        };
+        Self::from_source(spec, &Hub { id: spec.to_string(), api, cache }, variant)
+    }
+
+    fn from_source(spec: &str, src: &dyn FileSource, variant: Option<&str>) -> Result<Self> {
+        let need = |file: &str| -> Result<PathBuf> {
+            src.get(file)?.with_context(|| format!("{} has no {file}", src.describe()))
+        };
+        let component = |dir: &str, stem: &str| -> Result<ComponentFiles> {
+            Ok(ComponentFiles {
+                config: need(&format!("{dir}/config.json"))?,
+                weights: weight_files(src, dir, stem, variant)?,
+            })
+        };
+        let tokenizer_vocab = need("tokenizer/vocab.json")?;
+        need("tokenizer/merges.txt")?;
+        Ok(Self {
+            spec: spec.to_string(),
+            unet: component("unet", "diffusion_pytorch_model")?,
+            vae: component("vae", "diffusion_pytorch_model")?,
+            text_encoder: component("text_encoder", "model")?,
+            tokenizer_dir: tokenizer_vocab.parent().expect("file has a parent").to_path_buf(),
+            scheduler_config: need("scheduler/scheduler_config.json")?,
+        })
+    }
+
+    /// A fingerprint of the base U-Net (its config and weights), recorded with adapters and
+    /// checkpoints so they are never applied to a different base.
+    pub fn unet_identity(&self) -> Result<String> {
+        fingerprint(std::iter::once(&self.unet.config).chain(&self.unet.weights))
+    }
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: std::collections::BTreeMap<String, String>,
+}
+
+/// `stem[.variant].safetensors`, or the shards listed by `stem[.variant].safetensors.index.json`.
+fn weight_files(src: &dyn FileSource, dir: &str, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let name = match variant {
+        Some(v) => format!("{stem}.{v}.safetensors"),
+        None => format!("{stem}.safetensors"),
+    };
+    if let Some(p) = src.get(&format!("{dir}/{name}"))? {
+        return Ok(vec![p]);
+    }
+    if let Some(index) = src.get(&format!("{dir}/{name}.index.json"))? {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let parsed: ShardIndex =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let shards: std::collections::BTreeSet<String> = parsed.weight_map.into_values().collect();
+        return shards
+            .iter()
+            .map(|s| src.get(&format!("{dir}/{s}"))?.with_context(|| format!("{} has no {dir}/{s}", src.describe())))
+            .collect();
+    }
+    let bin = src.get(&format!("{dir}/{stem}.bin"))?.is_some() || src.get(&format!("{dir}/pytorch_model.bin"))?.is_some();
+    if bin {
+        bail!("{} has only PyTorch .bin weights in {dir}/; difftune reads .safetensors (convert with diffusers' save_pretrained(safe_serialization=True))", src.describe());
+    }
+    bail!("{} has no {dir}/{name}{}", src.describe(), if variant.is_some() { " (try without --variant)" } else { "" })
+}
+
+/// SHA-256 over each file's size, its first and last MiB (for safetensors, the first MiB holds the
+/// header with every tensor's name, shape and offset) — cheap even for multi-GB weights.
+pub fn fingerprint<'a>(files: impl IntoIterator<Item = &'a PathBuf>) -> Result<String> {
+    const CHUNK: u64 = 1 << 20;
+    let mut hasher = Sha256::new();
+    for path in files {
+        let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = f.metadata()?.len();
+        hasher.update(len.to_le_bytes());
+        let mut buf = Vec::new();
+        (&mut f).take(CHUNK).read_to_end(&mut buf)?;
+        if len > 2 * CHUNK {
+            use std::io::Seek;
+            f.seek(std::io::SeekFrom::Start(len - CHUNK))?;
+            f.take(CHUNK).read_to_end(&mut buf)?;
+        } else {
+            f.read_to_end(&mut buf)?;
+        }
+        hasher.update(&buf);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,177 @@
+//! AdamW over one flat buffer: every trainable tensor is re-pointed at a slice of a single
+//! contiguous f32 master tensor, so the update, gradient clipping and state checkpointing are a
+//! handful of kernels regardless of how many tensors a method trains (the same effect as torch's
+//! fused/foreach AdamW, which tch does not expose).
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// torch.optim.AdamW's defaults except weight decay, which diffusers' training scripts set to 1e-2 too.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    params: Vec<Tensor>,
+    flat: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: i64,
+}
+
+impl AdamW {
+    /// Takes ownership of the trainable tensors' storage: after this call each tensor (and every
+    /// shallow clone of it held by the model) is a view into the optimizer's flat f32 buffer.
+    pub fn new(params: Vec<Tensor>, config: AdamWConfig) -> Result<Self> {
+        if params.is_empty() {
+            bail!("nothing to optimise: the tuning method made no parameter trainable");
+        }
+        let device = params[0].device();
+        let flat = tch::no_grad(|| {
+            Tensor::cat(&params.iter().map(|p| p.detach().to_kind(Kind::Float).flatten(0, -1)).collect::<Vec<_>>(), 0)
+        });
+        let mut offset = 0;
+        for p in &params {
+            let n = p.numel() as i64;
+            let mut p = p.shallow_clone();
+            let view = flat.narrow(0, offset, n).view(p.size().as_slice());
+            p.set_data(&view);
+            offset += n;
+        }
+        let exp_avg = flat.zeros_like();
+        let exp_avg_sq = flat.zeros_like();
+        debug_assert_eq!(flat.device(), device);
+        Ok(Self { config, params, flat, exp_avg, exp_avg_sq, step: 0 })
+    }
+
+    pub fn numel(&self) -> i64 {
+        self.flat.numel() as i64
+    }
+
+    pub fn step_count(&self) -> i64 {
+        self.step
+    }
+
+    /// All gradients as one flat tensor (zeros for parameters that got none).
+    fn flat_grad(&self) -> Tensor {
+        let grads: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| {
+                let g = p.grad();
+                if g.defined() {
+                    g.to_kind(Kind::Float).flatten(0, -1)
+                } else {
+                    Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()))
+                }
+            })
+            .collect();
+        Tensor::cat(&grads, 0)
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
+    /// One AdamW update at learning rate `lr`; clips the global gradient norm to `max_grad_norm`
+    /// when given. Returns the gradient norm before clipping. A non-finite norm is an error and the
+    /// parameters are left untouched.
+    pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
+        tch::no_grad(|| {
+            let mut grad = self.flat_grad();
+            let norm = grad.norm().double_value(&[]);
+            if !norm.is_finite() {
+                bail!("gradient norm is {norm}: refusing to update (lower the learning rate or check the data)");
+            }
+            if let Some(max) = max_grad_norm {
+                if norm > max {
+                    grad *= max / (norm + 1e-6);
+                }
+            }
+            let c = &self.config;
+            self.step += 1;
+            let bias1 = 1.0 - c.beta1.powi(self.step as i32);
+            let bias2 = 1.0 - c.beta2.powi(self.step as i32);
+            if c.weight_decay != 0.0 {
+                self.flat *= 1.0 - lr * c.weight_decay;
+            }
+            let _ = self.exp_avg.lerp_(&grad, 1.0 - c.beta1);
+            let _ = self.exp_avg_sq.mul_(c.beta2).addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
+            let denom = (self.exp_avg_sq.sqrt() / bias2.sqrt()) + c.eps;
+            let _ = self.flat.addcdiv_(&(&self.exp_avg * (-lr / bias1)), &denom);
+            Ok(norm)
+        })
+    }
+
+    /// The optimizer state for checkpoints: moments and step count.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("optimizer.exp_avg".into(), self.exp_avg.shallow_clone()),
+            ("optimizer.exp_avg_sq".into(), self.exp_avg_sq.shallow_clone()),
+            ("optimizer.step".into(), Tensor::from(self.step)),
+        ]
+    }
+
+    pub fn load_state(&mut self, state: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
+        let get = |k: &str| state.get(k).ok_or_else(|| anyhow::anyhow!("checkpoint has no `{k}`"));
+        let (m, v) = (get("optimizer.exp_avg")?, get("optimizer.exp_avg_sq")?);
+        if m.size() != self.exp_avg.size() || v.size() != self.exp_avg_sq.size() {
+            bail!(
+                "checkpoint optimizer state has {:?} elements, this run trains {}: different method or settings",
+                m.size(),
+                self.numel()
+            );
+        }
+        tch::no_grad(|| {
+            self.exp_avg.copy_(m);
+            self.exp_avg_sq.copy_(v);
+        });
+        self.step = get("optimizer.step")?.int64_value(&[]);
+        Ok(())
+    }
+}
+
+/// Learning-rate schedules, as diffusers' `get_scheduler` names them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    ConstantWithWarmup,
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The learning rate for optimizer step `step` (0-based) of `total`.
+    pub fn lr(self, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+        let warm = |s: usize| if warmup > 0 && s < warmup { (s + 1) as f64 / warmup as f64 } else { 1.0 };
+        match self {
+            LrSchedule::Constant => base,
+            LrSchedule::ConstantWithWarmup => base * warm(step),
+            LrSchedule::Cosine => {
+                if step < warmup {
+                    return base * warm(step);
+                }
+                let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+                base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+            }
+        }
+    }
+}
