@@ -13,9 +13,10 @@
 
 On the reference: transformers 5 has only the `tokenizers`-backed CLIPTokenizer (what we match).
 The legacy slow python CLIPTokenizer of transformers 4.57.1, checked once on these prompts, differs
-from it on 3 of 21 both with and without ftfy: with ftfy, `fix_text` uncurls quotes, unescapes HTML
-entities and folds fullwidth characters / ligatures; without ftfy its BasicTokenizer fallback splits
-CJK text into single characters and drops zero-width/format characters (U+200B, U+200D).
+from it on 4 of 22 both with and without ftfy. With ftfy, `fix_text` uncurls quotes, unescapes HTML
+entities and folds fullwidth characters / ligatures; without ftfy, its BasicTokenizer fallback
+splits CJK text into single characters and drops zero-width/format characters (U+200B, U+200D).
+In both modes it also turns an upper-case "<|ENDOFTEXT|>" typed in a prompt into eos.
 
 Usage: source tools/setup.sh && python tools/make_clip_fixtures.py
 """
@@ -25,17 +26,19 @@ import os
 import shutil
 import tempfile
 import unicodedata
+from collections import Counter
 
 import torch
 import transformers
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "clip")
 TOKENIZER_DIR = os.path.join(ROOT, "tokenizer")
 MAX_LENGTH = 77
-MAX_MERGES = 700  # an upper bound: min_frequency=2 stops earlier on this corpus
+MAX_MERGES = 700  # an upper bound: on this corpus, pairs fall below MIN_PAIR_COUNT earlier
+MIN_PAIR_COUNT = 2
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # transformers' CLIPTokenizer pre-tokenizer pattern (same as OpenAI's simple_tokenizer).
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -102,29 +105,54 @@ def bytes_to_unicode():
     return [table[b] for b in printable] + [table[b] for b in range(256) if b not in printable]
 
 
+def merge_pair(word, pair):
+    """`word` (a tuple of symbols) with every non-overlapping occurrence of `pair` fused."""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
 def learn_merges():
-    """Learns CLIP-style merges (with `</w>` word ends) over the corpus with the CLIP pipeline."""
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence(
+    """Learns CLIP-style BPE merges over the corpus, pre-tokenized by CLIP's own normalizer and
+    pre-tokenizer (words end in `</w>`). Written out rather than using tokenizers' BpeTrainer,
+    whose order among equally frequent pairs changes from run to run: here ties go to the
+    lexicographically smallest pair, so the fixture is reproducible."""
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    alphabet = bytes_to_unicode()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2 * len(alphabet) + MAX_MERGES,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-    )
-    tok.train_from_iterator([line for line in CORPUS.splitlines() if line], trainer)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    words = Counter()
+    for line in CORPUS.splitlines():
+        for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
+    merges = []
+    while len(merges) < MAX_MERGES:
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        if pairs[best] < MIN_PAIR_COUNT:
+            break
+        merges.append(best)
+        merged = Counter()
+        for word, count in words.items():
+            merged[merge_pair(word, best)] += count
+        words = merged
+    return merges
 
 
 def write_tokenizer():

@@ -33,7 +33,9 @@ impl Activation {
         match name {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
-            other => bail!("unsupported hidden_act `{other}` (difftune implements `quick_gelu` and `gelu`)"),
+            other => bail!(
+                "unsupported hidden_act `{other}` (difftune implements `quick_gelu` and `gelu`)"
+            ),
         }
     }
 
@@ -73,7 +75,9 @@ impl ClipTextConfig {
             .with_context(|| format!("reading CLIP text config {}", path.display()))?;
         let config: Self = serde_json::from_str(&text)
             .with_context(|| format!("parsing CLIP text config {}", path.display()))?;
-        config.validate().with_context(|| format!("CLIP text config {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("CLIP text config {}", path.display()))?;
         Ok(config)
     }
 
@@ -115,9 +119,16 @@ pub struct ClipTextEmbeddings {
 
 impl ClipTextEmbeddings {
     fn new(vs: nn::Path, c: &ClipTextConfig) -> Self {
-        let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         Self {
-            token_embedding: (&vs / "token_embedding").var("weight", &[c.vocab_size, c.hidden_size], init),
+            token_embedding: (&vs / "token_embedding").var(
+                "weight",
+                &[c.vocab_size, c.hidden_size],
+                init,
+            ),
             position_embedding: (&vs / "position_embedding").var(
                 "weight",
                 &[c.max_position_embeddings, c.hidden_size],
@@ -159,7 +170,9 @@ impl ClipAttention {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, n, dim) = x.size3().expect("CLIP attention input must be [batch, seq, hidden]");
+        let (b, n, dim) = x
+            .size3()
+            .expect("CLIP attention input must be [batch, seq, hidden]");
         let split_heads = |t: Tensor| t.view([b, n, self.heads, self.head_dim]).transpose(1, 2);
         let out = Tensor::scaled_dot_product_attention::<Tensor>(
             &split_heads(self.q_proj.forward(x)),
@@ -171,7 +184,8 @@ impl ClipAttention {
             (self.head_dim as f64).powf(-0.5),
             false,
         );
-        self.out_proj.forward(&out.transpose(1, 2).reshape([b, n, dim]))
+        self.out_proj
+            .forward(&out.transpose(1, 2).reshape([b, n, dim]))
     }
 }
 
@@ -192,7 +206,8 @@ impl ClipMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.activation.forward(&self.fc1.forward(x)))
+        self.fc2
+            .forward(&self.activation.forward(&self.fc1.forward(x)))
     }
 }
 
@@ -243,21 +258,34 @@ impl ClipTextModel {
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| ClipEncoderLayer::new(&layers_vs / i, cfg, activation))
                 .collect(),
-            final_layer_norm: LayerNorm::new(&vs / "final_layer_norm", cfg.hidden_size, cfg.layer_norm_eps),
+            final_layer_norm: LayerNorm::new(
+                &vs / "final_layer_norm",
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            ),
         })
     }
 
     /// Loads SD text-encoder safetensors into `vs` (built with [`ClipTextModel::new`] on its root),
     /// strictly except for [`IGNORED_CHECKPOINT_TENSORS`].
     pub fn load_weights(vs: &nn::VarStore, files: &[PathBuf]) -> Result<()> {
-        weights::load_into(vs, files, &LoadOptions { ignore_extra: IGNORED_CHECKPOINT_TENSORS })
+        weights::load_into(
+            vs,
+            files,
+            &LoadOptions {
+                ignore_extra: IGNORED_CHECKPOINT_TENSORS,
+            },
+        )
     }
 
     /// transformers' `hidden_states[num_layers]`: the embeddings followed by the first `num_layers`
     /// encoder layers, without the final layer norm.
     pub fn hidden_states_after(&self, ids: &Tensor, num_layers: usize) -> Result<Tensor> {
         if num_layers > self.layers.len() {
-            bail!("the CLIP text encoder has {} layers, asked for the output of {num_layers}", self.layers.len());
+            bail!(
+                "the CLIP text encoder has {} layers, asked for the output of {num_layers}",
+                self.layers.len()
+            );
         }
         let (_, seq) = ids.size2().context("CLIP input ids must be [batch, seq]")?;
         if seq > self.config.max_position_embeddings {
@@ -267,22 +295,30 @@ impl ClipTextModel {
             );
         }
         let x = self.embeddings.forward(ids);
-        Ok(self.layers[..num_layers].iter().fold(x, |x, layer| layer.forward(&x)))
+        Ok(self.layers[..num_layers]
+            .iter()
+            .fold(x, |x, layer| layer.forward(&x)))
     }
 
     /// The prompt embedding with diffusers' `clip_skip`: the final layer norm applied to the output
     /// of the last-but-`clip_skip` layer (0: transformers' `last_hidden_state`).
     pub fn forward_clip_skip(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
         let Some(num_layers) = self.layers.len().checked_sub(clip_skip) else {
-            bail!("clip_skip {clip_skip} exceeds the text encoder's {} layers", self.layers.len());
+            bail!(
+                "clip_skip {clip_skip} exceeds the text encoder's {} layers",
+                self.layers.len()
+            );
         };
-        Ok(self.final_layer_norm.forward(&self.hidden_states_after(ids, num_layers)?))
+        Ok(self
+            .final_layer_norm
+            .forward(&self.hidden_states_after(ids, num_layers)?))
     }
 
     /// `[batch, seq]` int64 ids (seq <= max_position_embeddings, as the tokenizer makes them) ->
     /// `last_hidden_state` `[batch, seq, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
-        self.forward_clip_skip(ids, 0).expect("CLIP input ids must be [batch, seq <= max_position_embeddings]")
+        self.forward_clip_skip(ids, 0)
+            .expect("CLIP input ids must be [batch, seq <= max_position_embeddings]")
     }
 }
 
@@ -290,7 +326,12 @@ impl VisitModules for ClipTextModel {
     fn visit_modules(&mut self, f: &mut dyn FnMut(ModuleMut<'_>)) {
         for layer in &mut self.layers {
             let attn = &mut layer.self_attn;
-            for linear in [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.out_proj] {
+            for linear in [
+                &mut attn.q_proj,
+                &mut attn.k_proj,
+                &mut attn.v_proj,
+                &mut attn.out_proj,
+            ] {
                 linear.visit_modules(f);
             }
             layer.mlp.fc1.visit_modules(f);

@@ -31,7 +31,8 @@ const MAX_SENSIBLE_LENGTH: u64 = 1 << 20;
 const END_OF_WORD: &str = "</w>";
 /// The pre-tokenizer pattern of OpenAI's CLIP (as transformers writes it): special tokens,
 /// English contractions, letter runs, single digits, runs of other non-space characters.
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A special token as transformers' json files write it: a bare string, or an `AddedToken` object.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,13 +63,17 @@ impl SpecialToken {
     fn added_token(&self) -> AddedToken {
         match self {
             SpecialToken::Content(c) => AddedToken::from(c.as_str(), true).normalized(false),
-            SpecialToken::Added { content, normalized, lstrip, rstrip, single_word } => {
-                AddedToken::from(content.as_str(), true)
-                    .normalized(*normalized)
-                    .lstrip(*lstrip)
-                    .rstrip(*rstrip)
-                    .single_word(*single_word)
-            }
+            SpecialToken::Added {
+                content,
+                normalized,
+                lstrip,
+                rstrip,
+                single_word,
+            } => AddedToken::from(content.as_str(), true)
+                .normalized(*normalized)
+                .lstrip(*lstrip)
+                .rstrip(*rstrip)
+                .single_word(*single_word),
         }
     }
 }
@@ -104,7 +109,11 @@ impl SpecialTokensConfig {
     }
 
     fn max_length(&self) -> usize {
-        match self.model_max_length.as_ref().and_then(serde_json::Value::as_u64) {
+        match self
+            .model_max_length
+            .as_ref()
+            .and_then(serde_json::Value::as_u64)
+        {
             Some(n) if (1..=MAX_SENSIBLE_LENGTH).contains(&n) => n as usize,
             _ => DEFAULT_MAX_LENGTH,
         }
@@ -112,7 +121,8 @@ impl SpecialTokensConfig {
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -139,16 +149,34 @@ impl ClipTokenizer {
         let merges = dir.join("merges.txt");
         for file in [&vocab, &merges] {
             if !file.is_file() {
-                bail!("CLIP tokenizer folder {}: missing {}", dir.display(), file.display());
+                bail!(
+                    "CLIP tokenizer folder {}: missing {}",
+                    dir.display(),
+                    file.display()
+                );
             }
         }
         let config = SpecialTokensConfig::read_optional(&dir.join("tokenizer_config.json"))?
-            .overridden_by(SpecialTokensConfig::read_optional(&dir.join("special_tokens_map.json"))?);
+            .overridden_by(SpecialTokensConfig::read_optional(
+                &dir.join("special_tokens_map.json"),
+            )?);
         let plain = |s: &str| SpecialToken::Content(s.to_string());
-        let bos = config.bos_token.clone().unwrap_or_else(|| plain(DEFAULT_BOS));
-        let eos = config.eos_token.clone().unwrap_or_else(|| plain(DEFAULT_EOS));
-        let unk = config.unk_token.clone().unwrap_or_else(|| plain(DEFAULT_EOS));
-        let pad = config.pad_token.clone().unwrap_or_else(|| plain(DEFAULT_EOS));
+        let bos = config
+            .bos_token
+            .clone()
+            .unwrap_or_else(|| plain(DEFAULT_BOS));
+        let eos = config
+            .eos_token
+            .clone()
+            .unwrap_or_else(|| plain(DEFAULT_EOS));
+        let unk = config
+            .unk_token
+            .clone()
+            .unwrap_or_else(|| plain(DEFAULT_EOS));
+        let pad = config
+            .pad_token
+            .clone()
+            .unwrap_or_else(|| plain(DEFAULT_EOS));
 
         let bpe = tk(
             BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
@@ -156,17 +184,31 @@ impl ClipTokenizer {
                 .unk_token(unk.content().to_string())
                 .fuse_unk(false)
                 .build(),
-            || format!("loading CLIP BPE from {} and {}", vocab.display(), merges.display()),
+            || {
+                format!(
+                    "loading CLIP BPE from {} and {}",
+                    vocab.display(),
+                    merges.display()
+                )
+            },
         )?;
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
             NFC.into(),
-            tk(Replace::new(ReplacePattern::Regex(r"\s+".into()), " "), || "whitespace rule".into())?.into(),
+            tk(
+                Replace::new(ReplacePattern::Regex(r"\s+".into()), " "),
+                || "whitespace rule".into(),
+            )?
+            .into(),
             Lowercase.into(),
         ])));
         tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             tk(
-                Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true),
+                Split::new(
+                    SplitPattern::Regex(CLIP_PATTERN.into()),
+                    SplitDelimiterBehavior::Removed,
+                    true,
+                ),
                 || "CLIP pre-tokenizer pattern".into(),
             )?
             .into(),
@@ -176,11 +218,15 @@ impl ClipTokenizer {
 
         let id_of = |token: &SpecialToken| -> Result<u32> {
             tokenizer.token_to_id(token.content()).with_context(|| {
-                format!("special token `{}` is not in {}", token.content(), vocab.display())
+                format!(
+                    "special token `{}` is not in {}",
+                    token.content(),
+                    vocab.display()
+                )
             })
         };
         let (bos_id, eos_id, pad_id) = (id_of(&bos)?, id_of(&eos)?, id_of(&pad)?);
-        id_of(&unk)?;
+        id_of(&unk)?; // BPE emits it for symbols outside the vocab.
 
         // Every special token is matched in raw text before BPE. transformers registers bos, eos,
         // unk, pad in that order, and a later declaration of the same text replaces an earlier one
@@ -195,9 +241,12 @@ impl ClipTokenizer {
         let added: Vec<AddedToken> = specials.iter().map(|t| t.added_token()).collect();
         tokenizer.add_special_tokens(&added);
         tokenizer.with_post_processor(Some(
-            RobertaProcessing::new((eos.content().to_string(), eos_id), (bos.content().to_string(), bos_id))
-                .trim_offsets(false)
-                .add_prefix_space(false),
+            RobertaProcessing::new(
+                (eos.content().to_string(), eos_id),
+                (bos.content().to_string(), bos_id),
+            )
+            .trim_offsets(false)
+            .add_prefix_space(false),
         ));
         let max_length = config.max_length();
         tk(
@@ -217,13 +266,21 @@ impl ClipTokenizer {
             pad_type_id: 0,
             pad_token: pad.content().to_string(),
         }));
-        Ok(Self { tokenizer, max_length, bos_id: bos_id.into(), eos_id: eos_id.into(), pad_id: pad_id.into() })
+        Ok(Self {
+            tokenizer,
+            max_length,
+            bos_id: bos_id.into(),
+            eos_id: eos_id.into(),
+            pad_id: pad_id.into(),
+        })
     }
 
     /// The ids of `text`: bos, its BPE tokens (truncated so that eos still fits), eos, then padding
     /// up to `max_length`.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let encoding = tk(self.tokenizer.encode(text, true), || format!("tokenizing {text:?}"))?;
+        let encoding = tk(self.tokenizer.encode(text, true), || {
+            format!("tokenizing {text:?}")
+        })?;
         Ok(encoding.get_ids().iter().map(|&id| id.into()).collect())
     }
 
