@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraFormat {
     Peft,
     Diffusers,
@@ -587,6 +587,9 @@ fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
 /// LoRA file (`lora_unet_` keys; mapped through the layer names of `unet_vs`). Imported
 /// adapters record no base model.
 pub fn read_adapter(path: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
+    if !path.exists() {
+        bail!("adapter {} does not exist", path.display());
+    }
     if path.is_dir() {
         if path.join(PEFT_WEIGHTS).is_file() {
             return import_peft(path);

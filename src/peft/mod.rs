@@ -4,6 +4,18 @@
 //! attaches its modules to a U-Net through the model's extension hooks and returns the named tensors
 //! to train. Everything else (counting, saving, loading, merging) is generic over those tensors.
 //! Adding a method is one new file and one line in [`METHODS`].
+//!
+//! Training with a method:
+//! ```text
+//! let method = method_from_settings("lora", &settings)?;      // settings: [method.lora] + --set pairs
+//! freeze(&unet_vs);
+//! let params = nn::VarStore::new(device);                       // the method's new parameters
+//! let trained = method.apply(&mut unet, &unet_vs, params.root())?;
+//! // ... optimise the tensors of `trained` ...
+//! file::save_adapter(path, method.as_ref(), &trained, &base_identity)?;
+//! ```
+//! and later `file::load_adapter(path, &mut unet, &unet_vs, params.root(), &base_identity)`
+//! (difftune, peft, diffusers or kohya files), or `merge::merge_adapter` to bake it in.
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::visit::{ModuleMut, VisitModules};
 use anyhow::{bail, Context, Result};
