@@ -93,7 +93,8 @@ impl Attention {
         // Not `+=`: fused attention kernels keep their output for the backward pass.
         let out = match self.kv_extension.as_ref().and_then(|e| e.side_kv()) {
             Some((side_key, side_value)) => {
-                let batched = |t: Tensor| t.to_kind(query.kind()).unsqueeze(0).expand([b, -1, -1], false);
+                // Materialised (it is small) so fused kernels see ordinary strides.
+                let batched = |t: Tensor| t.to_kind(query.kind()).unsqueeze(0).expand([b, -1, -1], false).contiguous();
                 out + attend(&batched(side_key), &batched(side_value))
             }
             None => out,
