@@ -1,6 +1,7 @@
 //! difftune: parameter-efficient fine-tuning of Stable Diffusion v1.x, with evaluation built in.
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod model;
 pub mod peft;
 pub mod schedulers;

@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod fid;
 mod inspect;
 mod merge;
 
@@ -22,11 +23,14 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Bake a LoRA, DoRA, BitFit or full fine-tune adapter into a complete U-Net safetensors.
     Merge(merge::MergeArgs),
+    /// FID (and KID) between two image folders or pytorch-fid .npz statistics, as pytorch-fid computes it.
+    Fid(fid::FidArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Fid(args) => fid::run(args),
     }
 }
