@@ -18,7 +18,12 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// torch.optim.AdamW's defaults except weight decay, which diffusers' training scripts set to 1e-2 too.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
     }
 }
 
@@ -40,7 +45,13 @@ impl AdamW {
         }
         let device = params[0].device();
         let flat = tch::no_grad(|| {
-            Tensor::cat(&params.iter().map(|p| p.detach().to_kind(Kind::Float).flatten(0, -1)).collect::<Vec<_>>(), 0)
+            Tensor::cat(
+                &params
+                    .iter()
+                    .map(|p| p.detach().to_kind(Kind::Float).flatten(0, -1))
+                    .collect::<Vec<_>>(),
+                0,
+            )
         });
         let mut offset = 0;
         for p in &params {
@@ -53,7 +64,14 @@ impl AdamW {
         let exp_avg = flat.zeros_like();
         let exp_avg_sq = flat.zeros_like();
         debug_assert_eq!(flat.device(), device);
-        Ok(Self { config, params, flat, exp_avg, exp_avg_sq, step: 0 })
+        Ok(Self {
+            config,
+            params,
+            flat,
+            exp_avg,
+            exp_avg_sq,
+            step: 0,
+        })
     }
 
     pub fn numel(&self) -> i64 {
@@ -113,7 +131,8 @@ impl AdamW {
                 self.flat *= 1.0 - lr * c.weight_decay;
             }
             let _ = self.exp_avg.lerp_(&grad, 1.0 - c.beta1);
-            let _ = self.exp_avg_sq.mul_(c.beta2).addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
+            self.exp_avg_sq *= c.beta2;
+            let _ = self.exp_avg_sq.addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
             let denom = (self.exp_avg_sq.sqrt() / bias2.sqrt()) + c.eps;
             let _ = self.flat.addcdiv_(&(&self.exp_avg * (-lr / bias1)), &denom);
             Ok(norm)
@@ -124,13 +143,20 @@ impl AdamW {
     pub fn state(&self) -> Vec<(String, Tensor)> {
         vec![
             ("optimizer.exp_avg".into(), self.exp_avg.shallow_clone()),
-            ("optimizer.exp_avg_sq".into(), self.exp_avg_sq.shallow_clone()),
+            (
+                "optimizer.exp_avg_sq".into(),
+                self.exp_avg_sq.shallow_clone(),
+            ),
             ("optimizer.step".into(), Tensor::from(self.step)),
         ]
     }
 
     pub fn load_state(&mut self, state: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
-        let get = |k: &str| state.get(k).ok_or_else(|| anyhow::anyhow!("checkpoint has no `{k}`"));
+        let get = |k: &str| {
+            state
+                .get(k)
+                .ok_or_else(|| anyhow::anyhow!("checkpoint has no `{k}`"))
+        };
         let (m, v) = (get("optimizer.exp_avg")?, get("optimizer.exp_avg_sq")?);
         if m.size() != self.exp_avg.size() || v.size() != self.exp_avg_sq.size() {
             bail!(
@@ -148,8 +174,8 @@ impl AdamW {
     }
 }
 
-/// Learning-rate schedules, as diffusers' `get_scheduler` names them.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+/// Learning-rate schedules, as diffusers' `get_scheduler` names and computes them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
     #[default]
@@ -159,19 +185,43 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
-    /// The learning rate for optimizer step `step` (0-based) of `total`.
+    /// The learning rate for optimizer step `step` (0-based) of `total`. Warm-up rises linearly
+    /// from 0 at step 0, as in diffusers (its `LambdaLR` gives the first update `lr * 0 / warmup`).
     pub fn lr(self, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
-        let warm = |s: usize| if warmup > 0 && s < warmup { (s + 1) as f64 / warmup as f64 } else { 1.0 };
+        let warming = step < warmup;
+        let warm = step as f64 / warmup.max(1) as f64;
         match self {
             LrSchedule::Constant => base,
-            LrSchedule::ConstantWithWarmup => base * warm(step),
+            LrSchedule::ConstantWithWarmup if warming => base * warm,
+            LrSchedule::ConstantWithWarmup => base,
+            LrSchedule::Cosine if warming => base * warm,
             LrSchedule::Cosine => {
-                if step < warmup {
-                    return base * warm(step);
-                }
-                let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+                let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
                 base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_diffusers() {
+        let s = LrSchedule::ConstantWithWarmup;
+        assert_eq!(
+            [
+                s.lr(1.0, 0, 4, 10),
+                s.lr(1.0, 2, 4, 10),
+                s.lr(1.0, 4, 4, 10)
+            ],
+            [0.0, 0.5, 1.0]
+        );
+        let c = LrSchedule::Cosine;
+        assert_eq!(c.lr(2.0, 1, 2, 10), 1.0);
+        assert!((c.lr(2.0, 6, 2, 10) - 1.0).abs() < 1e-12);
+        assert!(c.lr(2.0, 10, 2, 10).abs() < 1e-12);
+        assert_eq!(LrSchedule::Constant.lr(3.0, 7, 5, 10), 3.0);
     }
 }
