@@ -108,11 +108,11 @@ fn full_size_sd14_matches_diffusers() {
     load_into(&vs, &[dir.join("diffusion_pytorch_model.safetensors")], &LoadOptions::default()).unwrap();
     let io = read_all(&dir.join("io.safetensors")).unwrap();
     let forward = || tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"]));
-    forward();
+    let _ = forward();
     let mut times: Vec<f64> = (0..3)
         .map(|_| {
             let start = std::time::Instant::now();
-            forward();
+            let _ = forward();
             start.elapsed().as_secs_f64()
         })
         .collect();

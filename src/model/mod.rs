@@ -4,6 +4,7 @@ pub mod layers;
 pub mod resnet;
 pub mod transformer;
 pub mod unet;
+pub mod vae;
 pub mod visit;
 pub mod weights;
 pub mod source;

@@ -85,6 +85,8 @@ pub struct LoadOptions<'a> {
     /// Tensors in the files that the model does not have and that are known to be harmless
     /// (e.g. `text_model.embeddings.position_ids` in older CLIP checkpoints).
     pub ignore_extra: &'a [&'a str],
+    /// Maps a file's tensor name to the model's, for checkpoints saved under older names.
+    pub rename: Option<&'a dyn Fn(&str) -> String>,
 }
 
 /// Copies the tensors of `files` into the variables of `vs`, converting to each variable's kind.
@@ -92,10 +94,12 @@ pub struct LoadOptions<'a> {
 pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Result<()> {
     let mapped: Vec<MappedSafetensors> = files.iter().map(|p| MappedSafetensors::open(p)).collect::<Result<_>>()?;
     let parsed: Vec<SafeTensors<'_>> = mapped.iter().map(|m| m.tensors()).collect();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    // Model name -> (file, name in that file).
+    let mut index: HashMap<String, (usize, String)> = HashMap::new();
     for (i, st) in parsed.iter().enumerate() {
         for name in st.names() {
-            index.insert(name.to_string(), i);
+            let model_name = opts.rename.map_or_else(|| name.to_string(), |rename| rename(name));
+            index.insert(model_name, (i, name.to_string()));
         }
     }
     let shown = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
@@ -104,11 +108,12 @@ pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Re
     let mut missing = Vec::new();
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &mut variables {
-            let Some(&i) = index.get(name.as_str()) else {
+            let Some((i, file_name)) = index.get(name.as_str()) else {
                 missing.push(name.clone());
                 continue;
             };
-            let view = parsed[i].tensor(name)?;
+            let i = *i;
+            let view = parsed[i].tensor(file_name)?;
             let file_shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if file_shape != var.size() {
                 bail!(
