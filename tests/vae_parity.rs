@@ -15,11 +15,15 @@ const TOLERANCE: f64 = 1e-4;
 static GLOBAL_RNG: Mutex<()> = Mutex::new(());
 
 fn lock_rng() -> MutexGuard<'static, ()> {
-    GLOBAL_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    GLOBAL_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/vae")
+        .join(name)
 }
 
 fn build(config: &VaeConfig) -> Result<(nn::VarStore, AutoencoderKL)> {
@@ -37,7 +41,8 @@ fn load_fixture_vae(weights: &Path) -> Result<AutoencoderKL> {
 
 fn io_tensor(name: &str) -> Tensor {
     let mut io = read_all(&fixture("io.safetensors")).expect("reading io fixture");
-    io.remove(name).unwrap_or_else(|| panic!("`{name}` missing from io.safetensors"))
+    io.remove(name)
+        .unwrap_or_else(|| panic!("`{name}` missing from io.safetensors"))
 }
 
 fn rel_l2(actual: &Tensor, expected: &Tensor) -> f64 {
@@ -49,7 +54,10 @@ fn rel_l2(actual: &Tensor, expected: &Tensor) -> f64 {
 fn assert_close(what: &str, actual: &Tensor, expected: &Tensor) {
     let err = rel_l2(actual, expected);
     println!("{what}: relative L2 error {err:.3e}");
-    assert!(err <= TOLERANCE, "{what}: relative L2 error {err:.3e} > {TOLERANCE:e}");
+    assert!(
+        err <= TOLERANCE,
+        "{what}: relative L2 error {err:.3e} > {TOLERANCE:e}"
+    );
 }
 
 #[test]
@@ -61,7 +69,11 @@ fn encode_matches_diffusers() -> Result<()> {
     assert_close("encode logvar", &posterior.logvar, &io_tensor("logvar"));
     assert!(posterior.mode().equal(&posterior.mean));
     let scaled = tch::no_grad(|| vae.encode_scaled_mean(&images));
-    assert_close("encode_scaled_mean", &scaled, &(io_tensor("mean") * 0.18215));
+    assert_close(
+        "encode_scaled_mean",
+        &scaled,
+        &(io_tensor("mean") * 0.18215),
+    );
     Ok(())
 }
 
@@ -81,7 +93,10 @@ fn sample_replays_diffusers_with_the_same_seed() -> Result<()> {
 
 fn read_seed() -> Result<i64> {
     let meta = read_metadata(&fixture("io.safetensors"))?;
-    Ok(meta.get("sample_seed").expect("io.safetensors names its sample_seed").parse()?)
+    Ok(meta
+        .get("sample_seed")
+        .expect("io.safetensors names its sample_seed")
+        .parse()?)
 }
 
 #[test]
@@ -109,8 +124,13 @@ fn legacy_attention_names_load() -> Result<()> {
             (old, t)
         })
         .collect();
-    assert!(legacy.iter().any(|(n, _)| n == "encoder.mid_block.attentions.0.proj_attn.weight"));
-    assert_eq!(legacy_attention_key("decoder.mid_block.attentions.0.key.bias"), "decoder.mid_block.attentions.0.to_k.bias");
+    assert!(legacy
+        .iter()
+        .any(|(n, _)| n == "encoder.mid_block.attentions.0.proj_attn.weight"));
+    assert_eq!(
+        legacy_attention_key("decoder.mid_block.attentions.0.key.bias"),
+        "decoder.mid_block.attentions.0.to_k.bias"
+    );
     let path = dir.path().join("legacy.safetensors");
     save_tensors(&path, &legacy, None)?;
     let vae = load_fixture_vae(&path)?;
@@ -139,7 +159,10 @@ fn truncated_weights_name_the_file() -> Result<()> {
     std::fs::write(&path, &bytes[..bytes.len() / 2])?;
     let err = load_fixture_vae(&path).expect_err("a truncated file must not load");
     let msg = format!("{err:#}");
-    assert!(msg.contains(&path.display().to_string()), "error does not name the file: {msg}");
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "error does not name the file: {msg}"
+    );
     Ok(())
 }
 
@@ -148,12 +171,20 @@ fn wrong_shape_names_the_key_and_both_shapes() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut tensors = read_all(&fixture("weights.safetensors"))?;
     let key = "decoder.conv_in.weight";
-    tensors.insert(key.to_string(), Tensor::zeros([32, 4, 1, 1], (tch::Kind::Float, Device::Cpu)));
+    tensors.insert(
+        key.to_string(),
+        Tensor::zeros([32, 4, 1, 1], (tch::Kind::Float, Device::Cpu)),
+    );
     let path = dir.path().join("wrong_shape.safetensors");
     save_tensors(&path, &tensors.into_iter().collect::<Vec<_>>(), None)?;
     let err = load_fixture_vae(&path).expect_err("a wrong-shaped tensor must not load");
     let msg = format!("{err:#}");
-    for part in [key, "[32, 4, 1, 1]", "[32, 4, 3, 3]", &path.display().to_string()] {
+    for part in [
+        key,
+        "[32, 4, 1, 1]",
+        "[32, 4, 3, 3]",
+        &path.display().to_string(),
+    ] {
         assert!(msg.contains(part), "error does not mention `{part}`: {msg}");
     }
     Ok(())
@@ -161,13 +192,30 @@ fn wrong_shape_names_the_key_and_both_shapes() -> Result<()> {
 
 #[test]
 fn unsupported_configs_are_refused() -> Result<()> {
-    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("config.json"))?)?;
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("config.json"))?)?;
     let cases = [
-        ("down_block_types", serde_json::json!(["DownEncoderBlock2D", "AttnDownEncoderBlock2D", "DownEncoderBlock2D"]), "AttnDownEncoderBlock2D"),
-        ("up_block_types", serde_json::json!(["UpDecoderBlock2D"]), "must have the same"),
+        (
+            "down_block_types",
+            serde_json::json!([
+                "DownEncoderBlock2D",
+                "AttnDownEncoderBlock2D",
+                "DownEncoderBlock2D"
+            ]),
+            "AttnDownEncoderBlock2D",
+        ),
+        (
+            "up_block_types",
+            serde_json::json!(["UpDecoderBlock2D"]),
+            "must have the same",
+        ),
         ("act_fn", serde_json::json!("gelu"), "act_fn `gelu`"),
         ("shift_factor", serde_json::json!(0.0609), "shift_factor"),
-        ("norm_num_groups", serde_json::json!(12), "norm_num_groups 12"),
+        (
+            "norm_num_groups",
+            serde_json::json!(12),
+            "norm_num_groups 12",
+        ),
     ];
     for (field, value, expected) in cases {
         let mut config = base.clone();
@@ -175,7 +223,10 @@ fn unsupported_configs_are_refused() -> Result<()> {
         let config: VaeConfig = serde_json::from_value(config)?;
         let err = build(&config).expect_err(&format!("{field} must be refused"));
         let msg = format!("{err:#}");
-        assert!(msg.contains(expected), "{field}: error `{msg}` does not mention `{expected}`");
+        assert!(
+            msg.contains(expected),
+            "{field}: error `{msg}` does not mention `{expected}`"
+        );
     }
     Ok(())
 }

@@ -60,6 +60,10 @@ def randomise_(model):
                 p.copy_(0.1 * noise)
             else:
                 p.add_(0.02 * noise)
+            if ".conv1." in name:
+                # Shrinks what every resnet's norm2 normalises to a variance near the norms' eps
+                # (1e-6), so that a wrong eps shows up in the outputs, not only at 1e-5 relative.
+                p.mul_(0.01)
 
 
 def main():

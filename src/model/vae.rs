@@ -91,7 +91,9 @@ impl VaeConfig {
             .with_context(|| format!("reading VAE config {}", path.display()))?;
         let config: Self = serde_json::from_str(&text)
             .with_context(|| format!("parsing VAE config {}", path.display()))?;
-        config.validate().with_context(|| format!("VAE config {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("VAE config {}", path.display()))?;
         Ok(config)
     }
 
@@ -106,10 +108,18 @@ impl VaeConfig {
                 self.up_block_types.len()
             );
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             bail!("unknown down block type `{t}` (supported: DownEncoderBlock2D)");
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             bail!("unknown up block type `{t}` (supported: UpDecoderBlock2D)");
         }
         if self.act_fn != "silu" {
@@ -122,7 +132,10 @@ impl VaeConfig {
             bail!("latents_mean/latents_std are not supported (only SD 1.x/2.x-style VAEs)");
         }
         if self.layers_per_block < 1 {
-            bail!("layers_per_block must be at least 1, got {}", self.layers_per_block);
+            bail!(
+                "layers_per_block must be at least 1, got {}",
+                self.layers_per_block
+            );
         }
         for (name, value) in [
             ("in_channels", self.in_channels),
@@ -136,11 +149,17 @@ impl VaeConfig {
         }
         for &c in &self.block_out_channels {
             if c < 1 || c % self.norm_num_groups != 0 {
-                bail!("block width {c} is not a positive multiple of norm_num_groups {}", self.norm_num_groups);
+                bail!(
+                    "block width {c} is not a positive multiple of norm_num_groups {}",
+                    self.norm_num_groups
+                );
             }
         }
         if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
-            bail!("scaling_factor must be positive, got {}", self.scaling_factor);
+            bail!(
+                "scaling_factor must be positive, got {}",
+                self.scaling_factor
+            );
         }
         Ok(())
     }
@@ -191,10 +210,12 @@ pub struct MidBlock {
 impl MidBlock {
     fn new(vs: nn::Path, cfg: &VaeConfig, channels: i64) -> Self {
         Self {
-            resnets: (0..2).map(|j| ResnetBlock2D::new(&vs / "resnets" / j, &cfg.resnet(channels, channels))).collect(),
-            attention: cfg
-                .mid_block_add_attention
-                .then(|| SpatialSelfAttention::new(&vs / "attentions" / 0, channels, cfg.norm_num_groups)),
+            resnets: (0..2)
+                .map(|j| ResnetBlock2D::new(&vs / "resnets" / j, &cfg.resnet(channels, channels)))
+                .collect(),
+            attention: cfg.mid_block_add_attention.then(|| {
+                SpatialSelfAttention::new(&vs / "attentions" / 0, channels, cfg.norm_num_groups)
+            }),
         }
     }
 
@@ -246,8 +267,12 @@ impl Encoder {
                 })
                 .collect();
             // Padding 0: the VAE pads right/bottom itself before its stride-2 convolution.
-            let downsampler = (i + 1 < n).then(|| Downsample2D::new(&bvs / "downsamplers" / 0, out_ch, 0));
-            down_blocks.push(DownEncoderBlock { resnets, downsampler });
+            let downsampler =
+                (i + 1 < n).then(|| Downsample2D::new(&bvs / "downsamplers" / 0, out_ch, 0));
+            down_blocks.push(DownEncoderBlock {
+                resnets,
+                downsampler,
+            });
             in_ch = out_ch;
         }
         let last = channels[n - 1];
@@ -255,7 +280,12 @@ impl Encoder {
             conv_in: Conv2d::new(&vs / "conv_in", cfg.in_channels, channels[0], 3, 1, 1),
             down_blocks,
             mid_block: MidBlock::new(&vs / "mid_block", cfg, last),
-            conv_norm_out: GroupNorm::new(&vs / "conv_norm_out", cfg.norm_num_groups, last, NORM_EPS),
+            conv_norm_out: GroupNorm::new(
+                &vs / "conv_norm_out",
+                cfg.norm_num_groups,
+                last,
+                NORM_EPS,
+            ),
             conv_out: Conv2d::new(&vs / "conv_out", last, 2 * cfg.latent_channels, 3, 1, 1),
         }
     }
@@ -271,7 +301,8 @@ impl Encoder {
             }
         }
         h = self.mid_block.forward(&h);
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&h).silu())
     }
 }
 
@@ -309,7 +340,12 @@ impl Decoder {
             conv_in: Conv2d::new(&vs / "conv_in", cfg.latent_channels, reversed[0], 3, 1, 1),
             mid_block: MidBlock::new(&vs / "mid_block", cfg, reversed[0]),
             up_blocks,
-            conv_norm_out: GroupNorm::new(&vs / "conv_norm_out", cfg.norm_num_groups, first, NORM_EPS),
+            conv_norm_out: GroupNorm::new(
+                &vs / "conv_norm_out",
+                cfg.norm_num_groups,
+                first,
+                NORM_EPS,
+            ),
             conv_out: Conv2d::new(&vs / "conv_out", first, cfg.out_channels, 3, 1, 1),
         }
     }
@@ -324,7 +360,8 @@ impl Decoder {
                 h = up.forward(&h, None);
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&h).silu())
     }
 }
 
@@ -340,7 +377,10 @@ impl DiagonalGaussian {
     /// Splits `[b, 2c, h, w]` encoder output into mean and log-variance along channels.
     pub fn from_moments(moments: &Tensor) -> Self {
         let halves = moments.chunk(2, 1);
-        Self { mean: halves[0].shallow_clone(), logvar: halves[1].clamp(-30.0, 20.0) }
+        Self {
+            mean: halves[0].shallow_clone(),
+            logvar: halves[1].clamp(-30.0, 20.0),
+        }
     }
 
     pub fn std(&self) -> Tensor {
@@ -376,7 +416,9 @@ impl AutoencoderKL {
             config: cfg.clone(),
             encoder: Encoder::new(&vs / "encoder", cfg),
             decoder: Decoder::new(&vs / "decoder", cfg),
-            quant_conv: cfg.use_quant_conv.then(|| Conv2d::new(&vs / "quant_conv", 2 * latent, 2 * latent, 1, 1, 0)),
+            quant_conv: cfg
+                .use_quant_conv
+                .then(|| Conv2d::new(&vs / "quant_conv", 2 * latent, 2 * latent, 1, 1, 0)),
             post_quant_conv: cfg
                 .use_post_quant_conv
                 .then(|| Conv2d::new(&vs / "post_quant_conv", latent, latent, 1, 1, 0)),
@@ -416,8 +458,12 @@ impl AutoencoderKL {
 /// Maps the attention names of checkpoints saved before diffusers 0.14 (`query`, `key`, `value`,
 /// `proj_attn`; still what many Hub VAEs contain) to today's, as diffusers does on load.
 pub fn legacy_attention_key(name: &str) -> String {
-    const RENAMES: [(&str, &str); 4] =
-        [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")];
+    const RENAMES: [(&str, &str); 4] = [
+        (".query.", ".to_q."),
+        (".key.", ".to_k."),
+        (".value.", ".to_v."),
+        (".proj_attn.", ".to_out.0."),
+    ];
     if name.contains(".mid_block.attentions.") {
         for (old, new) in RENAMES {
             if name.contains(old) {
@@ -430,5 +476,12 @@ pub fn legacy_attention_key(name: &str) -> String {
 
 /// Loads VAE weights strictly (see [`load_into`]), accepting legacy attention names.
 pub fn load_vae_weights(vs: &nn::VarStore, files: &[PathBuf]) -> Result<()> {
-    load_into(vs, files, &LoadOptions { rename: Some(&legacy_attention_key), ..Default::default() })
+    load_into(
+        vs,
+        files,
+        &LoadOptions {
+            rename: Some(&legacy_attention_key),
+            ..Default::default()
+        },
+    )
 }

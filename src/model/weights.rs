@@ -15,14 +15,22 @@ pub struct MappedSafetensors {
 
 impl MappedSafetensors {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the file is only read; a concurrent writer could change the bytes we read, which
         // at worst yields wrong values, never memory unsafety in safe code using the slice.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", path.display()))?;
-        SafeTensors::deserialize(&mmap)
-            .with_context(|| format!("{} is not a valid safetensors file (truncated or another format?)", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), mmap })
+        SafeTensors::deserialize(&mmap).with_context(|| {
+            format!(
+                "{} is not a valid safetensors file (truncated or another format?)",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+        })
     }
 
     pub fn tensors(&self) -> SafeTensors<'_> {
@@ -63,7 +71,11 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
 /// Reads one tensor view into a CPU tensor of its stored kind.
 pub fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-    Ok(Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)?)
+    Ok(Tensor::f_from_data_size(
+        view.data(),
+        &shape,
+        kind_of(view.dtype())?,
+    )?)
 }
 
 /// Reads every tensor of a safetensors file onto the CPU, in its stored kind.
@@ -73,7 +85,8 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            let t = view_to_tensor(&view).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+            let t = view_to_tensor(&view)
+                .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
             Ok((name, t))
         })
         .collect()
@@ -92,27 +105,33 @@ pub struct LoadOptions<'a> {
 /// Copies the tensors of `files` into the variables of `vs`, converting to each variable's kind.
 /// Every variable must be found with its exact shape; extra tensors are an error.
 pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Result<()> {
-    let mapped: Vec<MappedSafetensors> = files.iter().map(|p| MappedSafetensors::open(p)).collect::<Result<_>>()?;
+    let mapped: Vec<MappedSafetensors> = files
+        .iter()
+        .map(|p| MappedSafetensors::open(p))
+        .collect::<Result<_>>()?;
     let parsed: Vec<SafeTensors<'_>> = mapped.iter().map(|m| m.tensors()).collect();
     // Model name -> (file, name in that file).
     let mut index: HashMap<String, (usize, String)> = HashMap::new();
     for (i, st) in parsed.iter().enumerate() {
         for name in st.names() {
-            let model_name = opts.rename.map_or_else(|| name.to_string(), |rename| rename(name));
+            let model_name = opts.rename.map_or_else(|| name.to_string(), |f| f(name));
             index.insert(model_name, (i, name.to_string()));
         }
     }
-    let shown = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let shown = files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     let mut missing = Vec::new();
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &mut variables {
-            let Some((i, file_name)) = index.get(name.as_str()) else {
+            let Some(&(i, ref file_name)) = index.get(name.as_str()) else {
                 missing.push(name.clone());
                 continue;
             };
-            let i = *i;
             let view = parsed[i].tensor(file_name)?;
             let file_shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if file_shape != var.size() {
@@ -132,11 +151,17 @@ pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Re
         bail!(
             "{} model tensor(s) missing from {shown}: {}{}",
             missing.len(),
-            missing.iter().take(8).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+            missing
+                .iter()
+                .take(8)
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
             if missing.len() > 8 { ", ..." } else { "" }
         );
     }
-    let known: std::collections::HashSet<&str> = variables.iter().map(|(n, _)| n.as_str()).collect();
+    let known: std::collections::HashSet<&str> =
+        variables.iter().map(|(n, _)| n.as_str()).collect();
     let mut extra: Vec<&str> = index
         .keys()
         .map(String::as_str)
@@ -173,7 +198,12 @@ pub fn save_tensors(
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, metadata)?;
     crate::util::fs::write_atomic(path, &bytes)
