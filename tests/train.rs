@@ -20,7 +20,11 @@ use tch::{Device, Kind, Tensor};
 static TORCH_RNG: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // One intra-op thread: on a shared 2-core machine, OpenMP's spinning threads make the tiny
+    // model's steps up to 20x slower.
+    tch::set_num_threads(1);
+    guard
 }
 
 struct Fixture {
@@ -132,7 +136,7 @@ fn full_fine_tuning_lowers_the_loss() {
 
 #[test]
 fn bitfit_lowers_the_loss() {
-    loss_falls("bitfit", 1e-2);
+    loss_falls("bitfit", 2e-2);
 }
 
 /// The trainable tensors of a run's newest checkpoint, as raw bytes per name.
@@ -387,6 +391,44 @@ fn damaged_or_stale_caches_are_rebuilt_never_used() {
 }
 
 #[test]
+fn run_config_defaults_file_and_overrides() {
+    let config = RunConfig::from_toml("[method]\nname = \"lora\"\nrank = 8\n").unwrap();
+    assert_eq!(config.train, difftune::train::TrainConfig::default());
+    assert_eq!(
+        (config.train.steps, config.train.learning_rate),
+        (10_000, 1e-5)
+    );
+    let mut config = config;
+    let overrides = difftune::peft::parse_set_pairs(&[
+        "lr_schedule=cosine".into(),
+        "train.learning_rate=1e-4".into(),
+        "rank=16".into(),
+        "method.alpha=4".into(),
+        "optimizer.beta2=0.99".into(),
+    ])
+    .unwrap();
+    config.apply_overrides(overrides).unwrap();
+    assert_eq!(
+        config.train.lr_schedule,
+        difftune::train::optim::LrSchedule::Cosine
+    );
+    assert_eq!(config.train.learning_rate, 1e-4);
+    assert_eq!(config.train.optimizer.beta2, 0.99);
+    assert_eq!(config.method.name, "lora");
+    assert_eq!(config.method.settings["rank"].as_integer(), Some(16));
+    assert_eq!(config.method.settings["alpha"].as_integer(), Some(4));
+    let round_trip = RunConfig::from_toml(&config.to_toml().unwrap()).unwrap();
+    assert_eq!(round_trip, config);
+    let err = RunConfig::from_toml("[train]\nlearning_rat = 1.0\n").unwrap_err();
+    assert!(format!("{err:#}").contains("learning_rat"), "{err:#}");
+    let bad = difftune::peft::parse_set_pairs(&["train.batch_size=0".into()]).unwrap();
+    let err = RunConfig::for_method("lora")
+        .apply_overrides(bad)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("batch_size"), "{err:#}");
+}
+
+#[test]
 fn tiny_model_loads_through_the_standard_path() {
     let fx = Fixture::new();
     let files = fx.files();
@@ -412,4 +454,101 @@ fn tiny_model_loads_through_the_standard_path() {
     let (_, unet) = difftune::model::pipeline::load_unet(&files, Device::Cpu).unwrap();
     let out = tch::no_grad(|| unet.forward(&posterior.mean, &Tensor::from(10i64), &hidden));
     assert_eq!(out.size(), [1, 4, 8, 8]);
+}
+
+#[test]
+fn adamw_matches_torch_on_a_first_step_and_clips() {
+    let _guard = serial();
+    let weight = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
+    let config = difftune::train::optim::AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let mut optimizer = AdamW::new(vec![weight.shallow_clone()], config).unwrap();
+    (&weight * Tensor::from_slice(&[0.5f32, -4.0, 0.0]))
+        .sum(Kind::Float)
+        .backward();
+    let norm = optimizer.step(0.01, Some(1.0)).unwrap();
+    assert!((norm - (0.25f64 + 16.0).sqrt()).abs() < 1e-6);
+    // torch.optim.AdamW's first step: decay, then -lr * g / (|g| + eps) whatever the clipping.
+    let expected = [1.0 * 0.999 - 0.01, -2.0 * 0.999 + 0.01, 3.0 * 0.999];
+    let got = Vec::<f32>::try_from(&weight.detach()).unwrap();
+    for (g, e) in got.iter().zip(expected) {
+        assert!((f64::from(*g) - e).abs() < 1e-6, "{got:?} vs {expected:?}");
+    }
+    assert_eq!(optimizer.step_count(), 1);
+}
+
+/// The median time of one training step (forward, loss, backward, AdamW update) of each method on
+/// the full-size SD v1.4 U-Net with random weights, batch 1, on the CPU; printed as `BENCH {json}`
+/// lines for tools/bench_train_step.py. Environment: DIFFTUNE_BENCH_METHODS (comma-separated,
+/// default all five), DIFFTUNE_BENCH_RESOLUTION (default 256), DIFFTUNE_BENCH_STEPS (default 3),
+/// DIFFTUNE_BENCH_THREADS (default: torch's).
+#[test]
+#[ignore = "minutes and ~15 GB on a CPU; run through tools/bench_train_step.py"]
+fn bench_train_step_sd14() {
+    use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
+    use difftune::train::config::{MethodConfig, TrainConfig};
+    let env = |name: &str| std::env::var(name).ok();
+    if let Some(threads) = env("DIFFTUNE_BENCH_THREADS") {
+        tch::set_num_threads(threads.parse().unwrap());
+    }
+    let methods =
+        env("DIFFTUNE_BENCH_METHODS").unwrap_or_else(|| "full,lora,adapter,prefix,bitfit".into());
+    let resolution: i64 = env("DIFFTUNE_BENCH_RESOLUTION").map_or(256, |r| r.parse().unwrap());
+    let steps: usize = env("DIFFTUNE_BENCH_STEPS").map_or(3, |s| s.parse().unwrap());
+    let config_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4/unet_config.json");
+    let unet_config = UNetConfig::from_file(&config_path).unwrap();
+    let objective = Objective::new(
+        &difftune::schedulers::SchedulerConfig::stable_diffusion_v1(),
+        &TrainConfig::default(),
+    )
+    .unwrap();
+    for method in methods.split(',') {
+        tch::manual_seed(0);
+        let mut vs = tch::nn::VarStore::new(Device::Cpu);
+        let mut unet = UNet2DConditionModel::new(vs.root(), &unet_config).unwrap();
+        let method_config = MethodConfig {
+            name: method.to_string(),
+            settings: toml::Table::new(),
+        };
+        let tuned = attach_method(&mut unet, &mut vs, &method_config, Device::Cpu).unwrap();
+        let trainable: usize = tuned.trainable.iter().map(|(_, t)| t.numel()).sum();
+        let mut optimizer = AdamW::new(
+            tuned
+                .trainable
+                .iter()
+                .map(|(_, t)| t.shallow_clone())
+                .collect(),
+            Default::default(),
+        )
+        .unwrap();
+        let latent = resolution / 8;
+        let inputs = StepInputs {
+            latents: Tensor::randn([1, 4, latent, latent], (Kind::Float, Device::Cpu)),
+            context: Tensor::randn(
+                [1, 77, unet_config.cross_attention_dim],
+                (Kind::Float, Device::Cpu),
+            ),
+        };
+        let mut step = || {
+            let started = std::time::Instant::now();
+            optimizer.zero_grad();
+            let _ = forward_backward(&unet, &objective, &inputs, false, 1.0).unwrap();
+            optimizer.step(1e-5, Some(1.0)).unwrap();
+            started.elapsed().as_secs_f64()
+        };
+        step();
+        let mut times: Vec<f64> = (0..steps).map(|_| step()).collect();
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "BENCH {}",
+            serde_json::json!({
+                "method": method, "batch": 1, "resolution": resolution, "median_step_s": median,
+                "trainable_params": trainable, "threads": tch::get_num_threads(),
+            })
+        );
+    }
 }

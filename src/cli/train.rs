@@ -1,4 +1,4 @@
-use crate::train::config::{parse_override, RunConfig};
+use crate::train::config::RunConfig;
 use crate::train::{train, TrainOptions};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -65,32 +65,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, "") => bail!("name the tuning method with --method or [method] name in --config"),
         _ => {}
     }
-    let mut overrides = args
-        .set
-        .iter()
-        .map(|s| parse_override(s))
-        .collect::<Result<Vec<_>>>()?;
+    let mut overrides = crate::peft::parse_set_pairs(&args.set)?;
     let flags = [
+        ("steps", args.steps.map(|v| toml::Value::Integer(v as i64))),
         (
-            "train.steps",
-            args.steps.map(|v| toml::Value::Integer(v as i64)),
-        ),
-        (
-            "train.batch_size",
+            "batch_size",
             args.batch.map(|v| toml::Value::Integer(v as i64)),
         ),
-        ("train.learning_rate", args.lr.map(toml::Value::Float)),
-        (
-            "train.seed",
-            args.seed.map(|v| toml::Value::Integer(v as i64)),
-        ),
+        ("learning_rate", args.lr.map(toml::Value::Float)),
+        ("seed", args.seed.map(|v| toml::Value::Integer(v as i64))),
     ];
-    overrides.extend(
-        flags
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v))),
-    );
-    config.apply_overrides(&overrides)?;
+    let flags: toml::Table = flags
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect();
+    let flags = toml::Table::from_iter([("train".to_string(), toml::Value::Table(flags))]);
+    crate::peft::merge_tables(&mut overrides, flags);
+    config.apply_overrides(overrides)?;
 
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();

@@ -274,6 +274,7 @@ impl ClipTextModel {
             files,
             &LoadOptions {
                 ignore_extra: IGNORED_CHECKPOINT_TENSORS,
+                ..Default::default()
             },
         )
     }

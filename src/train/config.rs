@@ -241,69 +241,31 @@ impl RunConfig {
         Ok(toml::to_string(self)?)
     }
 
-    /// Applies `--set key=value` overrides. `train.KEY` and `method.KEY` name their table; a bare
-    /// key goes to `[train]` when it is a training setting and to `[method]` otherwise. Values are
-    /// TOML (`1e-4`, `true`, `"text"`); anything that does not parse as TOML is taken as a string.
-    pub fn apply_overrides(&mut self, overrides: &[(String, toml::Value)]) -> Result<()> {
+    /// Applies `--set key=value` overrides (parsed by [`crate::peft::parse_set_pairs`]).
+    /// `train.KEY` and `method.KEY` name their table; a bare key goes to `[train]` when it is a
+    /// training setting and to `[method]` otherwise (`method.name` or a bare `name` renames the
+    /// method).
+    pub fn apply_overrides(&mut self, overrides: toml::Table) -> Result<()> {
         let mut train = toml::Table::try_from(&self.train)?;
-        let train_keys: Vec<String> = train.keys().cloned().collect();
+        let mut method = self.method.settings.clone();
+        method.insert("name".into(), toml::Value::String(self.method.name.clone()));
         for (key, value) in overrides {
-            let first = key.split('.').next().unwrap_or(key);
-            let (to_train, path) = match key.split_once('.') {
-                Some(("train", rest)) => (true, rest),
-                Some(("method", rest)) => (false, rest),
-                _ => (train_keys.iter().any(|k| k == first), key.as_str()),
+            let (target, value) = match (key.as_str(), value) {
+                ("train", toml::Value::Table(t)) => (&mut train, t),
+                ("method", toml::Value::Table(t)) => (&mut method, t),
+                (_, value) if train.contains_key(&key) => {
+                    (&mut train, toml::Table::from_iter([(key, value)]))
+                }
+                (_, value) => (&mut method, toml::Table::from_iter([(key, value)])),
             };
-            if to_train {
-                set_dotted(&mut train, path, value.clone())
-                    .with_context(|| format!("--set {key}"))?;
-            } else if path == "name" {
-                let Some(name) = value.as_str() else {
-                    bail!("--set {key}: the method name must be a string")
-                };
-                self.method.name = name.to_string();
-            } else {
-                set_dotted(&mut self.method.settings, path, value.clone())
-                    .with_context(|| format!("--set {key}"))?;
-            }
+            crate::peft::merge_tables(target, value);
         }
-        self.train = train
+        self.method = toml::Value::Table(method)
+            .try_into()
+            .context("applying --set overrides to the [method] settings")?;
+        self.train = toml::Value::Table(train)
             .try_into()
             .context("applying --set overrides to the [train] settings")?;
         self.train.validate()
     }
-}
-
-/// Sets `a.b.c = value` in `table`, creating intermediate tables.
-fn set_dotted(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<()> {
-    let mut parts: Vec<&str> = path.split('.').collect();
-    let last = parts.pop().filter(|s| !s.is_empty()).context("empty key")?;
-    let mut table = table;
-    for part in parts {
-        let entry = table
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .with_context(|| format!("`{part}` is not a table"))?;
-    }
-    table.insert(last.to_string(), value);
-    Ok(())
-}
-
-/// Parses `key=value` as `--set` takes it.
-pub fn parse_override(arg: &str) -> Result<(String, toml::Value)> {
-    let (key, value) = arg
-        .split_once('=')
-        .with_context(|| format!("--set {arg:?}: expected key=value"))?;
-    let key = key.trim();
-    if key.is_empty() {
-        bail!("--set {arg:?}: empty key");
-    }
-    let value = value.trim();
-    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_string()));
-    Ok((key.to_string(), parsed))
 }

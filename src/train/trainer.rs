@@ -378,7 +378,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         last_saved = Some((step, save(step, &optimizer)?));
     }
     let adapter = opts.out.join(ADAPTER_FILE);
-    crate::peft::save_adapter(&adapter, tuned.method.as_ref(), trainable, &base_unet)?;
+    crate::peft::file::save_adapter(&adapter, tuned.method.as_ref(), trainable, &base_unet)?;
     Ok(TrainSummary {
         step,
         finished: true,
