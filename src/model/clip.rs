@@ -274,7 +274,15 @@ impl ClipTextModel {
             files,
             &LoadOptions {
                 ignore_extra: IGNORED_CHECKPOINT_TENSORS,
-                ..Default::default()
+                // transformers 5's save_pretrained drops the `text_model.` prefix that SD
+                // checkpoints on the hub carry; accept both.
+                rename: Some(&|name: &str| {
+                    if name.starts_with("text_model.") {
+                        name.to_string()
+                    } else {
+                        format!("text_model.{name}")
+                    }
+                }),
             },
         )
     }

@@ -162,10 +162,11 @@ pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Re
     }
     let known: std::collections::HashSet<&str> =
         variables.iter().map(|(n, _)| n.as_str()).collect();
+    // Named as in the file, which is what the user can look up.
     let mut extra: Vec<&str> = index
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !known.contains(k) && !opts.ignore_extra.contains(k))
+        .iter()
+        .filter(|(k, _)| !known.contains(k.as_str()) && !opts.ignore_extra.contains(&k.as_str()))
+        .map(|(_, (_, file_name))| file_name.as_str())
         .collect();
     extra.sort();
     if !extra.is_empty() {
