@@ -2,4 +2,7 @@
 pub mod cli;
 pub mod data;
 pub mod model;
+pub mod peft;
+pub mod schedulers;
+pub mod train;
 pub mod util;
