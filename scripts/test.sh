@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# Tests run in parallel threads; one intra-op thread each avoids oversubscribing small CI machines.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cargo test --locked "$@"
