@@ -5,4 +5,5 @@ pub mod eval;
 pub mod model;
 pub mod peft;
 pub mod schedulers;
+pub mod train;
 pub mod util;

@@ -2,9 +2,12 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod cache;
 mod fid;
+mod init_tiny;
 mod inspect;
 mod merge;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,6 +24,12 @@ pub struct Cli {
 pub enum Command {
     /// Build models from configs (random weights) or a model folder and print parameter counts.
     Inspect(inspect::InspectArgs),
+    /// Write the built-in tiny SD-architecture model (random weights) as a diffusers folder.
+    InitTiny(init_tiny::InitTinyArgs),
+    /// Encode a dataset's images (VAE) and captions (text encoder) once, into a latent cache.
+    Cache(cache::CacheArgs),
+    /// Fine-tune the U-Net with a tuning method.
+    Train(train::TrainArgs),
     /// Bake a LoRA, DoRA, BitFit or full fine-tune adapter into a complete U-Net safetensors.
     Merge(merge::MergeArgs),
     /// FID (and KID) between two image folders or pytorch-fid .npz statistics, as pytorch-fid computes it.
@@ -30,6 +39,9 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::InitTiny(args) => init_tiny::run(args),
+        Command::Cache(args) => cache::run(args),
+        Command::Train(args) => train::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Fid(args) => fid::run(args),
     }

@@ -120,7 +120,9 @@ impl BasicTransformerBlock {
                     let input = tap
                         .take()
                         .expect("extension output site precedes its input site");
-                    t += ext.forward(&input);
+                    // Not `+=`: when the input site is this site, `t` is also the extension's
+                    // input, which autograd saved for the backward pass.
+                    t = t + ext.forward(&input);
                 }
             }
             t
