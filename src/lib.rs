@@ -2,4 +2,5 @@
 pub mod cli;
 pub mod data;
 pub mod model;
+pub mod schedulers;
 pub mod util;
