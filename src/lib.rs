@@ -2,5 +2,6 @@
 pub mod cli;
 pub mod data;
 pub mod model;
+pub mod sample;
 pub mod schedulers;
 pub mod util;

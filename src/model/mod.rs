@@ -2,6 +2,7 @@
 pub mod attention;
 pub mod clip;
 pub mod layers;
+pub mod pipeline;
 pub mod resnet;
 pub mod source;
 pub mod tokenizer;
