@@ -2,6 +2,7 @@
 pub mod cli;
 pub mod data;
 pub mod model;
+pub mod peft;
 pub mod sample;
 pub mod schedulers;
 pub mod util;

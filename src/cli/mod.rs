@@ -3,6 +3,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+mod merge;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,10 +20,13 @@ pub struct Cli {
 pub enum Command {
     /// Build models from configs (random weights) or a model folder and print parameter counts.
     Inspect(inspect::InspectArgs),
+    /// Bake a LoRA, DoRA, BitFit or full fine-tune adapter into a complete U-Net safetensors.
+    Merge(merge::MergeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }
