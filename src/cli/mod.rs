@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod inspect;
 mod merge;
+mod sample;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,11 +23,14 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Bake a LoRA, DoRA, BitFit or full fine-tune adapter into a complete U-Net safetensors.
     Merge(merge::MergeArgs),
+    /// Generate images from prompts, with an optional adapter (PNGs with their parameters, a grid).
+    Sample(sample::SampleArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Sample(args) => sample::run(args),
     }
 }

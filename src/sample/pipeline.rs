@@ -7,8 +7,10 @@ use crate::model::source::ModelFiles;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
+use crate::peft::formats::read_adapter;
 use crate::schedulers::Scheduler;
 use anyhow::{ensure, Context, Result};
+use std::path::Path;
 use std::sync::Mutex;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -25,6 +27,8 @@ pub struct SdModels {
     pub vae: AutoencoderKL,
     pub text_encoder: ClipTextModel,
     pub tokenizer: ClipTokenizer,
+    /// Parameters an applied adapter added to the U-Net (LoRA factors, prefixes...).
+    pub adapter_vars: Option<nn::VarStore>,
 }
 
 impl SdModels {
@@ -37,7 +41,26 @@ impl SdModels {
             vae: load_vae(files, device)?,
             text_encoder: load_text_encoder(files, device)?,
             tokenizer: load_tokenizer(files)?,
+            adapter_vars: None,
         })
+    }
+
+    /// Applies the adapter at `path` (any format [`read_adapter`] reads) to the U-Net, checking
+    /// that it was trained on `files`' U-Net. Returns the adapter's method name.
+    pub fn apply_adapter(&mut self, path: &Path, files: &ModelFiles) -> Result<String> {
+        let adapter = read_adapter(path, &self.unet_vars)
+            .with_context(|| format!("reading the adapter {}", path.display()))?;
+        let vars = nn::VarStore::new(self.device());
+        adapter
+            .apply(
+                &mut self.unet,
+                &self.unet_vars,
+                vars.root(),
+                &files.unet_identity()?,
+            )
+            .with_context(|| format!("applying the adapter {}", path.display()))?;
+        self.adapter_vars = Some(vars);
+        Ok(adapter.meta.method.clone())
     }
 
     pub fn device(&self) -> Device {
