@@ -130,3 +130,47 @@ fn png_text_chunks_round_trip() {
         .collect();
     assert_eq!(pixel.0.to_vec(), expected);
 }
+
+fn run_cli(out: &std::path::Path, prompts: &std::path::Path, batch: &str) {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args(["sample", "--model"])
+        .arg(fixtures().join("model"))
+        .arg("--prompts")
+        .arg(prompts)
+        .args(["--seed", "7", "--steps", "2", "--scheduler", "ddim"])
+        .args(["--width", "64", "--height", "64", "--batch", batch, "--out"])
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn cli_writes_seeded_pngs_and_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red apple\n\na bowl of ramen\nthe moon\n").unwrap();
+    let (batched, single) = (dir.path().join("batched"), dir.path().join("single"));
+    run_cli(&batched, &prompts, "2");
+    run_cli(&single, &prompts, "1");
+    let text = read_png_text(&batched.join("00002.png")).unwrap();
+    for (keyword, value) in [("prompt", "the moon"), ("seed", "9"), ("scheduler", "ddim")] {
+        assert!(
+            text.contains(&(keyword.to_string(), value.to_string())),
+            "{text:?}"
+        );
+    }
+    // Image i depends on its prompt and seed 7 + i only, not on the batch it was denoised in.
+    for i in 0..3 {
+        let name = format!("{i:05}.png");
+        let a = image::open(batched.join(&name)).unwrap().to_rgb8();
+        let b = image::open(single.join(&name)).unwrap().to_rgb8();
+        let diff = a.iter().zip(b.iter()).map(|(x, y)| x.abs_diff(*y)).max();
+        assert!(
+            diff <= Some(1),
+            "{name}: batched and single differ by {diff:?}"
+        );
+    }
+    let grid = image::open(batched.join("grid.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (128, 128));
+}
