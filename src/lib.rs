@@ -4,6 +4,7 @@ pub mod data;
 pub mod eval;
 pub mod model;
 pub mod peft;
+pub mod sample;
 pub mod schedulers;
 pub mod train;
 pub mod util;

@@ -7,6 +7,7 @@ mod fid;
 mod init_tiny;
 mod inspect;
 mod merge;
+mod sample;
 mod train;
 
 #[derive(Parser, Debug)]
@@ -34,6 +35,8 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// FID (and KID) between two image folders or pytorch-fid .npz statistics, as pytorch-fid computes it.
     Fid(fid::FidArgs),
+    /// Generate images from prompts, with an optional adapter (PNGs with their parameters, a grid).
+    Sample(sample::SampleArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -44,5 +47,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Fid(args) => fid::run(args),
+        Command::Sample(args) => sample::run(args),
     }
 }

@@ -1,0 +1,165 @@
+use crate::model::pipeline::load_scheduler_config;
+use crate::model::source::ModelFiles;
+use crate::sample::grid::{grid_columns, image_grid};
+use crate::sample::png::write_png;
+use crate::sample::{generate, per_image_latents, GenerateOptions, SdModels};
+use crate::schedulers::{self, SCHEDULER_NAMES};
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use tch::Device;
+
+/// Generates images: `OUT/00000.png`, `OUT/00001.png`, ... (the generation parameters in PNG text
+/// chunks) and `OUT/grid.png`. Image i is drawn from seed `SEED + i` alone, so it is the same
+/// whatever the batch size or the number of images in the run.
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// A diffusers Stable Diffusion folder or a hub id.
+    #[arg(long)]
+    pub model: String,
+    /// Weight variant of the model (e.g. fp16).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// An adapter to apply to the U-Net (difftune, peft, diffusers or kohya format).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    pub prompt: Option<String>,
+    /// A text file with one prompt per line (blank lines are skipped).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Images generated for each prompt.
+    #[arg(long, default_value_t = 1)]
+    pub images_per_prompt: usize,
+    /// The negative prompt (default: the empty prompt).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Seed of the first image; image i uses SEED + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (at most 1: no guidance).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    #[arg(long, default_value = "pndm", value_parser = clap::builder::PossibleValuesParser::new(SCHEDULER_NAMES))]
+    pub scheduler: String,
+    /// Images denoised together.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
+}
+
+fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
+    let prompts = match (&args.prompt, &args.prompts) {
+        (Some(prompt), _) => vec![prompt.clone()],
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading prompts from {}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+        (None, None) => bail!("give --prompt or --prompts"),
+    };
+    ensure!(!prompts.is_empty(), "the prompts file has no prompts");
+    ensure!(
+        args.images_per_prompt > 0,
+        "--images-per-prompt must be at least 1"
+    );
+    Ok(prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), args.images_per_prompt))
+        .collect())
+}
+
+fn device(name: &str) -> Result<Device> {
+    match name {
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" => bail!("--device cuda: libtorch sees no CUDA device"),
+        _ => Ok(Device::Cpu),
+    }
+}
+
+pub fn run(args: SampleArgs) -> Result<()> {
+    let prompts = prompt_list(&args)?;
+    let device = device(&args.device)?;
+    let files = ModelFiles::resolve(&args.model, args.variant.as_deref())?;
+    let mut models = SdModels::load(&files, device)?;
+    if let Some(path) = &args.adapter {
+        let method = models.apply_adapter(path, &files)?;
+        eprintln!("applied the `{method}` adapter {}", path.display());
+    }
+    let mut scheduler = schedulers::from_name(&args.scheduler, &load_scheduler_config(&files)?)?;
+    scheduler.set_timesteps(args.steps)?;
+    let evaluations = scheduler.timesteps().len() * prompts.len().div_ceil(args.batch.max(1));
+
+    let latents = per_image_latents(args.seed, prompts.len(), args.height, args.width, device)?;
+    let opts = GenerateOptions {
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        negative_prompt: args.negative_prompt.clone(),
+        batch_size: args.batch,
+    };
+    let progress = ProgressBar::new(evaluations as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} U-Net steps [{elapsed} < {eta}]")
+            .expect("valid progress template"),
+    );
+    let images = generate(
+        &models,
+        scheduler.as_mut(),
+        &prompts,
+        &latents,
+        &opts,
+        &mut || progress.inc(1),
+    )?;
+    progress.finish();
+
+    let adapter = args
+        .adapter
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut text = vec![
+            ("prompt", prompt.clone()),
+            ("seed", (args.seed + i as u64).to_string()),
+            ("steps", args.steps.to_string()),
+            ("guidance", args.guidance.to_string()),
+            ("scheduler", args.scheduler.clone()),
+            ("model", args.model.clone()),
+            ("adapter", adapter.clone()),
+            ("width", args.width.to_string()),
+            ("height", args.height.to_string()),
+            (
+                "software",
+                format!("difftune {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ];
+        if let Some(negative) = &args.negative_prompt {
+            text.push(("negative_prompt", negative.clone()));
+        }
+        write_png(
+            &args.out.join(format!("{i:05}.png")),
+            &images.get(i as i64),
+            &text,
+        )?;
+    }
+    let grid = image_grid(&images, grid_columns(prompts.len()))?;
+    write_png(&args.out.join("grid.png"), &grid, &[])?;
+    println!(
+        "wrote {} images and grid.png to {}",
+        prompts.len(),
+        args.out.display()
+    );
+    Ok(())
+}
