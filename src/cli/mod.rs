@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod inspect;
 
 #[derive(Parser, Debug)]
@@ -17,12 +18,15 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Time the training step per tuning method and batch size (random weights, nothing downloaded).
+    Bench(bench::BenchArgs),
     /// Build models from configs (random weights) or a model folder and print parameter counts.
     Inspect(inspect::InspectArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => inspect::run(args),
     }
 }

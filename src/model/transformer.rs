@@ -120,7 +120,8 @@ impl BasicTransformerBlock {
                     let input = tap
                         .take()
                         .expect("extension output site precedes its input site");
-                    t += ext.forward(&input);
+                    // Out of place: at the same site `input` is `t`, which autograd saved.
+                    t = t + ext.forward(&input);
                 }
             }
             t
