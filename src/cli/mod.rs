@@ -3,7 +3,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cache;
+mod init_tiny;
 mod inspect;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,11 +25,20 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Build models from configs (random weights) or a model folder and print parameter counts.
     Inspect(inspect::InspectArgs),
+    /// Write the built-in tiny SD-architecture model (random weights) as a diffusers folder.
+    InitTiny(init_tiny::InitTinyArgs),
+    /// Encode a dataset's images (VAE) and captions (text encoder) once, into a latent cache.
+    Cache(cache::CacheArgs),
+    /// Fine-tune the U-Net with a tuning method.
+    Train(train::TrainArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::InitTiny(args) => init_tiny::run(args),
+        Command::Cache(args) => cache::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

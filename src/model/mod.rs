@@ -2,8 +2,10 @@
 pub mod attention;
 pub mod clip;
 pub mod layers;
+pub mod pipeline;
 pub mod resnet;
 pub mod source;
+pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
