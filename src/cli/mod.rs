@@ -6,6 +6,7 @@ mod bench;
 mod cache;
 mod init_tiny;
 mod inspect;
+mod merge;
 mod train;
 
 #[derive(Parser, Debug)]
@@ -31,6 +32,8 @@ pub enum Command {
     Cache(cache::CacheArgs),
     /// Fine-tune the U-Net with a tuning method.
     Train(train::TrainArgs),
+    /// Bake a LoRA, DoRA, BitFit or full fine-tune adapter into a complete U-Net safetensors.
+    Merge(merge::MergeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -40,5 +43,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::InitTiny(args) => init_tiny::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Train(args) => train::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }

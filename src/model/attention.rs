@@ -4,9 +4,20 @@ use super::layers::Linear;
 use tch::{nn, Tensor};
 
 /// Something a tuning method attaches to an `Attention` to change its keys and values after
-/// projection (prefix-tuning prepends learned vectors). Tensors are `[batch, seq, inner_dim]`.
+/// projection (prefix-tuning). Tensors are `[batch, seq, inner_dim]`.
 pub trait KvExtension: Send + std::fmt::Debug {
-    fn extend(&self, key: Tensor, value: Tensor) -> (Tensor, Tensor);
+    /// The keys and values the softmax runs over (prefix-tuning in its original form prepends
+    /// learned vectors here).
+    fn extend(&self, key: Tensor, value: Tensor) -> (Tensor, Tensor) {
+        (key, value)
+    }
+
+    /// Extra keys and values `[seq, inner_dim]` attended with a softmax of their own; the result is
+    /// added to the attention output before `to_out`. Unlike keys joined into the main softmax, a
+    /// branch whose values are zero leaves the output unchanged.
+    fn side_kv(&self) -> Option<(Tensor, Tensor)> {
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -69,16 +80,28 @@ impl Attention {
         if let Some(ext) = &self.kv_extension {
             (key, value) = ext.extend(key, value);
         }
-        let out = Tensor::scaled_dot_product_attention::<Tensor>(
-            &self.split_heads(&query),
-            &self.split_heads(&key),
-            &self.split_heads(&value),
-            None,
-            0.0,
-            false,
-            (self.head_dim as f64).powf(-0.5),
-            false,
-        );
+        let query = self.split_heads(&query);
+        let attend = |key: &Tensor, value: &Tensor| {
+            Tensor::scaled_dot_product_attention::<Tensor>(
+                &query,
+                &self.split_heads(key),
+                &self.split_heads(value),
+                None,
+                0.0,
+                false,
+                (self.head_dim as f64).powf(-0.5),
+                false,
+            )
+        };
+        let out = attend(&key, &value);
+        // Not `+=`: fused attention kernels keep their output for the backward pass.
+        let out = match self.kv_extension.as_ref().and_then(|e| e.side_kv()) {
+            Some((side_key, side_value)) => {
+                let batched = |t: Tensor| t.to_kind(query.kind()).unsqueeze(0).expand([b, -1, -1], false);
+                out + attend(&batched(side_key), &batched(side_value))
+            }
+            None => out,
+        };
         let out = out.transpose(1, 2).reshape([b, n, self.inner_dim()]);
         self.to_out.forward(&out)
     }

@@ -1,0 +1,84 @@
+//! BitFit (Ben Zaken et al. 2021): train the U-Net's existing biases, add nothing. The study trains
+//! the biases inside the transformer blocks (LayerNorm, attention output, feed-forward): 174,720 on
+//! SD v1.4.
+use super::{copy_named, freeze_named, TuningMethod};
+use crate::model::unet::UNet2DConditionModel;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tch::{nn, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BitFitScope {
+    /// Biases inside the `transformer_blocks` (the study's choice).
+    TransformerBlocks,
+    /// Every bias of the U-Net.
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BitFit {
+    /// Which biases are trained. Default `transformer_blocks`.
+    pub scope: BitFitScope,
+}
+
+impl Default for BitFit {
+    fn default() -> Self {
+        Self {
+            scope: BitFitScope::TransformerBlocks,
+        }
+    }
+}
+
+impl BitFit {
+    fn selects(&self, name: &str) -> bool {
+        name.ends_with(".bias")
+            && (self.scope == BitFitScope::All || name.contains(".transformer_blocks."))
+    }
+}
+
+impl TuningMethod for BitFit {
+    fn name(&self) -> &'static str {
+        "bitfit"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("BitFit settings serialise")
+    }
+
+    fn apply(
+        &self,
+        _unet: &mut UNet2DConditionModel,
+        unet_vs: &nn::VarStore,
+        _params: nn::Path,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut trained: Vec<(String, Tensor)> = unet_vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| self.selects(name))
+            .collect();
+        if trained.is_empty() {
+            bail!("the U-Net has no biases in scope {:?}", self.scope);
+        }
+        trained.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, t) in &trained {
+            let _ = t.set_requires_grad(true);
+        }
+        Ok(trained)
+    }
+
+    /// The trained biases are the U-Net's own: merging writes them into it.
+    fn merge(
+        &self,
+        unet: &mut UNet2DConditionModel,
+        unet_vs: &nn::VarStore,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        let scratch = nn::VarStore::new(unet_vs.device());
+        let trained = self.apply(unet, unet_vs, scratch.root())?;
+        freeze_named(&trained);
+        copy_named(&trained, tensors, "the BitFit adapter")
+    }
+}

@@ -1,0 +1,270 @@
+//! The tuning methods (which U-Net parameters are trained, and which are added), behind one trait.
+//!
+//! A method is built from its settings ([`method_from_settings`]), then [`TuningMethod::apply`]
+//! attaches its modules to a U-Net through the model's extension hooks and returns the named tensors
+//! to train. Everything else (counting, saving, loading, merging) is generic over those tensors.
+//! Adding a method is one new file and one line in [`METHODS`].
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::visit::{ModuleMut, VisitModules};
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use tch::{nn, Tensor};
+
+pub mod adapter;
+pub mod bitfit;
+pub mod file;
+pub mod formats;
+pub mod full;
+pub mod lora;
+pub mod merge;
+pub mod pattern;
+pub mod prefix;
+
+/// One way of choosing what is trained. Implementations are their own settings (serde structs whose
+/// `Default` is the documented default), so a method round-trips through its settings.
+pub trait TuningMethod: std::fmt::Debug + Send + Sync {
+    /// The name it is registered under (`lora`, `bitfit`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Its settings, as stored in adapter files; [`method_from_json`] rebuilds it from them.
+    fn settings(&self) -> serde_json::Value;
+
+    /// Checks the settings' values (called when the method is built from settings).
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Attaches the method to `unet` and returns the tensors to train, by stable name: existing
+    /// U-Net variables under their U-Net names (made trainable here), new parameters created under
+    /// `params` (a VarStore the caller owns). The caller freezes every U-Net variable beforehand.
+    fn apply(
+        &self,
+        unet: &mut UNet2DConditionModel,
+        unet_vs: &nn::VarStore,
+        params: nn::Path,
+    ) -> Result<Vec<(String, Tensor)>>;
+
+    /// The settings and tensors an adapter file stores for `trained`. Methods whose training-time
+    /// parametrisation differs from their inference form fold it here.
+    fn export(
+        &self,
+        trained: &[(String, Tensor)],
+    ) -> Result<(serde_json::Value, Vec<(String, Tensor)>)> {
+        Ok((
+            self.settings(),
+            trained
+                .iter()
+                .map(|(n, t)| (n.clone(), t.detach()))
+                .collect(),
+        ))
+    }
+
+    /// Folds an adapter's tensors into the weights of a plain (not yet adapted) base U-Net, so the
+    /// result needs no extension at inference.
+    fn merge(
+        &self,
+        _unet: &mut UNet2DConditionModel,
+        _unet_vs: &nn::VarStore,
+        _tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        bail!(
+            "method `{}` cannot be merged into the base weights: it adds computation that no U-Net weight can express; \
+             load the adapter file at inference instead",
+            self.name()
+        )
+    }
+}
+
+type Build = fn(serde_json::Value) -> Result<Box<dyn TuningMethod>>;
+
+/// Every method, in the study's order.
+pub const METHODS: [(&str, Build); 5] = [
+    ("full", build::<full::Full>),
+    ("adapter", build::<adapter::Adapter>),
+    ("lora", build::<lora::Lora>),
+    ("prefix", build::<prefix::Prefix>),
+    ("bitfit", build::<bitfit::BitFit>),
+];
+
+fn build<M: TuningMethod + DeserializeOwned + 'static>(
+    settings: serde_json::Value,
+) -> Result<Box<dyn TuningMethod>> {
+    let method: M = serde_json::from_value(settings)?;
+    method.validate()?;
+    Ok(Box::new(method))
+}
+
+pub fn method_names() -> impl Iterator<Item = &'static str> {
+    METHODS.iter().map(|(name, _)| *name)
+}
+
+/// Builds a method from its JSON settings (missing keys take their defaults; unknown keys are an error).
+pub fn method_from_json(name: &str, settings: &serde_json::Value) -> Result<Box<dyn TuningMethod>> {
+    let Some((_, build)) = METHODS.iter().find(|(n, _)| *n == name) else {
+        bail!(
+            "unknown tuning method `{name}` (known: {})",
+            method_names().collect::<Vec<_>>().join(", ")
+        );
+    };
+    let settings = match settings {
+        serde_json::Value::Null => serde_json::json!({}),
+        s => s.clone(),
+    };
+    build(settings).with_context(|| format!("settings of method `{name}`"))
+}
+
+/// Builds a method from a TOML settings table (`[method.lora]` in a config, or [`parse_set_pairs`]).
+pub fn method_from_settings(name: &str, settings: &toml::Value) -> Result<Box<dyn TuningMethod>> {
+    let json =
+        serde_json::to_value(settings).with_context(|| format!("settings of method `{name}`"))?;
+    method_from_json(name, &json)
+}
+
+/// Parses command-line `key=value` pairs into a TOML table. Keys may be dotted (`a.b=1`); a value
+/// is read as TOML when it is valid TOML (`8`, `true`, `["*.to_q"]`), else as a plain string.
+pub fn parse_set_pairs(pairs: &[String]) -> Result<toml::Table> {
+    let mut table = toml::Table::new();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            bail!("`{pair}` is not a key=value pair");
+        };
+        let (key, value) = (key.trim(), value.trim());
+        let parsed = toml::from_str::<toml::Table>(&format!("{key} = {value}")).or_else(|_| {
+            let quoted = toml::Value::String(value.to_string());
+            toml::from_str::<toml::Table>(&format!("{key} = {quoted}"))
+                .with_context(|| format!("`{pair}`: `{key}` is not a valid key"))
+        })?;
+        merge_tables(&mut table, parsed);
+    }
+    Ok(table)
+}
+
+/// Overlays `over` onto `base`, recursing into tables (later values win).
+pub fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Stops gradients for every variable of `vs`.
+pub fn freeze(vs: &nn::VarStore) {
+    freeze_named(&vs.variables().into_iter().collect::<Vec<_>>());
+}
+
+/// Stops gradients for each of `tensors`.
+pub(crate) fn freeze_named(tensors: &[(String, Tensor)]) {
+    for (_, t) in tensors {
+        let _ = t.set_requires_grad(false);
+    }
+}
+
+/// Whether any module of `unet` carries a tuning extension.
+pub fn has_extensions(unet: &mut UNet2DConditionModel) -> bool {
+    let mut found = false;
+    unet.visit_modules(&mut |m| {
+        found |= match m {
+            ModuleMut::Linear(l) => l.extension.is_some(),
+            ModuleMut::Conv2d(c) => c.extension.is_some(),
+            ModuleMut::Attention(a) => a.kv_extension.is_some(),
+            ModuleMut::TransformerBlock(b) => !b.extensions.is_empty(),
+        }
+    });
+    found
+}
+
+/// Removes every tuning extension from `unet`.
+pub fn clear_extensions(unet: &mut UNet2DConditionModel) {
+    unet.visit_modules(&mut |m| match m {
+        ModuleMut::Linear(l) => l.extension = None,
+        ModuleMut::Conv2d(c) => c.extension = None,
+        ModuleMut::Attention(a) => a.kv_extension = None,
+        ModuleMut::TransformerBlock(b) => b.extensions.clear(),
+    });
+}
+
+/// How many parameters `method` trains on `unet`. Applies it with a throwaway parameter store,
+/// then leaves the U-Net as it was found: frozen and without extensions.
+pub fn trainable_parameter_count(
+    method: &dyn TuningMethod,
+    unet: &mut UNet2DConditionModel,
+    unet_vs: &nn::VarStore,
+) -> Result<i64> {
+    if has_extensions(unet) {
+        bail!("counting needs a U-Net without tuning extensions (is a method already applied?)");
+    }
+    freeze(unet_vs);
+    let params = nn::VarStore::new(unet_vs.device());
+    let trained = method.apply(unet, unet_vs, params.root());
+    clear_extensions(unet);
+    freeze(unet_vs);
+    Ok(trained?.iter().map(|(_, t)| t.numel() as i64).sum())
+}
+
+/// The sub-path of `root` for a dotted diffusers module path (tch paths cannot contain dots), so
+/// new parameters are stored under the name of the module they belong to.
+pub(crate) fn nested<'a>(root: &nn::Path<'a>, dotted: &str) -> nn::Path<'a> {
+    let mut parts = dotted.split('.');
+    let first = root / parts.next().unwrap_or_default();
+    parts.fold(first, |path, part| &path / part)
+}
+
+/// Checks that `tensors` holds exactly the tensors named in `expected`, each with its shape.
+pub(crate) fn check_tensor_shapes(
+    expected: &[(String, Vec<i64>)],
+    tensors: &BTreeMap<String, Tensor>,
+    source: &str,
+) -> Result<()> {
+    for (name, shape) in expected {
+        let Some(t) = tensors.get(name) else {
+            bail!("{source} has no tensor `{name}`, which the method with these settings needs");
+        };
+        if &t.size() != shape {
+            bail!(
+                "tensor `{name}` in {source} has shape {:?} but the method with these settings expects {shape:?} \
+                 (an adapter for another rank, length or base model?)",
+                t.size()
+            );
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let extra: Vec<String> = tensors
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .map(|k| format!("`{k}`"))
+        .collect();
+    if !extra.is_empty() {
+        bail!(
+            "{source} has {} tensor(s) the method with these settings does not use: {}{}",
+            extra.len(),
+            extra[..extra.len().min(8)].join(", "),
+            if extra.len() > 8 { ", ..." } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Copies `tensors` into the trained tensors of the same names, after checking names and shapes.
+pub(crate) fn copy_named(
+    trained: &[(String, Tensor)],
+    tensors: &BTreeMap<String, Tensor>,
+    source: &str,
+) -> Result<()> {
+    let expected: Vec<(String, Vec<i64>)> =
+        trained.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    check_tensor_shapes(&expected, tensors, source)?;
+    tch::no_grad(|| {
+        for (name, t) in trained {
+            let src = &tensors[name];
+            t.shallow_clone()
+                .f_copy_(&src.to_device(t.device()).to_kind(t.kind()))
+                .with_context(|| format!("copying tensor `{name}` from {source}"))?;
+        }
+        Ok(())
+    })
+}
