@@ -1,5 +1,6 @@
 //! difftune: parameter-efficient fine-tuning of Stable Diffusion v1.x, with evaluation built in.
 pub mod cli;
 pub mod compare;
+pub mod data;
 pub mod model;
 pub mod util;

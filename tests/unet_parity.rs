@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device};
 
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/unet")
+        .join(case)
 }
 
 fn load_case(case: &str) -> (nn::VarStore, UNet2DConditionModel) {
@@ -14,8 +16,12 @@ fn load_case(case: &str) -> (nn::VarStore, UNet2DConditionModel) {
     let config = UNetConfig::from_file(&dir.join("config.json")).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();
-    load_into(&vs, &[dir.join("diffusion_pytorch_model.safetensors")], &LoadOptions::default())
-        .unwrap();
+    load_into(
+        &vs,
+        &[dir.join("diffusion_pytorch_model.safetensors")],
+        &LoadOptions::default(),
+    )
+    .unwrap();
     (vs, unet)
 }
 
@@ -46,7 +52,10 @@ fn sd14_config_has_the_published_parameter_count() {
     UNet2DConditionModel::new(vs.root(), &config).unwrap();
     let count: usize = vs.variables().values().map(|t| t.numel()).sum();
     assert_eq!(count, 859_520_964);
-    assert_eq!(config.transformer_block_widths().iter().sum::<i64>(), 12_480);
+    assert_eq!(
+        config.transformer_block_widths().iter().sum::<i64>(),
+        12_480
+    );
     assert_eq!(config.transformer_block_widths().len(), 16);
 }
 
@@ -58,7 +67,10 @@ fn unknown_block_type_is_a_clear_error() {
     let path = dir.path().join("config.json");
     std::fs::write(&path, text).unwrap();
     let err = format!("{:#}", UNetConfig::from_file(&path).unwrap_err());
-    assert!(err.contains("unknown down block type `KDownBlock2D`"), "{err}");
+    assert!(
+        err.contains("unknown down block type `KDownBlock2D`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -66,13 +78,20 @@ fn missing_and_misshaped_tensors_are_named() {
     let dir = fixture("sd1_conv");
     let config = UNetConfig::from_file(&dir.join("config.json")).unwrap();
     let mut tensors: Vec<(String, tch::Tensor)> =
-        read_all(&dir.join("diffusion_pytorch_model.safetensors")).unwrap().into_iter().collect();
+        read_all(&dir.join("diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     let tmp = tempfile::tempdir().unwrap();
 
     let shaped: Vec<(String, tch::Tensor)> = tensors
         .iter()
         .map(|(k, v)| {
-            let v = if k == "conv_in.weight" { v.narrow(0, 0, 8) } else { v.shallow_clone() };
+            let v = if k == "conv_in.weight" {
+                v.narrow(0, 0, 8)
+            } else {
+                v.shallow_clone()
+            };
             (k.clone(), v)
         })
         .collect();
@@ -80,19 +99,36 @@ fn missing_and_misshaped_tensors_are_named() {
     difftune::model::weights::save_tensors(&path, &shaped, None).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     UNet2DConditionModel::new(vs.root(), &config).unwrap();
-    let err = format!("{:#}", load_into(&vs, &[path], &LoadOptions::default()).unwrap_err());
-    assert!(err.contains("`conv_in.weight`") && err.contains("[8, 4, 3, 3]") && err.contains("[16, 4, 3, 3]"), "{err}");
+    let err = format!(
+        "{:#}",
+        load_into(&vs, &[path], &LoadOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("`conv_in.weight`")
+            && err.contains("[8, 4, 3, 3]")
+            && err.contains("[16, 4, 3, 3]"),
+        "{err}"
+    );
 
     tensors.retain(|(k, _)| k != "mid_block.attentions.0.proj_out.bias");
     let path = tmp.path().join("missing.safetensors");
     difftune::model::weights::save_tensors(&path, &tensors, None).unwrap();
-    let err = format!("{:#}", load_into(&vs, &[path], &LoadOptions::default()).unwrap_err());
-    assert!(err.contains("`mid_block.attentions.0.proj_out.bias`"), "{err}");
+    let err = format!(
+        "{:#}",
+        load_into(&vs, &[path], &LoadOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("`mid_block.attentions.0.proj_out.bias`"),
+        "{err}"
+    );
 
     let path = tmp.path().join("truncated.safetensors");
     let bytes = std::fs::read(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = format!("{:#}", load_into(&vs, &[path], &LoadOptions::default()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        load_into(&vs, &[path], &LoadOptions::default()).unwrap_err()
+    );
     assert!(err.contains("not a valid safetensors file"), "{err}");
 }
 
@@ -100,25 +136,35 @@ fn missing_and_misshaped_tensors_are_named() {
 #[test]
 #[ignore = "needs tools/check_unet_full.py's 3.4 GB scratch files"]
 fn full_size_sd14_matches_diffusers() {
-    let dir = PathBuf::from(std::env::var("DIFFTUNE_FULL_UNET_DIR").expect("DIFFTUNE_FULL_UNET_DIR"));
+    let dir =
+        PathBuf::from(std::env::var("DIFFTUNE_FULL_UNET_DIR").expect("DIFFTUNE_FULL_UNET_DIR"));
     let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4");
     let config = UNetConfig::from_file(&config_dir.join("unet_config.json")).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();
-    load_into(&vs, &[dir.join("diffusion_pytorch_model.safetensors")], &LoadOptions::default()).unwrap();
+    load_into(
+        &vs,
+        &[dir.join("diffusion_pytorch_model.safetensors")],
+        &LoadOptions::default(),
+    )
+    .unwrap();
     let io = read_all(&dir.join("io.safetensors")).unwrap();
     let forward = || tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"]));
-    forward();
+    let _ = forward();
     let mut times: Vec<f64> = (0..3)
         .map(|_| {
             let start = std::time::Instant::now();
-            forward();
+            let _ = forward();
             start.elapsed().as_secs_f64()
         })
         .collect();
     times.sort_by(f64::total_cmp);
     let err = relative_l2(&forward(), &io["output"]);
-    println!("difftune forward (CPU, {} threads): median {:.3} s", tch::get_num_threads(), times[1]);
+    println!(
+        "difftune forward (CPU, {} threads): median {:.3} s",
+        tch::get_num_threads(),
+        times[1]
+    );
     println!("full-size SD v1.4 U-Net: relative L2 error {err:.3e}");
     assert!(err <= 1e-4);
 }

@@ -46,7 +46,7 @@ def main() -> None:
     del model
     env = dict(os.environ, DIFFTUNE_FULL_UNET_DIR=scratch)
     subprocess.run(
-        ["cargo", "test", "--release", "--test", "unet_parity", "full_size_sd14_matches_diffusers",
+        ["cargo", "test", "--test", "unet_parity", "full_size_sd14_matches_diffusers",
          "--", "--ignored", "--nocapture"],
         cwd=ROOT, env=env, check=True)
 

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 mod inspect;
 
 #[derive(Parser, Debug)]
-#[command(name = "difftune", version, about = "Parameter-efficient fine-tuning of Stable Diffusion v1.x, with evaluation built in")]
+#[command(
+    name = "difftune",
+    version,
+    about = "Parameter-efficient fine-tuning of Stable Diffusion v1.x, with evaluation built in"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

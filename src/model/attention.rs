@@ -51,13 +51,17 @@ impl Attention {
 
     /// `[batch, seq, dim] -> [batch, heads, seq, head_dim]`
     fn split_heads(&self, x: &Tensor) -> Tensor {
-        let (b, s, _) = x.size3().expect("attention input must be [batch, seq, dim]");
+        let (b, s, _) = x
+            .size3()
+            .expect("attention input must be [batch, seq, dim]");
         x.view([b, s, self.heads, self.head_dim]).transpose(1, 2)
     }
 
     /// `x`: `[batch, seq, query_dim]`; `context`: `[batch, ctx_seq, context_dim]` for cross-attention.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
-        let (b, n, _) = x.size3().expect("attention input must be [batch, seq, dim]");
+        let (b, n, _) = x
+            .size3()
+            .expect("attention input must be [batch, seq, dim]");
         let context = context.unwrap_or(x);
         let query = self.to_q.forward(x);
         let mut key = self.to_k.forward(context);

@@ -34,11 +34,27 @@ impl Linear {
         let weight = vs.var(
             "weight",
             &[out_dim, in_dim],
-            nn::Init::Uniform { lo: -bound, up: bound },
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
         );
-        let bias =
-            bias.then(|| vs.var("bias", &[out_dim], nn::Init::Uniform { lo: -bound, up: bound }));
-        Self { path: path_name(&vs), weight, bias, extension: None }
+        let bias = bias.then(|| {
+            vs.var(
+                "bias",
+                &[out_dim],
+                nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )
+        });
+        Self {
+            path: path_name(&vs),
+            weight,
+            bias,
+            extension: None,
+        }
     }
 
     /// The frozen layer's own output, ignoring any extension.
@@ -86,10 +102,27 @@ impl Conv2d {
         let weight = vs.var(
             "weight",
             &[out_channels, in_channels, kernel, kernel],
-            nn::Init::Uniform { lo: -bound, up: bound },
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
         );
-        let bias = Some(vs.var("bias", &[out_channels], nn::Init::Uniform { lo: -bound, up: bound }));
-        Self { path: path_name(&vs), weight, bias, stride, padding, extension: None }
+        let bias = Some(vs.var(
+            "bias",
+            &[out_channels],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        ));
+        Self {
+            path: path_name(&vs),
+            weight,
+            bias,
+            stride,
+            padding,
+            extension: None,
+        }
     }
 
     /// Runs the convolution with another weight/bias but this layer's geometry (used by DoRA and merges).
@@ -140,7 +173,13 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 

@@ -29,10 +29,13 @@ impl ResnetBlock2D {
         Self {
             norm1: GroupNorm::new(&vs / "norm1", c.groups, cin, c.eps),
             conv1: Conv2d::new(&vs / "conv1", cin, cout, 3, 1, 1),
-            time_emb_proj: c.temb_channels.map(|t| Linear::new(&vs / "time_emb_proj", t, cout, true)),
+            time_emb_proj: c
+                .temb_channels
+                .map(|t| Linear::new(&vs / "time_emb_proj", t, cout, true)),
             norm2: GroupNorm::new(&vs / "norm2", c.groups, cout, c.eps),
             conv2: Conv2d::new(&vs / "conv2", cout, cout, 3, 1, 1),
-            conv_shortcut: (cin != cout).then(|| Conv2d::new(&vs / "conv_shortcut", cin, cout, 1, 1, 0)),
+            conv_shortcut: (cin != cout)
+                .then(|| Conv2d::new(&vs / "conv_shortcut", cin, cout, 1, 1, 0)),
             output_scale_factor: c.output_scale_factor,
         }
     }
@@ -40,7 +43,7 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
         let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+            h += proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
         }
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         let shortcut = match &self.conv_shortcut {
@@ -89,7 +92,9 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(vs: nn::Path, channels: i64) -> Self {
-        Self { conv: Conv2d::new(&vs / "conv", channels, channels, 3, 1, 1) }
+        Self {
+            conv: Conv2d::new(&vs / "conv", channels, channels, 3, 1, 1),
+        }
     }
 
     /// `size` forces the output's spatial size (the U-Net passes its skip connection's size when the
@@ -97,6 +102,7 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(i64, i64)>) -> Tensor {
         let (_, _, h, w) = x.size4().expect("upsample input must be [b, c, h, w]");
         let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d([oh, ow], None, None))
+        self.conv
+            .forward(&x.upsample_nearest2d([oh, ow], None, None))
     }
 }

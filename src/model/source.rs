@@ -57,7 +57,9 @@ impl FileSource for Hub {
         if let Some(p) = self.cache.get(file) {
             return Ok(Some(p));
         }
-        let Some((api, listing)) = &self.api else { return Ok(None) };
+        let Some((api, listing)) = &self.api else {
+            return Ok(None);
+        };
         if !listing.iter().any(|f| f == file) {
             return Ok(None);
         }
@@ -97,17 +99,29 @@ impl ModelFiles {
                 .build()
                 .context("setting up the Hugging Face hub client")?;
             let repo = api.model(spec.to_string());
-            let info = repo
-                .info()
-                .with_context(|| format!("listing the hub repo {spec} (set HF_HUB_OFFLINE=1 to use the cache only)"))?;
-            Some((repo, info.siblings.into_iter().map(|s| s.rfilename).collect()))
+            let info = repo.info().with_context(|| {
+                format!("listing the hub repo {spec} (set HF_HUB_OFFLINE=1 to use the cache only)")
+            })?;
+            Some((
+                repo,
+                info.siblings.into_iter().map(|s| s.rfilename).collect(),
+            ))
         };
-        Self::from_source(spec, &Hub { id: spec.to_string(), api, cache }, variant)
+        Self::from_source(
+            spec,
+            &Hub {
+                id: spec.to_string(),
+                api,
+                cache,
+            },
+            variant,
+        )
     }
 
     fn from_source(spec: &str, src: &dyn FileSource, variant: Option<&str>) -> Result<Self> {
         let need = |file: &str| -> Result<PathBuf> {
-            src.get(file)?.with_context(|| format!("{} has no {file}", src.describe()))
+            src.get(file)?
+                .with_context(|| format!("{} has no {file}", src.describe()))
         };
         let component = |dir: &str, stem: &str| -> Result<ComponentFiles> {
             Ok(ComponentFiles {
@@ -122,7 +136,10 @@ impl ModelFiles {
             unet: component("unet", "diffusion_pytorch_model")?,
             vae: component("vae", "diffusion_pytorch_model")?,
             text_encoder: component("text_encoder", "model")?,
-            tokenizer_dir: tokenizer_vocab.parent().expect("file has a parent").to_path_buf(),
+            tokenizer_dir: tokenizer_vocab
+                .parent()
+                .expect("file has a parent")
+                .to_path_buf(),
             scheduler_config: need("scheduler/scheduler_config.json")?,
         })
     }
@@ -140,7 +157,12 @@ struct ShardIndex {
 }
 
 /// `stem[.variant].safetensors`, or the shards listed by `stem[.variant].safetensors.index.json`.
-fn weight_files(src: &dyn FileSource, dir: &str, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+fn weight_files(
+    src: &dyn FileSource,
+    dir: &str,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<Vec<PathBuf>> {
     let name = match variant {
         Some(v) => format!("{stem}.{v}.safetensors"),
         None => format!("{stem}.safetensors"),
@@ -149,20 +171,33 @@ fn weight_files(src: &dyn FileSource, dir: &str, stem: &str, variant: Option<&st
         return Ok(vec![p]);
     }
     if let Some(index) = src.get(&format!("{dir}/{name}.index.json"))? {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("reading {}", index.display()))?;
         let parsed: ShardIndex =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
         let shards: std::collections::BTreeSet<String> = parsed.weight_map.into_values().collect();
         return shards
             .iter()
-            .map(|s| src.get(&format!("{dir}/{s}"))?.with_context(|| format!("{} has no {dir}/{s}", src.describe())))
+            .map(|s| {
+                src.get(&format!("{dir}/{s}"))?
+                    .with_context(|| format!("{} has no {dir}/{s}", src.describe()))
+            })
             .collect();
     }
-    let bin = src.get(&format!("{dir}/{stem}.bin"))?.is_some() || src.get(&format!("{dir}/pytorch_model.bin"))?.is_some();
+    let bin = src.get(&format!("{dir}/{stem}.bin"))?.is_some()
+        || src.get(&format!("{dir}/pytorch_model.bin"))?.is_some();
     if bin {
         bail!("{} has only PyTorch .bin weights in {dir}/; difftune reads .safetensors (convert with diffusers' save_pretrained(safe_serialization=True))", src.describe());
     }
-    bail!("{} has no {dir}/{name}{}", src.describe(), if variant.is_some() { " (try without --variant)" } else { "" })
+    bail!(
+        "{} has no {dir}/{name}{}",
+        src.describe(),
+        if variant.is_some() {
+            " (try without --variant)"
+        } else {
+            ""
+        }
+    )
 }
 
 /// SHA-256 over each file's size, its first and last MiB (for safetensors, the first MiB holds the
@@ -171,7 +206,8 @@ pub fn fingerprint<'a>(files: impl IntoIterator<Item = &'a PathBuf>) -> Result<S
     const CHUNK: u64 = 1 << 20;
     let mut hasher = Sha256::new();
     for path in files {
-        let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let len = f.metadata()?.len();
         hasher.update(len.to_le_bytes());
         let mut buf = Vec::new();
@@ -185,5 +221,9 @@ pub fn fingerprint<'a>(files: impl IntoIterator<Item = &'a PathBuf>) -> Result<S
         }
         hasher.update(&buf);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

@@ -117,8 +117,10 @@ impl BasicTransformerBlock {
                     *tap = Some(t.shallow_clone());
                 }
                 if ext.output_site() == s {
-                    let input = tap.take().expect("extension output site precedes its input site");
-                    t = t + ext.forward(&input);
+                    let input = tap
+                        .take()
+                        .expect("extension output site precedes its input site");
+                    t += ext.forward(&input);
                 }
             }
             t

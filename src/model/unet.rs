@@ -21,7 +21,10 @@ impl PerBlock {
         match self {
             PerBlock::One(v) => Ok(vec![*v; blocks]),
             PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),
-            PerBlock::Each(v) => bail!("unet config: `{name}` has {} entries for {blocks} blocks", v.len()),
+            PerBlock::Each(v) => bail!(
+                "unet config: `{name}` has {} entries for {blocks} blocks",
+                v.len()
+            ),
         }
     }
 }
@@ -105,7 +108,9 @@ impl UNetConfig {
             .with_context(|| format!("reading U-Net config {}", path.display()))?;
         let config: Self = serde_json::from_str(&text)
             .with_context(|| format!("parsing U-Net config {}", path.display()))?;
-        config.validate().with_context(|| format!("U-Net config {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("U-Net config {}", path.display()))?;
         Ok(config)
     }
 
@@ -122,7 +127,9 @@ impl UNetConfig {
         }
         for t in &self.down_block_types {
             if !matches!(t.as_str(), "CrossAttnDownBlock2D" | "DownBlock2D") {
-                bail!("unknown down block type `{t}` (supported: CrossAttnDownBlock2D, DownBlock2D)");
+                bail!(
+                    "unknown down block type `{t}` (supported: CrossAttnDownBlock2D, DownBlock2D)"
+                );
             }
         }
         for t in &self.up_block_types {
@@ -143,20 +150,33 @@ impl UNetConfig {
         if let Some(t) = &self.addition_embed_type {
             bail!("addition_embed_type `{t}` is not supported (SDXL-style U-Nets are not)");
         }
-        if !matches!(self.resnet_time_scale_shift.as_deref(), None | Some("default")) {
-            bail!("resnet_time_scale_shift {:?} is not supported", self.resnet_time_scale_shift);
+        if !matches!(
+            self.resnet_time_scale_shift.as_deref(),
+            None | Some("default")
+        ) {
+            bail!(
+                "resnet_time_scale_shift {:?} is not supported",
+                self.resnet_time_scale_shift
+            );
         }
-        if !matches!(&self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)) {
+        if !matches!(
+            &self.only_cross_attention,
+            serde_json::Value::Null | serde_json::Value::Bool(false)
+        ) {
             bail!("only_cross_attention is not supported");
         }
         self.heads()?;
-        self.transformer_layers_per_block.expand("transformer_layers_per_block", n)?;
+        self.transformer_layers_per_block
+            .expand("transformer_layers_per_block", n)?;
         for (&c, &h) in self.block_out_channels.iter().zip(&self.heads()?) {
             if h <= 0 || c % h != 0 {
                 bail!("block width {c} is not divisible by its {h} attention heads");
             }
             if c % self.norm_num_groups != 0 {
-                bail!("block width {c} is not divisible by norm_num_groups {}", self.norm_num_groups);
+                bail!(
+                    "block width {c} is not divisible by norm_num_groups {}",
+                    self.norm_num_groups
+                );
             }
         }
         Ok(())
@@ -176,22 +196,34 @@ impl UNetConfig {
     pub fn transformer_block_widths(&self) -> Vec<i64> {
         let layers = self
             .transformer_layers_per_block
-            .expand("transformer_layers_per_block", self.block_out_channels.len())
+            .expand(
+                "transformer_layers_per_block",
+                self.block_out_channels.len(),
+            )
             .unwrap_or_default();
         let mut widths = Vec::new();
         for (i, t) in self.down_block_types.iter().enumerate() {
             if t.starts_with("CrossAttn") {
                 let per = self.layers_per_block * layers[i];
-                widths.extend(std::iter::repeat_n(self.block_out_channels[i], per as usize));
+                widths.extend(std::iter::repeat_n(
+                    self.block_out_channels[i],
+                    per as usize,
+                ));
             }
         }
         let last = self.block_out_channels.len() - 1;
-        widths.extend(std::iter::repeat_n(self.block_out_channels[last], layers[last] as usize));
+        widths.extend(std::iter::repeat_n(
+            self.block_out_channels[last],
+            layers[last] as usize,
+        ));
         for (i, t) in self.up_block_types.iter().enumerate() {
             let block = last - i;
             if t.starts_with("CrossAttn") {
                 let per = (self.layers_per_block + 1) * layers[block];
-                widths.extend(std::iter::repeat_n(self.block_out_channels[block], per as usize));
+                widths.extend(std::iter::repeat_n(
+                    self.block_out_channels[block],
+                    per as usize,
+                ));
             }
         }
         widths
@@ -239,7 +271,9 @@ impl UNet2DConditionModel {
         let c = config;
         let n = c.block_out_channels.len();
         let heads = c.heads()?;
-        let tlayers = c.transformer_layers_per_block.expand("transformer_layers_per_block", n)?;
+        let tlayers = c
+            .transformer_layers_per_block
+            .expand("transformer_layers_per_block", n)?;
         let ch0 = c.block_out_channels[0];
         let temb = ch0 * 4;
         let resnet = |vs: nn::Path, cin: i64, cout: i64, scale: f64| {
@@ -277,23 +311,44 @@ impl UNet2DConditionModel {
             out_ch = c.block_out_channels[i];
             let bvs = &vs / "down_blocks" / i;
             let resnets = (0..c.layers_per_block)
-                .map(|j| resnet(&bvs / "resnets" / j, if j == 0 { in_ch } else { out_ch }, out_ch, 1.0))
+                .map(|j| {
+                    resnet(
+                        &bvs / "resnets" / j,
+                        if j == 0 { in_ch } else { out_ch },
+                        out_ch,
+                        1.0,
+                    )
+                })
                 .collect();
             let attentions = if kind.starts_with("CrossAttn") {
-                (0..c.layers_per_block).map(|j| transformer(&bvs / "attentions" / j, out_ch, i)).collect()
+                (0..c.layers_per_block)
+                    .map(|j| transformer(&bvs / "attentions" / j, out_ch, i))
+                    .collect()
             } else {
                 Vec::new()
             };
-            let downsampler = (i + 1 < n)
-                .then(|| Downsample2D::new(&bvs / "downsamplers" / 0, out_ch, c.downsample_padding));
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+            let downsampler = (i + 1 < n).then(|| {
+                Downsample2D::new(&bvs / "downsamplers" / 0, out_ch, c.downsample_padding)
+            });
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
         }
 
         let mid_ch = c.block_out_channels[n - 1];
         let mvs = &vs / "mid_block";
         let mid_block = MidBlock {
             resnets: (0..2)
-                .map(|j| resnet(&mvs / "resnets" / j, mid_ch, mid_ch, c.mid_block_scale_factor))
+                .map(|j| {
+                    resnet(
+                        &mvs / "resnets" / j,
+                        mid_ch,
+                        mid_ch,
+                        c.mid_block_scale_factor,
+                    )
+                })
                 .collect(),
             attentions: vec![transformer(&mvs / "attentions" / 0, mid_ch, n - 1)],
         };
@@ -314,12 +369,18 @@ impl UNet2DConditionModel {
                 })
                 .collect();
             let attentions = if kind.starts_with("CrossAttn") {
-                (0..layers).map(|j| transformer(&bvs / "attentions" / j, out_ch, n - 1 - i)).collect()
+                (0..layers)
+                    .map(|j| transformer(&bvs / "attentions" / j, out_ch, n - 1 - i))
+                    .collect()
             } else {
                 Vec::new()
             };
             let upsampler = (i + 1 < n).then(|| Upsample2D::new(&bvs / "upsamplers" / 0, out_ch));
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
             prev_out = out_ch;
         }
 
@@ -331,7 +392,12 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::new(&vs / "conv_norm_out", c.norm_num_groups, ch0, c.norm_eps),
+            conv_norm_out: GroupNorm::new(
+                &vs / "conv_norm_out",
+                c.norm_num_groups,
+                ch0,
+                c.norm_eps,
+            ),
             conv_out: Conv2d::new(&vs / "conv_out", ch0, c.out_channels, 3, 1, 1),
         })
     }
@@ -362,9 +428,15 @@ impl UNet2DConditionModel {
             timesteps.shallow_clone()
         };
         let t_feat = self.timestep_features(&timesteps).to_kind(sample.kind());
-        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t_feat).silu());
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t_feat).silu());
 
-        let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let sample = if self.config.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample.shallow_clone()
+        };
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
@@ -382,7 +454,12 @@ impl UNet2DConditionModel {
         }
 
         h = self.mid_block.resnets[0].forward(&h, Some(&temb));
-        for (attn, resnet) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
+        for (attn, resnet) in self
+            .mid_block
+            .attentions
+            .iter()
+            .zip(&self.mid_block.resnets[1..])
+        {
             h = resnet.forward(&attn.forward(&h, context), Some(&temb));
         }
 
@@ -404,7 +481,8 @@ impl UNet2DConditionModel {
                 h = up.forward(&h, size);
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&h).silu())
     }
 }
 

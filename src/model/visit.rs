@@ -59,7 +59,12 @@ impl<T: VisitModules> VisitModules for Vec<T> {
 impl VisitModules for Attention {
     fn visit_modules(&mut self, f: &mut dyn FnMut(ModuleMut<'_>)) {
         f(ModuleMut::Attention(self));
-        for lin in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
+        for lin in [
+            &mut self.to_q,
+            &mut self.to_k,
+            &mut self.to_v,
+            &mut self.to_out,
+        ] {
             lin.visit_modules(f);
         }
     }

@@ -15,14 +15,22 @@ pub struct MappedSafetensors {
 
 impl MappedSafetensors {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the file is only read; a concurrent writer could change the bytes we read, which
         // at worst yields wrong values, never memory unsafety in safe code using the slice.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", path.display()))?;
-        SafeTensors::deserialize(&mmap)
-            .with_context(|| format!("{} is not a valid safetensors file (truncated or another format?)", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), mmap })
+        SafeTensors::deserialize(&mmap).with_context(|| {
+            format!(
+                "{} is not a valid safetensors file (truncated or another format?)",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+        })
     }
 
     pub fn tensors(&self) -> SafeTensors<'_> {
@@ -63,7 +71,11 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
 /// Reads one tensor view into a CPU tensor of its stored kind.
 pub fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-    Ok(Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)?)
+    Ok(Tensor::f_from_data_size(
+        view.data(),
+        &shape,
+        kind_of(view.dtype())?,
+    )?)
 }
 
 /// Reads every tensor of a safetensors file onto the CPU, in its stored kind.
@@ -73,7 +85,8 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            let t = view_to_tensor(&view).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+            let t = view_to_tensor(&view)
+                .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
             Ok((name, t))
         })
         .collect()
@@ -85,30 +98,41 @@ pub struct LoadOptions<'a> {
     /// Tensors in the files that the model does not have and that are known to be harmless
     /// (e.g. `text_model.embeddings.position_ids` in older CLIP checkpoints).
     pub ignore_extra: &'a [&'a str],
+    /// Maps a file's tensor name to the model's, for checkpoints saved under older names.
+    pub rename: Option<&'a dyn Fn(&str) -> String>,
 }
 
 /// Copies the tensors of `files` into the variables of `vs`, converting to each variable's kind.
 /// Every variable must be found with its exact shape; extra tensors are an error.
 pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Result<()> {
-    let mapped: Vec<MappedSafetensors> = files.iter().map(|p| MappedSafetensors::open(p)).collect::<Result<_>>()?;
+    let mapped: Vec<MappedSafetensors> = files
+        .iter()
+        .map(|p| MappedSafetensors::open(p))
+        .collect::<Result<_>>()?;
     let parsed: Vec<SafeTensors<'_>> = mapped.iter().map(|m| m.tensors()).collect();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    // Model name -> (file, name in that file).
+    let mut index: HashMap<String, (usize, String)> = HashMap::new();
     for (i, st) in parsed.iter().enumerate() {
         for name in st.names() {
-            index.insert(name.to_string(), i);
+            let model_name = opts.rename.map_or_else(|| name.to_string(), |f| f(name));
+            index.insert(model_name, (i, name.to_string()));
         }
     }
-    let shown = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let shown = files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     let mut missing = Vec::new();
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &mut variables {
-            let Some(&i) = index.get(name.as_str()) else {
+            let Some(&(i, ref file_name)) = index.get(name.as_str()) else {
                 missing.push(name.clone());
                 continue;
             };
-            let view = parsed[i].tensor(name)?;
+            let view = parsed[i].tensor(file_name)?;
             let file_shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if file_shape != var.size() {
                 bail!(
@@ -127,15 +151,22 @@ pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Re
         bail!(
             "{} model tensor(s) missing from {shown}: {}{}",
             missing.len(),
-            missing.iter().take(8).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+            missing
+                .iter()
+                .take(8)
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
             if missing.len() > 8 { ", ..." } else { "" }
         );
     }
-    let known: std::collections::HashSet<&str> = variables.iter().map(|(n, _)| n.as_str()).collect();
+    let known: std::collections::HashSet<&str> =
+        variables.iter().map(|(n, _)| n.as_str()).collect();
+    // Named as in the file, which is what the user can look up.
     let mut extra: Vec<&str> = index
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !known.contains(k) && !opts.ignore_extra.contains(k))
+        .iter()
+        .filter(|(k, _)| !known.contains(k.as_str()) && !opts.ignore_extra.contains(&k.as_str()))
+        .map(|(_, (_, file_name))| file_name.as_str())
         .collect();
     extra.sort();
     if !extra.is_empty() {
@@ -168,7 +199,12 @@ pub fn save_tensors(
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, metadata)?;
     crate::util::fs::write_atomic(path, &bytes)
