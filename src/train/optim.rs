@@ -1,7 +1,7 @@
 //! AdamW over one flat buffer: every trainable tensor is re-pointed at a slice of a single
-//! contiguous f32 master tensor, so the update, gradient clipping and state checkpointing are a
-//! handful of kernels regardless of how many tensors a method trains (the same effect as torch's
-//! fused/foreach AdamW, which tch does not expose).
+//! contiguous f32 master tensor, so the update and state checkpointing are a handful of kernels
+//! per chunk of the buffer regardless of how many tensors a method trains (the effect of torch's
+//! fused/foreach AdamW, which tch does not expose), with temporaries bounded by the chunk size.
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -18,13 +18,24 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// torch.optim.AdamW's defaults except weight decay, which diffusers' training scripts set to 1e-2 too.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
     }
 }
+
+/// Elements per chunk of the update: bounds the temporaries of a step to two chunks, so full
+/// fine-tuning of an 860M-parameter U-Net needs no full-size copies of its gradients.
+const CHUNK: i64 = 1 << 24;
 
 pub struct AdamW {
     pub config: AdamWConfig,
     params: Vec<Tensor>,
+    /// Each parameter's offset in the flat buffers.
+    offsets: Vec<i64>,
     flat: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -39,21 +50,32 @@ impl AdamW {
             bail!("nothing to optimise: the tuning method made no parameter trainable");
         }
         let device = params[0].device();
-        let flat = tch::no_grad(|| {
-            Tensor::cat(&params.iter().map(|p| p.detach().to_kind(Kind::Float).flatten(0, -1)).collect::<Vec<_>>(), 0)
-        });
+        let total: i64 = params.iter().map(|p| p.numel() as i64).sum();
+        let flat = Tensor::zeros([total], (Kind::Float, device));
+        let mut offsets = Vec::with_capacity(params.len());
         let mut offset = 0;
-        for p in &params {
-            let n = p.numel() as i64;
-            let mut p = p.shallow_clone();
-            let view = flat.narrow(0, offset, n).view(p.size().as_slice());
-            p.set_data(&view);
-            offset += n;
-        }
+        tch::no_grad(|| {
+            for p in &params {
+                let n = p.numel() as i64;
+                let mut p = p.shallow_clone();
+                let mut view = flat.narrow(0, offset, n).view(p.size().as_slice());
+                view.copy_(&p.detach());
+                p.set_data(&view);
+                offsets.push(offset);
+                offset += n;
+            }
+        });
         let exp_avg = flat.zeros_like();
         let exp_avg_sq = flat.zeros_like();
-        debug_assert_eq!(flat.device(), device);
-        Ok(Self { config, params, flat, exp_avg, exp_avg_sq, step: 0 })
+        Ok(Self {
+            config,
+            params,
+            offsets,
+            flat,
+            exp_avg,
+            exp_avg_sq,
+            step: 0,
+        })
     }
 
     pub fn numel(&self) -> i64 {
@@ -62,23 +84,6 @@ impl AdamW {
 
     pub fn step_count(&self) -> i64 {
         self.step
-    }
-
-    /// All gradients as one flat tensor (zeros for parameters that got none).
-    fn flat_grad(&self) -> Tensor {
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| {
-                let g = p.grad();
-                if g.defined() {
-                    g.to_kind(Kind::Float).flatten(0, -1)
-                } else {
-                    Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()))
-                }
-            })
-            .collect();
-        Tensor::cat(&grads, 0)
     }
 
     pub fn zero_grad(&mut self) {
@@ -90,32 +95,91 @@ impl AdamW {
         }
     }
 
+    /// The global L2 norm of all gradients (parameters without one count as zero).
+    fn grad_norm(&self) -> f64 {
+        let squares: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
+            .collect();
+        if squares.is_empty() {
+            return 0.0;
+        }
+        Tensor::stack(&squares, 0)
+            .sum(Kind::Float)
+            .sqrt()
+            .double_value(&[])
+    }
+
+    /// Copies the gradients of the parameters in flat range `start..start + len` into `buffer`
+    /// (zeros where a parameter got none), scaled by `scale`.
+    fn gather_grads(&self, buffer: &mut Tensor, start: i64, len: i64, scale: f64) {
+        let _ = buffer.zero_();
+        for (p, &offset) in self.params.iter().zip(&self.offsets) {
+            let n = p.numel() as i64;
+            let (lo, hi) = (offset.max(start), (offset + n).min(start + len));
+            if lo >= hi {
+                continue;
+            }
+            let g = p.grad();
+            if g.defined() {
+                let src = g.detach().flatten(0, -1).narrow(0, lo - offset, hi - lo);
+                buffer.narrow(0, lo - start, hi - lo).copy_(&src);
+            }
+        }
+        if scale != 1.0 {
+            *buffer *= scale;
+        }
+    }
+
     /// One AdamW update at learning rate `lr`; clips the global gradient norm to `max_grad_norm`
-    /// when given. Returns the gradient norm before clipping. A non-finite norm is an error and the
-    /// parameters are left untouched.
+    /// when given (as torch's `clip_grad_norm_`). Returns the gradient norm before clipping. A
+    /// non-finite norm is an error and the parameters are left untouched.
     pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
         tch::no_grad(|| {
-            let mut grad = self.flat_grad();
-            let norm = grad.norm().double_value(&[]);
+            let norm = self.grad_norm();
             if !norm.is_finite() {
                 bail!("gradient norm is {norm}: refusing to update (lower the learning rate or check the data)");
             }
-            if let Some(max) = max_grad_norm {
-                if norm > max {
-                    grad *= max / (norm + 1e-6);
-                }
-            }
-            let c = &self.config;
+            let scale = match max_grad_norm {
+                Some(max) if norm > max => max / (norm + 1e-6),
+                _ => 1.0,
+            };
+            let c = self.config.clone();
             self.step += 1;
             let bias1 = 1.0 - c.beta1.powi(self.step as i32);
             let bias2 = 1.0 - c.beta2.powi(self.step as i32);
-            if c.weight_decay != 0.0 {
-                self.flat *= 1.0 - lr * c.weight_decay;
+            let total = self.numel();
+            let buffer = Tensor::zeros([CHUNK.min(total)], (Kind::Float, self.flat.device()));
+            let mut start = 0;
+            while start < total {
+                let len = CHUNK.min(total - start);
+                let mut grad = buffer.narrow(0, 0, len);
+                self.gather_grads(&mut grad, start, len, scale);
+                let mut param = self.flat.narrow(0, start, len);
+                let mut m = self.exp_avg.narrow(0, start, len);
+                let mut v = self.exp_avg_sq.narrow(0, start, len);
+                if c.weight_decay != 0.0 {
+                    param *= 1.0 - lr * c.weight_decay;
+                }
+                let _ = m.lerp_(&grad, 1.0 - c.beta1);
+                // v = beta2 v + (1 - beta2) g², with g pre-scaled so no temporary is needed.
+                grad *= (1.0 - c.beta2).sqrt();
+                v *= c.beta2;
+                let _ = v.addcmul_(&grad, &grad);
+                if lr > 0.0 {
+                    // p -= lr / bias1 * m / (sqrt(v / bias2) + eps), the denominator built in `grad`.
+                    let _ = grad.copy_(&v);
+                    let _ = grad.sqrt_();
+                    grad *= 1.0 / bias2.sqrt();
+                    grad += c.eps;
+                    grad *= -bias1 / lr;
+                    let _ = param.addcdiv_(&m, &grad);
+                }
+                start += len;
             }
-            let _ = self.exp_avg.lerp_(&grad, 1.0 - c.beta1);
-            let _ = self.exp_avg_sq.mul_(c.beta2).addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
-            let denom = (self.exp_avg_sq.sqrt() / bias2.sqrt()) + c.eps;
-            let _ = self.flat.addcdiv_(&(&self.exp_avg * (-lr / bias1)), &denom);
             Ok(norm)
         })
     }
@@ -124,13 +188,20 @@ impl AdamW {
     pub fn state(&self) -> Vec<(String, Tensor)> {
         vec![
             ("optimizer.exp_avg".into(), self.exp_avg.shallow_clone()),
-            ("optimizer.exp_avg_sq".into(), self.exp_avg_sq.shallow_clone()),
+            (
+                "optimizer.exp_avg_sq".into(),
+                self.exp_avg_sq.shallow_clone(),
+            ),
             ("optimizer.step".into(), Tensor::from(self.step)),
         ]
     }
 
     pub fn load_state(&mut self, state: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
-        let get = |k: &str| state.get(k).ok_or_else(|| anyhow::anyhow!("checkpoint has no `{k}`"));
+        let get = |k: &str| {
+            state
+                .get(k)
+                .ok_or_else(|| anyhow::anyhow!("checkpoint has no `{k}`"))
+        };
         let (m, v) = (get("optimizer.exp_avg")?, get("optimizer.exp_avg_sq")?);
         if m.size() != self.exp_avg.size() || v.size() != self.exp_avg_sq.size() {
             bail!(
@@ -148,8 +219,8 @@ impl AdamW {
     }
 }
 
-/// Learning-rate schedules, as diffusers' `get_scheduler` names them.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+/// Learning-rate schedules, as diffusers' `get_scheduler` names and computes them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
     #[default]
@@ -159,19 +230,43 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
-    /// The learning rate for optimizer step `step` (0-based) of `total`.
+    /// The learning rate for optimizer step `step` (0-based) of `total`. Warm-up rises linearly
+    /// from 0 at step 0, as in diffusers (its `LambdaLR` gives the first update `lr * 0 / warmup`).
     pub fn lr(self, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
-        let warm = |s: usize| if warmup > 0 && s < warmup { (s + 1) as f64 / warmup as f64 } else { 1.0 };
+        let warming = step < warmup;
+        let warm = step as f64 / warmup.max(1) as f64;
         match self {
             LrSchedule::Constant => base,
-            LrSchedule::ConstantWithWarmup => base * warm(step),
+            LrSchedule::ConstantWithWarmup if warming => base * warm,
+            LrSchedule::ConstantWithWarmup => base,
+            LrSchedule::Cosine if warming => base * warm,
             LrSchedule::Cosine => {
-                if step < warmup {
-                    return base * warm(step);
-                }
-                let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+                let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
                 base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_diffusers() {
+        let s = LrSchedule::ConstantWithWarmup;
+        assert_eq!(
+            [
+                s.lr(1.0, 0, 4, 10),
+                s.lr(1.0, 2, 4, 10),
+                s.lr(1.0, 4, 4, 10)
+            ],
+            [0.0, 0.5, 1.0]
+        );
+        let c = LrSchedule::Cosine;
+        assert_eq!(c.lr(2.0, 1, 2, 10), 1.0);
+        assert!((c.lr(2.0, 6, 2, 10) - 1.0).abs() < 1e-12);
+        assert!(c.lr(2.0, 10, 2, 10).abs() < 1e-12);
+        assert_eq!(LrSchedule::Constant.lr(3.0, 7, 5, 10), 3.0);
     }
 }

@@ -1,0 +1,69 @@
+use crate::data::cache::{build, CacheSettings};
+use crate::data::{PromptTemplate, Split};
+use crate::model::source::ModelFiles;
+use crate::train::config::DeviceChoice;
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct CacheArgs {
+    /// Diffusers model folder or hub id whose VAE and text encoder encode the data.
+    #[arg(long)]
+    pub model: String,
+    /// Dataset folder (Food101 layout, Hugging Face parquet, or image folder with metadata.jsonl).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Cache folder to create or update.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    pub resolution: u32,
+    #[arg(long, default_value = "train")]
+    pub split: Split,
+    /// Keep at most this many images per class.
+    #[arg(long)]
+    pub limit_per_class: Option<usize>,
+    /// Caption template for labelled datasets.
+    #[arg(long, default_value = crate::data::prompts::DEFAULT_TEMPLATE)]
+    pub prompt_template: String,
+    /// Resize filter: bilinear, bicubic or lanczos3.
+    #[arg(long, default_value = "bilinear")]
+    pub resize_filter: String,
+    /// Images per VAE forward.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Fail on the first unreadable image instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+pub fn run(args: CacheArgs) -> Result<()> {
+    let files = ModelFiles::resolve(&args.model, None)?;
+    let device: DeviceChoice = toml::Value::String(args.device.clone()).try_into()?;
+    let settings = CacheSettings {
+        split: args.split,
+        resolution: args.resolution,
+        resize_filter: args.resize_filter.parse()?,
+        prompt_template: PromptTemplate::new(&args.prompt_template)?,
+        limit_per_class: args.limit_per_class,
+        batch_size: args.batch_size,
+        strict: args.strict,
+        device: device.resolve()?,
+        ..CacheSettings::default()
+    };
+    let (manifest, report) = build(&files, &args.data, &settings, &args.out)?;
+    println!(
+        "{}: {} samples, {} prompts ({} file(s) encoded, {} reused, {} image(s) skipped)",
+        args.out.display(),
+        manifest.len(),
+        manifest.prompts.len(),
+        report.written_files,
+        report.reused_files,
+        manifest.skipped.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,122 @@
+use crate::train::config::RunConfig;
+use crate::train::{train, TrainOptions};
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Tuning method (full, lora, adapter, prefix, bitfit); may come from the config's [method].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Diffusers model folder or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// Dataset folder (cached into OUT/cache or --cache first) or a cache folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run config TOML: a [train] table and a [method] table.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a setting: train.KEY=VALUE, method.KEY=VALUE, or a bare KEY (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Output folder: run.toml, metrics.jsonl, checkpoints/, adapter.safetensors.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where to cache a dataset's latents (default OUT/cache).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Continue from the newest checkpoint in OUT.
+    #[arg(long)]
+    pub resume: bool,
+    /// Optimizer steps (train.steps).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Images per forward pass (train.batch_size).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Learning rate (train.learning_rate).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed (train.seed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Fail on an unreadable image instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Save a checkpoint and stop after this many steps of this invocation.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => RunConfig::load(path)?,
+        None => RunConfig::default(),
+    };
+    match (&args.method, config.method.name.as_str()) {
+        (Some(m), "") => config.method.name = m.clone(),
+        (Some(m), named) if m != named => {
+            bail!("--method {m} contradicts the config's [method] name = \"{named}\"")
+        }
+        (None, "") => bail!("name the tuning method with --method or [method] name in --config"),
+        _ => {}
+    }
+    let mut overrides = crate::peft::parse_set_pairs(&args.set)?;
+    let flags = [
+        ("steps", args.steps.map(|v| toml::Value::Integer(v as i64))),
+        (
+            "batch_size",
+            args.batch.map(|v| toml::Value::Integer(v as i64)),
+        ),
+        ("learning_rate", args.lr.map(toml::Value::Float)),
+        ("seed", args.seed.map(|v| toml::Value::Integer(v as i64))),
+    ];
+    let flags: toml::Table = flags
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect();
+    let flags = toml::Table::from_iter([("train".to_string(), toml::Value::Table(flags))]);
+    crate::peft::merge_tables(&mut overrides, flags);
+    config.apply_overrides(overrides)?;
+
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("difftune train: second interrupt, exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("difftune train: interrupt received, saving a checkpoint after this step (Ctrl-C again to abort)");
+    })?;
+    let summary = train(&TrainOptions {
+        model: args.model,
+        data: args.data,
+        cache: args.cache,
+        out: args.out.clone(),
+        config,
+        resume: args.resume,
+        strict: args.strict,
+        stop_after: args.stop_after,
+        interrupt,
+        progress: true,
+    })?;
+    match (&summary.adapter, &summary.checkpoint) {
+        (Some(adapter), _) => println!(
+            "trained {} parameters for {} steps; adapter: {}",
+            summary.trainable_parameters,
+            summary.step,
+            adapter.display()
+        ),
+        (None, Some(ckpt)) => println!(
+            "stopped at step {}; checkpoint: {}",
+            summary.step,
+            ckpt.display()
+        ),
+        (None, None) => println!("stopped at step {}", summary.step),
+    }
+    Ok(())
+}

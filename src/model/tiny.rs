@@ -1,0 +1,263 @@
+//! A built-in tiny model with Stable Diffusion v1's architecture and file layout: a two-level
+//! U-Net, a VAE with SD's 8x downsampling to 4 latent channels, a two-layer CLIP text encoder and a
+//! CLIP-format BPE tokenizer whose vocabulary is generated here, all with seeded random weights,
+//! written as a diffusers folder. Every command loads it through the same path as a real model,
+//! and it trains and samples in seconds on a CPU.
+use super::clip::{ClipTextConfig, ClipTextModel};
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{AutoencoderKL, VaeConfig};
+use crate::util::fs::{write_atomic_str, write_json};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use tch::{nn, Device, Tensor};
+
+const DIFFUSERS_VERSION: &str = "0.42.1";
+const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+const END_OF_WORD: &str = "</w>";
+/// CLIP's context length, kept so prompts are shaped as for SD.
+const MAX_LENGTH: i64 = 77;
+
+pub fn unet_config() -> serde_json::Value {
+    json!({
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "attention_head_dim": 4,
+        "block_out_channels": [32, 64],
+        "center_input_sample": false,
+        "cross_attention_dim": 32,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 1,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 8,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]
+    })
+}
+
+pub fn vae_config() -> serde_json::Value {
+    json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": [16, 32, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "out_channels": 3,
+        "sample_size": 64,
+        "scaling_factor": 0.18215,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+    })
+}
+
+fn text_encoder_config(vocab_size: usize, bos_id: usize, eos_id: usize) -> serde_json::Value {
+    json!({
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 32,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": MAX_LENGTH,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "pad_token_id": eos_id,
+        "projection_dim": 32,
+        "vocab_size": vocab_size
+    })
+}
+
+/// The scheduler config of CompVis/stable-diffusion-v1-4.
+pub fn scheduler_config() -> serde_json::Value {
+    json!({
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "trained_betas": null,
+        "clip_sample": false
+    })
+}
+
+fn model_index() -> serde_json::Value {
+    json!({
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [null, null],
+        "requires_safety_checker": false,
+        "safety_checker": [null, null],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]
+    })
+}
+
+/// GPT-2/CLIP's byte-to-symbol table, in CLIP's vocabulary order: the printable bytes stand for
+/// themselves, the others are shifted to code points from 256 on.
+fn byte_symbols() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut symbols: Vec<char> = (0..256u32)
+        .filter(|&b| printable(b))
+        .filter_map(char::from_u32)
+        .collect();
+    let mut shifted = 0;
+    for b in 0..256u32 {
+        if !printable(b) {
+            symbols.extend(char::from_u32(256 + shifted));
+            shifted += 1;
+        }
+    }
+    symbols
+}
+
+/// The words of the synthetic dataset's captions (the default prompt template filled with each
+/// dish's label), which get whole-word tokens; everything else is spelt from byte symbols.
+fn caption_words() -> BTreeSet<String> {
+    let template = crate::data::PromptTemplate::default();
+    crate::data::synthetic::DISHES
+        .iter()
+        .map(|dish| template.render(&crate::data::prompts::human_label(dish.label)))
+        .flat_map(|caption| {
+            caption
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .filter(|w| !w.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A CLIP-format vocabulary (`vocab.json` as token -> id) and merge list: the 256 byte symbols,
+/// their end-of-word forms, one token per merge (building each caption word left to right), and
+/// the two special tokens last, as in CLIP's own files.
+pub fn tokenizer_files() -> (BTreeMap<String, usize>, Vec<(String, String)>) {
+    let symbols = byte_symbols();
+    let mut tokens: Vec<String> = symbols.iter().map(char::to_string).collect();
+    tokens.extend(symbols.iter().map(|s| format!("{s}{END_OF_WORD}")));
+    let mut merges: Vec<(String, String)> = Vec::new();
+    let mut known: BTreeSet<String> = tokens.iter().cloned().collect();
+    for word in caption_words() {
+        let chars: Vec<char> = word.chars().collect();
+        let Some((&last, init)) = chars.split_last() else {
+            continue;
+        };
+        let mut parts: Vec<String> = init.iter().map(char::to_string).collect();
+        parts.push(format!("{last}{END_OF_WORD}"));
+        let mut current = parts[0].clone();
+        for part in &parts[1..] {
+            let merged = format!("{current}{part}");
+            if known.insert(merged.clone()) {
+                merges.push((current.clone(), part.clone()));
+                tokens.push(merged.clone());
+            }
+            current = merged;
+        }
+    }
+    tokens.push(BOS.into());
+    tokens.push(EOS.into());
+    let vocab = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(id, token)| (token, id))
+        .collect();
+    (vocab, merges)
+}
+
+/// Builds a model on the CPU with seeded random weights and saves its variables.
+fn save_random<M>(path: &Path, build: impl FnOnce(nn::Path) -> Result<M>) -> Result<()> {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = build(vs.root())?;
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    super::weights::save_tensors(
+        path,
+        &tensors,
+        Some([("format".to_string(), "pt".to_string())].into()),
+    )
+}
+
+/// Writes the tiny model as a diffusers folder at `out` (which must be absent or empty).
+pub fn write_tiny_model(out: &Path, seed: u64) -> Result<()> {
+    if out.exists()
+        && std::fs::read_dir(out)
+            .with_context(|| format!("reading {}", out.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} already exists and is not empty; choose another --out",
+            out.display()
+        );
+    }
+    let (vocab, merges) = tokenizer_files();
+    let (bos_id, eos_id) = (vocab[BOS], vocab[EOS]);
+    let text_config = text_encoder_config(vocab.len(), bos_id, eos_id);
+
+    let tok = out.join("tokenizer");
+    write_json(&tok.join("vocab.json"), &vocab)?;
+    let merges_text: String = std::iter::once("#version: 0.2\n".to_string())
+        .chain(merges.iter().map(|(a, b)| format!("{a} {b}\n")))
+        .collect();
+    write_atomic_str(&tok.join("merges.txt"), &merges_text)?;
+    let specials =
+        json!({ "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS });
+    write_json(&tok.join("special_tokens_map.json"), &specials)?;
+    let mut tokenizer_config = specials.clone();
+    tokenizer_config["model_max_length"] = json!(MAX_LENGTH);
+    tokenizer_config["tokenizer_class"] = json!("CLIPTokenizer");
+    tokenizer_config["do_lower_case"] = json!(true);
+    write_json(&tok.join("tokenizer_config.json"), &tokenizer_config)?;
+
+    write_json(&out.join("model_index.json"), &model_index())?;
+    write_json(
+        &out.join("scheduler/scheduler_config.json"),
+        &scheduler_config(),
+    )?;
+    write_json(&out.join("unet/config.json"), &unet_config())?;
+    write_json(&out.join("vae/config.json"), &vae_config())?;
+    write_json(&out.join("text_encoder/config.json"), &text_config)?;
+
+    // One seed per component, so each is the same whatever the others are.
+    tch::manual_seed(seed as i64);
+    let unet: UNetConfig = serde_json::from_value(unet_config())?;
+    save_random(
+        &out.join("unet/diffusion_pytorch_model.safetensors"),
+        |vs| UNet2DConditionModel::new(vs, &unet),
+    )?;
+    tch::manual_seed(seed as i64 + 1);
+    let vae: VaeConfig = serde_json::from_value(vae_config())?;
+    save_random(&out.join("vae/diffusion_pytorch_model.safetensors"), |vs| {
+        AutoencoderKL::new(vs, &vae)
+    })?;
+    tch::manual_seed(seed as i64 + 2);
+    let text: ClipTextConfig = serde_json::from_value(text_config)?;
+    save_random(&out.join("text_encoder/model.safetensors"), |vs| {
+        ClipTextModel::new(vs, &text)
+    })?;
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The run configuration: a TOML file with a `[train]` table (these settings) and a `[method]`
+//! table (the tuning method's name and its own settings, read by the peft module). Every field has
+//! a default; the study's where it states one (10,000 steps, learning rate 1e-5, AdamW, bf16), else
+//! the Stable Diffusion fine-tuning example of diffusers' `train_text_to_image.py` README
+//! (512 px, batch 1 with 4 accumulation steps, gradient-norm clipping at 1, constant schedule).
+use super::optim::{AdamWConfig, LrSchedule};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Numeric precision of the U-Net during training.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// bf16 autocast on CUDA (as the study trained), f32 on the CPU.
+    #[default]
+    Auto,
+    /// f32 everywhere.
+    Fp32,
+    /// bf16 autocast with f32 trainable weights and bf16 frozen weights; CUDA only.
+    Bf16,
+}
+
+/// What the U-Net is trained to predict.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionTarget {
+    /// The scheduler config's `prediction_type` (epsilon when it has none), as diffusers does.
+    #[default]
+    Scheduler,
+    Epsilon,
+    VPrediction,
+}
+
+/// Where the training runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// CUDA when available, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    pub fn resolve(self) -> Result<tch::Device> {
+        match self {
+            DeviceChoice::Auto => Ok(tch::Device::cuda_if_available()),
+            DeviceChoice::Cpu => Ok(tch::Device::Cpu),
+            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+            DeviceChoice::Cuda => {
+                bail!("device = \"cuda\" but no CUDA device is available to libtorch")
+            }
+        }
+    }
+}
+
+/// The `[train]` table. Documented defaults in [`TrainConfig::default`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Seeds every random choice: data order, latent samples, noise, timesteps. Default 0.
+    pub seed: u64,
+    /// Optimizer steps. Default 10,000 (the study).
+    pub steps: usize,
+    /// Images per forward pass. Default 1.
+    pub batch_size: usize,
+    /// Forward passes whose gradients are summed per optimizer step. Default 4.
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate. Default 1e-5 (the study).
+    pub learning_rate: f64,
+    /// Default `constant`.
+    pub lr_schedule: LrSchedule,
+    /// Optimizer steps of linear warm-up (for `constant_with_warmup` and `cosine`). Default 0.
+    pub lr_warmup_steps: usize,
+    /// AdamW moments, epsilon and decoupled weight decay. Defaults 0.9, 0.999, 1e-8, 1e-2.
+    pub optimizer: AdamWConfig,
+    /// Clip the global gradient norm to this; 0 disables clipping. Default 1.0.
+    pub max_grad_norm: f64,
+    /// Default `auto`: bf16 autocast on CUDA, f32 on the CPU.
+    pub precision: Precision,
+    /// Default `scheduler`: follow the model's scheduler config.
+    pub prediction_type: PredictionTarget,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023; 5.0 is the paper's choice); 0 disables. Default 0.
+    pub snr_gamma: f64,
+    /// Scale of per-channel noise offset added to the noise; 0 disables. Default 0.
+    pub noise_offset: f64,
+    /// Training images are resized (shorter side) and centre-cropped to this. Default 512.
+    pub resolution: u32,
+    /// Resize filter: `bilinear`, `bicubic` or `lanczos3`. Default `bilinear` (diffusers' scripts).
+    pub resize_filter: String,
+    /// Caption of a labelled dataset's images. Default `a photo of {label}, a type of food`.
+    pub prompt_template: String,
+    /// Train on at most this many images per class; 0 means all. Default 0.
+    pub limit_per_class: usize,
+    /// Images encoded per VAE forward when building the latent cache. Default 8.
+    pub cache_batch_size: usize,
+    /// Save a checkpoint every this many optimizer steps; 0 saves only at the end. Default 500.
+    pub checkpoint_every: usize,
+    /// Checkpoints kept; older ones are deleted. Default 3.
+    pub keep_checkpoints: usize,
+    /// Default `auto`: CUDA when available.
+    pub device: DeviceChoice,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            steps: 10_000,
+            batch_size: 1,
+            gradient_accumulation_steps: 4,
+            learning_rate: 1e-5,
+            lr_schedule: LrSchedule::Constant,
+            lr_warmup_steps: 0,
+            optimizer: AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            precision: Precision::Auto,
+            prediction_type: PredictionTarget::Scheduler,
+            snr_gamma: 0.0,
+            noise_offset: 0.0,
+            resolution: 512,
+            resize_filter: "bilinear".into(),
+            prompt_template: crate::data::prompts::DEFAULT_TEMPLATE.into(),
+            limit_per_class: 0,
+            cache_batch_size: 8,
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
+            device: DeviceChoice::Auto,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+            ("resolution", self.resolution as usize),
+            ("cache_batch_size", self.cache_batch_size),
+            ("keep_checkpoints", self.keep_checkpoints),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            bail!("train.{name} must be positive");
+        }
+        if self.resolution % 8 != 0 {
+            bail!(
+                "train.resolution {} is not a multiple of 8 (the VAE's downsampling factor)",
+                self.resolution
+            );
+        }
+        for (name, v) in [
+            ("learning_rate", self.learning_rate),
+            ("max_grad_norm", self.max_grad_norm),
+            ("snr_gamma", self.snr_gamma),
+            ("noise_offset", self.noise_offset),
+            ("optimizer.weight_decay", self.optimizer.weight_decay),
+            ("optimizer.eps", self.optimizer.eps),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("train.{name} must be a finite, non-negative number, got {v}");
+            }
+        }
+        for (name, v) in [
+            ("optimizer.beta1", self.optimizer.beta1),
+            ("optimizer.beta2", self.optimizer.beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("train.{name} must be in [0, 1), got {v}");
+            }
+        }
+        self.resize_filter
+            .parse::<crate::data::images::ResizeFilter>()
+            .context("train.resize_filter")?;
+        crate::data::PromptTemplate::new(&self.prompt_template).context("train.prompt_template")?;
+        Ok(())
+    }
+
+    /// The settings a resumed run may change without changing what is computed: how long it runs,
+    /// how often it saves, and how many checkpoints it keeps.
+    pub fn trajectory(&self) -> Self {
+        Self {
+            steps: 0,
+            checkpoint_every: 0,
+            keep_checkpoints: 0,
+            device: DeviceChoice::Auto,
+            ..self.clone()
+        }
+    }
+}
+
+/// The `[method]` table: `name` picks the tuning method, the other keys are its settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct MethodConfig {
+    pub name: String,
+    #[serde(flatten)]
+    pub settings: toml::Table,
+}
+
+/// A whole run configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// May be left out of the file when the command line names the method.
+    #[serde(default)]
+    pub method: MethodConfig,
+}
+
+impl RunConfig {
+    /// Defaults for `method` with no settings of its own.
+    pub fn for_method(method: &str) -> Self {
+        Self {
+            train: TrainConfig::default(),
+            method: MethodConfig {
+                name: method.to_string(),
+                settings: toml::Table::new(),
+            },
+        }
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let config: Self = toml::from_str(text)?;
+        config.train.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading run config {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("run config {}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+
+    /// Applies `--set key=value` overrides (parsed by [`crate::peft::parse_set_pairs`]).
+    /// `train.KEY` and `method.KEY` name their table; a bare key goes to `[train]` when it is a
+    /// training setting and to `[method]` otherwise (`method.name` or a bare `name` renames the
+    /// method).
+    pub fn apply_overrides(&mut self, overrides: toml::Table) -> Result<()> {
+        let mut train = toml::Table::try_from(&self.train)?;
+        let mut method = self.method.settings.clone();
+        method.insert("name".into(), toml::Value::String(self.method.name.clone()));
+        for (key, value) in overrides {
+            let (target, value) = match (key.as_str(), value) {
+                ("train", toml::Value::Table(t)) => (&mut train, t),
+                ("method", toml::Value::Table(t)) => (&mut method, t),
+                (_, value) if train.contains_key(&key) => {
+                    (&mut train, toml::Table::from_iter([(key, value)]))
+                }
+                (_, value) => (&mut method, toml::Table::from_iter([(key, value)])),
+            };
+            crate::peft::merge_tables(target, value);
+        }
+        self.method = toml::Value::Table(method)
+            .try_into()
+            .context("applying --set overrides to the [method] settings")?;
+        self.train = toml::Value::Table(train)
+            .try_into()
+            .context("applying --set overrides to the [train] settings")?;
+        self.train.validate()
+    }
+}

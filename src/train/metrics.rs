@@ -1,0 +1,86 @@
+//! The training log: one JSON object per optimizer step in `metrics.jsonl`, and the process's
+//! peak memory.
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    /// Optimizer steps done (1 after the first update).
+    pub step: usize,
+    /// Mean loss over the step's accumulated forward passes.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Wall time of the step (data, forwards, backwards, update), seconds.
+    pub step_time_s: f64,
+    /// Peak resident memory of the process so far (`VmHWM`), bytes; `None` where unknown.
+    pub peak_rss_bytes: Option<u64>,
+    pub epoch: usize,
+}
+
+/// Appends step metrics to a JSONL file.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Opens `path` for appending. When resuming from step `keep_through`, lines of later steps
+    /// (written after that checkpoint by the interrupted run) are dropped first, so the log has
+    /// exactly one line per step; a fresh run (`keep_through` 0) starts an empty log.
+    pub fn open(path: &Path, keep_through: usize) -> Result<Self> {
+        let kept = if keep_through == 0 || !path.exists() {
+            String::new()
+        } else {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            text.lines()
+                .filter(|line| {
+                    serde_json::from_str::<StepMetrics>(line).is_ok_and(|m| m.step <= keep_through)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect()
+        };
+        crate::util::fs::write_atomic_str(path, &kept)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn append(&mut self, metrics: &StepMetrics) -> Result<()> {
+        let line = serde_json::to_string(metrics)? + "\n";
+        self.file
+            .write_all(line.as_bytes())
+            .with_context(|| format!("appending to {}", self.path.display()))
+    }
+
+    /// Reads every line of a metrics file.
+    pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        text.lines()
+            .enumerate()
+            .map(|(i, line)| {
+                serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", path.display(), i + 1))
+            })
+            .collect()
+    }
+}
+
+/// The process's peak resident set size (`VmHWM` in `/proc/self/status`), where Linux reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

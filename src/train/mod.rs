@@ -1,0 +1,12 @@
+//! Fine-tuning the U-Net: run configuration, the objective and single step, AdamW, checkpoints,
+//! metrics and the training loop.
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod optim;
+pub mod precision;
+pub mod step;
+pub mod trainer;
+
+pub use config::{RunConfig, TrainConfig};
+pub use trainer::{train, TrainOptions, TrainSummary};

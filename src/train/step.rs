@@ -1,0 +1,134 @@
+//! The training objective and the single training step (forward, loss, backward), shared by the
+//! training loop and the `bench` command: DDPM noising with the model's scheduler, epsilon or v
+//! targets, optional min-SNR-γ weighting and noise offset, as diffusers' `train_text_to_image.py`.
+use super::config::{MethodConfig, PredictionTarget, TrainConfig};
+use crate::model::unet::UNet2DConditionModel;
+use crate::schedulers::{NoiseSchedule, PredictionType, SchedulerConfig};
+use anyhow::{ensure, Result};
+use tch::{nn, Device, Kind, Tensor};
+
+/// A tuning method attached to a U-Net, with the tensors it trains.
+pub struct TunedUnet {
+    pub method: Box<dyn crate::peft::TuningMethod>,
+    /// Holds the parameters the method added (LoRA matrices, adapters, prefixes).
+    pub params_vs: nn::VarStore,
+    /// What the optimizer updates, named as in the method's adapter file.
+    pub trainable: Vec<(String, Tensor)>,
+}
+
+/// Attaches `method` to `unet`, freezes every U-Net weight and makes exactly the method's
+/// tensors trainable.
+pub fn attach_method(
+    unet: &mut UNet2DConditionModel,
+    unet_vs: &mut nn::VarStore,
+    method: &MethodConfig,
+    device: Device,
+) -> Result<TunedUnet> {
+    let tuning = crate::peft::method_from_settings(
+        &method.name,
+        &toml::Value::Table(method.settings.clone()),
+    )?;
+    let params_vs = nn::VarStore::new(device);
+    unet_vs.freeze();
+    let trainable = tuning.apply(unet, unet_vs, params_vs.root())?;
+    ensure!(
+        !trainable.is_empty(),
+        "method `{}` made nothing trainable",
+        method.name
+    );
+    for (_, t) in &trainable {
+        let _ = t.set_requires_grad(true);
+    }
+    Ok(TunedUnet {
+        method: tuning,
+        params_vs,
+        trainable,
+    })
+}
+
+/// What the U-Net is trained on, given clean latents.
+pub struct Objective {
+    pub schedule: NoiseSchedule,
+    pub prediction: PredictionType,
+    /// Min-SNR-γ weighting when set.
+    pub snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+}
+
+impl Objective {
+    pub fn new(scheduler: &SchedulerConfig, train: &TrainConfig) -> Result<Self> {
+        let prediction = match train.prediction_type {
+            PredictionTarget::Scheduler => {
+                scheduler.prediction_type.unwrap_or(PredictionType::Epsilon)
+            }
+            PredictionTarget::Epsilon => PredictionType::Epsilon,
+            PredictionTarget::VPrediction => PredictionType::VPrediction,
+        };
+        Ok(Self {
+            schedule: NoiseSchedule::from_config(scheduler)?,
+            prediction,
+            snr_gamma: (train.snr_gamma > 0.0).then_some(train.snr_gamma),
+            noise_offset: train.noise_offset,
+        })
+    }
+}
+
+/// One forward pass's inputs, on the training device.
+pub struct StepInputs {
+    /// Clean latents, already scaled by the VAE's scaling factor: `[b, 4, h, w]` f32.
+    pub latents: Tensor,
+    /// Text encoder hidden states `[b, seq, cross_attention_dim]` f32.
+    pub context: Tensor,
+}
+
+/// Draws noise, noise offset and timesteps from torch's global generator (callers seed it), runs
+/// the U-Net — under bf16 autocast when `autocast` — and returns the loss (an f32 scalar) after
+/// back-propagating `loss * loss_scale` (`1 / accumulation steps`).
+pub fn forward_backward(
+    unet: &UNet2DConditionModel,
+    objective: &Objective,
+    inputs: &StepInputs,
+    autocast: bool,
+    loss_scale: f64,
+) -> Result<Tensor> {
+    let latents = &inputs.latents;
+    ensure!(
+        latents.dim() == 4,
+        "training latents must be [b, c, h, w], got {:?}",
+        latents.size()
+    );
+    let (b, c, _, _) = latents.size4()?;
+    let device = latents.device();
+    let mut noise = latents.randn_like();
+    if objective.noise_offset > 0.0 {
+        noise += Tensor::randn([b, c, 1, 1], (Kind::Float, device)) * objective.noise_offset;
+    }
+    let steps = objective.schedule.num_train_timesteps() as i64;
+    let timesteps = Tensor::randint(steps, [b], (Kind::Int64, device));
+    let noisy = objective.schedule.add_noise(latents, &noise, &timesteps)?;
+    let target = match objective.prediction {
+        PredictionType::Epsilon => noise,
+        PredictionType::VPrediction => objective.schedule.velocity(latents, &noise, &timesteps)?,
+    };
+    let prediction = if autocast {
+        super::precision::bf16_autocast(|| unet.forward(&noisy, &timesteps, &inputs.context))
+    } else {
+        unet.forward(&noisy, &timesteps, &inputs.context)
+    };
+    let error = (prediction.to_kind(Kind::Float) - target).square();
+    let loss = match objective.snr_gamma {
+        None => error.mean(Kind::Float),
+        Some(gamma) => {
+            let snr = objective.schedule.snr(&timesteps)?;
+            let clipped = snr.clamp_max(gamma);
+            let weights = match objective.prediction {
+                PredictionType::Epsilon => clipped / &snr,
+                PredictionType::VPrediction => clipped / (snr + 1.0),
+            };
+            (error.mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float) * weights)
+                .mean(Kind::Float)
+        }
+    };
+    (&loss * loss_scale).backward();
+    Ok(loss.detach())
+}

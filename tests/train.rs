@@ -1,0 +1,554 @@
+//! Training on the CPU with the built-in tiny model and a small synthetic Food101-layout dataset:
+//! the loss falls for every method, a resumed run is bit-identical to an uninterrupted one,
+//! frozen weights stay untouched, and the latent cache survives bad images and damaged shards.
+use difftune::data::cache::{build, CacheSettings, LatentCache, Manifest};
+use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
+use difftune::model::source::ModelFiles;
+use difftune::train::config::{DeviceChoice, RunConfig};
+use difftune::train::metrics::MetricsLog;
+use difftune::train::optim::AdamW;
+use difftune::train::step::{attach_method, forward_backward, Objective, StepInputs};
+use difftune::train::trainer::{latest_trainable, METRICS_FILE};
+use difftune::train::{train, TrainOptions, TrainSummary};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tch::{Device, Kind, Tensor};
+
+/// Training re-seeds torch's process-wide generator before every forward pass; tests running in
+/// parallel threads would draw from it in between, so they take turns.
+static TORCH_RNG: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // One intra-op thread: on a shared 2-core machine, OpenMP's spinning threads make the tiny
+    // model's steps up to 20x slower.
+    tch::set_num_threads(1);
+    guard
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    data: PathBuf,
+}
+
+impl Fixture {
+    /// The tiny model and a 4-class dataset of 8 training images per class at 64 px.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let model = root.join("model");
+        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+        let data = root.join("data");
+        let spec = SyntheticSpec {
+            classes: 4,
+            train_per_class: 8,
+            test_per_class: 1,
+            resolution: 64,
+            ..Default::default()
+        };
+        generate_food101_like(&data, &spec).unwrap();
+        Self {
+            _dir: dir,
+            root,
+            model,
+            data,
+        }
+    }
+
+    fn config(&self, method: &str, steps: usize, lr: f64) -> RunConfig {
+        let mut config = RunConfig::for_method(method);
+        let t = &mut config.train;
+        t.steps = steps;
+        t.batch_size = 4;
+        t.gradient_accumulation_steps = 1;
+        t.learning_rate = lr;
+        t.resolution = 64;
+        t.checkpoint_every = 0;
+        t.device = DeviceChoice::Cpu;
+        config
+    }
+
+    fn options(&self, config: RunConfig, out: &str) -> TrainOptions {
+        TrainOptions {
+            model: self.model.display().to_string(),
+            data: self.data.clone(),
+            cache: Some(self.root.join("cache")),
+            out: self.root.join(out),
+            config,
+            resume: false,
+            strict: false,
+            stop_after: None,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            progress: false,
+        }
+    }
+
+    fn cache_settings(&self) -> CacheSettings {
+        CacheSettings {
+            resolution: 64,
+            shard_size: 8,
+            batch_size: 4,
+            ..CacheSettings::default()
+        }
+    }
+
+    fn files(&self) -> ModelFiles {
+        ModelFiles::resolve(&self.model.display().to_string(), None).unwrap()
+    }
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+/// Trains `method` for a few hundred steps and compares the mean loss of the first and last 20%.
+fn loss_falls(method: &str, lr: f64) {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let steps = 250;
+    let summary = train(&fx.options(fx.config(method, steps, lr), "run")).unwrap();
+    assert!(summary.finished && summary.adapter.as_ref().is_some_and(|p| p.is_file()));
+    let losses: Vec<f64> = MetricsLog::read(&fx.root.join("run").join(METRICS_FILE))
+        .unwrap()
+        .iter()
+        .map(|m| m.loss)
+        .collect();
+    assert_eq!(losses.len(), steps);
+    let fifth = steps / 5;
+    let (first, last) = (mean(&losses[..fifth]), mean(&losses[steps - fifth..]));
+    println!(
+        "{method}: {} trainable parameters, mean loss {first:.4} -> {last:.4}",
+        summary.trainable_parameters
+    );
+    assert!(
+        last < 0.9 * first,
+        "{method}: mean loss went from {first:.4} to {last:.4}"
+    );
+}
+
+#[test]
+fn full_fine_tuning_lowers_the_loss() {
+    loss_falls("full", 1e-3);
+}
+
+#[test]
+fn bitfit_lowers_the_loss() {
+    loss_falls("bitfit", 2e-2);
+}
+
+/// The trainable tensors of a run's newest checkpoint, as raw bytes per name.
+fn checkpoint_bytes(out: &Path) -> Vec<(String, Vec<u8>)> {
+    latest_trainable(out)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let t = t.contiguous();
+            let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+            t.copy_data_u8(&mut bytes, t.numel());
+            (name, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let mut config = fx.config("bitfit", 9, 1e-3);
+    // 3 x 2 = 6 samples per step over 32 cached ones: the run crosses an epoch boundary.
+    config.train.batch_size = 3;
+    config.train.gradient_accumulation_steps = 2;
+    config.train.lr_schedule = difftune::train::optim::LrSchedule::Cosine;
+    config.train.lr_warmup_steps = 2;
+    config.train.snr_gamma = 5.0;
+    config.train.noise_offset = 0.05;
+
+    let whole = train(&fx.options(config.clone(), "whole")).unwrap();
+    assert!(whole.finished);
+
+    let mut first = fx.options(config.clone(), "parts");
+    first.stop_after = Some(4);
+    let part: TrainSummary = train(&first).unwrap();
+    assert!(!part.finished && part.step == 4 && part.adapter.is_none());
+    let mut rest = fx.options(config.clone(), "parts");
+    rest.resume = true;
+    let resumed = train(&rest).unwrap();
+    assert!(resumed.finished && resumed.step == 9);
+
+    let (a, b) = (
+        checkpoint_bytes(&fx.root.join("whole")),
+        checkpoint_bytes(&fx.root.join("parts")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((name_a, bytes_a), (name_b, bytes_b)) in a.iter().zip(&b) {
+        assert_eq!(name_a, name_b);
+        assert!(
+            bytes_a == bytes_b,
+            "`{name_a}` differs between the resumed and the uninterrupted run"
+        );
+    }
+    let log = MetricsLog::read(&fx.root.join("parts").join(METRICS_FILE)).unwrap();
+    assert_eq!(
+        log.iter().map(|m| m.step).collect::<Vec<_>>(),
+        (1..=9).collect::<Vec<_>>()
+    );
+    let whole_log = MetricsLog::read(&fx.root.join("whole").join(METRICS_FILE)).unwrap();
+    let losses = |log: &[difftune::train::metrics::StepMetrics]| {
+        log.iter().map(|m| m.loss).collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&log), losses(&whole_log));
+
+    // A checkpoint is never continued with other settings.
+    let mut other = fx.options(fx.config("bitfit", 12, 1e-3), "parts");
+    other.resume = true;
+    let err = format!("{:#}", train(&other).unwrap_err());
+    assert!(err.contains("training settings differ"), "{err}");
+    let mut other_method = fx.options(fx.config("full", 12, 1e-3), "parts");
+    other_method.resume = true;
+    let err = format!("{:#}", train(&other_method).unwrap_err());
+    assert!(err.contains("method `bitfit`"), "{err}");
+    // Nor is an existing run silently overwritten.
+    let err = format!("{:#}", train(&fx.options(config, "parts")).unwrap_err());
+    assert!(err.contains("--resume"), "{err}");
+}
+
+#[test]
+fn only_the_method_parameters_change() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let files = fx.files();
+    let (mut unet_vs, mut unet) =
+        difftune::model::pipeline::load_unet(&files, Device::Cpu).unwrap();
+    let before: Vec<(String, Tensor)> = unet_vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy()))
+        .collect();
+    let config = fx.config("bitfit", 3, 1e-2);
+    let tuned = attach_method(&mut unet, &mut unet_vs, &config.method, Device::Cpu).unwrap();
+    let mut optimizer = AdamW::new(
+        tuned
+            .trainable
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect(),
+        config.train.optimizer.clone(),
+    )
+    .unwrap();
+    let scheduler = difftune::model::pipeline::load_scheduler_config(&files).unwrap();
+    let objective = Objective::new(&scheduler, &config.train).unwrap();
+    tch::manual_seed(0);
+    for _ in 0..3 {
+        optimizer.zero_grad();
+        let inputs = StepInputs {
+            latents: Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu)),
+            context: Tensor::randn([2, 77, 32], (Kind::Float, Device::Cpu)),
+        };
+        let _ = forward_backward(&unet, &objective, &inputs, false, 1.0).unwrap();
+        optimizer.step(1e-2, Some(1.0)).unwrap();
+    }
+    let trainable: Vec<&str> = tuned.trainable.iter().map(|(n, _)| n.as_str()).collect();
+    let after = unet_vs.variables();
+    let (mut changed, mut frozen) = (0, 0);
+    for (name, old) in &before {
+        let same = after[name].equal(old);
+        if trainable.contains(&name.as_str()) {
+            changed += usize::from(!same);
+        } else {
+            assert!(same, "frozen weight `{name}` changed");
+            frozen += 1;
+        }
+    }
+    assert!(
+        changed > 0 && frozen > 0,
+        "{changed} trainable tensors changed, {frozen} frozen checked"
+    );
+}
+
+#[test]
+fn bad_images_are_reported_and_skipped_and_strict_mode_keeps_finished_shards() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let files = fx.files();
+    let listing = std::fs::read_to_string(fx.data.join("meta/train.txt")).unwrap();
+    let entries: Vec<&str> = listing.lines().collect();
+    // Shards hold 8 listing entries: damage images in the third and fourth shards.
+    let corrupt = fx.data.join("images").join(format!("{}.jpg", entries[18]));
+    std::fs::write(&corrupt, b"\xFF\xD8\xFF\xE0 this is not a JPEG").unwrap();
+    let truncated = fx.data.join("images").join(format!("{}.jpg", entries[27]));
+    let bytes = std::fs::read(&truncated).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let dir = fx.root.join("cache");
+
+    let strict = CacheSettings {
+        strict: true,
+        ..fx.cache_settings()
+    };
+    let err = format!("{:#}", build(&files, &fx.data, &strict, &dir).unwrap_err());
+    assert!(err.contains(&corrupt.display().to_string()), "{err}");
+    let partial = Manifest::read(&dir).unwrap();
+    assert!(!partial.complete);
+    assert_eq!(
+        partial.shards.len(),
+        2,
+        "the two shards before the bad image are kept"
+    );
+    for shard in &partial.shards {
+        assert!(dir.join(&shard.file.file).is_file());
+    }
+
+    let (manifest, report) = build(&files, &fx.data, &fx.cache_settings(), &dir).unwrap();
+    assert_eq!(
+        report.reused_files, 3,
+        "prompt embeddings and two shards reused: {report:?}"
+    );
+    let skipped: Vec<&str> = manifest.skipped.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        skipped,
+        [
+            corrupt.display().to_string(),
+            truncated.display().to_string()
+        ]
+    );
+    assert!(
+        manifest.skipped[1].error.contains("truncated"),
+        "{:?}",
+        manifest.skipped[1]
+    );
+    assert_eq!(manifest.len(), 30);
+    let cache = LatentCache::open(&dir).unwrap();
+    assert_eq!(cache.len(), 30);
+    let (mean, logvar, context) = cache.batch(&[0, 29]).unwrap();
+    assert_eq!(mean.size(), [2, 4, 8, 8]);
+    assert_eq!(logvar.size(), [2, 4, 8, 8]);
+    assert_eq!(context.size(), [2, 77, 32]);
+}
+
+#[test]
+fn damaged_or_stale_caches_are_rebuilt_never_used() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let files = fx.files();
+    let dir = fx.root.join("cache");
+    let (manifest, _) = build(&files, &fx.data, &fx.cache_settings(), &dir).unwrap();
+    let shard = dir.join(&manifest.shards[1].file.file);
+    let original = std::fs::read(&shard).unwrap();
+
+    let mut damaged = original.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x55;
+    std::fs::write(&shard, &damaged).unwrap();
+    let err = format!(
+        "{:#}",
+        LatentCache::open(&dir)
+            .err()
+            .expect("a damaged cache must not open")
+    );
+    assert!(err.contains("checksum"), "{err}");
+    let (_, report) = build(&files, &fx.data, &fx.cache_settings(), &dir).unwrap();
+    assert_eq!(
+        report.written_files, 1,
+        "only the damaged shard is re-encoded: {report:?}"
+    );
+    assert!(
+        report.discarded[0].contains(&shard.display().to_string()),
+        "{:?}",
+        report.discarded
+    );
+    assert_eq!(
+        std::fs::read(&shard).unwrap(),
+        original,
+        "re-encoding is deterministic"
+    );
+
+    std::fs::write(&shard, &original[..original.len() / 3]).unwrap();
+    let (_, report) = build(&files, &fx.data, &fx.cache_settings(), &dir).unwrap();
+    assert_eq!(
+        report.written_files, 1,
+        "a truncated shard is re-encoded: {report:?}"
+    );
+
+    // Another model's VAE and text encoder make the whole cache stale.
+    let other = fx.root.join("other-model");
+    difftune::model::tiny::write_tiny_model(&other, 7).unwrap();
+    let other_files = ModelFiles::resolve(&other.display().to_string(), None).unwrap();
+    let (_, report) = build(&other_files, &fx.data, &fx.cache_settings(), &dir).unwrap();
+    assert!(
+        report.discarded[0].contains("stale"),
+        "{:?}",
+        report.discarded
+    );
+    assert!(
+        report.discarded[0].contains("VAE"),
+        "{:?}",
+        report.discarded
+    );
+    assert_eq!(report.reused_files, 0);
+    assert_eq!(report.written_files, 5);
+}
+
+#[test]
+fn run_config_defaults_file_and_overrides() {
+    let config = RunConfig::from_toml("[method]\nname = \"lora\"\nrank = 8\n").unwrap();
+    assert_eq!(config.train, difftune::train::TrainConfig::default());
+    assert_eq!(
+        (config.train.steps, config.train.learning_rate),
+        (10_000, 1e-5)
+    );
+    let mut config = config;
+    let overrides = difftune::peft::parse_set_pairs(&[
+        "lr_schedule=cosine".into(),
+        "train.learning_rate=1e-4".into(),
+        "rank=16".into(),
+        "method.alpha=4".into(),
+        "optimizer.beta2=0.99".into(),
+    ])
+    .unwrap();
+    config.apply_overrides(overrides).unwrap();
+    assert_eq!(
+        config.train.lr_schedule,
+        difftune::train::optim::LrSchedule::Cosine
+    );
+    assert_eq!(config.train.learning_rate, 1e-4);
+    assert_eq!(config.train.optimizer.beta2, 0.99);
+    assert_eq!(config.method.name, "lora");
+    assert_eq!(config.method.settings["rank"].as_integer(), Some(16));
+    assert_eq!(config.method.settings["alpha"].as_integer(), Some(4));
+    let round_trip = RunConfig::from_toml(&config.to_toml().unwrap()).unwrap();
+    assert_eq!(round_trip, config);
+    let err = RunConfig::from_toml("[train]\nlearning_rat = 1.0\n").unwrap_err();
+    assert!(format!("{err:#}").contains("learning_rat"), "{err:#}");
+    let bad = difftune::peft::parse_set_pairs(&["train.batch_size=0".into()]).unwrap();
+    let err = RunConfig::for_method("lora")
+        .apply_overrides(bad)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("batch_size"), "{err:#}");
+}
+
+#[test]
+fn tiny_model_loads_through_the_standard_path() {
+    let fx = Fixture::new();
+    let files = fx.files();
+    let tokenizer = difftune::model::pipeline::load_tokenizer(&files).unwrap();
+    let ids = tokenizer
+        .encode("a photo of tomato soup, a type of food")
+        .unwrap();
+    assert_eq!(ids.len(), 77);
+    // bos, one token per word plus the comma, eos.
+    let words = ids
+        .iter()
+        .take_while(|&&id| id != tokenizer.eos_id())
+        .count()
+        - 1;
+    assert_eq!(words, 10, "{ids:?}");
+    let encoder = difftune::model::pipeline::load_text_encoder(&files, Device::Cpu).unwrap();
+    let hidden = tch::no_grad(|| encoder.forward(&Tensor::from_slice(&ids).view([1, 77])));
+    assert_eq!(hidden.size(), [1, 77, 32]);
+    let vae = difftune::model::pipeline::load_vae(&files, Device::Cpu).unwrap();
+    let posterior =
+        tch::no_grad(|| vae.encode(&Tensor::zeros([1, 3, 64, 64], (Kind::Float, Device::Cpu))));
+    assert_eq!(posterior.mean.size(), [1, 4, 8, 8]);
+    let (_, unet) = difftune::model::pipeline::load_unet(&files, Device::Cpu).unwrap();
+    let out = tch::no_grad(|| unet.forward(&posterior.mean, &Tensor::from(10i64), &hidden));
+    assert_eq!(out.size(), [1, 4, 8, 8]);
+}
+
+#[test]
+fn adamw_matches_torch_on_a_first_step_and_clips() {
+    let _guard = serial();
+    let weight = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
+    let config = difftune::train::optim::AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let mut optimizer = AdamW::new(vec![weight.shallow_clone()], config).unwrap();
+    (&weight * Tensor::from_slice(&[0.5f32, -4.0, 0.0]))
+        .sum(Kind::Float)
+        .backward();
+    let norm = optimizer.step(0.01, Some(1.0)).unwrap();
+    assert!((norm - (0.25f64 + 16.0).sqrt()).abs() < 1e-6);
+    // torch.optim.AdamW's first step: decay, then -lr * g / (|g| + eps) whatever the clipping.
+    let expected = [1.0 * 0.999 - 0.01, -2.0 * 0.999 + 0.01, 3.0 * 0.999];
+    let got = Vec::<f32>::try_from(&weight.detach()).unwrap();
+    for (g, e) in got.iter().zip(expected) {
+        assert!((f64::from(*g) - e).abs() < 1e-6, "{got:?} vs {expected:?}");
+    }
+    assert_eq!(optimizer.step_count(), 1);
+}
+
+/// The median time of one training step (forward, loss, backward, AdamW update) of each method on
+/// the full-size SD v1.4 U-Net with random weights, batch 1, on the CPU; printed as `BENCH {json}`
+/// lines for tools/bench_train_step.py. Environment: DIFFTUNE_BENCH_METHODS (comma-separated,
+/// default all five), DIFFTUNE_BENCH_RESOLUTION (default 256), DIFFTUNE_BENCH_STEPS (default 3),
+/// DIFFTUNE_BENCH_THREADS (default: torch's).
+#[test]
+#[ignore = "minutes and ~15 GB on a CPU; run through tools/bench_train_step.py"]
+fn bench_train_step_sd14() {
+    use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
+    use difftune::train::config::{MethodConfig, TrainConfig};
+    let env = |name: &str| std::env::var(name).ok();
+    if let Some(threads) = env("DIFFTUNE_BENCH_THREADS") {
+        tch::set_num_threads(threads.parse().unwrap());
+    }
+    let methods =
+        env("DIFFTUNE_BENCH_METHODS").unwrap_or_else(|| "full,lora,adapter,prefix,bitfit".into());
+    let resolution: i64 = env("DIFFTUNE_BENCH_RESOLUTION").map_or(256, |r| r.parse().unwrap());
+    let steps: usize = env("DIFFTUNE_BENCH_STEPS").map_or(3, |s| s.parse().unwrap());
+    let config_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4/unet_config.json");
+    let unet_config = UNetConfig::from_file(&config_path).unwrap();
+    let objective = Objective::new(
+        &difftune::schedulers::SchedulerConfig::stable_diffusion_v1(),
+        &TrainConfig::default(),
+    )
+    .unwrap();
+    for method in methods.split(',') {
+        tch::manual_seed(0);
+        let mut vs = tch::nn::VarStore::new(Device::Cpu);
+        let mut unet = UNet2DConditionModel::new(vs.root(), &unet_config).unwrap();
+        let method_config = MethodConfig {
+            name: method.to_string(),
+            settings: toml::Table::new(),
+        };
+        let tuned = attach_method(&mut unet, &mut vs, &method_config, Device::Cpu).unwrap();
+        let trainable: usize = tuned.trainable.iter().map(|(_, t)| t.numel()).sum();
+        let mut optimizer = AdamW::new(
+            tuned
+                .trainable
+                .iter()
+                .map(|(_, t)| t.shallow_clone())
+                .collect(),
+            Default::default(),
+        )
+        .unwrap();
+        let latent = resolution / 8;
+        let inputs = StepInputs {
+            latents: Tensor::randn([1, 4, latent, latent], (Kind::Float, Device::Cpu)),
+            context: Tensor::randn(
+                [1, 77, unet_config.cross_attention_dim],
+                (Kind::Float, Device::Cpu),
+            ),
+        };
+        let mut step = || {
+            let started = std::time::Instant::now();
+            optimizer.zero_grad();
+            let _ = forward_backward(&unet, &objective, &inputs, false, 1.0).unwrap();
+            optimizer.step(1e-5, Some(1.0)).unwrap();
+            started.elapsed().as_secs_f64()
+        };
+        step();
+        let mut times: Vec<f64> = (0..steps).map(|_| step()).collect();
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "BENCH {}",
+            serde_json::json!({
+                "method": method, "batch": 1, "resolution": resolution, "median_step_s": median,
+                "trainable_params": trainable, "threads": tch::get_num_threads(),
+            })
+        );
+    }
+}
