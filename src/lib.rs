@@ -2,5 +2,6 @@
 pub mod cli;
 pub mod compare;
 pub mod data;
+pub mod eval;
 pub mod model;
 pub mod util;

@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod fid;
 mod inspect;
 
 #[derive(Parser, Debug)]
@@ -19,10 +20,13 @@ pub struct Cli {
 pub enum Command {
     /// Build models from configs (random weights) or a model folder and print parameter counts.
     Inspect(inspect::InspectArgs),
+    /// FID (and KID) between two image folders or pytorch-fid .npz statistics, as pytorch-fid computes it.
+    Fid(fid::FidArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Fid(args) => fid::run(args),
     }
 }
