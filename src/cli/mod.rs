@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cache;
 mod init_tiny;
+mod fid;
 mod inspect;
 mod merge;
 mod train;
@@ -34,6 +35,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Bake a LoRA, DoRA, BitFit or full fine-tune adapter into a complete U-Net safetensors.
     Merge(merge::MergeArgs),
+    /// FID (and KID) between two image folders or pytorch-fid .npz statistics, as pytorch-fid computes it.
+    Fid(fid::FidArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -44,5 +47,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cache(args) => cache::run(args),
         Command::Train(args) => train::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Fid(args) => fid::run(args),
     }
 }

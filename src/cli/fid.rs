@@ -1,0 +1,221 @@
+//! `difftune fid A B`: FID (and KID) between two image folders or saved statistics, as
+//! pytorch-fid computes it.
+use crate::eval::features::DEFAULT_BATCH_SIZE;
+use crate::eval::fid::small_sample_warning;
+use crate::eval::kid::{DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE};
+use crate::eval::{frechet_distance, images, kid, resolve_weights, FidModel, Kid, Statistics};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use faer::Mat;
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+#[derive(Args, Debug)]
+pub struct FidArgs {
+    /// A folder of images (png, jpg, webp) or a pytorch-fid `.npz` statistics file.
+    pub a: PathBuf,
+    /// The second folder or `.npz`; may be left out with --save-stats.
+    pub b: Option<PathBuf>,
+    /// Inception feature width: 64, 192, 768 or 2048 (the standard FID).
+    #[arg(long, default_value_t = 2048)]
+    pub dims: usize,
+    /// Converted Inception weights (safetensors); default: difftune's cache folder.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    pub batch: usize,
+    /// Also compute KID (needs image folders, not statistics).
+    #[arg(long)]
+    pub kid: bool,
+    /// KID: number of random subsets.
+    #[arg(long, default_value_t = DEFAULT_SUBSETS)]
+    pub kid_subsets: usize,
+    /// KID: subset size (capped at the smaller set's size).
+    #[arg(long, default_value_t = DEFAULT_SUBSET_SIZE)]
+    pub kid_subset_size: usize,
+    /// KID: seed of the subset draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// cpu, cuda, cuda:N, or auto (cuda when available).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Save A's statistics to this `.npz` (pytorch-fid's format); A must be a folder.
+    #[arg(long)]
+    pub save_stats: Option<PathBuf>,
+}
+
+/// One side of the comparison: its statistics, and its features when it came from images.
+struct Side {
+    stats: Statistics,
+    features: Option<Mat<f64>>,
+}
+
+pub fn run(args: FidArgs) -> Result<()> {
+    if args.b.is_none() && args.save_stats.is_none() {
+        bail!("give two folders/.npz files to compare, or one folder with --save-stats OUT.npz");
+    }
+    if args.save_stats.is_some() && is_npz(&args.a) {
+        bail!(
+            "--save-stats saves the statistics of an image folder, but {} is already statistics",
+            args.a.display()
+        );
+    }
+    let inputs: Vec<&Path> = std::iter::once(args.a.as_path())
+        .chain(args.b.as_deref())
+        .collect();
+    if args.kid {
+        if let Some(npz) = inputs.iter().find(|p| is_npz(p)) {
+            bail!(
+                "--kid needs image folders: {} holds only statistics",
+                npz.display()
+            );
+        }
+    }
+    let model = if inputs.iter().any(|p| !is_npz(p)) {
+        let device = parse_device(&args.device)?;
+        let weights = resolve_weights(args.weights.as_deref())?;
+        Some(FidModel::load(&weights, device, args.dims)?.with_batch_size(args.batch))
+    } else {
+        None
+    };
+    let sides: Vec<Side> = inputs
+        .iter()
+        .map(|p| side(p, model.as_ref(), args.dims, args.json))
+        .collect::<Result<_>>()?;
+    if let Some(out) = &args.save_stats {
+        sides[0].stats.write_npz(out)?;
+        if !args.json {
+            println!(
+                "saved the statistics of {} to {}",
+                args.a.display(),
+                out.display()
+            );
+        }
+    }
+    let [a, b] = sides.as_slice() else {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "n_a": sides[0].features.as_ref().map(|f| f.nrows()) })
+            );
+        }
+        return Ok(());
+    };
+    let fid = frechet_distance(&a.stats, &b.stats)?;
+    let kid: Option<Kid> = match (&a.features, &b.features) {
+        (Some(fa), Some(fb)) if args.kid => Some(kid(
+            fa.as_ref(),
+            fb.as_ref(),
+            args.kid_subsets,
+            args.kid_subset_size,
+            args.seed,
+        )?),
+        _ => None,
+    };
+    if args.json {
+        let report = serde_json::json!({
+            "fid": fid,
+            "kid_mean": kid.map(|k| k.mean),
+            "kid_std": kid.map(|k| k.std),
+            "n_a": a.features.as_ref().map(|f| f.nrows()),
+            "n_b": b.features.as_ref().map(|f| f.nrows()),
+        });
+        println!("{report}");
+    } else {
+        println!("FID: {fid}");
+        if let Some(k) = kid {
+            println!("KID: {} ± {} (subsets of {})", k.mean, k.std, k.subset_size);
+        }
+    }
+    Ok(())
+}
+
+fn is_npz(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+}
+
+fn side(path: &Path, model: Option<&FidModel>, dims: usize, quiet: bool) -> Result<Side> {
+    if is_npz(path) {
+        let stats = Statistics::read_npz(path)?;
+        if stats.dims() != dims {
+            bail!(
+                "{} holds {}-dimensional statistics but --dims is {dims}",
+                path.display(),
+                stats.dims()
+            );
+        }
+        return Ok(Side {
+            stats,
+            features: None,
+        });
+    }
+    if !path.is_dir() {
+        bail!(
+            "{} is neither an image folder nor a .npz statistics file",
+            path.display()
+        );
+    }
+    let model = model.expect("a model is loaded whenever an input is a folder");
+    let files = images::list_images(path)?;
+    if files.len() < 2 {
+        bail!(
+            "{} holds {} image(s); FID needs at least 2",
+            path.display(),
+            files.len()
+        );
+    }
+    if let Some(warning) = small_sample_warning(files.len(), dims) {
+        eprintln!("warning: {}: {warning}", path.display());
+    }
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(files.len() as u64)
+    };
+    bar.set_message(path.display().to_string());
+    let start = std::time::Instant::now();
+    let features =
+        model.features_of_images_with_progress(&files, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    if !quiet {
+        let seconds = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{}: features of {} images in {seconds:.2} s ({:.2} images/s)",
+            path.display(),
+            files.len(),
+            files.len() as f64 / seconds
+        );
+    }
+    let stats = Statistics::from_features(features.as_ref())
+        .with_context(|| format!("statistics of {}", path.display()))?;
+    Ok(Side {
+        stats,
+        features: Some(features),
+    })
+}
+
+fn parse_device(name: &str) -> Result<Device> {
+    let device = match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(index) => Device::Cuda(index),
+            None => bail!("unknown device `{other}` (cpu, cuda, cuda:N or auto)"),
+        },
+    };
+    if let Device::Cuda(index) = device {
+        if index >= tch::Cuda::device_count() as usize {
+            bail!(
+                "--device {name}: no such CUDA device ({} available)",
+                tch::Cuda::device_count()
+            );
+        }
+    }
+    Ok(device)
+}

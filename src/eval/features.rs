@@ -1,0 +1,206 @@
+//! Inception features of images, computed as pytorch-fid's `get_activations` computes them: the
+//! FID InceptionV3 with the ported TensorFlow weights, each image resized to 299x299 inside the
+//! pipeline, one feature row (float64) per image.
+use super::images::load_image;
+use super::inception::{preprocess, FeatureDims, InceptionV3};
+use crate::model::weights::{load_into, LoadOptions, MappedSafetensors};
+use anyhow::{anyhow, bail, Context, Result};
+use faer::Mat;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Where pytorch-fid downloads its weights from (a PyTorch pickle; convert it once with
+/// tools/convert_inception.py).
+pub const WEIGHTS_URL: &str =
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth";
+/// The converted weights' file name in difftune's cache folder.
+pub const WEIGHTS_FILE_NAME: &str = "pt_inception-2015-12-05-6726825d.safetensors";
+/// Images per forward pass unless set otherwise (pytorch-fid's default).
+pub const DEFAULT_BATCH_SIZE: usize = 50;
+
+/// difftune's cache folder: `$DIFFTUNE_CACHE`, else `$XDG_CACHE_HOME/difftune`, else
+/// `~/.cache/difftune` (the same rule as scripts/env.sh).
+pub fn cache_dir() -> PathBuf {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = var("DIFFTUNE_CACHE") {
+        return dir;
+    }
+    let base = var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|home| home.join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("difftune")
+}
+
+/// The converted FID Inception weights in the cache folder.
+pub fn default_weights_path() -> PathBuf {
+    cache_dir().join(WEIGHTS_FILE_NAME)
+}
+
+/// `explicit` if given, else the cache path; either way it must exist, and when it does not the
+/// error says how to get it.
+pub fn resolve_weights(explicit: Option<&Path>) -> Result<PathBuf> {
+    let path = explicit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(default_weights_path);
+    if !path.is_file() {
+        bail!(
+            "FID Inception weights not found at {}.\n\
+             Download pytorch-fid's weights from\n  {WEIGHTS_URL}\n\
+             and convert them to safetensors with\n  \
+             source tools/setup.sh && python tools/convert_inception.py pt_inception-2015-12-05-6726825d.pth\n\
+             which writes {} (or pass --weights FILE).",
+            path.display(),
+            default_weights_path().display()
+        );
+    }
+    Ok(path)
+}
+
+/// The FID Inception network with its weights, ready to turn images into feature rows.
+pub struct FidModel {
+    inception: InceptionV3,
+    dims: FeatureDims,
+    device: Device,
+    batch_size: usize,
+    /// Owns the weights that `inception` holds shallow copies of.
+    _vs: nn::VarStore,
+}
+
+impl FidModel {
+    /// Loads the converted `pt_inception-2015-12-05-6726825d` weights (safetensors) onto `device`,
+    /// for features of width `dims` (64, 192, 768 or 2048). The file's `num_batches_tracked` and
+    /// `fc.*` tensors (BatchNorm bookkeeping and the unused classifier) are ignored; anything else
+    /// missing or extra is an error.
+    pub fn load(weights: &Path, device: Device, dims: usize) -> Result<Self> {
+        let dims = FeatureDims::from_dims(dims)?;
+        let vs = nn::VarStore::new(device);
+        let inception = InceptionV3::new(vs.root());
+        let ignored: Vec<String> = MappedSafetensors::open(weights)?
+            .tensors()
+            .names()
+            .into_iter()
+            .filter(|name| name.ends_with(".num_batches_tracked") || name.starts_with("fc."))
+            .map(str::to_string)
+            .collect();
+        let ignored: Vec<&str> = ignored.iter().map(String::as_str).collect();
+        load_into(
+            &vs,
+            &[weights.to_path_buf()],
+            &LoadOptions {
+                ignore_extra: &ignored,
+            },
+        )
+        .with_context(|| format!("loading the FID Inception weights {}", weights.display()))?;
+        Ok(Self {
+            inception,
+            dims,
+            device,
+            batch_size: DEFAULT_BATCH_SIZE,
+            _vs: vs,
+        })
+    }
+
+    /// Images per forward pass (memory/speed only: features do not depend on it).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    pub fn dims(&self) -> usize {
+        self.dims.dims()
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Features `[N, dims]` of a batch of same-size images `[N, 3, H, W]` with values in [0, 1]
+    /// (any float kind, any device), e.g. samples straight from the VAE decoder.
+    pub fn features_of_tensor(&self, images: &Tensor) -> Result<Mat<f64>> {
+        let size = images.size();
+        if size.len() != 4 || size[1] != 3 {
+            bail!("FID features need images of shape [N, 3, H, W], got {size:?}");
+        }
+        let rows = tch::no_grad(|| -> Result<Vec<Tensor>> {
+            images
+                .split(self.batch_size as i64, 0)
+                .iter()
+                .map(|batch| {
+                    let batch = batch.to_device(self.device).to_kind(Kind::Float);
+                    Ok(self.inception.features(&preprocess(&batch), self.dims))
+                })
+                .collect()
+        })?;
+        to_matrix(&rows, self.dims())
+    }
+
+    /// Features `[N, dims]` of image files (any sizes), in the order given. An unreadable image is
+    /// an error naming its path.
+    pub fn features_of_images(&self, paths: &[PathBuf]) -> Result<Mat<f64>> {
+        self.features_of_images_with_progress(paths, |_| {})
+    }
+
+    /// [`Self::features_of_images`], calling `progress(images_done)` after each batch. The next
+    /// batch is decoded (in parallel) while the network runs on the current one.
+    pub fn features_of_images_with_progress(
+        &self,
+        paths: &[PathBuf],
+        mut progress: impl FnMut(usize),
+    ) -> Result<Mat<f64>> {
+        let batches: Vec<&[PathBuf]> = paths.chunks(self.batch_size).collect();
+        let decode = |batch: &[PathBuf]| -> Result<Vec<Tensor>> {
+            batch.par_iter().map(|p| load_image(p)).collect()
+        };
+        let rows = std::thread::scope(|scope| -> Result<Vec<Tensor>> {
+            let mut rows = Vec::with_capacity(batches.len());
+            let mut pending = batches
+                .first()
+                .map(|&batch| scope.spawn(move || decode(batch)));
+            let mut done = 0;
+            for index in 0..batches.len() {
+                let decoded = pending
+                    .take()
+                    .expect("a decode is pending for every batch")
+                    .join()
+                    .map_err(|_| anyhow!("image decoding panicked"))??;
+                pending = batches
+                    .get(index + 1)
+                    .map(|&batch| scope.spawn(move || decode(batch)));
+                rows.push(tch::no_grad(|| self.features_of_decoded(&decoded)));
+                done += decoded.len();
+                progress(done);
+            }
+            Ok(rows)
+        })?;
+        to_matrix(&rows, self.dims())
+    }
+
+    /// Features of decoded `[3, H, W]` images of possibly different sizes: each is resized on the
+    /// device (as pytorch-fid resizes inside the model), then they run as one batch.
+    fn features_of_decoded(&self, images: &[Tensor]) -> Tensor {
+        let inputs: Vec<Tensor> = images
+            .iter()
+            .map(|image| preprocess(&image.to_device(self.device).unsqueeze(0)))
+            .collect();
+        self.inception.features(&Tensor::cat(&inputs, 0), self.dims)
+    }
+}
+
+/// Stacks per-batch feature tensors into one float64 matrix (rows are images).
+fn to_matrix(rows: &[Tensor], dims: usize) -> Result<Mat<f64>> {
+    if rows.is_empty() {
+        return Ok(Mat::zeros(0, dims));
+    }
+    let all = Tensor::cat(rows, 0)
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Double)
+        .contiguous();
+    let values = Vec::<f64>::try_from(all.view([-1]))?;
+    let n = all.size()[0] as usize;
+    Ok(Mat::from_fn(n, dims, |i, j| values[i * dims + j]))
+}
