@@ -8,15 +8,17 @@
 #
 # CONFIG_DIR (default ../shared/reference/sd-v1-4) holds the configs; weights are random.
 # DIFFTUNE_BIN uses an already built binary (e.g. one copied to a GPU machine) instead of
-# `cargo build --release`.
+# `cargo build --release`; PYTHON (default: the venv of scripts/env.sh, or python3 with
+# DIFFTUNE_BIN) must have torch, diffusers and peft.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
 CONFIG_DIR="${CONFIG_DIR:-../shared/reference/sd-v1-4}"
 if [[ -z "${DIFFTUNE_BIN:-}" ]]; then
+  source scripts/env.sh
   cargo build --release --bin difftune >&2
   DIFFTUNE_BIN=target/release/difftune
 fi
+PYTHON="${PYTHON:-python3}"
 machine="$(hostname -s)"
 stamp="$(date -u +%Y-%m-%d)"
 mkdir -p bench/results
@@ -28,10 +30,10 @@ echo "difftune bench $* (load average $load_before)" >&2
 "$DIFFTUNE_BIN" bench --config-dir "$CONFIG_DIR" --json "$@" >"$scratch/difftune.json"
 load_between="$(cut -d' ' -f1-3 /proc/loadavg)"
 echo "peer $* (load average $load_between)" >&2
-python bench/peer/peer_bench.py --config-dir "$CONFIG_DIR" --json "$@" >"$scratch/peer.json"
+"$PYTHON" bench/peer/peer_bench.py --config-dir "$CONFIG_DIR" --json "$@" >"$scratch/peer.json"
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 
-python - "$scratch" "bench/results/$machine-$stamp" "$*" "$load_before" "$load_between" "$load_after" <<'PY'
+"$PYTHON" - "$scratch" "bench/results/$machine-$stamp" "$*" "$load_before" "$load_between" "$load_after" <<'PY'
 import json, os, platform, subprocess, sys
 import diffusers, peft, torch
 
