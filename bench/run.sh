@@ -7,7 +7,7 @@
 #   bench/run.sh --methods all --batch 1,8,32 --resolution 512 [--device cuda] [--warmup N --steps N]
 #
 # CONFIG_DIR (default ../shared/reference/sd-v1-4) holds the configs; weights are random.
-# DIFFTUNE_BIN uses an already built binary (e.g. one copied to a GPU machine) instead of
+# RESULTS_NAME overrides the <machine>-<date> file name. DIFFTUNE_BIN uses an already built binary (e.g. one copied to a GPU machine) instead of
 # `cargo build --release`; PYTHON (default: the venv of scripts/env.sh, or python3 with
 # DIFFTUNE_BIN) must have torch, diffusers and peft.
 set -euo pipefail
@@ -33,7 +33,7 @@ echo "peer $* (load average $load_between)" >&2
 "$PYTHON" bench/peer/peer_bench.py --config-dir "$CONFIG_DIR" --json "$@" >"$scratch/peer.json"
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 
-"$PYTHON" - "$scratch" "bench/results/$machine-$stamp" "$*" "$load_before" "$load_between" "$load_after" <<'PY'
+"$PYTHON" - "$scratch" "bench/results/${RESULTS_NAME:-$machine-$stamp}" "$*" "$load_before" "$load_between" "$load_after" <<'PY'
 import json, os, platform, subprocess, sys
 import diffusers, peft, torch
 

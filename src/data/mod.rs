@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub mod cache;
 pub mod food101;
 pub mod image_folder;
 pub mod images;

@@ -93,6 +93,7 @@ impl FidModel {
             &[weights.to_path_buf()],
             &LoadOptions {
                 ignore_extra: &ignored,
+                rename: None,
             },
         )
         .with_context(|| format!("loading the FID Inception weights {}", weights.display()))?;
