@@ -55,9 +55,8 @@ fn bench_json_covers_every_method_and_batch() {
 
     let config_path = dir.path().join("unet_config.json");
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _unet =
-        UNet2DConditionModel::new(vs.root(), &UNetConfig::from_file(&config_path).unwrap())
-            .unwrap();
+    let _unet = UNet2DConditionModel::new(vs.root(), &UNetConfig::from_file(&config_path).unwrap())
+        .unwrap();
     let unet_params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     for r in &report.results {
         assert_eq!(r.resolution, 64);
@@ -82,10 +81,7 @@ fn bench_json_covers_every_method_and_batch() {
 fn bench_rejects_a_resolution_the_vae_cannot_produce() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_configs(dir.path());
-    let out = bench(
-        dir.path(),
-        &["--methods", "bitfit", "--resolution", "60"],
-    );
+    let out = bench(dir.path(), &["--methods", "bitfit", "--resolution", "60"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("multiple of 8"), "{stderr}");

@@ -101,7 +101,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             machine.gpus.join(", ")
         },
         threads: tch::get_num_threads() as i64,
-        memory: memory_kind.map(|k| k.describe().to_string()).unwrap_or_default(),
+        memory: memory_kind
+            .map(|k| k.describe().to_string())
+            .unwrap_or_default(),
         results,
     })
 }

@@ -43,7 +43,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let methods = if args.methods == "all" {
         crate::peft::method_names().map(String::from).collect()
     } else {
-        args.methods.split(',').map(|m| m.trim().to_string()).collect()
+        args.methods
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .collect()
     };
     let device = args.device.resolve()?;
     let report = crate::bench::run(&BenchOptions {
