@@ -7,8 +7,8 @@
 #   bench/run.sh --methods all --batch 1,8,32 --resolution 512 [--device cuda] [--warmup N --steps N]
 #
 # CONFIG_DIR (default ../shared/reference/sd-v1-4) holds the configs; weights are random.
-# RESULTS_NAME overrides the <machine>-<date> file name. DIFFTUNE_BIN uses an already built binary (e.g. one copied to a GPU machine) instead of
-# `cargo build --release`; PYTHON (default: the venv of scripts/env.sh, or python3 with
+# RESULTS_NAME overrides the <machine>-<date> file name. DIFFTUNE_BIN uses an already built
+# binary (e.g. one copied to a GPU machine) instead of `cargo build --release`; PYTHON (default: the venv of scripts/env.sh, or python3 with
 # DIFFTUNE_BIN) must have torch, diffusers and peft.
 set -euo pipefail
 cd "$(dirname "$0")/.."
