@@ -1,5 +1,7 @@
 //! difftune: parameter-efficient fine-tuning of Stable Diffusion v1.x, with evaluation built in.
+pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod model;

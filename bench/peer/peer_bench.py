@@ -1,15 +1,17 @@
 """The peer of `difftune bench`: the same training step in PyTorch with diffusers' U-Net.
 
-For each method and batch size: a U-Net forward on random cached-latent-shaped inputs, an MSE loss
-against random noise, backward, and an AdamW step over the method's parameters only, after
-warm-up; prints the same JSON as `difftune bench --json`.
+For each method and batch size, after warm-up, the step difftune's trainer runs: DDPM noising of
+random cached-latent-shaped inputs at random timesteps, the U-Net forward on a random 77-token
+context, the epsilon MSE loss, backward, gradient-norm clipping at 1 and an AdamW step over the
+method's parameters only; prints the same JSON as `difftune bench --json`. Peak memory is torch's
+CUDA allocator peak, or on the CPU the process's peak resident memory (VmHWM, reset after warm-up).
 
 Methods, placed as difftune places them by default:
   full     every U-Net weight
   lora     peft LoRA, rank 4, alpha 4, on attn2.to_q and attn2.to_k of every transformer block
   adapter  bottleneck MLP (width 49, GELU, residual) on each transformer block's feed-forward output
-  prefix   10 learned key and value vectors prepended to every attn2's projected keys and values,
-           through a gated extra attention over the prefix (a custom attention processor)
+  prefix   10 learned key and value vectors per attn2, in the projected space, attended with a
+           softmax of their own and added to the attention output (a custom attention processor)
   bitfit   the biases inside the transformer blocks
 
 On CUDA: bf16 autocast, frozen weights in bf16 for the PEFT methods (fp32 for full fine-tuning),
@@ -27,10 +29,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-METHODS = ["full", "lora", "adapter", "prefix", "bitfit"]
+METHODS = ["full", "adapter", "lora", "prefix", "bitfit"]  # difftune's order
 
 
 class Adapter(torch.nn.Module):
@@ -46,14 +48,14 @@ class Adapter(torch.nn.Module):
 
 
 class PrefixProcessor(torch.nn.Module):
-    """attn2 with learned key/value prefixes whose attention output is added through a zero-init
-    per-head gate, so the model starts exactly as the base."""
+    """attn2 with learned key/value prefixes attended with a softmax of their own, the result added
+    to the attention output (difftune's default `attention = "side"`): keys random, values zero, so
+    the model starts exactly as the base."""
 
-    def __init__(self, inner: int, heads: int, length: int):
+    def __init__(self, inner: int, length: int):
         super().__init__()
-        self.key = torch.nn.Parameter(torch.randn(length, inner) * 0.02)
-        self.value = torch.nn.Parameter(torch.randn(length, inner) * 0.02)
-        self.gate = torch.nn.Parameter(torch.zeros(heads))
+        self.key = torch.nn.Parameter(torch.randn(length, inner))
+        self.value = torch.nn.Parameter(torch.zeros(length, inner))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
         b, n, _ = hidden_states.shape
@@ -66,8 +68,7 @@ class PrefixProcessor(torch.nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         pk = split(self.key.to(q.dtype).expand(b, -1, -1))
         pv = split(self.value.to(q.dtype).expand(b, -1, -1))
-        prefix = F.scaled_dot_product_attention(q, pk, pv)
-        out = out + self.gate.to(q.dtype).view(1, heads, 1, 1) * prefix
+        out = out + F.scaled_dot_product_attention(q, pk, pv)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -93,7 +94,7 @@ def apply_method(unet: UNet2DConditionModel, method: str) -> list:
     elif method == "prefix":
         for block in blocks:
             attn = block.attn2
-            proc = PrefixProcessor(attn.inner_dim, attn.heads, 10).to(unet.device)
+            proc = PrefixProcessor(attn.inner_dim, 10).to(unet.device)
             attn.set_processor(proc)
             block.difftune_prefix = proc
             params += list(proc.parameters())
@@ -108,6 +109,31 @@ def apply_method(unet: UNet2DConditionModel, method: str) -> list:
     return params
 
 
+def reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0), as difftune does.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def bench_one(args, method: str, batch: int) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -120,19 +146,23 @@ def bench_one(args, method: str, batch: int) -> dict:
     for p in params:
         p.data = p.data.float()
     trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=cuda)
     model = torch.compile(unet) if args.compile else unet
     latent = args.resolution // 8
     x = torch.randn(batch, 4, latent, latent, device=device)
     ctx = torch.randn(batch, 77, config["cross_attention_dim"], device=device)
-    noise = torch.randn_like(x)
-    t = torch.randint(0, 1000, (batch,), device=device)
+    scheduler = DDPMScheduler.from_config(
+        DDPMScheduler.load_config(os.path.join(args.config_dir, "scheduler_config.json")))
 
     def step():
+        noise = torch.randn_like(x)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
+        noisy = scheduler.add_noise(x, noise, t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            pred = model(x, t, encoder_hidden_states=ctx).sample
-            loss = F.mse_loss(pred.float(), noise)
+            pred = model(noisy, t, encoder_hidden_states=ctx).sample
+        loss = F.mse_loss(pred.float(), noise)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -141,6 +171,8 @@ def bench_one(args, method: str, batch: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -149,7 +181,7 @@ def bench_one(args, method: str, batch: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     return dict(method=method, batch=batch, resolution=args.resolution, median_step_s=median,
                 samples_per_s=batch / median, peak_memory_bytes=peak, trainable_params=trainable)
 
@@ -168,10 +200,13 @@ def main() -> None:
     args = p.parse_args()
     methods = METHODS if args.methods == "all" else args.methods.split(",")
     results = [bench_one(args, m, int(b)) for m in methods for b in args.batch.split(",")]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    cuda = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name() if cuda else cpu_model()
+    memory = ("peak CUDA memory allocated by torch" if cuda
+              else "peak resident memory of the process (VmHWM, reset before each run)")
     report = dict(tool="diffusers+peft" + (" (torch.compile)" if args.compile else " (eager)"),
-                  device=device, threads=torch.get_num_threads(), torch=torch.__version__,
-                  results=results)
+                  device=device, threads=torch.get_num_threads(), memory=memory,
+                  torch=torch.__version__, results=results)
     if args.json:
         print(json.dumps(report))
     else:

@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod cache;
 mod fid;
 mod init_tiny;
@@ -23,6 +24,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Time the training step per tuning method and batch size (random weights, nothing downloaded).
+    Bench(bench::BenchArgs),
     /// Build models from configs (random weights) or a model folder and print parameter counts.
     Inspect(inspect::InspectArgs),
     /// Write the built-in tiny SD-architecture model (random weights) as a diffusers folder.
@@ -41,6 +44,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::InitTiny(args) => init_tiny::run(args),
         Command::Cache(args) => cache::run(args),

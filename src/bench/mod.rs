@@ -1,0 +1,191 @@
+//! `difftune bench`: speed and memory of the training step per tuning method and batch size, on
+//! random weights and random cached-latent-shaped inputs (nothing is downloaded). The step is the
+//! trainer's own: the method registry attaches the method, `train::step::forward_backward` runs
+//! the forward, loss and backward, the flat AdamW updates. `bench/peer/peer_bench.py` runs the same
+//! step with diffusers + peft and prints the same JSON.
+use crate::compare::machine::{MachineInfo, PeakMemory};
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::schedulers::SchedulerConfig;
+use crate::train::config::{MethodConfig, TrainConfig};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::precision::freeze_to_bf16;
+use crate::train::step::{attach_method, forward_backward, Objective, StepInputs};
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{nn, Device, Kind, Tensor};
+
+/// Length of the text context the U-Net cross-attends to (CLIP's 77 tokens).
+pub const CONTEXT_TOKENS: i64 = 77;
+/// Learning rate of the measured steps (its value does not change the work done).
+const LEARNING_RATE: f64 = 1e-5;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// A folder holding `unet_config.json` (and optionally `scheduler_config.json`).
+    pub config_dir: PathBuf,
+    pub methods: Vec<String>,
+    pub batches: Vec<i64>,
+    /// Image side in pixels; the latents are `resolution / 8` on a side.
+    pub resolution: i64,
+    pub device: Device,
+    /// Steps run before timing (allocator and kernel selection warm-up).
+    pub warmup: usize,
+    /// Timed steps; the median is reported.
+    pub steps: usize,
+}
+
+/// One method at one batch size.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BenchResult {
+    pub method: String,
+    pub batch: i64,
+    pub resolution: i64,
+    pub median_step_s: f64,
+    pub samples_per_s: f64,
+    /// Peak memory over the timed steps (see [`BenchReport::memory`]); `None` where unmeasurable.
+    pub peak_memory_bytes: Option<u64>,
+    pub trainable_params: i64,
+}
+
+/// What `difftune bench --json` prints (and the peer script too).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BenchReport {
+    pub tool: String,
+    pub device: String,
+    /// Intra-op threads libtorch ran with.
+    pub threads: i64,
+    /// What `peak_memory_bytes` measures.
+    pub memory: String,
+    pub results: Vec<BenchResult>,
+}
+
+/// Runs every method at every batch size, each on a fresh random-weight U-Net.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    ensure!(opts.steps > 0, "--steps must be at least 1");
+    ensure!(
+        opts.resolution > 0 && opts.resolution % 8 == 0,
+        "--resolution must be a positive multiple of 8 (the VAE's downsampling), got {}",
+        opts.resolution
+    );
+    let config = UNetConfig::from_file(&opts.config_dir.join("unet_config.json"))?;
+    let scheduler_path = opts.config_dir.join("scheduler_config.json");
+    let scheduler = if scheduler_path.exists() {
+        SchedulerConfig::load(&scheduler_path)?
+    } else {
+        SchedulerConfig::stable_diffusion_v1()
+    };
+    let objective = Objective::new(&scheduler, &TrainConfig::default())?;
+    let mut results = Vec::new();
+    let mut memory_kind = None;
+    for method in &opts.methods {
+        for &batch in &opts.batches {
+            ensure!(batch > 0, "batch sizes must be positive, got {batch}");
+            let (result, kind) = bench_one(opts, &config, &objective, method, batch)
+                .with_context(|| format!("benchmarking `{method}` at batch {batch}"))?;
+            eprintln!(
+                "{method:8} batch {batch:3}: {:.3} s/step, {:.2} samples/s",
+                result.median_step_s, result.samples_per_s
+            );
+            results.push(result);
+            memory_kind = Some(kind);
+        }
+    }
+    let machine = MachineInfo::detect(opts.device);
+    Ok(BenchReport {
+        tool: "difftune".into(),
+        device: if machine.gpus.is_empty() {
+            machine.cpu_model
+        } else {
+            machine.gpus.join(", ")
+        },
+        threads: tch::get_num_threads() as i64,
+        memory: memory_kind
+            .map(|k| k.describe().to_string())
+            .unwrap_or_default(),
+        results,
+    })
+}
+
+fn bench_one(
+    opts: &BenchOptions,
+    config: &UNetConfig,
+    objective: &Objective,
+    method: &str,
+    batch: i64,
+) -> Result<(BenchResult, crate::compare::machine::MemoryKind)> {
+    let device = opts.device;
+    // bf16 autocast with frozen weights in bf16 on CUDA, as the trainer's `precision = "auto"`.
+    let autocast = device.is_cuda();
+    tch::manual_seed(0);
+    let mut unet_vs = nn::VarStore::new(device);
+    let mut unet = UNet2DConditionModel::new(unet_vs.root(), config)?;
+    let method_config = MethodConfig {
+        name: method.to_string(),
+        settings: toml::Table::new(),
+    };
+    let tuned = attach_method(&mut unet, &mut unet_vs, &method_config, device)?;
+    let tensors: Vec<Tensor> = tuned
+        .trainable
+        .iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
+    let trainable_params = tensors.iter().map(|t| t.numel() as i64).sum();
+    if autocast {
+        freeze_to_bf16(&unet_vs, &tensors);
+    }
+    let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
+    let latent = opts.resolution / 8;
+    let inputs = StepInputs {
+        latents: Tensor::randn([batch, 4, latent, latent], (Kind::Float, device)),
+        context: Tensor::randn(
+            [batch, CONTEXT_TOKENS, config.cross_attention_dim],
+            (Kind::Float, device),
+        ),
+    };
+    let mut step = || -> Result<()> {
+        optimizer.zero_grad();
+        let _loss = forward_backward(&unet, objective, &inputs, autocast, 1.0)?;
+        optimizer.step(LEARNING_RATE, Some(1.0))?;
+        // CUDA kernels run asynchronously: wait for the update so the step is fully timed.
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+        Ok(())
+    };
+    for _ in 0..opts.warmup {
+        step()?;
+    }
+    let probe = PeakMemory::start(device);
+    let mut times = Vec::with_capacity(opts.steps);
+    for _ in 0..opts.steps {
+        let started = Instant::now();
+        step()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let (kind, peak_memory_bytes) = probe.finish();
+    let median_step_s = median(&mut times);
+    Ok((
+        BenchResult {
+            method: method.to_string(),
+            batch,
+            resolution: opts.resolution,
+            median_step_s,
+            samples_per_s: batch as f64 / median_step_s,
+            peak_memory_bytes,
+            trainable_params,
+        },
+        kind,
+    ))
+}
+
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    if times.len() % 2 == 0 {
+        (times[mid - 1] + times[mid]) / 2.0
+    } else {
+        times[mid]
+    }
+}

@@ -1,0 +1,96 @@
+use crate::bench::{BenchOptions, BenchReport};
+use crate::train::config::DeviceChoice;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A folder holding unet_config.json (and optionally scheduler_config.json); weights are random.
+    #[arg(long)]
+    pub config_dir: PathBuf,
+    /// Comma-separated tuning methods, or `all`.
+    #[arg(long, default_value = "all")]
+    pub methods: String,
+    /// Comma-separated batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<i64>,
+    /// Image side in pixels (latents are a eighth of it).
+    #[arg(long, default_value_t = 512)]
+    pub resolution: i64,
+    /// `auto` (CUDA when available), `cpu` or `cuda`. On CUDA the step runs as the trainer's
+    /// default precision does: bf16 autocast, frozen weights stored in bf16.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+    /// Untimed steps before measuring.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Reads a device name as a run config's `device` key does.
+fn parse_device(name: &str) -> Result<DeviceChoice, String> {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .map_err(|_| format!("`{name}` is not a device (auto, cpu or cuda)"))
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let methods = if args.methods == "all" {
+        crate::peft::method_names().map(String::from).collect()
+    } else {
+        args.methods
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .collect()
+    };
+    let device = args.device.resolve()?;
+    let report = crate::bench::run(&BenchOptions {
+        config_dir: args.config_dir,
+        methods,
+        batches: args.batch,
+        resolution: args.resolution,
+        device,
+        warmup: args.warmup,
+        steps: args.steps,
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("serialising the report")?
+        );
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(report: &BenchReport) {
+    println!(
+        "{} on {} ({} threads); memory: {}",
+        report.tool, report.device, report.threads, report.memory
+    );
+    println!(
+        "{:8} {:>5} {:>12} {:>10} {:>12} {:>14}",
+        "method", "batch", "step ms", "samples/s", "peak MiB", "trainable"
+    );
+    for r in &report.results {
+        let peak = r
+            .peak_memory_bytes
+            .map(|b| format!("{:.0}", b as f64 / (1u64 << 20) as f64))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:8} {:>5} {:>12.1} {:>10.2} {:>12} {:>14}",
+            r.method,
+            r.batch,
+            r.median_step_s * 1e3,
+            r.samples_per_s,
+            peak,
+            r.trainable_params
+        );
+    }
+}

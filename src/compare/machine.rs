@@ -1,0 +1,207 @@
+//! What a comparison ran on, and the peak-memory probe used for each method: the report names the
+//! machine and the commit so numbers from different runs are never compared blindly.
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MachineInfo {
+    pub cpu_model: String,
+    /// Logical CPUs this process may use.
+    pub cpu_cores: usize,
+    /// GPU names as nvidia-smi lists them; empty without a GPU.
+    pub gpus: Vec<String>,
+    /// The device models ran on (`cpu` or `cuda:N`).
+    pub device: String,
+    pub os: String,
+}
+
+impl MachineInfo {
+    pub fn detect(device: tch::Device) -> Self {
+        Self {
+            cpu_model: cpu_model().unwrap_or_else(|| "unknown".into()),
+            cpu_cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            gpus: if device.is_cuda() {
+                nvidia_smi(&["--query-gpu=name", "--format=csv,noheader"])
+            } else {
+                Vec::new()
+            },
+            device: match device {
+                tch::Device::Cuda(i) => format!("cuda:{i}"),
+                other => format!("{other:?}").to_lowercase(),
+            },
+            os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+        }
+    }
+
+    /// One line for the report: "AMD EPYC, 2 cores, no GPU (device cpu)".
+    pub fn describe(&self) -> String {
+        let gpus = if self.gpus.is_empty() {
+            "no GPU".to_string()
+        } else {
+            self.gpus.join(", ")
+        };
+        format!(
+            "{}, {} cores, {} (device {}, {})",
+            self.cpu_model, self.cpu_cores, gpus, self.device, self.os
+        )
+    }
+}
+
+fn cpu_model() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    text.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// Lines nvidia-smi prints for a query; empty when it is missing or fails.
+fn nvidia_smi(args: &[&str]) -> Vec<String> {
+    match Command::new("nvidia-smi").args(args).output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The commit of the git checkout at `dir`, or "unknown" outside one (or without git).
+pub fn git_commit(dir: &Path) -> String {
+    Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// What a peak-memory figure measured.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryKind {
+    /// Peak resident set size of the process (VmHWM), reset before the measured phase.
+    CpuRss,
+    /// Peak memory in use on the GPU, sampled from nvidia-smi while the phase ran.
+    CudaUsed,
+}
+
+impl MemoryKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            MemoryKind::CpuRss => {
+                "peak resident memory of the process (VmHWM, reset before each run)"
+            }
+            MemoryKind::CudaUsed => "peak GPU memory in use (nvidia-smi, sampled every 200 ms)",
+        }
+    }
+}
+
+/// Measures the peak memory of one phase (a method's training). On CPU the kernel's high-water
+/// mark is reset at the start and read at the end; on CUDA, where libtorch's allocator statistics
+/// are not exposed to Rust, a thread samples nvidia-smi.
+pub struct PeakMemory {
+    kind: MemoryKind,
+    sampler: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<Option<u64>>,
+    )>,
+}
+
+impl PeakMemory {
+    pub fn start(device: tch::Device) -> Self {
+        if let tch::Device::Cuda(index) = device {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let handle = std::thread::spawn(move || {
+                let mut peak: Option<u64> = None;
+                while !flag.load(Ordering::Relaxed) {
+                    let query = [
+                        "--query-gpu=memory.used",
+                        "--format=csv,noheader,nounits",
+                        &format!("--id={index}"),
+                    ];
+                    let used = nvidia_smi(&query)
+                        .first()
+                        .and_then(|l| l.parse::<u64>().ok())
+                        .map(|mib| mib << 20);
+                    peak = peak.max(used);
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                peak
+            });
+            return Self {
+                kind: MemoryKind::CudaUsed,
+                sampler: Some((stop, handle)),
+            };
+        }
+        // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0); where that is
+        // refused the figure is the process-lifetime peak, still an upper bound.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        Self {
+            kind: MemoryKind::CpuRss,
+            sampler: None,
+        }
+    }
+
+    /// The peak in bytes since `start`, if it could be measured.
+    pub fn finish(self) -> (MemoryKind, Option<u64>) {
+        let peak = match self.sampler {
+            Some((stop, handle)) => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                handle.join().ok().flatten()
+            }
+            None => vm_hwm_bytes(),
+        };
+        (self.kind, peak)
+    }
+}
+
+fn vm_hwm_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_peak_memory_sees_an_allocation() {
+        let probe = PeakMemory::start(tch::Device::Cpu);
+        let block = vec![1u8; 64 << 20];
+        std::hint::black_box(&block);
+        let (kind, peak) = probe.finish();
+        assert_eq!(kind, MemoryKind::CpuRss);
+        assert!(peak.unwrap() >= 64 << 20, "peak {peak:?}");
+    }
+
+    #[test]
+    fn machine_description_names_cpu_and_device() {
+        let info = MachineInfo::detect(tch::Device::Cpu);
+        assert!(info.cpu_cores >= 1);
+        assert!(
+            info.describe().contains("device cpu"),
+            "{}",
+            info.describe()
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! `difftune bench --json` on the tiny U-Net config: every method at every batch size, in order,
+//! with timings consistent with each other and the trainable counts the methods report.
+use difftune::bench::BenchReport;
+use difftune::model::tiny;
+use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
+use std::path::Path;
+use std::process::Command;
+
+fn write_tiny_configs(dir: &Path) {
+    for (name, config) in [
+        ("unet_config.json", tiny::unet_config()),
+        ("scheduler_config.json", tiny::scheduler_config()),
+    ] {
+        std::fs::write(dir.join(name), config.to_string()).unwrap();
+    }
+}
+
+fn bench(dir: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .arg("bench")
+        .arg("--config-dir")
+        .arg(dir)
+        .args(["--device", "cpu", "--warmup", "0", "--steps", "1", "--json"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bench_json_covers_every_method_and_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_configs(dir.path());
+    let out = bench(
+        dir.path(),
+        &["--methods", "all", "--batch", "1,2", "--resolution", "64"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: BenchReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report.tool, "difftune");
+    assert!(report.threads >= 1);
+
+    let expected: Vec<(String, i64)> = difftune::peft::method_names()
+        .flat_map(|m| [(m.to_string(), 1), (m.to_string(), 2)])
+        .collect();
+    let got: Vec<(String, i64)> = report
+        .results
+        .iter()
+        .map(|r| (r.method.clone(), r.batch))
+        .collect();
+    assert_eq!(got, expected);
+
+    let config_path = dir.path().join("unet_config.json");
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _unet = UNet2DConditionModel::new(vs.root(), &UNetConfig::from_file(&config_path).unwrap())
+        .unwrap();
+    let unet_params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+    for r in &report.results {
+        assert_eq!(r.resolution, 64);
+        assert!(r.median_step_s > 0.0, "{r:?}");
+        assert!(
+            (r.samples_per_s * r.median_step_s - r.batch as f64).abs() < 1e-9,
+            "{r:?}"
+        );
+        assert!(r.peak_memory_bytes.unwrap() > 0, "{r:?}");
+        if r.method == "full" {
+            assert_eq!(r.trainable_params, unet_params);
+        } else {
+            assert!(
+                r.trainable_params > 0 && r.trainable_params < unet_params / 10,
+                "{r:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_rejects_a_resolution_the_vae_cannot_produce() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_configs(dir.path());
+    let out = bench(dir.path(), &["--methods", "bitfit", "--resolution", "60"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("multiple of 8"), "{stderr}");
+}
