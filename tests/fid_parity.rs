@@ -6,7 +6,8 @@
 //! `fc.*` as in the real weights file, written once per run under the cargo target tmp dir.
 use difftune::eval::fid::trace_sqrt_product;
 use difftune::eval::images::list_images;
-use difftune::eval::inception::InceptionV3;
+use difftune::eval::images::load_image;
+use difftune::eval::inception::{preprocess, FeatureDims, InceptionV3};
 use difftune::eval::{frechet_distance, kid, resolve_weights, FidModel, Statistics};
 use difftune::model::weights::{read_all, save_tensors};
 use faer::Mat;
@@ -27,7 +28,12 @@ fn reference(name: &str) -> Tensor {
 }
 
 fn reference_matrix(name: &str) -> Mat<f64> {
-    let t = reference(name).to_kind(Kind::Double).contiguous();
+    matrix(&reference(name))
+}
+
+/// A 2-d tensor as a float64 matrix.
+fn matrix(t: &Tensor) -> Mat<f64> {
+    let t = t.to_kind(Kind::Double).contiguous();
     let (n, d) = (t.size()[0] as usize, t.size()[1] as usize);
     let values = Vec::<f64>::try_from(t.view([-1])).unwrap();
     Mat::from_fn(n, d, |i, j| values[i * d + j])
@@ -158,14 +164,40 @@ fn first_and_second_pool_features_match_pytorch_fid() {
 }
 
 #[test]
+fn unfolded_network_is_pytorch_fid_op_for_op_and_folding_keeps_it() {
+    let mut inception = InceptionV3::load(weights(), Device::Cpu).unwrap();
+    let inputs: Vec<Tensor> = list_images(&fixture("a"))
+        .unwrap()
+        .iter()
+        .map(|p| preprocess(&load_image(p).unwrap().unsqueeze(0)))
+        .collect();
+    let features = |net: &InceptionV3| {
+        let rows: Vec<Tensor> = tch::no_grad(|| {
+            inputs
+                .iter()
+                .map(|x| net.features(x, FeatureDims::D64))
+                .collect()
+        });
+        matrix(&Tensor::cat(&rows, 0))
+    };
+    let unfolded = features(&inception);
+    inception.fold_batch_norm();
+    let folded = features(&inception);
+    let unfolded_err = relative_error(&unfolded, &reference_matrix("features_a_64"));
+    let folding_err = relative_error(&folded, &unfolded);
+    println!("unfolded vs pytorch-fid {unfolded_err:.2e}, folded vs unfolded {folding_err:.2e}");
+    // The same ops in the same order: equal up to the CPU's kernel choice (bit for bit on the
+    // machine that made the fixtures).
+    assert!(unfolded_err <= 1e-6);
+    assert!(folding_err > 0.0 && folding_err <= 1e-5);
+}
+
+#[test]
 fn tensor_input_matches_the_file_pipeline() {
     // The first two images of folder a are 299x299, so they can form one tensor batch.
     let model = FidModel::load(weights(), Device::Cpu, 64).unwrap();
     let files = list_images(&fixture("a")).unwrap();
-    let images: Vec<Tensor> = files[..2]
-        .iter()
-        .map(|p| difftune::eval::images::load_image(p).unwrap())
-        .collect();
+    let images: Vec<Tensor> = files[..2].iter().map(|p| load_image(p).unwrap()).collect();
     let ours = model
         .features_of_tensor(&Tensor::stack(&images, 0))
         .unwrap();

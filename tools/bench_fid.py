@@ -6,7 +6,12 @@ Both sides run the FID InceptionV3 with the random-weight recipe of tools/make_f
 file's layout: speed does not depend on the weight values, and calibrated activations avoid
 denormal slow paths. Timed on each side: image decoding + resizing + the network for all images
 (pytorch-fid's `get_activations` with its CLI's default data-loader workers; difftune's own
-timing line for the feature pass). Model loading and statistics are not timed.
+timing line for the feature pass); model loading and statistics are not in the wall time.
+
+Two rates are reported: images per wall-clock second, and images per CPU-second (process user +
+system time; for difftune the whole process, model loading and statistics included, so that
+number is conservative). On a machine shared with other jobs the wall-clock rate also reflects
+how the scheduler treats each process; the CPU rate measures the work alone.
 
 Usage (after `cargo build`, which the tests also do):
   source tools/setup.sh && python tools/bench_fid.py [--images 64] [--size 256] [--batch 16]
@@ -15,6 +20,7 @@ Usage (after `cargo build`, which the tests also do):
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,24 +56,36 @@ def weights_state() -> dict:
     return state
 
 
-def pytorch_fid_rate(state: dict, files, batch: int, device: str) -> float:
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pytorch_fid_rate(state: dict, files, batch: int, device: str):
+    """(images per second, images per CPU-second), data-loader workers' CPU time included."""
     with mock.patch.object(pfi, "load_state_dict_from_url", return_value=state):
         model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device)
     workers = min(len(os.sched_getaffinity(0)), 8)  # pytorch-fid's CLI default
+    cpu = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     get_activations(files, model, batch_size=batch, dims=2048, device=device, num_workers=workers)
-    return len(files) / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    cpu = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
+    return len(files) / wall, len(files) / cpu
 
 
-def difftune_rate(binary: str, weights: str, folder: str, batch: int, device: str) -> float:
+def difftune_rate(binary: str, weights: str, folder: str, batch: int, device: str):
+    """(images per second of the feature pass, images per CPU-second of the whole process)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [binary, "fid", folder, "--save-stats", os.path.join(out, "s.npz"), "--weights", weights,
                "--batch", str(batch), "--device", device, "--dims", "2048"]
+        cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
         done = subprocess.run(cmd, capture_output=True, text=True)
+        cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
     if done.returncode != 0:
         sys.exit(f"difftune failed:\n{done.stderr}")
-    match = re.search(r"\(([0-9.]+) images/s\)", done.stderr)
-    return float(match.group(1))
+    match = re.search(r"features of (\d+) images in .*\(([0-9.]+) images/s\)", done.stderr)
+    return float(match.group(2)), int(match.group(1)) / cpu
 
 
 def main() -> None:
@@ -94,18 +112,25 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, weights)
 
         rates = {"pytorch-fid": [], "difftune": []}
+        runs = {
+            "pytorch-fid": lambda: pytorch_fid_rate(state, files, args.batch, args.device),
+            "difftune": lambda: difftune_rate(args.binary, weights, folder, args.batch, args.device),
+        }
         for round_ in range(args.rounds):
-            rates["pytorch-fid"].append(pytorch_fid_rate(state, files, args.batch, args.device))
-            rates["difftune"].append(difftune_rate(args.binary, weights, folder, args.batch, args.device))
-            print(f"round {round_ + 1}: pytorch-fid {rates['pytorch-fid'][-1]:.2f} images/s, "
-                  f"difftune {rates['difftune'][-1]:.2f} images/s", flush=True)
+            # Alternate which side goes first, so slow drifts in machine load hit both alike.
+            for name in sorted(runs, reverse=round_ % 2 == 1):
+                rates[name].append(runs[name]())
+            print(f"round {round_ + 1}: " + ", ".join(
+                f"{name} {r[-1][0]:.2f} images/s ({r[-1][1]:.2f} per CPU-s)" for name, r in rates.items()), flush=True)
 
-    med = {name: statistics.median(r) for name, r in rates.items()}
     print(f"{args.images} images {args.size}x{args.size}, batch {args.batch}, dims 2048, {args.device}, "
           f"torch threads {torch.get_num_threads()}")
+    medians = {}
     for name, r in rates.items():
-        print(f"  {name:12s} median {med[name]:.2f} images/s (best {max(r):.2f})")
-    print(f"  ratio difftune / pytorch-fid (medians): {med['difftune'] / med['pytorch-fid']:.2f}")
+        medians[name] = [statistics.median(x[k] for x in r) for k in (0, 1)]
+        print(f"  {name:12s} median {medians[name][0]:.2f} images/s, {medians[name][1]:.2f} images/CPU-s")
+    wall, cpu = (medians["difftune"][k] / medians["pytorch-fid"][k] for k in (0, 1))
+    print(f"  ratio difftune / pytorch-fid (medians): {wall:.2f} wall-clock, {cpu:.2f} per CPU-second")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,18 @@ pub fn run(args: FidArgs) -> Result<()> {
             );
         }
     }
-    let model = if inputs.iter().any(|p| !is_npz(p)) {
+    // Statistics files and folder paths are checked before any image is processed.
+    let loaded: Vec<Option<Side>> = inputs
+        .iter()
+        .map(|p| is_npz(p).then(|| statistics_side(p, args.dims)).transpose())
+        .collect::<Result<_>>()?;
+    if let Some(p) = inputs.iter().find(|p| !is_npz(p) && !p.is_dir()) {
+        bail!(
+            "{} is neither an image folder nor a .npz statistics file",
+            p.display()
+        );
+    }
+    let model = if loaded.iter().any(Option::is_none) {
         let device = parse_device(&args.device)?;
         let weights = resolve_weights(args.weights.as_deref())?;
         Some(FidModel::load(&weights, device, args.dims)?.with_batch_size(args.batch))
@@ -84,7 +95,12 @@ pub fn run(args: FidArgs) -> Result<()> {
     };
     let sides: Vec<Side> = inputs
         .iter()
-        .map(|p| side(p, model.as_ref(), args.dims, args.json))
+        .zip(loaded)
+        .map(|(p, loaded)| match (loaded, &model) {
+            (Some(side), _) => Ok(side),
+            (None, Some(model)) => image_side(p, model, args.json),
+            (None, None) => unreachable!("a model is loaded whenever an input is a folder"),
+        })
         .collect::<Result<_>>()?;
     if let Some(out) = &args.save_stats {
         sides[0].stats.write_npz(out)?;
@@ -139,45 +155,39 @@ fn is_npz(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
 }
 
-fn side(path: &Path, model: Option<&FidModel>, dims: usize, quiet: bool) -> Result<Side> {
-    if is_npz(path) {
-        let stats = Statistics::read_npz(path)?;
-        if stats.dims() != dims {
-            bail!(
-                "{} holds {}-dimensional statistics but --dims is {dims}",
-                path.display(),
-                stats.dims()
-            );
-        }
-        return Ok(Side {
-            stats,
-            features: None,
-        });
-    }
-    if !path.is_dir() {
+fn statistics_side(path: &Path, dims: usize) -> Result<Side> {
+    let stats = Statistics::read_npz(path)?;
+    if stats.dims() != dims {
         bail!(
-            "{} is neither an image folder nor a .npz statistics file",
-            path.display()
+            "{} holds {}-dimensional statistics but --dims is {dims}",
+            path.display(),
+            stats.dims()
         );
     }
-    let model = model.expect("a model is loaded whenever an input is a folder");
-    let files = images::list_images(path)?;
+    Ok(Side {
+        stats,
+        features: None,
+    })
+}
+
+fn image_side(dir: &Path, model: &FidModel, quiet: bool) -> Result<Side> {
+    let files = images::list_images(dir)?;
     if files.len() < 2 {
         bail!(
             "{} holds {} image(s); FID needs at least 2",
-            path.display(),
+            dir.display(),
             files.len()
         );
     }
-    if let Some(warning) = small_sample_warning(files.len(), dims) {
-        eprintln!("warning: {}: {warning}", path.display());
+    if let Some(warning) = small_sample_warning(files.len(), model.dims()) {
+        eprintln!("warning: {}: {warning}", dir.display());
     }
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(files.len() as u64)
     };
-    bar.set_message(path.display().to_string());
+    bar.set_message(dir.display().to_string());
     let start = std::time::Instant::now();
     let features =
         model.features_of_images_with_progress(&files, |done| bar.set_position(done as u64))?;
@@ -186,13 +196,13 @@ fn side(path: &Path, model: Option<&FidModel>, dims: usize, quiet: bool) -> Resu
         let seconds = start.elapsed().as_secs_f64();
         eprintln!(
             "{}: features of {} images in {seconds:.2} s ({:.2} images/s)",
-            path.display(),
+            dir.display(),
             files.len(),
             files.len() as f64 / seconds
         );
     }
     let stats = Statistics::from_features(features.as_ref())
-        .with_context(|| format!("statistics of {}", path.display()))?;
+        .with_context(|| format!("statistics of {}", dir.display()))?;
     Ok(Side {
         stats,
         features: Some(features),

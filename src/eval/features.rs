@@ -3,12 +3,11 @@
 //! pipeline, one feature row (float64) per image.
 use super::images::load_image;
 use super::inception::{preprocess, FeatureDims, InceptionV3};
-use crate::model::weights::{load_into, LoadOptions, MappedSafetensors};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use faer::Mat;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Where pytorch-fid downloads its weights from (a PyTorch pickle; convert it once with
 /// tools/convert_inception.py).
@@ -67,42 +66,21 @@ pub struct FidModel {
     dims: FeatureDims,
     device: Device,
     batch_size: usize,
-    /// Owns the weights that `inception` holds shallow copies of.
-    _vs: nn::VarStore,
 }
 
 impl FidModel {
     /// Loads the converted `pt_inception-2015-12-05-6726825d` weights (safetensors) onto `device`,
-    /// for features of width `dims` (64, 192, 768 or 2048). The file's `num_batches_tracked` and
-    /// `fc.*` tensors (BatchNorm bookkeeping and the unused classifier) are ignored; anything else
-    /// missing or extra is an error.
+    /// for features of width `dims` (64, 192, 768 or 2048), with the BatchNorms folded into the
+    /// convolutions.
     pub fn load(weights: &Path, device: Device, dims: usize) -> Result<Self> {
         let dims = FeatureDims::from_dims(dims)?;
-        let vs = nn::VarStore::new(device);
-        let inception = InceptionV3::new(vs.root());
-        let ignored: Vec<String> = MappedSafetensors::open(weights)?
-            .tensors()
-            .names()
-            .into_iter()
-            .filter(|name| name.ends_with(".num_batches_tracked") || name.starts_with("fc."))
-            .map(str::to_string)
-            .collect();
-        let ignored: Vec<&str> = ignored.iter().map(String::as_str).collect();
-        load_into(
-            &vs,
-            &[weights.to_path_buf()],
-            &LoadOptions {
-                ignore_extra: &ignored,
-                ..Default::default()
-            },
-        )
-        .with_context(|| format!("loading the FID Inception weights {}", weights.display()))?;
+        let mut inception = InceptionV3::load(weights, device)?;
+        tch::no_grad(|| inception.fold_batch_norm());
         Ok(Self {
             inception,
             dims,
             device,
             batch_size: DEFAULT_BATCH_SIZE,
-            _vs: vs,
         })
     }
 
@@ -127,16 +105,17 @@ impl FidModel {
         if size.len() != 4 || size[1] != 3 {
             bail!("FID features need images of shape [N, 3, H, W], got {size:?}");
         }
-        let rows = tch::no_grad(|| -> Result<Vec<Tensor>> {
+        let rows: Vec<Tensor> = tch::no_grad(|| {
             images
                 .split(self.batch_size as i64, 0)
                 .iter()
                 .map(|batch| {
-                    let batch = batch.to_device(self.device).to_kind(Kind::Float);
-                    Ok(self.inception.features(&preprocess(&batch), self.dims))
+                    self.run(preprocess(
+                        &batch.to_device(self.device).to_kind(Kind::Float),
+                    ))
                 })
                 .collect()
-        })?;
+        });
         to_matrix(&rows, self.dims())
     }
 
@@ -188,7 +167,21 @@ impl FidModel {
             .iter()
             .map(|image| preprocess(&image.to_device(self.device).unsqueeze(0)))
             .collect();
-        self.inception.features(&Tensor::cat(&inputs, 0), self.dims)
+        self.run(Tensor::cat(&inputs, 0))
+    }
+
+    /// The network on preprocessed `[N, 3, 299, 299]` inputs. On the CPU the input goes
+    /// channels-last, which oneDNN's convolutions run on without reordering every layer's
+    /// activations (and which they then keep through the network).
+    fn run(&self, inputs: Tensor) -> Tensor {
+        let inputs = match self.device {
+            Device::Cpu => inputs
+                .permute([0, 2, 3, 1])
+                .contiguous()
+                .permute([0, 3, 1, 2]),
+            _ => inputs,
+        };
+        self.inception.features(&inputs, self.dims)
     }
 }
 

@@ -3,8 +3,10 @@
 //! (`FIDInceptionA`/`FIDInceptionC`/`FIDInceptionE_1` average-pool without counting the zero
 //! padding, `FIDInceptionE_2` max-pools). Parameter names are those of the ported weights file
 //! `pt_inception-2015-12-05-6726825d.pth` (`Mixed_5b.branch1x1.conv.weight`, ...).
-use anyhow::{bail, Result};
-use tch::{nn, Tensor};
+use crate::model::weights::{load_into, LoadOptions, MappedSafetensors};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
 
 /// BatchNorm epsilon of every `BasicConv2d` (TensorFlow's 1e-3, not PyTorch's default 1e-5).
 const BN_EPS: f64 = 1e-3;
@@ -47,14 +49,46 @@ impl FeatureDims {
     }
 }
 
-/// Conv (no bias) + BatchNorm (eval) + ReLU, torchvision's `BasicConv2d`.
+/// A BatchNorm in eval mode: its running statistics and affine parameters.
 #[derive(Debug)]
-struct BasicConv2d {
-    conv_weight: Tensor,
-    bn_weight: Tensor,
-    bn_bias: Tensor,
+struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
+}
+
+impl BatchNorm {
+    fn new(vs: nn::Path, channels: i64) -> Self {
+        Self {
+            weight: vs.ones_no_train("weight", &[channels]),
+            bias: vs.zeros_no_train("bias", &[channels]),
+            running_mean: vs.zeros_no_train("running_mean", &[channels]),
+            running_var: vs.ones_no_train("running_var", &[channels]),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            false,
+            0.0,
+            BN_EPS,
+            true,
+        )
+    }
+}
+
+/// Conv (no bias) + BatchNorm (eval) + ReLU, torchvision's `BasicConv2d`. Once the weights are
+/// loaded, [`Self::fold_batch_norm`] merges the BatchNorm into the convolution's weight and bias.
+#[derive(Debug)]
+struct BasicConv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    bn: Option<BatchNorm>,
     stride: i64,
     padding: [i64; 2],
 }
@@ -68,15 +102,11 @@ impl BasicConv2d {
         stride: i64,
         padding: [i64; 2],
     ) -> Self {
-        let conv = &vs / "conv";
-        let bn = &vs / "bn";
+        let shape = [out_channels, in_channels, kernel[0], kernel[1]];
         Self {
-            conv_weight: conv
-                .zeros_no_train("weight", &[out_channels, in_channels, kernel[0], kernel[1]]),
-            bn_weight: bn.ones_no_train("weight", &[out_channels]),
-            bn_bias: bn.zeros_no_train("bias", &[out_channels]),
-            running_mean: bn.zeros_no_train("running_mean", &[out_channels]),
-            running_var: bn.ones_no_train("running_var", &[out_channels]),
+            weight: (&vs / "conv").zeros_no_train("weight", &shape),
+            bias: None,
+            bn: Some(BatchNorm::new(&vs / "bn", out_channels)),
             stride,
             padding,
         }
@@ -101,25 +131,32 @@ impl BasicConv2d {
         )
     }
 
+    /// conv then BN is one affine map per output channel: w' = w * s, b' = beta - mean * s with
+    /// s = gamma / sqrt(var + eps) (computed in float64). Saves a full pass over every
+    /// activation; outputs change only by float32 rounding.
+    fn fold_batch_norm(&mut self) {
+        let Some(bn) = self.bn.take() else { return };
+        let kind = self.weight.kind();
+        let scale = bn.weight.to_kind(Kind::Double)
+            / (bn.running_var.to_kind(Kind::Double) + BN_EPS).sqrt();
+        self.weight = (self.weight.to_kind(Kind::Double) * scale.view([-1, 1, 1, 1])).to_kind(kind);
+        let shift = bn.bias.to_kind(Kind::Double) - bn.running_mean.to_kind(Kind::Double) * &scale;
+        self.bias = Some(shift.to_kind(kind));
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(
-            &self.conv_weight,
-            None::<Tensor>,
+        let h = x.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
             [self.stride; 2],
             self.padding,
             [1, 1],
             1,
-        )
-        .batch_norm(
-            Some(&self.bn_weight),
-            Some(&self.bn_bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            false,
-            0.0,
-            BN_EPS,
-            true,
-        )
+        );
+        match &self.bn {
+            Some(bn) => bn.forward(&h),
+            None => h,
+        }
         .relu_()
     }
 }
@@ -166,6 +203,18 @@ impl InceptionA {
         }
     }
 
+    fn convs_mut(&mut self) -> Vec<&mut BasicConv2d> {
+        vec![
+            &mut self.branch1x1,
+            &mut self.branch5x5_1,
+            &mut self.branch5x5_2,
+            &mut self.branch3x3dbl_1,
+            &mut self.branch3x3dbl_2,
+            &mut self.branch3x3dbl_3,
+            &mut self.branch_pool,
+        ]
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         let branch1x1 = self.branch1x1.forward(x);
         let branch5x5 = self.branch5x5_2.forward(&self.branch5x5_1.forward(x));
@@ -194,6 +243,15 @@ impl InceptionB {
             branch3x3dbl_2: BasicConv2d::square(&vs / "branch3x3dbl_2", 64, 96, 3, 1, 1),
             branch3x3dbl_3: BasicConv2d::square(&vs / "branch3x3dbl_3", 96, 96, 3, 2, 0),
         }
+    }
+
+    fn convs_mut(&mut self) -> Vec<&mut BasicConv2d> {
+        vec![
+            &mut self.branch3x3,
+            &mut self.branch3x3dbl_1,
+            &mut self.branch3x3dbl_2,
+            &mut self.branch3x3dbl_3,
+        ]
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -239,6 +297,16 @@ impl InceptionC {
         }
     }
 
+    fn convs_mut(&mut self) -> Vec<&mut BasicConv2d> {
+        let mut convs = vec![&mut self.branch1x1, &mut self.branch_pool];
+        convs.extend(
+            self.branch7x7
+                .iter_mut()
+                .chain(self.branch7x7dbl.iter_mut()),
+        );
+        convs
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         let chain = |convs: &[BasicConv2d]| {
             let first = convs[0].forward(x);
@@ -272,6 +340,12 @@ impl InceptionD {
                 BasicConv2d::square(&vs / "branch7x7x3_4", 192, 192, 3, 2, 0),
             ],
         }
+    }
+
+    fn convs_mut(&mut self) -> Vec<&mut BasicConv2d> {
+        let mut convs = vec![&mut self.branch3x3_1, &mut self.branch3x3_2];
+        convs.extend(self.branch7x7x3.iter_mut());
+        convs
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -321,6 +395,20 @@ impl InceptionE {
             branch_pool: BasicConv2d::square(&vs / "branch_pool", in_channels, 192, 1, 1, 0),
             pool,
         }
+    }
+
+    fn convs_mut(&mut self) -> Vec<&mut BasicConv2d> {
+        vec![
+            &mut self.branch1x1,
+            &mut self.branch3x3_1,
+            &mut self.branch3x3_2a,
+            &mut self.branch3x3_2b,
+            &mut self.branch3x3dbl_1,
+            &mut self.branch3x3dbl_2,
+            &mut self.branch3x3dbl_3a,
+            &mut self.branch3x3dbl_3b,
+            &mut self.branch_pool,
+        ]
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -387,6 +475,53 @@ impl InceptionV3 {
             mixed_7a: InceptionD::new(&vs / "Mixed_7a", 768),
             mixed_7b: InceptionE::new(&vs / "Mixed_7b", 1280, PoolBranch::Average),
             mixed_7c: InceptionE::new(&vs / "Mixed_7c", 2048, PoolBranch::Max),
+        }
+    }
+
+    /// The network with the weights of a converted `pt_inception-2015-12-05-6726825d` file. Its
+    /// `num_batches_tracked` and `fc.*` tensors (BatchNorm bookkeeping, the unused classifier)
+    /// are ignored; anything else missing or extra is an error. The network keeps shallow copies
+    /// of the weights, so the VarStore is not needed afterwards.
+    pub fn load(weights: &Path, device: Device) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let inception = Self::new(vs.root());
+        let ignored: Vec<String> = MappedSafetensors::open(weights)?
+            .tensors()
+            .names()
+            .into_iter()
+            .filter(|name| name.ends_with(".num_batches_tracked") || name.starts_with("fc."))
+            .map(str::to_string)
+            .collect();
+        let ignored: Vec<&str> = ignored.iter().map(String::as_str).collect();
+        let options = LoadOptions {
+            ignore_extra: &ignored,
+            ..Default::default()
+        };
+        load_into(&vs, &[weights.to_path_buf()], &options)
+            .with_context(|| format!("loading the FID Inception weights {}", weights.display()))?;
+        Ok(inception)
+    }
+
+    /// Merges every BatchNorm into its convolution, once the weights are loaded. Before, the
+    /// network computes pytorch-fid's graph op for op; after, the same function with one pass
+    /// less over every activation, equal up to float32 rounding.
+    pub fn fold_batch_norm(&mut self) {
+        let mut convs = vec![
+            &mut self.conv2d_1a_3x3,
+            &mut self.conv2d_2a_3x3,
+            &mut self.conv2d_2b_3x3,
+            &mut self.conv2d_3b_1x1,
+            &mut self.conv2d_4a_3x3,
+        ];
+        convs.extend(self.mixed_5.iter_mut().flat_map(InceptionA::convs_mut));
+        convs.extend(self.mixed_6a.convs_mut());
+        convs.extend(self.mixed_6.iter_mut().flat_map(InceptionC::convs_mut));
+        convs.extend(self.mixed_7a.convs_mut());
+        convs.extend(self.mixed_7b.convs_mut());
+        convs.extend(self.mixed_7c.convs_mut());
+        debug_assert_eq!(convs.len(), 94, "the FID Inception has 94 BasicConv2d");
+        for conv in convs {
+            conv.fold_batch_norm();
         }
     }
 
