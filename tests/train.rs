@@ -507,7 +507,8 @@ fn adamw_matches_torch_on_a_first_step_and_clips() {
 /// the full-size SD v1.4 U-Net with random weights, batch 1, on the CPU; printed as `BENCH {json}`
 /// lines for tools/bench_train_step.py. Environment: DIFFTUNE_BENCH_METHODS (comma-separated,
 /// default all five), DIFFTUNE_BENCH_RESOLUTION (default 256), DIFFTUNE_BENCH_STEPS (default 3),
-/// DIFFTUNE_BENCH_THREADS (default: torch's).
+/// DIFFTUNE_BENCH_THREADS (default: torch's), DIFFTUNE_BENCH_UNET_CONFIG (default: the shared
+/// reference's SD v1.4 config).
 #[test]
 #[ignore = "minutes and ~15 GB on a CPU; run through tools/bench_train_step.py"]
 fn bench_train_step_sd14() {
@@ -521,8 +522,9 @@ fn bench_train_step_sd14() {
         env("DIFFTUNE_BENCH_METHODS").unwrap_or_else(|| "full,lora,adapter,prefix,bitfit".into());
     let resolution: i64 = env("DIFFTUNE_BENCH_RESOLUTION").map_or(256, |r| r.parse().unwrap());
     let steps: usize = env("DIFFTUNE_BENCH_STEPS").map_or(3, |s| s.parse().unwrap());
-    let config_path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4/unet_config.json");
+    let config_path = env("DIFFTUNE_BENCH_UNET_CONFIG").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4/unet_config.json")
+    });
     let unet_config = UNetConfig::from_file(&config_path).unwrap();
     let objective = Objective::new(
         &difftune::schedulers::SchedulerConfig::stable_diffusion_v1(),

@@ -13,7 +13,7 @@ Full fine-tuning holds weights, gradients and two AdamW moments of 860M paramete
 side (they run one after the other).
 
 Usage: source tools/setup.sh && python tools/bench_train_step.py [--methods all] [--resolution 256]
-         [--steps 3] [--threads 2] [--json-out FILE]
+         [--steps 3] [--threads 2] [--config-dir DIR] [--json-out FILE]
 """
 import argparse
 import json
@@ -26,8 +26,9 @@ CONFIG_DIR = os.path.join(ROOT, "..", "shared", "reference", "sd-v1-4")
 METHODS = ["full", "lora", "adapter", "prefix", "bitfit"]
 
 
-def difftune_times(methods, resolution, steps, threads):
+def difftune_times(config_dir, methods, resolution, steps, threads):
     env = dict(os.environ,
+               DIFFTUNE_BENCH_UNET_CONFIG=os.path.join(config_dir, "unet_config.json"),
                DIFFTUNE_BENCH_METHODS=",".join(methods),
                DIFFTUNE_BENCH_RESOLUTION=str(resolution),
                DIFFTUNE_BENCH_STEPS=str(steps),
@@ -40,19 +41,20 @@ def difftune_times(methods, resolution, steps, threads):
     return {r["method"]: r for r in results}
 
 
-def reference_times(methods, resolution, steps, threads):
+def reference_times(config_dir, methods, resolution, steps, threads):
     import torch
     torch.set_num_threads(threads)
     sys.path.insert(0, os.path.join(ROOT, "bench", "peer"))
     import peer_bench
 
-    args = argparse.Namespace(config_dir=CONFIG_DIR, resolution=resolution, device="cpu",
+    args = argparse.Namespace(config_dir=config_dir, resolution=resolution, device="cpu",
                               warmup=1, steps=steps, compile=False)
     return {m: peer_bench.bench_one(args, m, 1) for m in methods}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--config-dir", default=CONFIG_DIR, help="folder with SD v1.4's unet_config.json")
     p.add_argument("--methods", default="all")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
@@ -60,8 +62,8 @@ def main() -> None:
     p.add_argument("--json-out")
     args = p.parse_args()
     methods = METHODS if args.methods == "all" else args.methods.split(",")
-    ours = difftune_times(methods, args.resolution, args.steps, args.threads)
-    theirs = reference_times(methods, args.resolution, args.steps, args.threads)
+    ours = difftune_times(args.config_dir, methods, args.resolution, args.steps, args.threads)
+    theirs = reference_times(args.config_dir, methods, args.resolution, args.steps, args.threads)
     print(f"SD v1.4 U-Net, random weights, {args.resolution}x{args.resolution} "
           f"({args.resolution // 8}x{args.resolution // 8} latents), batch 1, CPU, {args.threads} threads, "
           f"median of {args.steps} steps")

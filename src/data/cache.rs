@@ -301,7 +301,7 @@ pub fn build(
         "cache batch and shard sizes must be positive"
     );
     ensure!(
-        settings.resolution % 8 == 0 && settings.resolution > 0,
+        settings.resolution.is_multiple_of(8) && settings.resolution > 0,
         "resolution {} is not a positive multiple of 8",
         settings.resolution
     );

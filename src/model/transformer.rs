@@ -122,7 +122,10 @@ impl BasicTransformerBlock {
                         .expect("extension output site precedes its input site");
                     // Not `+=`: when the input site is this site, `t` is also the extension's
                     // input, which autograd saved for the backward pass.
-                    t = t + ext.forward(&input);
+                    #[allow(clippy::assign_op_pattern)]
+                    {
+                        t = t + ext.forward(&input);
+                    }
                 }
             }
             t

@@ -148,7 +148,7 @@ impl TrainConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("train.{name} must be positive");
         }
-        if self.resolution % 8 != 0 {
+        if !self.resolution.is_multiple_of(8) {
             bail!(
                 "train.resolution {} is not a multiple of 8 (the VAE's downsampling factor)",
                 self.resolution

@@ -171,7 +171,7 @@ impl AdamW {
                 let _ = v.addcmul_(&grad, &grad);
                 if lr > 0.0 {
                     // p -= lr / bias1 * m / (sqrt(v / bias2) + eps), the denominator built in `grad`.
-                    let _ = grad.copy_(&v);
+                    grad.copy_(&v);
                     let _ = grad.sqrt_();
                     grad *= 1.0 / bias2.sqrt();
                     grad += c.eps;
