@@ -522,9 +522,12 @@ fn bench_train_step_sd14() {
         env("DIFFTUNE_BENCH_METHODS").unwrap_or_else(|| "full,lora,adapter,prefix,bitfit".into());
     let resolution: i64 = env("DIFFTUNE_BENCH_RESOLUTION").map_or(256, |r| r.parse().unwrap());
     let steps: usize = env("DIFFTUNE_BENCH_STEPS").map_or(3, |s| s.parse().unwrap());
-    let config_path = env("DIFFTUNE_BENCH_UNET_CONFIG").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4/unet_config.json")
-    });
+    let config_path = env("DIFFTUNE_BENCH_UNET_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/reference/sd-v1-4/unet_config.json")
+        });
     let unet_config = UNetConfig::from_file(&config_path).unwrap();
     let objective = Objective::new(
         &difftune::schedulers::SchedulerConfig::stable_diffusion_v1(),

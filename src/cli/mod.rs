@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cache;
+mod compare;
 mod fid;
 mod init_tiny;
 mod inspect;
@@ -26,6 +27,9 @@ pub struct Cli {
 pub enum Command {
     /// Time the training step per tuning method and batch size (random weights, nothing downloaded).
     Bench(bench::BenchArgs),
+    /// The study in one command: fine-tune with every method on the same data and budget, sample,
+    /// score (FID/KID) and report the study's tables, plots and sample grids.
+    Compare(compare::CompareArgs),
     /// Build models from configs (random weights) or a model folder and print parameter counts.
     Inspect(inspect::InspectArgs),
     /// Write the built-in tiny SD-architecture model (random weights) as a diffusers folder.
@@ -45,6 +49,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::InitTiny(args) => init_tiny::run(args),
         Command::Cache(args) => cache::run(args),

@@ -1,7 +1,32 @@
 //! `difftune compare`: the study in one command. Trains every tuning method on the same data and
 //! budget, samples the same prompts and seeds with each (and with the base model), scores them
 //! with FID/KID, measures their costs and writes the study's tables, plots and sample grids.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use difftune::compare::{preset, run, CompareOptions, Outcome};
+//! let options = CompareOptions {
+//!     config: preset("tiny")?,
+//!     out: "runs/compare-tiny".into(),
+//!     progress: false,
+//!     interrupt: Default::default(),
+//! };
+//! if let Outcome::Finished(results) = run(&options)? {
+//!     println!("{}", results.table1());
+//! }
+//! # Ok(()) }
+//! ```
+pub mod config;
 pub mod grid;
 pub mod machine;
 pub mod plots;
+pub mod presets;
 pub mod report;
+pub mod runner;
+pub mod score;
+pub mod tiny_vae;
+
+pub use config::CompareConfig;
+pub use presets::preset;
+pub use report::StudyResults;
+pub use runner::{run, CompareOptions, Outcome};

@@ -134,9 +134,9 @@ pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
                 BLACK.mix(0.6).stroke_width(2),
             );
             chart.draw_series(line).map_err(plot_error)?;
-            let caption_color = BLACK.mix(0.7);
+            let grey = BLACK.mix(0.7);
             let style = TextStyle::from((FONT, 16).into_font())
-                .color(&caption_color)
+                .color(&grey)
                 .pos(Pos::new(HPos::Left, VPos::Bottom));
             let caption =
                 EmptyElement::at((x_lo / 2.8, base)) + Text::new("no fine-tuning", (0, -4), style);

@@ -1,0 +1,102 @@
+use crate::compare::config::CompareConfig;
+use crate::compare::presets::{preset, DEFAULT_PRESET};
+use crate::compare::runner::{run as run_compare, CompareOptions, Outcome, REPORT_MD};
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// A shipped run file: `tiny` (the default: minutes on a CPU, nothing downloaded) or
+    /// `sd14-food101` (the study's setup; needs --model and --data).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
+    /// A run file (TOML); see presets/*.toml for the format.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output folder (default runs/compare-NAME). Running again with the same folder reuses or
+    /// resumes what is there.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Base model: a diffusers folder or hub id (sets model.source).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Dataset folder (sets data.source).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Override a run-file setting: train.steps=100, sample.per_class=4,
+    /// methods.lora.settings.rank=8 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the resolved run file and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+pub fn run(args: CompareArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => CompareConfig::load(path)?,
+        None => preset(args.preset.as_deref().unwrap_or(DEFAULT_PRESET))?,
+    };
+    let mut overrides = args.set.clone();
+    if let Some(model) = &args.model {
+        overrides.push(format!(
+            "model.source={}",
+            toml::Value::String(model.clone())
+        ));
+    }
+    if let Some(data) = &args.data {
+        overrides.push(format!(
+            "data.source={}",
+            toml::Value::String(data.display().to_string())
+        ));
+    }
+    config.apply_overrides(&overrides)?;
+    if args.print_config {
+        print!("{}", config.to_toml()?);
+        return Ok(());
+    }
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("runs/compare-{}", config.name)));
+
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("difftune compare: second interrupt, exiting now");
+            std::process::exit(130);
+        }
+        eprintln!("difftune compare: interrupt received, stopping at the next checkpoint (Ctrl-C again to abort)");
+    })?;
+    let outcome = run_compare(&CompareOptions {
+        config,
+        out: out.clone(),
+        progress: true,
+        interrupt,
+    })?;
+    match outcome {
+        Outcome::Finished(results) => {
+            println!("Table 1. FID (lower is better)\n\n{}", results.table1());
+            println!(
+                "Table 2. Trained parameters and training time relative to full fine-tuning\n\n{}",
+                results.table2()
+            );
+            for check in &results.checks {
+                println!(
+                    "{}: {}",
+                    if check.passed { "PASS" } else { "FAIL" },
+                    check.statement
+                );
+            }
+            println!("\nreport: {}", out.join(REPORT_MD).display());
+        }
+        Outcome::Interrupted => println!(
+            "stopped; run the same command again to resume from {}",
+            out.display()
+        ),
+    }
+    Ok(())
+}

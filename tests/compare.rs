@@ -1,0 +1,196 @@
+//! `difftune compare` end to end on the tiny preset with a very small budget: every artefact is
+//! written, the numbers agree with each other and with the peft module, an interrupted comparison
+//! resumes, and a finished one is reused.
+use difftune::compare::runner::{REPORT_MD, RESULTS_CSV, RESULTS_JSON};
+use difftune::compare::{preset, run, CompareConfig, CompareOptions, Outcome, StudyResults};
+use difftune::model::source::ModelFiles;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+const METHODS: [&str; 5] = ["full", "adapter", "lora", "prefix", "bitfit"];
+
+/// The tiny preset cut down to seconds per stage.
+fn small_tiny() -> CompareConfig {
+    let mut config = preset("tiny").unwrap();
+    config
+        .apply_overrides(&[
+            "data.synthetic.classes=3".into(),
+            "data.synthetic.train_per_class=4".into(),
+            "data.synthetic.test_per_class=4".into(),
+            "data.synthetic.resolution=32".into(),
+            "train.resolution=32".into(),
+            "train.batch_size=4".into(),
+            "train.steps=3".into(),
+            "train.checkpoint_every=0".into(),
+            "train.device=\"cpu\"".into(),
+            "pretrain.steps=3".into(),
+            "sample.per_class=3".into(),
+            "sample.steps=2".into(),
+            "sample.grid_classes=2".into(),
+            "sample.grid_seeds=2".into(),
+            "eval.dims=64".into(),
+            "eval.feature_weights=\"random\"".into(),
+            "eval.kid_subsets=5".into(),
+        ])
+        .unwrap();
+    config
+}
+
+fn options(config: &CompareConfig, out: &Path) -> CompareOptions {
+    CompareOptions {
+        config: config.clone(),
+        out: out.to_path_buf(),
+        progress: false,
+        interrupt: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+fn finished(outcome: Outcome) -> StudyResults {
+    match outcome {
+        Outcome::Finished(results) => *results,
+        Outcome::Interrupted => panic!("the comparison stopped early"),
+    }
+}
+
+fn assert_png(path: &Path) {
+    let image = image::open(path)
+        .unwrap_or_else(|e| panic!("{} is not a readable image: {e}", path.display()));
+    assert!(
+        image.width() > 16 && image.height() > 16,
+        "{} is {}x{}",
+        path.display(),
+        image.width(),
+        image.height()
+    );
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path).unwrap().modified().unwrap()
+}
+
+#[test]
+fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("compare");
+    let config = small_tiny();
+
+    // Interrupted at once: the first training run stops after its first step.
+    let interrupted = options(&config, &out);
+    interrupted.interrupt.store(true, Ordering::SeqCst);
+    assert!(matches!(run(&interrupted).unwrap(), Outcome::Interrupted));
+    assert!(!out.join(RESULTS_JSON).exists());
+
+    let started = Instant::now();
+    let results = finished(run(&options(&config, &out)).unwrap());
+    let first_seconds = started.elapsed().as_secs_f64();
+
+    // Every artefact.
+    for file in [RESULTS_JSON, RESULTS_CSV, REPORT_MD] {
+        assert!(out.join(file).is_file(), "{file} is missing");
+    }
+    for plot in ["fid_vs_params", "train_time", "loss_curves"] {
+        assert_png(&out.join(format!("plots/{plot}.png")));
+    }
+    for grid in ["comparison", "base"].into_iter().chain(METHODS) {
+        assert_png(&out.join(format!("grids/{grid}.png")));
+    }
+    let saved: StudyResults =
+        serde_json::from_str(&std::fs::read_to_string(out.join(RESULTS_JSON)).unwrap()).unwrap();
+    assert_eq!(saved, results);
+
+    // The rows: base first, then the five methods, each scored on the same number of images.
+    let names: Vec<&str> = results.rows.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(
+        names,
+        ["base", "full", "adapter", "lora", "prefix", "bitfit"]
+    );
+    for row in &results.rows {
+        assert!(
+            row.fid.is_finite() && row.fid >= 0.0,
+            "{}: FID {}",
+            row.method,
+            row.fid
+        );
+        assert!(
+            row.kid_mean.is_finite(),
+            "{}: KID {}",
+            row.method,
+            row.kid_mean
+        );
+        assert_eq!(row.images, 3 * 3, "{}", row.method);
+        assert_eq!(row.train.is_some(), row.method != "base");
+    }
+    assert!(results
+        .checks
+        .iter()
+        .any(|c| c.statement.contains("finite") && c.passed));
+
+    // Trainable parameters as the peft module counts them on the same base U-Net.
+    let files = ModelFiles::resolve(&out.join("model/base").display().to_string(), None).unwrap();
+    let (vs, mut unet) = difftune::model::pipeline::load_unet(&files, tch::Device::Cpu).unwrap();
+    let unet_params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+    for (entry, row) in config.methods.iter().zip(results.methods()) {
+        let method = difftune::peft::method_from_settings(
+            &entry.name,
+            &toml::Value::Table(entry.settings.clone()),
+        )
+        .unwrap();
+        let expected =
+            difftune::peft::trainable_parameter_count(method.as_ref(), &mut unet, &vs).unwrap();
+        assert_eq!(
+            row.trainable_params,
+            Some(expected as u64),
+            "{}",
+            entry.name
+        );
+        assert_eq!(row.unet_params, unet_params as u64);
+    }
+    assert_eq!(
+        results.full().unwrap().trainable_params,
+        Some(unet_params as u64)
+    );
+
+    // Both tables list every method in the study's format; the CSV has one line per row.
+    let table1 = results.table1();
+    let table2 = results.table2();
+    for row in results.methods() {
+        assert!(table1.contains(&format!("| {} |", row.label)), "{table1}");
+        assert!(table2.contains(&format!("| {} |", row.label)), "{table2}");
+    }
+    assert!(table2.contains("(100%) | 100% |"), "{table2}");
+    let report = std::fs::read_to_string(out.join(REPORT_MD)).unwrap();
+    assert!(report.contains(&table1) && report.contains(&table2));
+    assert!(
+        report.contains("random initialisation"),
+        "the report must say which FID features it used"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join(RESULTS_CSV))
+            .unwrap()
+            .lines()
+            .count(),
+        1 + 6
+    );
+
+    // A second invocation reuses everything: no run is touched, and it is quick.
+    let adapters: Vec<_> = METHODS
+        .iter()
+        .map(|m| out.join(format!("runs/{m}/adapter.safetensors")))
+        .collect();
+    let stamps: Vec<_> = adapters.iter().map(|p| modified(p)).collect();
+    let started = Instant::now();
+    let again = finished(run(&options(&config, &out)).unwrap());
+    let second_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(
+        adapters.iter().map(|p| modified(p)).collect::<Vec<_>>(),
+        stamps
+    );
+    let fids = |r: &StudyResults| r.rows.iter().map(|row| row.fid).collect::<Vec<_>>();
+    assert_eq!(fids(&again), fids(&results));
+    assert!(
+        second_seconds < first_seconds / 2.0,
+        "reusing took {second_seconds:.1} s, the first run {first_seconds:.1} s"
+    );
+}
