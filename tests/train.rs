@@ -581,3 +581,27 @@ fn bench_train_step_sd14() {
         );
     }
 }
+
+#[test]
+fn validation_images_are_written_and_leave_training_unchanged() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let plain = fx.config("bitfit", 4, 1e-2);
+    let mut validated = plain.clone();
+    validated.train.validation_every = 2;
+    validated.train.validation_images = 2;
+    validated.train.validation_steps = 2;
+    train(&fx.options(plain, "plain")).unwrap();
+    train(&fx.options(validated, "validated")).unwrap();
+    for step in ["step-00000002", "step-00000004"] {
+        for image in ["00.png", "01.png"] {
+            let path = fx.root.join("validated/validation").join(step).join(image);
+            assert!(path.is_file(), "{} is missing", path.display());
+        }
+    }
+    assert_eq!(
+        checkpoint_bytes(&fx.root.join("plain")),
+        checkpoint_bytes(&fx.root.join("validated")),
+        "sampling validation images changed what was trained"
+    );
+}

@@ -156,18 +156,12 @@ pub fn ensure_compatible(checkpoint: &CheckpointState, current: &CheckpointState
             toml::to_string(&new.method)?.trim().replace('\n', ", ")
         );
     }
-    if old.train.trajectory() != new.train.trajectory() {
-        let (a, b) = (
-            toml::Table::try_from(old.train)?,
-            toml::Table::try_from(new.train)?,
-        );
+    let (a, b) = (old.train.trajectory(), new.train.trajectory());
+    if a != b {
+        let (a, b) = (toml::Table::try_from(a)?, toml::Table::try_from(b)?);
         let differing: Vec<String> = a
             .iter()
-            .filter(|(k, v)| {
-                b.get(*k) != Some(*v)
-                    && !["steps", "checkpoint_every", "keep_checkpoints", "device"]
-                        .contains(&k.as_str())
-            })
+            .filter(|(k, v)| b.get(*k) != Some(*v))
             .map(|(k, v)| {
                 format!(
                     "{k} = {v} (now {})",

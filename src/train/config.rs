@@ -102,6 +102,23 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Default `auto`: CUDA when available.
     pub device: DeviceChoice,
+    /// Sample validation images every this many optimizer steps and at the end; 0 disables.
+    /// Default 0.
+    pub validation_every: usize,
+    /// Validation prompts; empty takes the first `validation_images` captions of the data.
+    /// Default empty.
+    pub validation_prompts: Vec<String>,
+    /// How many of the data's captions to sample when `validation_prompts` is empty. Default 4.
+    pub validation_images: usize,
+    /// Validation image `i` starts from the noise of seed `validation_seed + i`. Default 0.
+    pub validation_seed: u64,
+    /// Sampling scheduler of the validation images (as `difftune sample` names them). Default
+    /// `dpmsolver++`.
+    pub validation_scheduler: String,
+    /// Denoising steps of the validation images. Default 25.
+    pub validation_steps: usize,
+    /// Classifier-free guidance scale of the validation images. Default 7.5.
+    pub validation_guidance: f64,
 }
 
 impl Default for TrainConfig {
@@ -128,6 +145,13 @@ impl Default for TrainConfig {
             checkpoint_every: 500,
             keep_checkpoints: 3,
             device: DeviceChoice::Auto,
+            validation_every: 0,
+            validation_prompts: Vec::new(),
+            validation_images: 4,
+            validation_seed: 0,
+            validation_scheduler: "dpmsolver++".into(),
+            validation_steps: 25,
+            validation_guidance: 7.5,
         }
     }
 }
@@ -181,14 +205,23 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The settings a resumed run may change without changing what is computed: how long it runs,
-    /// how often it saves, and how many checkpoints it keeps.
+    /// These settings with those a resumed run may change reset: they do not change what is
+    /// trained (how long it runs, how often it saves, how many checkpoints it keeps, the device,
+    /// validation).
     pub fn trajectory(&self) -> Self {
+        let defaults = Self::default();
         Self {
             steps: 0,
             checkpoint_every: 0,
             keep_checkpoints: 0,
             device: DeviceChoice::Auto,
+            validation_every: 0,
+            validation_prompts: Vec::new(),
+            validation_images: defaults.validation_images,
+            validation_seed: defaults.validation_seed,
+            validation_scheduler: defaults.validation_scheduler,
+            validation_steps: defaults.validation_steps,
+            validation_guidance: defaults.validation_guidance,
             ..self.clone()
         }
     }

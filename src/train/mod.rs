@@ -7,6 +7,7 @@ pub mod optim;
 pub mod precision;
 pub mod step;
 pub mod trainer;
+pub mod validation;
 
 pub use config::{RunConfig, TrainConfig};
 pub use trainer::{train, TrainOptions, TrainSummary};

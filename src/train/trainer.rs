@@ -10,6 +10,7 @@ use super::config::{Precision, RunConfig};
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
 use super::step::{attach_method, forward_backward, Objective, StepInputs};
+use super::validation::{TrainedUnet, Validation};
 use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
 use crate::data::PromptTemplate;
 use crate::model::source::ModelFiles;
@@ -203,6 +204,20 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         super::precision::freeze_to_bf16(&unet_vs, &tensors);
     }
     let mut optimizer = AdamW::new(tensors, train.optimizer.clone())?;
+    let validation = match train.validation_every {
+        0 => None,
+        _ => Some(Validation::new(&files, train, &data.manifest.prompts)?),
+    };
+    let model = match validation {
+        Some(_) => TrainedUnet::in_pipeline(&files, unet_vs, unet)?,
+        None => TrainedUnet::Bare(Box::new(unet)),
+    };
+    let validate = |step: usize| -> Result<()> {
+        if let (Some(validation), TrainedUnet::InPipeline(models)) = (&validation, &model) {
+            validation.run(models, autocast, &opts.out, step)?;
+        }
+        Ok(())
+    };
 
     let accum = train.gradient_accumulation_steps;
     let per_step = train.batch_size * accum;
@@ -312,8 +327,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 latents,
                 context: context.to_device(device).to_kind(Kind::Float),
             };
-            let loss = forward_backward(&unet, &objective, &inputs, autocast, 1.0 / accum as f64)?
-                .double_value(&[]);
+            let loss = forward_backward(
+                model.unet(),
+                &objective,
+                &inputs,
+                autocast,
+                1.0 / accum as f64,
+            )?
+            .double_value(&[]);
             if !loss.is_finite() {
                 bar.abandon();
                 bail!(
@@ -353,6 +374,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         if train.checkpoint_every > 0 && step % train.checkpoint_every == 0 {
             last_saved = Some((step, bar.suspend(|| save(step, &optimizer))?));
         }
+        if train.validation_every > 0 && step % train.validation_every == 0 {
+            bar.suspend(|| validate(step))?;
+        }
         let interrupted = opts.interrupt.load(Ordering::SeqCst);
         let stopped = opts.stop_after.is_some_and(|n| step - start >= n);
         if (interrupted || stopped) && step < train.steps {
@@ -374,6 +398,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     }
     bar.finish();
+    if train.validation_every > 0 && step % train.validation_every != 0 {
+        validate(step)?;
+    }
     if last_saved.as_ref().is_none_or(|(s, _)| *s != step) {
         last_saved = Some((step, save(step, &optimizer)?));
     }
