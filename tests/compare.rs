@@ -174,17 +174,28 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
         1 + 6
     );
 
-    // A second invocation reuses everything: no run is touched, and it is quick.
-    let adapters: Vec<_> = METHODS
-        .iter()
-        .map(|m| out.join(format!("runs/{m}/adapter.safetensors")))
-        .collect();
-    let stamps: Vec<_> = adapters.iter().map(|p| modified(p)).collect();
+    // A second invocation reuses everything: no dataset, model or run is written again.
+    let outputs: Vec<_> = [
+        "data/target/meta/train.json",
+        "data/source/meta/train.json",
+        "model/tiny/vae/diffusion_pytorch_model.safetensors",
+        "model/base/unet/diffusion_pytorch_model.safetensors",
+        "eval/reference-features.safetensors",
+    ]
+    .into_iter()
+    .map(|p| out.join(p))
+    .chain(
+        METHODS
+            .iter()
+            .map(|m| out.join(format!("runs/{m}/adapter.safetensors"))),
+    )
+    .collect();
+    let stamps: Vec<_> = outputs.iter().map(|p| modified(p)).collect();
     let started = Instant::now();
     let again = finished(run(&options(&config, &out)).unwrap());
     let second_seconds = started.elapsed().as_secs_f64();
     assert_eq!(
-        adapters.iter().map(|p| modified(p)).collect::<Vec<_>>(),
+        outputs.iter().map(|p| modified(p)).collect::<Vec<_>>(),
         stamps
     );
     let fids = |r: &StudyResults| r.rows.iter().map(|row| row.fid).collect::<Vec<_>>();

@@ -165,7 +165,7 @@ fn bench_one(
         times.push(started.elapsed().as_secs_f64());
     }
     let (kind, peak_memory_bytes) = probe.finish();
-    let median_step_s = median(&mut times);
+    let median_step_s = crate::util::stats::median(&mut times);
     Ok((
         BenchResult {
             method: method.to_string(),
@@ -178,14 +178,4 @@ fn bench_one(
         },
         kind,
     ))
-}
-
-fn median(times: &mut [f64]) -> f64 {
-    times.sort_by(f64::total_cmp);
-    let mid = times.len() / 2;
-    if times.len() % 2 == 0 {
-        (times[mid - 1] + times[mid]) / 2.0
-    } else {
-        times[mid]
-    }
 }

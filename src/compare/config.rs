@@ -2,6 +2,7 @@
 //! shares, the methods with their own settings, how images are sampled and how they are scored.
 //! Presets (presets/*.toml) are run files; `--set key=value` overrides any setting.
 use super::tiny_vae::TinyVaeTraining;
+use crate::schedulers::config::PredictionType;
 use crate::train::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,9 @@ pub struct ModelSection {
     pub tiny_seed: u64,
     /// How the tiny model's VAE is made a working codec (see [`TinyVaeTraining`]).
     pub tiny_vae: TinyVaeTraining,
+    /// What the tiny model's U-Net is trained to predict (written into its scheduler config, so
+    /// training and sampling agree). Default `epsilon`, as SD v1.
+    pub tiny_prediction_type: PredictionType,
 }
 
 impl Default for ModelSection {
@@ -51,6 +55,7 @@ impl Default for ModelSection {
             source: TINY_MODEL.into(),
             tiny_seed: 0,
             tiny_vae: TinyVaeTraining::default(),
+            tiny_prediction_type: PredictionType::Epsilon,
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::data::{Dataset, DatasetOptions, PromptTemplate, Split};
 use crate::model::source::ModelFiles;
 use crate::sample::pipeline::{generate, initial_latents, GenerateOptions, SdModels};
 use crate::sample::png::to_rgb8;
+use crate::schedulers::PredictionType;
 use crate::train::config::{MethodConfig, RunConfig};
 use crate::train::metrics::MetricsLog;
 use crate::train::trainer::{ADAPTER_FILE, CHECKPOINTS_DIR, METRICS_FILE};
@@ -97,8 +98,10 @@ impl Layout {
 #[derive(Debug, Serialize, Deserialize)]
 struct StageState {
     key: Value,
-    /// Set once the stage finished.
-    record: Option<Value>,
+    finished: bool,
+    /// What the finished stage produced (null for stages that only write files).
+    #[serde(default)]
+    record: Value,
 }
 
 /// Whether a stage is done. Not done: the stage's folder is cleared when it holds work for other
@@ -117,8 +120,8 @@ fn enter_stage<T: DeserializeOwned>(
     };
     let same_key = state.as_ref().is_some_and(|s| &s.key == key);
     if same_key {
-        if let Some(record) = state.and_then(|s| s.record) {
-            let record = serde_json::from_value(record)
+        if let Some(state) = state.filter(|s| s.finished) {
+            let record = serde_json::from_value(state.record)
                 .with_context(|| format!("reading {}", path.display()))?;
             return Ok(Some(record));
         }
@@ -130,7 +133,8 @@ fn enter_stage<T: DeserializeOwned>(
         &path,
         &StageState {
             key: key.clone(),
-            record: None,
+            finished: false,
+            record: Value::Null,
         },
     )?;
     Ok(None)
@@ -141,7 +145,8 @@ fn finish_stage<T: Serialize>(layout: &Layout, stage: &str, key: &Value, record:
         &layout.state(stage),
         &StageState {
             key: key.clone(),
-            record: Some(serde_json::to_value(record)?),
+            finished: true,
+            record: serde_json::to_value(record)?,
         },
     )
 }
@@ -152,6 +157,13 @@ struct RunRecord {
     adapter: PathBuf,
     trainable_params: u64,
     train: TrainMeasure,
+}
+
+/// A method's finished run with the stage key it was trained under.
+struct TrainedRun<'a> {
+    method: &'a MethodEntry,
+    key: Value,
+    record: RunRecord,
 }
 
 /// A finished sampling of one row.
@@ -228,7 +240,11 @@ pub fn run(opts: &CompareOptions) -> Result<Outcome> {
         else {
             return Ok(Outcome::Interrupted);
         };
-        runs.push((method, key, record));
+        runs.push(TrainedRun {
+            method,
+            key,
+            record,
+        });
     }
 
     let classes = Dataset::open(
@@ -252,19 +268,20 @@ pub fn run(opts: &CompareOptions) -> Result<Outcome> {
         "resolution": config.sample_resolution(),
         "plan": plan,
     });
-    let mut rows: Vec<(String, String, Option<&(&MethodEntry, Value, RunRecord)>)> = vec![(
+    // The study's rows: the base model, then each method's run.
+    let mut rows: Vec<(String, String, Option<&TrainedRun>)> = vec![(
         BASE_ROW.to_string(),
         "No fine-tuning (base model)".to_string(),
         None,
     )];
     rows.extend(
         runs.iter()
-            .map(|r| (r.0.name.clone(), r.0.label(), Some(r))),
+            .map(|r| (r.method.name.clone(), r.method.label(), Some(r))),
     );
     let mut sampled = Vec::new();
     for (row, label, run) in &rows {
-        let key = json!({ "samples": sample_key, "run": run.map(|r| &r.1) });
-        let adapter = run.map(|r| r.2.adapter.as_path());
+        let key = json!({ "samples": sample_key, "run": run.map(|r| &r.key) });
+        let adapter = run.map(|r| r.record.adapter.as_path());
         eprintln!("compare: sampling {} images with {label}", plan.len());
         let Some(record) = sample_stage(
             &layout,
@@ -323,9 +340,9 @@ pub fn run(opts: &CompareOptions) -> Result<Outcome> {
             kid_mean: score.kid_mean,
             kid_std: score.kid_std,
             images: score.images,
-            trainable_params: run.map(|r| r.2.trainable_params),
+            trainable_params: run.map(|r| r.record.trainable_params),
             unet_params,
-            train: run.map(|r| r.2.train.clone()),
+            train: run.map(|r| r.record.train.clone()),
             sample_seconds: sample_record.seconds,
         });
     }
@@ -432,6 +449,7 @@ fn prepare_base_model(
         let key = json!({
             "tiny_seed": config.model.tiny_seed,
             "tiny_vae": config.model.tiny_vae,
+            "tiny_prediction_type": config.model.tiny_prediction_type,
             "resolution": config.train.resolution,
             "data": datasets.iter().map(|d| &d.key).collect::<Vec<_>>(),
         });
@@ -441,6 +459,7 @@ fn prepare_base_model(
                     .with_context(|| format!("removing {}", dir.display()))?;
             }
             crate::model::tiny::write_tiny_model(&dir, config.model.tiny_seed)?;
+            set_prediction_type(&dir, config.model.tiny_prediction_type)?;
             if config.model.tiny_vae.steps > 0 {
                 eprintln!(
                     "compare: training the tiny model's VAE ({} steps)",
@@ -454,6 +473,7 @@ fn prepare_base_model(
                     config.train.resolution,
                     &config.model.tiny_vae,
                     device,
+                    opts.progress,
                 )?;
                 eprintln!(
                     "compare: tiny VAE reconstruction MSE {:.4}, scaling factor {:.4}",
@@ -499,6 +519,16 @@ fn prepare_base_model(
         finish_stage(layout, "model-base", &key, &Value::Null)?;
     }
     Ok(Some(base.display().to_string()))
+}
+
+/// Sets `prediction_type` in the scheduler config of the diffusers folder `model`.
+fn set_prediction_type(model: &Path, prediction: PredictionType) -> Result<()> {
+    let path = model.join("scheduler").join("scheduler_config.json");
+    let mut json: Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    json["prediction_type"] = serde_json::to_value(prediction)?;
+    write_json(&path, &json)
 }
 
 /// Writes a copy of the model folder of `files` with `adapter` merged into its U-Net.
@@ -597,7 +627,7 @@ fn train_stage(
     }
     let metrics = MetricsLog::read(&dir.join(METRICS_FILE))?;
     let mut step_times: Vec<f64> = metrics.iter().map(|m| m.step_time_s).collect();
-    step_times.sort_by(f64::total_cmp);
+    let total_seconds = step_times.iter().sum();
     let tail = (metrics.len() / 10).max(1).min(metrics.len());
     let final_loss = (!metrics.is_empty()).then(|| {
         metrics[metrics.len() - tail..]
@@ -611,8 +641,8 @@ fn train_stage(
         trainable_params: summary.trainable_parameters as u64,
         train: TrainMeasure {
             steps: summary.step,
-            total_seconds: step_times.iter().sum(),
-            median_step_seconds: median(&step_times),
+            total_seconds,
+            median_step_seconds: crate::util::stats::median(&mut step_times),
             peak_memory_bytes,
             memory_kind,
             final_loss,
@@ -620,14 +650,6 @@ fn train_stage(
     };
     finish_stage(layout, stage, key, &record)?;
     Ok(Some(record))
-}
-
-fn median(sorted: &[f64]) -> f64 {
-    match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]),
-    }
 }
 
 /// The images every row generates: `per_class` seeds for each sampled class.
@@ -745,7 +767,7 @@ fn write_outputs(
     layout: &Layout,
     config: &CompareConfig,
     results: &StudyResults,
-    runs: &[(&MethodEntry, Value, RunRecord)],
+    runs: &[TrainedRun],
     plan: &[SampleItem],
     test: &Dataset,
 ) -> Result<()> {
@@ -765,7 +787,7 @@ fn write_outputs(
         "Training time per method".to_string(),
     ));
     let mut curves = Vec::new();
-    for (method, _, record) in runs {
+    for TrainedRun { method, record, .. } in runs {
         let metrics = MetricsLog::read(&record.adapter.with_file_name(METRICS_FILE))?;
         let index = results
             .rows

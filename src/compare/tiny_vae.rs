@@ -58,13 +58,14 @@ pub struct TinyVaeReport {
 }
 
 /// Trains the VAE of the diffusers folder `model` in place on the training images of `datasets`
-/// at `resolution` px, and rewrites its weights and `scaling_factor`.
+/// at `resolution` px, and rewrites its weights and `scaling_factor`. `progress` draws a bar.
 pub fn train_tiny_vae(
     model: &Path,
     datasets: &[&Path],
     resolution: u32,
     settings: &TinyVaeTraining,
     device: Device,
+    progress: bool,
 ) -> Result<TinyVaeReport> {
     if settings.batch_size == 0
         || !(settings.learning_rate.is_finite() && settings.learning_rate > 0.0)
@@ -99,7 +100,17 @@ pub fn train_tiny_vae(
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
     let mut order: Vec<i64> = Vec::new();
     let mut recent = Vec::new();
-    let t0 = std::time::Instant::now();
+    let bar = if progress {
+        indicatif::ProgressBar::new(settings.steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "tiny VAE {bar:30} {pos}/{len} mse {msg} {per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
     for step in 0..settings.steps {
         if order.len() < settings.batch_size {
             let mut epoch: Vec<i64> = (0..n as i64).collect();
@@ -129,14 +140,10 @@ pub fn train_tiny_vae(
             .step(settings.learning_rate, Some(1.0))
             .with_context(|| format!("tiny VAE step {}", step + 1))?;
         recent.push(mse.double_value(&[]));
-        if step % 20 == 0 {
-            eprintln!(
-                "vae step {step} mse {:.4} t {:.1}",
-                recent[step],
-                t0.elapsed().as_secs_f64()
-            );
-        }
+        bar.set_message(format!("{:.4}", recent[step]));
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let tail = &recent[recent.len() - (recent.len() / 10).max(1).min(recent.len())..];
     let reconstruction_mse = if tail.is_empty() {
         f64::NAN

@@ -2,7 +2,7 @@
 //! one file configures any scheduler: each reads the keys it knows and falls back to its own
 //! defaults for absent ones (which is why every field is optional), and ignores the rest.
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
 use std::path::Path;
 
@@ -16,7 +16,7 @@ pub enum BetaSchedule {
 }
 
 /// What the U-Net predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PredictionType {
     Epsilon,

@@ -1,3 +1,4 @@
 //! Small shared utilities.
 pub mod fs;
+pub mod stats;
 pub mod tensor;
