@@ -200,5 +200,9 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
     );
     let fids = |r: &StudyResults| r.rows.iter().map(|row| row.fid).collect::<Vec<_>>();
     assert_eq!(fids(&again), fids(&results));
+    // The report's wall time covers every invocation, the reusing one included.
+    assert_eq!(again.invocations, results.invocations + 1);
+    assert!(again.wall_seconds > results.wall_seconds);
+    assert!(again.invocation_seconds < again.wall_seconds);
     println!("first run {first_seconds:.1} s, reusing run {second_seconds:.1} s");
 }

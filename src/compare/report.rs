@@ -22,8 +22,13 @@ pub struct StudyResults {
     /// The base-model row first, then the methods in run-file order.
     pub rows: Vec<MethodRow>,
     pub checks: Vec<Check>,
-    /// Wall time of this invocation (a resumed run counts only its own part).
+    /// Wall time spent on this comparison over all its invocations (an interrupted invocation
+    /// counts up to its last finished stage).
     pub wall_seconds: f64,
+    /// How many invocations of `compare` that time is spread over.
+    pub invocations: u32,
+    /// Wall time of the invocation that wrote these results.
+    pub invocation_seconds: f64,
     /// The resolved run file, as TOML.
     pub settings_toml: String,
 }
@@ -303,8 +308,10 @@ impl StudyResults {
         writeln!(md, "- FID features: {}", self.fid_features)?;
         writeln!(
             md,
-            "- Wall time of this invocation: {}\n",
-            format_seconds(self.wall_seconds)
+            "- Wall time: {} in all, over {} invocation(s) of `difftune compare` (this one: {})\n",
+            format_seconds(self.wall_seconds),
+            self.invocations,
+            format_seconds(self.invocation_seconds)
         )?;
         writeln!(
             md,
@@ -435,6 +442,8 @@ pub(crate) mod example {
             rows,
             checks,
             wall_seconds: 3.0,
+            invocations: 1,
+            invocation_seconds: 3.0,
             settings_toml: "a = 1\n".into(),
         }
     }

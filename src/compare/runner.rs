@@ -48,6 +48,8 @@ pub const RESULTS_CSV: &str = "results.csv";
 pub const REPORT_MD: &str = "report.md";
 /// The resolved run file.
 pub const CONFIG_FILE: &str = "compare.toml";
+/// Where [`WallClock`] keeps the time spent so far.
+const WALL_TIME_FILE: &str = "state/wall-time.json";
 
 pub struct CompareOptions {
     pub config: CompareConfig,
@@ -65,9 +67,55 @@ pub enum Outcome {
     Interrupted,
 }
 
-/// The folders of a comparison's output.
+/// The folders of a comparison's output, and the clock of the time spent on it.
 struct Layout {
     root: PathBuf,
+    clock: WallClock,
+}
+
+/// Wall time spent on a comparison over all its invocations, kept in `state/wall-time.json` and
+/// saved whenever a stage finishes, so the work of an interrupted invocation still counts.
+struct WallClock {
+    earlier_seconds: f64,
+    invocations: u32,
+    started: Instant,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WallTime {
+    seconds: f64,
+    invocations: u32,
+}
+
+impl WallClock {
+    fn start(path: &Path) -> Self {
+        let earlier: Option<WallTime> = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok());
+        Self {
+            earlier_seconds: earlier.as_ref().map_or(0.0, |w| w.seconds),
+            invocations: earlier.map_or(0, |w| w.invocations) + 1,
+            started: Instant::now(),
+        }
+    }
+
+    fn this_invocation(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn total(&self) -> f64 {
+        self.earlier_seconds + self.this_invocation()
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        write_json(
+            path,
+            &WallTime {
+                seconds: self.total(),
+                invocations: self.invocations,
+            },
+        )
+    }
 }
 
 impl Layout {
@@ -148,7 +196,8 @@ fn finish_stage<T: Serialize>(layout: &Layout, stage: &str, key: &Value, record:
             finished: true,
             record: serde_json::to_value(record)?,
         },
-    )
+    )?;
+    layout.clock.save(&layout.root.join(WALL_TIME_FILE))
 }
 
 /// A finished training run, as recorded in its stage state.
@@ -185,11 +234,11 @@ struct SampleItem {
 
 /// Runs (or resumes) a comparison. See the module documentation.
 pub fn run(opts: &CompareOptions) -> Result<Outcome> {
-    let started = Instant::now();
     let config = &opts.config;
     config.validate()?;
     let layout = Layout {
         root: opts.out.clone(),
+        clock: WallClock::start(&opts.out.join(WALL_TIME_FILE)),
     };
     std::fs::create_dir_all(&layout.root)
         .with_context(|| format!("creating {}", layout.root.display()))?;
@@ -366,10 +415,13 @@ pub fn run(opts: &CompareOptions) -> Result<Outcome> {
         ),
         rows: results_rows,
         checks,
-        wall_seconds: started.elapsed().as_secs_f64(),
+        wall_seconds: layout.clock.total(),
+        invocations: layout.clock.invocations,
+        invocation_seconds: layout.clock.this_invocation(),
         settings_toml,
     };
     write_outputs(&layout, config, &results, &runs, &plan, &classes)?;
+    layout.clock.save(&layout.root.join(WALL_TIME_FILE))?;
     Ok(Outcome::Finished(Box::new(results)))
 }
 
