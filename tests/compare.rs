@@ -127,6 +127,14 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
         .iter()
         .any(|c| c.statement.contains("finite") && c.passed));
 
+    // The preset's v-prediction reached the model's scheduler config, which training and
+    // sampling both read.
+    let scheduler: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model/base/scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(scheduler["prediction_type"], "v_prediction");
+
     // Trainable parameters as the peft module counts them on the same base U-Net.
     let files = ModelFiles::resolve(&out.join("model/base").display().to_string(), None).unwrap();
     let (vs, mut unet) = difftune::model::pipeline::load_unet(&files, tch::Device::Cpu).unwrap();
