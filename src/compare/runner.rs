@@ -18,7 +18,6 @@ use crate::data::{Dataset, DatasetOptions, PromptTemplate, Split};
 use crate::model::source::ModelFiles;
 use crate::sample::pipeline::{generate, initial_latents, GenerateOptions, SdModels};
 use crate::sample::png::to_rgb8;
-use crate::schedulers::PredictionType;
 use crate::train::config::{MethodConfig, RunConfig};
 use crate::train::metrics::MetricsLog;
 use crate::train::trainer::{ADAPTER_FILE, CHECKPOINTS_DIR, METRICS_FILE};
@@ -511,7 +510,12 @@ fn prepare_base_model(
                     .with_context(|| format!("removing {}", dir.display()))?;
             }
             crate::model::tiny::write_tiny_model(&dir, config.model.tiny_seed)?;
-            set_prediction_type(&dir, config.model.tiny_prediction_type)?;
+            // Training and sampling both read what the U-Net predicts from here.
+            crate::util::fs::set_json_field(
+                &dir.join("scheduler").join("scheduler_config.json"),
+                "prediction_type",
+                config.model.tiny_prediction_type,
+            )?;
             if config.model.tiny_vae.steps > 0 {
                 eprintln!(
                     "compare: training the tiny model's VAE ({} steps)",
@@ -571,16 +575,6 @@ fn prepare_base_model(
         finish_stage(layout, "model-base", &key, &Value::Null)?;
     }
     Ok(Some(base.display().to_string()))
-}
-
-/// Sets `prediction_type` in the scheduler config of the diffusers folder `model`.
-fn set_prediction_type(model: &Path, prediction: PredictionType) -> Result<()> {
-    let path = model.join("scheduler").join("scheduler_config.json");
-    let mut json: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-    )?;
-    json["prediction_type"] = serde_json::to_value(prediction)?;
-    write_json(&path, &json)
 }
 
 /// Writes a copy of the model folder of `files` with `adapter` merged into its U-Net.

@@ -174,10 +174,7 @@ pub fn train_tiny_vae(
         &tensors,
         Some([("format".to_string(), "pt".to_string())].into()),
     )?;
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
-    json["scaling_factor"] = serde_json::json!(config.scaling_factor);
-    crate::util::fs::write_json(&config_path, &json)?;
+    crate::util::fs::set_json_field(&config_path, "scaling_factor", config.scaling_factor)?;
     Ok(TinyVaeReport {
         reconstruction_mse,
         scaling_factor: config.scaling_factor,

@@ -35,3 +35,13 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     write_atomic_str(path, &(text + "\n"))
 }
+
+/// Sets one top-level field of the JSON object in `path` (a config file), keeping the others.
+pub fn set_json_field<T: serde::Serialize>(path: &Path, field: &str, value: T) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    json[field] = serde_json::to_value(value)?;
+    write_json(path, &json)
+}
