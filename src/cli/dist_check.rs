@@ -126,8 +126,8 @@ fn time_all_reduce(group: &ProcessGroup, device: Device, size: usize, repeats: u
     for _ in 0..repeats {
         let start = Instant::now();
         group.all_reduce_sum(&mut buffer)?;
-        if let Device::Cuda(_) = device {
-            tch::Cuda::synchronize(device.index() as i64);
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
         }
         millis.push(start.elapsed().as_secs_f64() * 1e3);
     }
