@@ -66,7 +66,12 @@ fn nccl_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
         nvidia.join("cu13/include"),
         nvidia.join("cu13/include/cccl"),
     ]);
-    let needed = ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target"];
+    let needed = [
+        "nccl.h",
+        "cuda_runtime_api.h",
+        "crt/host_config.h",
+        "nv/target",
+    ];
     let mut dirs = Vec::new();
     for header in needed {
         let dir = candidates.iter().find(|d| d.join(header).exists())?;

@@ -101,8 +101,14 @@ fn difftune(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_difftune"));
     command.args(args).env("OMP_NUM_THREADS", "1");
     for (name, _) in std::env::vars() {
-        let launcher = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"]
-            .contains(&name.as_str())
+        let launcher = [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+        ]
+        .contains(&name.as_str())
             || name == "MASTER_PORT"
             || name == "GLOO_SOCKET_IFNAME"
             || name.starts_with("SLURM_")
@@ -161,13 +167,19 @@ fn check_all_succeed(world: usize) -> Job {
 fn two_ranks_compute_every_collective_correctly() {
     let job = check_all_succeed(2);
     let (stdout, _) = job.ranks[0].output();
-    assert!(stdout.contains("2 ranks (Torchrun launch, Gloo backend"), "{stdout}");
+    assert!(
+        stdout.contains("2 ranks (Torchrun launch, Gloo backend"),
+        "{stdout}"
+    );
     assert!(stdout.contains("correct on every rank"), "{stdout}");
     assert!(stdout.contains("all_reduce_sum of 100000 f32"), "{stdout}");
     // Only rank 0 reports.
     let (stdout_1, stderr_1) = job.ranks[1].output();
     assert!(stdout_1.is_empty(), "{stdout_1}");
-    assert!(stderr_1.contains("rank 1: collectives correct"), "{stderr_1}");
+    assert!(
+        stderr_1.contains("rank 1: collectives correct"),
+        "{stderr_1}"
+    );
 }
 
 #[test]

@@ -68,7 +68,9 @@ pub fn run(args: DistCheckArgs) -> Result<()> {
 
 fn describe(group: &ProcessGroup) -> String {
     match group.launch() {
-        None => "1 rank (single process: no torchrun or SLURM variables); collectives do nothing".into(),
+        None => {
+            "1 rank (single process: no torchrun or SLURM variables); collectives do nothing".into()
+        }
         Some(launch) => format!(
             "{} ranks ({:?} launch, {:?} backend, rendezvous {}:{})",
             launch.world_size,
@@ -87,7 +89,11 @@ fn check_collectives(group: &ProcessGroup, device: Device) -> Result<()> {
 
     let mut ones = Tensor::full([1000], rank + 1.0, (Kind::Float, device));
     group.all_reduce_sum(&mut ones)?;
-    expect_equal("all_reduce_sum (f32)", &ones, &Tensor::full([1000], rank_sum, (Kind::Float, device)))?;
+    expect_equal(
+        "all_reduce_sum (f32)",
+        &ones,
+        &Tensor::full([1000], rank_sum, (Kind::Float, device)),
+    )?;
 
     let ramp = Tensor::arange(5, (Kind::Double, device));
     let mut scaled = &ramp * (rank + 1.0);
@@ -95,7 +101,11 @@ fn check_collectives(group: &ProcessGroup, device: Device) -> Result<()> {
     expect_equal("all_reduce_sum (f64)", &scaled, &(&ramp * rank_sum))?;
 
     let from_main = Tensor::arange(4, (Kind::Float, device)) + 42.0;
-    let mut received = if group.is_main() { from_main.copy() } else { from_main.zeros_like() };
+    let mut received = if group.is_main() {
+        from_main.copy()
+    } else {
+        from_main.zeros_like()
+    };
     group.broadcast_from_main(&mut received)?;
     expect_equal("broadcast_from_main", &received, &from_main)?;
 
@@ -105,7 +115,12 @@ fn check_collectives(group: &ProcessGroup, device: Device) -> Result<()> {
         Tensor::stack(&[i.full_like(r), i], 1)
     };
     let gathered = group.all_gather_rows(&rows_of(group.rank() as i64))?;
-    let expected = Tensor::cat(&(0..group.world_size() as i64).map(rows_of).collect::<Vec<_>>(), 0);
+    let expected = Tensor::cat(
+        &(0..group.world_size() as i64)
+            .map(rows_of)
+            .collect::<Vec<_>>(),
+        0,
+    );
     expect_equal("all_gather_rows", &gathered, &expected)?;
     group.barrier().context("barrier")
 }
@@ -118,7 +133,12 @@ fn expect_equal(what: &str, got: &Tensor, expected: &Tensor) -> Result<()> {
 }
 
 /// Times `repeats` all-reduces of `size` f32 and prints rank 0's median.
-fn time_all_reduce(group: &ProcessGroup, device: Device, size: usize, repeats: usize) -> Result<()> {
+fn time_all_reduce(
+    group: &ProcessGroup,
+    device: Device,
+    size: usize,
+    repeats: usize,
+) -> Result<()> {
     let mut buffer = Tensor::ones([size as i64], (Kind::Float, device));
     group.all_reduce_sum(&mut buffer)?; // warm-up: the first call sets up Gloo's buffers
     group.barrier()?;

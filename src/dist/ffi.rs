@@ -30,10 +30,16 @@ extern "C" {
         n: c_int,
     ) -> *mut c_char;
     pub fn dt_barrier(group: *mut c_void) -> *mut c_char;
-    pub fn dt_store_set(group: *mut c_void, key: *const c_char, value: *const c_char)
-        -> *mut c_char;
-    pub fn dt_store_check(group: *mut c_void, key: *const c_char, present: *mut c_int)
-        -> *mut c_char;
+    pub fn dt_store_set(
+        group: *mut c_void,
+        key: *const c_char,
+        value: *const c_char,
+    ) -> *mut c_char;
+    pub fn dt_store_check(
+        group: *mut c_void,
+        key: *const c_char,
+        present: *mut c_int,
+    ) -> *mut c_char;
     pub fn dt_shutdown(group: *mut c_void) -> *mut c_char;
     pub fn dt_group_free(group: *mut c_void);
 }

@@ -248,10 +248,18 @@ impl ProcessGroup {
         };
         c.check_tensor(tensor, "all_reduce_sum")?;
         if !matches!(tensor.kind(), Kind::Float | Kind::Double) {
-            bail!("all_reduce_sum takes f32 or f64 tensors, not {:?}", tensor.kind());
+            bail!(
+                "all_reduce_sum takes f32 or f64 tensors, not {:?}",
+                tensor.kind()
+            );
         }
         // SAFETY: the group and the tensor are live for the call.
-        let result = unsafe { ffi::check(ffi::dt_allreduce_sum(c.handle.as_ptr(), tensor.as_mut_ptr())) };
+        let result = unsafe {
+            ffi::check(ffi::dt_allreduce_sum(
+                c.handle.as_ptr(),
+                tensor.as_mut_ptr(),
+            ))
+        };
         c.collective_result("all_reduce_sum", result)
     }
 
@@ -263,7 +271,8 @@ impl ProcessGroup {
         };
         c.check_tensor(tensor, "broadcast_from_main")?;
         // SAFETY: the group and the tensor are live for the call.
-        let result = unsafe { ffi::check(ffi::dt_broadcast(c.handle.as_ptr(), tensor.as_mut_ptr(), 0)) };
+        let result =
+            unsafe { ffi::check(ffi::dt_broadcast(c.handle.as_ptr(), tensor.as_mut_ptr(), 0)) };
         c.collective_result("broadcast_from_main", result)
     }
 
@@ -383,15 +392,21 @@ impl Connected {
             Backend::Nccl => matches!(tensor.device(), Device::Cuda(_)),
         };
         if !device_ok {
-            bail!("{op}: a {:?} tensor on {:?} cannot go through {:?}", tensor.kind(), tensor.device(), self.backend);
+            bail!(
+                "{op}: a {:?} tensor on {:?} cannot go through {:?}",
+                tensor.kind(),
+                tensor.device(),
+                self.backend
+            );
         }
         Ok(())
     }
 
     /// One same-shaped tensor per rank, gathered from `input` on every rank.
     fn all_gather(&self, input: &Tensor) -> Result<Vec<Tensor>> {
-        let mut outputs: Vec<Tensor> =
-            (0..self.launch.world_size).map(|_| input.empty_like()).collect();
+        let mut outputs: Vec<Tensor> = (0..self.launch.world_size)
+            .map(|_| input.empty_like())
+            .collect();
         let mut pointers: Vec<*mut torch_sys::C_tensor> =
             outputs.iter_mut().map(Tensor::as_mut_ptr).collect();
         // The shim only reads the input; a second handle on its storage gives the pointer.
@@ -429,7 +444,13 @@ impl Connected {
         let key = |rank: usize| CString::new(format!("alive-after-failure/{rank}")).unwrap();
         let one = CString::new("1").unwrap();
         // SAFETY: the group and strings are live for the calls.
-        let announce = unsafe { ffi::check(ffi::dt_store_set(self.handle.as_ptr(), key(self.launch.rank).as_ptr(), one.as_ptr())) };
+        let announce = unsafe {
+            ffi::check(ffi::dt_store_set(
+                self.handle.as_ptr(),
+                key(self.launch.rank).as_ptr(),
+                one.as_ptr(),
+            ))
+        };
         if announce.is_err() {
             return format!(
                 "rank 0 is lost (its rendezvous store at {}:{} does not answer)",
@@ -444,7 +465,13 @@ impl Connected {
                 .filter(|&r| {
                     let mut present: c_int = 0;
                     // SAFETY: as above; `present` is written by the call.
-                    let checked = unsafe { ffi::check(ffi::dt_store_check(self.handle.as_ptr(), key(r).as_ptr(), &mut present)) };
+                    let checked = unsafe {
+                        ffi::check(ffi::dt_store_check(
+                            self.handle.as_ptr(),
+                            key(r).as_ptr(),
+                            &mut present,
+                        ))
+                    };
                     checked.is_err() || present == 0
                 })
                 .collect();
@@ -481,7 +508,8 @@ mod tests {
     fn shards_tile_the_range_in_order() {
         for len in [0usize, 1, 2, 7, 10, 101] {
             for world in 1..=5 {
-                let shards: Vec<Range<usize>> = (0..world).map(|r| shard_range(len, r, world)).collect();
+                let shards: Vec<Range<usize>> =
+                    (0..world).map(|r| shard_range(len, r, world)).collect();
                 assert_eq!(shards[0].start, 0);
                 assert_eq!(shards[world - 1].end, len);
                 for pair in shards.windows(2) {
@@ -497,7 +525,10 @@ mod tests {
     #[test]
     fn a_single_process_group_is_trivial() {
         let group = ProcessGroup::single();
-        assert_eq!((group.rank(), group.world_size(), group.local_rank()), (0, 1, 0));
+        assert_eq!(
+            (group.rank(), group.world_size(), group.local_rank()),
+            (0, 1, 0)
+        );
         assert!(group.is_main() && !group.is_distributed());
         let mut t = Tensor::from_slice(&[1.0f32, 2.0]);
         group.all_reduce_sum(&mut t).unwrap();

@@ -39,7 +39,11 @@ fn split_top_level(list: &str) -> Result<Vec<&str>> {
         bail!("host list `{list}`: unclosed `[`");
     }
     entries.push(&list[start..]);
-    Ok(entries.into_iter().map(str::trim).filter(|e| !e.is_empty()).collect())
+    Ok(entries
+        .into_iter()
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect())
 }
 
 /// Expands one entry such as `rack[1-2]-node[01-03]` (the first bracket group, then the rest).
@@ -90,7 +94,10 @@ mod tests {
             ["node01", "node02", "node03", "node04", "node07"]
         );
         assert_eq!(expand("n[8-11]").unwrap(), ["n8", "n9", "n10", "n11"]);
-        assert_eq!(expand("n[098-101]").unwrap(), ["n098", "n099", "n100", "n101"]);
+        assert_eq!(
+            expand("n[098-101]").unwrap(),
+            ["n098", "n099", "n100", "n101"]
+        );
     }
 
     #[test]
@@ -104,7 +111,10 @@ mod tests {
             ["rack1-n0", "rack1-n1", "rack2-n0", "rack2-n1"]
         );
         assert_eq!(first_host("node[07,01-04]").unwrap(), "node07");
-        assert_eq!(first_host("single-host.example.org").unwrap(), "single-host.example.org");
+        assert_eq!(
+            first_host("single-host.example.org").unwrap(),
+            "single-host.example.org"
+        );
     }
 
     #[test]

@@ -68,11 +68,18 @@ impl Launch {
             bail!("the world size is 0");
         }
         if self.rank >= self.world_size {
-            bail!("rank {} is not below the world size {}", self.rank, self.world_size);
+            bail!(
+                "rank {} is not below the world size {}",
+                self.rank,
+                self.world_size
+            );
         }
         if let Some(local) = self.local_world_size {
             if self.local_rank >= local {
-                bail!("local rank {} is not below the local world size {local}", self.local_rank);
+                bail!(
+                    "local rank {} is not below the local world size {local}",
+                    self.local_rank
+                );
             }
         }
         Ok(())
@@ -163,8 +170,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn launch(vars: &[(&str, &str)]) -> Result<Option<Launch>> {
-        let map: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Launch::from_vars(|name| map.get(name).cloned())
     }
 
@@ -216,7 +225,10 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(got.store_host, StoreHost::Rank0);
-        assert_eq!((got.local_rank, got.local_world_size, got.restart_count), (0, None, 0));
+        assert_eq!(
+            (got.local_rank, got.local_world_size, got.restart_count),
+            (0, None, 0)
+        );
     }
 
     #[test]
