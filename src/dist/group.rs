@@ -123,7 +123,7 @@ impl ProcessGroup {
                  not found at build time); run on CPU (Gloo) or rebuild with them"
             );
         }
-        let where_ = format!(
+        let rendezvous_context = format!(
             "rank {} of {}: rendezvous at {}:{} ({:?} backend, timeout {} s)",
             launch.rank,
             launch.world_size,
@@ -132,7 +132,7 @@ impl ProcessGroup {
             backend,
             timeout.as_secs()
         );
-        let handle = Self::rendezvous(&launch, backend, timeout).context(where_)?;
+        let handle = Self::rendezvous(&launch, backend, timeout).context(rendezvous_context)?;
         Ok(ProcessGroup {
             connected: Some(Connected {
                 handle,
