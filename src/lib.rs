@@ -3,6 +3,7 @@ pub mod bench;
 pub mod cli;
 pub mod compare;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod model;
 pub mod peft;

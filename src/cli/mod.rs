@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cache;
 mod compare;
+mod dist_check;
 mod fid;
 mod init_tiny;
 mod inspect;
@@ -44,6 +45,9 @@ pub enum Command {
     Fid(fid::FidArgs),
     /// Generate images from prompts, with an optional adapter (PNGs with their parameters, a grid).
     Sample(sample::SampleArgs),
+    /// Check a multi-process launch (torchrun, srun): verify every collective on every rank and
+    /// time all-reduces.
+    DistCheck(dist_check::DistCheckArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -57,5 +61,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(args) => merge::run(args),
         Command::Fid(args) => fid::run(args),
         Command::Sample(args) => sample::run(args),
+        Command::DistCheck(args) => dist_check::run(args),
     }
 }

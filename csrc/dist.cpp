@@ -1,0 +1,235 @@
+// difftune's bridge to PyTorch's c10d (TCPStore, PrefixStore, ProcessGroupGloo and, when built
+// with NCCL headers, ProcessGroupNCCL). Every entry point returns NULL on success or a malloc'd
+// error message the caller frees with dt_free_error; no C++ exception crosses into Rust.
+// Tied to the exact torch version the crate pins (class layouts are seen through its headers).
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef DIFFTUNE_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+  // The CUDA device index for NCCL (its barrier needs it), -1 for Gloo.
+  int device_index;
+};
+
+char* copy_message(const char* message) {
+  size_t n = std::strlen(message);
+  char* out = static_cast<char*>(std::malloc(n + 1));
+  if (out != nullptr) {
+    std::memcpy(out, message, n + 1);
+  }
+  return out;
+}
+
+// Runs `body`, turning any exception into an error message. c10::Error's what() carries a long
+// C++ backtrace; its what_without_backtrace() is the message a user can act on.
+template <class F>
+char* guarded(F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return copy_message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return copy_message(e.what());
+  } catch (...) {
+    return copy_message("unknown C++ exception in c10d");
+  }
+}
+
+// How Gloo picks the network interface of this rank (mirrors torch.distributed's choices).
+enum GlooDeviceKind { kGlooHostname = 0, kGlooInterface = 1, kGlooDefault = 2 };
+
+std::shared_ptr<gloo::transport::Device> gloo_device(int kind, const char* name) {
+  switch (kind) {
+    case kGlooHostname:
+      return c10d::ProcessGroupGloo::createDeviceForHostname(name);
+    case kGlooInterface:
+      return c10d::ProcessGroupGloo::createDeviceForInterface(name);
+    default:
+      return c10d::ProcessGroupGloo::createDefaultDevice();
+  }
+}
+
+c10::intrusive_ptr<c10d::Backend> make_gloo(
+    const c10::intrusive_ptr<c10d::Store>& store,
+    int rank,
+    int world,
+    std::chrono::milliseconds timeout,
+    int device_kind,
+    const char* device_name) {
+  auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+  options->devices.push_back(gloo_device(device_kind, device_name));
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+}
+
+c10::intrusive_ptr<c10d::Backend> make_nccl(
+    const c10::intrusive_ptr<c10d::Store>& store,
+    int rank,
+    int world,
+    std::chrono::milliseconds timeout) {
+#ifdef DIFFTUNE_WITH_NCCL
+  auto options = c10d::ProcessGroupNCCL::Options::create();
+  options->timeout = timeout;
+  return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+#else
+  (void)store;
+  (void)rank;
+  (void)world;
+  (void)timeout;
+  throw std::runtime_error(
+      "this difftune was built without NCCL support (nccl.h and the CUDA headers were not "
+      "found at build time); use Gloo (CPU) or rebuild with them");
+#endif
+}
+
+void wait_for(const c10::intrusive_ptr<c10d::Work>& work) {
+  work->wait();
+}
+
+} // namespace
+
+extern "C" {
+
+int dt_has_nccl() {
+#ifdef DIFFTUNE_WITH_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+void dt_free_error(char* message) {
+  std::free(message);
+}
+
+// Connects to (or, when listen_fd >= 0, hosts on that already-bound socket) the TCPStore at
+// host:port, prefixes its keys with `prefix`, and builds the process group.
+// backend: 0 = Gloo, 1 = NCCL. Ownership of listen_fd passes to the store.
+char* dt_group_new(
+    int backend,
+    const char* host,
+    uint16_t port,
+    int listen_fd,
+    int rank,
+    int world,
+    const char* prefix,
+    int64_t timeout_ms,
+    int gloo_device_kind,
+    const char* gloo_device_name,
+    int device_index,
+    void** out) {
+  return guarded([&] {
+    std::chrono::milliseconds timeout(timeout_ms);
+    c10d::TCPStoreOptions store_options;
+    store_options.port = port;
+    store_options.isServer = listen_fd >= 0;
+    if (listen_fd >= 0) {
+      store_options.masterListenFd = listen_fd;
+    }
+    // Every rank checks in; the server waits (up to the timeout) until all have.
+    store_options.numWorkers = static_cast<size_t>(world);
+    store_options.waitWorkers = true;
+    store_options.timeout = timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), store_options);
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    auto group = new Group{store, {}, timeout, device_index};
+    try {
+      group->backend = backend == 1
+          ? make_nccl(store, rank, world, timeout)
+          : make_gloo(store, rank, world, timeout, gloo_device_kind, gloo_device_name);
+    } catch (...) {
+      delete group;
+      throw;
+    }
+    *out = group;
+  });
+}
+
+char* dt_allreduce_sum(void* group, at::Tensor* tensor) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    std::vector<at::Tensor> tensors{*tensor};
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp::SUM;
+    options.timeout = g->timeout;
+    wait_for(g->backend->allreduce(tensors, options));
+  });
+}
+
+char* dt_broadcast(void* group, at::Tensor* tensor, int root) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    std::vector<at::Tensor> tensors{*tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    options.timeout = g->timeout;
+    wait_for(g->backend->broadcast(tensors, options));
+  });
+}
+
+// Gathers `input` (same shape on every rank) into outputs[0..n), one tensor per rank.
+char* dt_allgather(void* group, at::Tensor* input, at::Tensor** outputs, int n) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    std::vector<at::Tensor> inputs{*input};
+    std::vector<std::vector<at::Tensor>> gathered(1);
+    for (int i = 0; i < n; ++i) {
+      gathered[0].push_back(*outputs[i]);
+    }
+    c10d::AllgatherOptions options;
+    options.timeout = g->timeout;
+    wait_for(g->backend->allgather(gathered, inputs, options));
+  });
+}
+
+char* dt_barrier(void* group) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    c10d::BarrierOptions options;
+    options.timeout = g->timeout;
+    if (g->device_index >= 0) {
+      options.device_ids = {g->device_index};
+    }
+    wait_for(g->backend->barrier(options));
+  });
+}
+
+char* dt_store_set(void* group, const char* key, const char* value) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    std::string v(value);
+    g->store->set(std::string(key), std::vector<uint8_t>(v.begin(), v.end()));
+  });
+}
+
+// *present = 1 when `key` is in the store now (no waiting).
+char* dt_store_check(void* group, const char* key, int* present) {
+  return guarded([&] {
+    auto g = static_cast<Group*>(group);
+    *present = g->store->check({std::string(key)}) ? 1 : 0;
+  });
+}
+
+char* dt_shutdown(void* group) {
+  return guarded([&] { static_cast<Group*>(group)->backend->shutdown(); });
+}
+
+void dt_group_free(void* group) {
+  delete static_cast<Group*>(group);
+}
+
+} // extern "C"
