@@ -270,8 +270,11 @@ impl VaeLayout {
 
     pub fn names(&self) -> NameMap {
         let (n, l) = (self.levels, self.layers_per_block);
-        let mut pairs = Vec::new();
+        let same = |name: &str| pair(name.into(), name.into(), &[]);
+        let mut pairs = vec![same("quant_conv."), same("post_quant_conv.")];
         for side in ["encoder", "decoder"] {
+            pairs.push(same(&format!("{side}.conv_in.")));
+            pairs.push(same(&format!("{side}.conv_out.")));
             for (j, ldm) in ["mid.block_1.", "mid.block_2."].iter().enumerate() {
                 pairs.push(pair(
                     format!("{side}.{ldm}"),
