@@ -90,7 +90,11 @@ fn epochs_follow_repeats_dropout_and_shuffle() {
             seen.insert(caption.clone());
         }
     }
-    assert_eq!(seen.len(), 6, "all orders of the three shuffled tags appear");
+    assert_eq!(
+        seen.len(),
+        6,
+        "all orders of the three shuffled tags appear"
+    );
 }
 
 #[test]

@@ -113,7 +113,12 @@ fn component_errors(spec: &str) -> [f64; 3] {
     let latents = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
     let context = Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu));
     let ids = Tensor::from_slice(&[0i64, 5, 9, 300, 301, 2]).view([1, 6]);
-    let unet = |f: &ModelFiles| load_unet(f, Device::Cpu).unwrap().1.forward(&latents, &Tensor::from(10.0), &context);
+    let unet = |f: &ModelFiles| {
+        load_unet(f, Device::Cpu)
+            .unwrap()
+            .1
+            .forward(&latents, &Tensor::from(10.0), &context)
+    };
     let vae = |f: &ModelFiles| load_vae(f, Device::Cpu).unwrap().decode(&latents);
     let text = |f: &ModelFiles| load_text_encoder(f, Device::Cpu).unwrap().forward(&ids);
     tch::no_grad(|| {
@@ -135,7 +140,7 @@ fn a_single_file_loads_as_the_folder() {
     let fp16 = convert(dir.path(), "tiny16.safetensors", "fp16");
     let errors = component_errors(&format!("{}#config={MODEL}", fp16.display()));
     eprintln!("fp16 single file vs folder (unet, vae, text): {errors:?}");
-    assert!(errors.iter().all(|&e| e <= 2e-2), "{errors:?}");
+    assert!(errors.iter().all(|&e| e <= 1e-2), "{errors:?}");
 }
 
 /// Writes `file`'s tensors, edited by `edit`, to `dir/name`.
@@ -177,7 +182,11 @@ fn ema_weights_and_older_clip_names() {
         }
         t.insert("model_ema.num_updates".into(), Tensor::from(5i64));
         // The older CLIP layout, without `text_model.`.
-        let clip: Vec<String> = t.keys().filter(|k| k.starts_with(ldm::CLIP_PREFIX)).cloned().collect();
+        let clip: Vec<String> = t
+            .keys()
+            .filter(|k| k.starts_with(ldm::CLIP_PREFIX))
+            .cloned()
+            .collect();
         for k in clip {
             let v = t.remove(&k).unwrap();
             t.insert(k.replace("transformer.text_model.", "transformer."), v);
@@ -202,45 +211,77 @@ fn bad_single_files_say_what_they_are() {
     let file = convert(dir.path(), "tiny.safetensors", "keep");
     let conv_in = format!("{}input_blocks.0.0.weight", ldm::UNET_PREFIX);
     let spec = variant(&file, dir.path(), "inpaint.safetensors", |t| {
-        t.insert(conv_in.clone(), Tensor::zeros([32, 9, 3, 3], (Kind::Float, Device::Cpu)));
+        t.insert(
+            conv_in.clone(),
+            Tensor::zeros([32, 9, 3, 3], (Kind::Float, Device::Cpu)),
+        );
     });
     let e = load_error(&spec);
-    assert!(e.contains("inpainting") && e.contains("[32, 9, 3, 3]"), "{e}");
+    assert!(
+        e.contains("inpainting") && e.contains("[32, 9, 3, 3]"),
+        "{e}"
+    );
     let spec = variant(&file, dir.path(), "sdxl.safetensors", |t| {
-        t.insert("conditioner.embedders.0.x".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu)));
+        t.insert(
+            "conditioner.embedders.0.x".into(),
+            Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+        );
     });
     assert!(load_error(&spec).contains("SDXL"));
     let spec = variant(&file, dir.path(), "missing.safetensors", |t| {
         t.remove(&format!("{}out.2.bias", ldm::UNET_PREFIX));
     });
-    let e = format!("{:#}", load_unet(&ModelFiles::resolve(&spec, None).unwrap(), Device::Cpu).unwrap_err());
+    let e = format!(
+        "{:#}",
+        load_unet(&ModelFiles::resolve(&spec, None).unwrap(), Device::Cpu).unwrap_err()
+    );
     assert!(e.contains("missing") && e.contains("conv_out.bias"), "{e}");
     let spec = variant(&file, dir.path(), "shape.safetensors", |t| {
-        t.insert(format!("{}out.2.bias", ldm::UNET_PREFIX), Tensor::zeros([5], (Kind::Float, Device::Cpu)));
+        t.insert(
+            format!("{}out.2.bias", ldm::UNET_PREFIX),
+            Tensor::zeros([5], (Kind::Float, Device::Cpu)),
+        );
     });
-    let e = format!("{:#}", load_unet(&ModelFiles::resolve(&spec, None).unwrap(), Device::Cpu).unwrap_err());
-    assert!(e.contains("conv_out.bias") && e.contains("[5]") && e.contains("[4]"), "{e}");
+    let e = format!(
+        "{:#}",
+        load_unet(&ModelFiles::resolve(&spec, None).unwrap(), Device::Cpu).unwrap_err()
+    );
+    assert!(
+        e.contains("conv_out.bias") && e.contains("[5]") && e.contains("[4]"),
+        "{e}"
+    );
     // Without configs, the tiny model's 32-wide cross-attention is neither SD v1.x nor v2.x.
     let e = load_error(file.to_str().unwrap());
-    assert!(e.contains("not SD v1.x") && e.contains("[32, 32]"), "{e}");
+    assert!(
+        e.contains("not SD v1.x") && e.contains("has shape [8, 32]"),
+        "{e}"
+    );
     let e = load_error(&format!("{}#bogus", file.display()));
     assert!(e.contains("unknown single-file option `bogus`"), "{e}");
 }
 
 #[test]
 fn torch_files_are_read_without_running_them() {
-    let expected = weights::read_all(Path::new(&format!("{FIXTURES}/torch_expected.safetensors"))).unwrap();
+    let expected =
+        weights::read_all(Path::new(&format!("{FIXTURES}/torch_expected.safetensors"))).unwrap();
     for name in ["torch_zip.ckpt", "torch_legacy.ckpt"] {
         let path = PathBuf::from(format!("{FIXTURES}/{name}"));
         let got = torch_file::read_state_dict(&path).unwrap();
-        assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{name}");
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
         for (k, v) in &expected {
             assert_eq!(got[k].kind(), v.kind(), "{name} {k}");
             assert_eq!(got[k].size(), v.size(), "{name} {k}");
             assert!(got[k].equal(v), "{name} {k}");
         }
         let value = torch_file::load(&path).unwrap();
-        assert!(matches!(value.get("global_step"), Some(torch_file::Value::Int(110000))));
+        assert!(matches!(
+            value.get("global_step"),
+            Some(torch_file::Value::Int(110000))
+        ));
     }
     let marker = Path::new("difftune-pickle-was-executed");
     let _ = std::fs::remove_file(marker);
@@ -261,7 +302,12 @@ fn the_shipped_vocabulary_tokenizes_as_transformers() {
     let text = std::fs::read_to_string(format!("{FIXTURES}/clip_vocab_ids.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     for (prompt, ids) in json["ids"].as_object().unwrap() {
-        let expected: Vec<i64> = ids.as_array().unwrap().iter().map(|i| i.as_i64().unwrap()).collect();
+        let expected: Vec<i64> = ids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_i64().unwrap())
+            .collect();
         assert_eq!(tokenizer.encode(prompt).unwrap(), expected, "{prompt:?}");
     }
 }
@@ -271,19 +317,40 @@ fn open_clip_names_round_trip() {
     let t = |n: i64| Tensor::arange(n, (Kind::Float, Device::Cpu));
     let mut ours = BTreeMap::new();
     for p in ["q", "k", "v"] {
-        ours.insert(format!("text_model.encoder.layers.0.self_attn.{p}_proj.weight"), t(4).view([2, 2]) + 1.0);
-        ours.insert(format!("text_model.encoder.layers.0.self_attn.{p}_proj.bias"), t(2));
+        ours.insert(
+            format!("text_model.encoder.layers.0.self_attn.{p}_proj.weight"),
+            t(4).view([2, 2]) + 1.0,
+        );
+        ours.insert(
+            format!("text_model.encoder.layers.0.self_attn.{p}_proj.bias"),
+            t(2),
+        );
     }
-    for n in ["layer_norm1", "layer_norm2", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"] {
+    for n in [
+        "layer_norm1",
+        "layer_norm2",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    ] {
         ours.insert(format!("text_model.encoder.layers.0.{n}.weight"), t(2));
     }
     ours.insert("text_model.final_layer_norm.bias".into(), t(2));
     ours.insert("text_model.embeddings.token_embedding.weight".into(), t(2));
-    ours.insert("text_model.embeddings.position_embedding.weight".into(), t(2));
+    ours.insert(
+        "text_model.embeddings.position_embedding.weight".into(),
+        t(2),
+    );
     let open_clip = ldm::diffusers_to_open_clip(&ours).unwrap();
-    assert_eq!(open_clip["transformer.resblocks.0.attn.in_proj_weight"].size(), [6, 2]);
+    assert_eq!(
+        open_clip["transformer.resblocks.0.attn.in_proj_weight"].size(),
+        [6, 2]
+    );
     let back = ldm::open_clip_to_diffusers(open_clip, 1).unwrap();
-    assert_eq!(back.keys().collect::<Vec<_>>(), ours.keys().collect::<Vec<_>>());
+    assert_eq!(
+        back.keys().collect::<Vec<_>>(),
+        ours.keys().collect::<Vec<_>>()
+    );
     for (k, v) in &ours {
         assert!(back[k].equal(v), "{k}");
     }

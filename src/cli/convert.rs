@@ -56,7 +56,10 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         bail!("--precision applies to single files; a diffusers folder keeps the stored precision");
     }
     if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
-        bail!("{} exists and is not empty; choose another --out", args.out.display());
+        bail!(
+            "{} exists and is not empty; choose another --out",
+            args.out.display()
+        );
     }
     single.convert_to_folder(&args.out)?;
     println!("wrote the diffusers folder {}", args.out.display());

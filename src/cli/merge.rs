@@ -1,11 +1,11 @@
+use super::convert::PrecisionArg;
+use crate::model::single_file::write_single_file;
 use crate::model::source::ModelFiles;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::weights::{load_into, LoadOptions};
 use crate::peft::formats::read_adapter;
 use crate::peft::merge::{merge_adapter, save_unet};
 use anyhow::Result;
-use super::convert::PrecisionArg;
-use crate::model::single_file::write_single_file;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 

@@ -61,7 +61,11 @@ pub fn is_kohya_folder(path: &Path) -> bool {
         return false;
     };
     entries.iter().any(|p| {
-        (p.is_dir() && p.file_name().and_then(|n| n.to_str()).and_then(repeat_folder).is_some())
+        (p.is_dir()
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(repeat_folder)
+                .is_some())
             || (is_image(p) && caption_file(p).is_some())
     })
 }
@@ -167,7 +171,10 @@ impl KohyaFolder {
 }
 
 fn list_images(dir: &Path, repeats: usize, fallback: &str, items: &mut Vec<Item>) -> Result<()> {
-    for image in sorted_entries(dir)?.into_iter().filter(|p| p.is_file() && is_image(p)) {
+    for image in sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_file() && is_image(p))
+    {
         let (caption, is_fallback) = match caption_file(&image) {
             Some(path) => (read_caption(&path)?, false),
             None => (fallback.to_string(), true),

@@ -28,7 +28,10 @@ fn merges() -> Result<Vec<String>> {
         .read_to_string(&mut text)
         .context("decompressing the built-in CLIP merges")?;
     let merges: Vec<String> = text.lines().skip(1).map(str::to_string).collect();
-    ensure!(merges.len() == MERGES, "the built-in CLIP merges are damaged");
+    ensure!(
+        merges.len() == MERGES,
+        "the built-in CLIP merges are damaged"
+    );
     Ok(merges)
 }
 
@@ -41,7 +44,11 @@ pub fn write_tokenizer_folder(dir: &Path, padding: Padding) -> Result<()> {
     tokens.extend(symbols.iter().map(|s| format!("{s}</w>")));
     tokens.extend(merges.iter().map(|m| m.replacen(' ', "", 1)));
     tokens.extend(["<|startoftext|>".to_string(), "<|endoftext|>".to_string()]);
-    ensure!(tokens.len() == VOCAB_SIZE, "CLIP vocabulary has {} tokens", tokens.len());
+    ensure!(
+        tokens.len() == VOCAB_SIZE,
+        "CLIP vocabulary has {} tokens",
+        tokens.len()
+    );
     let vocab: serde_json::Map<String, serde_json::Value> = tokens
         .into_iter()
         .enumerate()
@@ -52,9 +59,7 @@ pub fn write_tokenizer_folder(dir: &Path, padding: Padding) -> Result<()> {
         .chain(merges.iter().map(|m| format!("{m}\n")))
         .collect();
     write_atomic_str(&dir.join("merges.txt"), &merges_text)?;
-    let token = |content: &str| {
-        json!({"content": content, "lstrip": false, "normalized": true, "rstrip": false, "single_word": false})
-    };
+    let token = |content: &str| json!({"content": content, "lstrip": false, "normalized": true, "rstrip": false, "single_word": false});
     let pad = match padding {
         Padding::EndOfText => "<|endoftext|>",
         Padding::Exclamation => "!",

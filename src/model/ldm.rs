@@ -172,9 +172,17 @@ impl UnetLayout {
             plain("input_blocks.0.0.", "conv_in."),
             plain("out.0.", "conv_norm_out."),
             plain("out.2.", "conv_out."),
-            pair("middle_block.0.".into(), "mid_block.resnets.0.".into(), UNET_RESNET),
+            pair(
+                "middle_block.0.".into(),
+                "mid_block.resnets.0.".into(),
+                UNET_RESNET,
+            ),
             plain("middle_block.1.", "mid_block.attentions.0."),
-            pair("middle_block.2.".into(), "mid_block.resnets.1.".into(), UNET_RESNET),
+            pair(
+                "middle_block.2.".into(),
+                "mid_block.resnets.1.".into(),
+                UNET_RESNET,
+            ),
         ];
         for i in 0..n {
             for j in 0..l {
@@ -352,7 +360,9 @@ pub fn open_clip_to_diffusers(
     for (name, t) in tensors {
         if let Some(rest) = name.strip_prefix("transformer.resblocks.") {
             let (index, rest) = rest.split_once('.').context("bad resblock name")?;
-            let i: usize = index.parse().with_context(|| format!("bad resblock `{name}`"))?;
+            let i: usize = index
+                .parse()
+                .with_context(|| format!("bad resblock `{name}`"))?;
             if i >= layers {
                 continue;
             }
@@ -365,7 +375,10 @@ pub fn open_clip_to_diffusers(
                     t.size()
                 );
                 for (p, part) in ["q", "k", "v"].iter().zip(parts) {
-                    out.insert(format!("{layer}self_attn.{p}_proj.{kind}"), part.contiguous());
+                    out.insert(
+                        format!("{layer}self_attn.{p}_proj.{kind}"),
+                        part.contiguous(),
+                    );
                 }
                 continue;
             }
@@ -410,7 +423,9 @@ pub fn diffusers_to_open_clip(
             if let Some(kind) = rest.strip_prefix("self_attn.q_proj.") {
                 let get = |p: &str| {
                     tensors
-                        .get(&format!("text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"))
+                        .get(&format!(
+                            "text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"
+                        ))
                         .with_context(|| format!("layer {i} has no {p}_proj.{kind}"))
                 };
                 let qkv = Tensor::cat(&[get("q")?, get("k")?, get("v")?], 0);

@@ -100,7 +100,9 @@ impl SingleFileSpec {
                 std::fs::remove_dir_all(&partial)?;
                 Ok(dir)
             }
-            Err(e) => Err(e).with_context(|| format!("moving the converted model to {}", dir.display())),
+            Err(e) => {
+                Err(e).with_context(|| format!("moving the converted model to {}", dir.display()))
+            }
         }
     }
 
@@ -109,6 +111,9 @@ impl SingleFileSpec {
         let checkpoint = read_checkpoint(&self.path)?;
         let shown = self.path.display().to_string();
         let family = detect(&checkpoint.tensors).with_context(|| shown.clone())?;
+        if self.config.is_none() {
+            check_builtin(&checkpoint.tensors, family).with_context(|| shown.clone())?;
+        }
         let parts = split(checkpoint.tensors, self.ema, family).with_context(|| shown.clone())?;
         let prediction = self.prediction.unwrap_or(match family {
             Family::V1 => PredictionType::Epsilon,
@@ -217,22 +222,37 @@ pub fn detect(tensors: &BTreeMap<String, Tensor>) -> Result<Family> {
         Some(9) => bail!("this is an inpainting checkpoint (`{conv_in}` has shape {conv_in_shape:?}: 9 input channels); difftune fine-tunes text-to-image models with 4"),
         _ => bail!("`{conv_in}` has shape {conv_in_shape:?}; SD v1.x/v2.x text-to-image U-Nets take 4 latent channels (this may be a depth, pix2pix or other conditioned model)"),
     }
-    let open_clip = has(ldm::OPEN_CLIP_PREFIX);
-    let clip = has(ldm::CLIP_PREFIX);
-    let context = tensors
-        .iter()
-        .find(|(k, _)| k.starts_with(ldm::UNET_PREFIX) && k.ends_with("attn2.to_k.weight"))
-        .map(|(k, t)| (k.clone(), t.size()));
-    match (clip, open_clip, context) {
-        (true, false, Some((_, s))) if s.get(1) == Some(&768) => Ok(Family::V1),
-        (false, true, Some((_, s))) if s.get(1) == Some(&1024) => Ok(Family::V2),
-        (false, false, _) => bail!("no text encoder in the file (neither {}* nor {}*)", ldm::CLIP_PREFIX, ldm::OPEN_CLIP_PREFIX),
-        (_, _, None) => bail!("the U-Net has no cross-attention (no model.diffusion_model.*.attn2.to_k.weight)"),
-        (_, _, Some((k, s))) => bail!(
-            "not SD v1.x (CLIP text encoder, `{k}` [*, 768]) or v2.x (OpenCLIP, [*, 1024]): `{k}` has shape {s:?} with a {} text encoder; pass its diffusers configs with `#config=DIR`",
-            if open_clip { "OpenCLIP" } else { "CLIP" }
+    match (has(ldm::CLIP_PREFIX), has(ldm::OPEN_CLIP_PREFIX)) {
+        (true, false) => Ok(Family::V1),
+        (false, true) => Ok(Family::V2),
+        _ => bail!(
+            "expected one text encoder, {}* (SD v1.x) or {}* (SD v2.x)",
+            ldm::CLIP_PREFIX,
+            ldm::OPEN_CLIP_PREFIX
         ),
     }
+}
+
+/// The built-in configs fit SD v1.x's 768-wide and v2.x's 1024-wide cross-attention only.
+fn check_builtin(tensors: &BTreeMap<String, Tensor>, family: Family) -> Result<()> {
+    let (name, width) = tensors
+        .iter()
+        .find(|(k, _)| k.starts_with(ldm::UNET_PREFIX) && k.ends_with("attn2.to_k.weight"))
+        .map(|(k, t)| (k.clone(), t.size()))
+        .context(
+            "the U-Net has no cross-attention (no model.diffusion_model.*.attn2.to_k.weight)",
+        )?;
+    let expected = match family {
+        Family::V1 => 768,
+        Family::V2 => 1024,
+    };
+    ensure!(
+        width.get(1) == Some(&expected),
+        "not SD v1.x (CLIP text encoder, cross-attention [*, 768]) or v2.x (OpenCLIP, [*, 1024]): \
+         `{name}` has shape {width:?} with the {family:?} text-encoder layout; pass the model's \
+         diffusers configs with `#config=DIR`"
+    );
+    Ok(())
 }
 
 /// The three models' tensors under our (diffusers) names.
@@ -289,12 +309,19 @@ pub fn split(
             let key = format!("diffusion_model{name}").replace('.', "");
             *t = ema_tensors
                 .get(&key)
-                .with_context(|| format!("no EMA copy `model_ema.{key}` of `{}{name}`", ldm::UNET_PREFIX))?
+                .with_context(|| {
+                    format!(
+                        "no EMA copy `model_ema.{key}` of `{}{name}`",
+                        ldm::UNET_PREFIX
+                    )
+                })?
                 .shallow_clone();
         }
     }
     if let Some(name) = tensors.keys().find(|k| !ignored(k)) {
-        bail!("unexpected tensor `{name}` (not part of an SD v1.x/v2.x U-Net, VAE or text encoder)");
+        bail!(
+            "unexpected tensor `{name}` (not part of an SD v1.x/v2.x U-Net, VAE or text encoder)"
+        );
     }
     Ok(Components {
         unet: convert_unet(unet_ldm)?,
@@ -308,7 +335,13 @@ pub fn split(
             Family::V2 => {
                 let blocks = text_ldm
                     .keys()
-                    .filter_map(|k| k.strip_prefix("transformer.resblocks.")?.split('.').next()?.parse::<usize>().ok())
+                    .filter_map(|k| {
+                        k.strip_prefix("transformer.resblocks.")?
+                            .split('.')
+                            .next()?
+                            .parse::<usize>()
+                            .ok()
+                    })
                     .max()
                     .map_or(0, |m| m + 1);
                 ldm::open_clip_to_diffusers(text_ldm, blocks.saturating_sub(1))?
@@ -366,9 +399,14 @@ fn copy_configs(dir: &Path, out: &Path) -> Result<()> {
     for file in CONFIG_FILES {
         let from = dir.join(file);
         if !from.is_file() {
-            let optional = file.starts_with("tokenizer/") && !file.ends_with("vocab.json")
+            let optional = file.starts_with("tokenizer/")
+                && !file.ends_with("vocab.json")
                 && !file.ends_with("merges.txt");
-            ensure!(optional, "the config folder {} has no {file}", dir.display());
+            ensure!(
+                optional,
+                "the config folder {} has no {file}",
+                dir.display()
+            );
             continue;
         }
         let to = out.join(file);
@@ -396,7 +434,11 @@ fn model_index() -> Json {
 /// The configs of the SD v1.x / v2.x hub models (stable-diffusion-v1-5, stable-diffusion-2-1).
 fn write_builtin_configs(family: Family, prediction: PredictionType, out: &Path) -> Result<()> {
     let v2 = family == Family::V2;
-    let size = if v2 && prediction == PredictionType::VPrediction { 96 } else { 64 };
+    let size = if v2 && prediction == PredictionType::VPrediction {
+        96
+    } else {
+        64
+    };
     write_json(
         &out.join("unet/config.json"),
         &json!({
@@ -467,7 +509,11 @@ fn write_builtin_configs(family: Family, prediction: PredictionType, out: &Path)
         scheduler["_class_name"] = json!("DDIMScheduler");
     }
     write_json(&out.join("scheduler/scheduler_config.json"), &scheduler)?;
-    let padding = if v2 { Padding::Exclamation } else { Padding::EndOfText };
+    let padding = if v2 {
+        Padding::Exclamation
+    } else {
+        Padding::EndOfText
+    };
     write_tokenizer_folder(&out.join("tokenizer"), padding)
 }
 
@@ -527,19 +573,29 @@ pub fn write_single_file(
     let mut ldm_tensors: Vec<(String, Tensor)> = Vec::new();
     let unet_map = UnetLayout::from_config(&unet_config).names();
     for (name, t) in &unet {
-        let ldm_name = unet_map.to_ldm(name).with_context(|| format!("U-Net tensor `{name}` has no LDM name"))?;
-        ldm_tensors.push((format!("{}{ldm_name}", ldm::UNET_PREFIX), precision.apply(t)));
+        let ldm_name = unet_map
+            .to_ldm(name)
+            .with_context(|| format!("U-Net tensor `{name}` has no LDM name"))?;
+        ldm_tensors.push((
+            format!("{}{ldm_name}", ldm::UNET_PREFIX),
+            precision.apply(t),
+        ));
     }
     let vae_map = VaeLayout::from_config(&vae_config).names();
     for (name, t) in read(&files.vae.weights)? {
         let name = super::vae::legacy_attention_key(&name);
-        let ldm_name = vae_map.to_ldm(&name).with_context(|| format!("VAE tensor `{name}` has no LDM name"))?;
+        let ldm_name = vae_map
+            .to_ldm(&name)
+            .with_context(|| format!("VAE tensor `{name}` has no LDM name"))?;
         let t = if ldm::is_vae_attention_projection(&name) && t.dim() == 2 {
             t.unsqueeze(-1).unsqueeze(-1)
         } else {
             t
         };
-        ldm_tensors.push((format!("{}{ldm_name}", ldm::VAE_PREFIX), precision.apply(&t)));
+        ldm_tensors.push((
+            format!("{}{ldm_name}", ldm::VAE_PREFIX),
+            precision.apply(&t),
+        ));
     }
     let text: BTreeMap<String, Tensor> = read(&files.text_encoder.weights)?
         .into_iter()
@@ -548,7 +604,10 @@ pub fn write_single_file(
         .collect();
     if text_config.hidden_act == "gelu" && text_config.hidden_size == 1024 {
         for (name, t) in ldm::diffusers_to_open_clip(&text)? {
-            ldm_tensors.push((format!("{}{name}", ldm::OPEN_CLIP_PREFIX), precision.apply(&t)));
+            ldm_tensors.push((
+                format!("{}{name}", ldm::OPEN_CLIP_PREFIX),
+                precision.apply(&t),
+            ));
         }
     } else {
         for (name, t) in text {

@@ -89,7 +89,10 @@ pub struct TensorRef {
 }
 
 /// Callables a state dict needs, interpreted here.
-const REBUILD_TENSOR: &[&str] = &["torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor"];
+const REBUILD_TENSOR: &[&str] = &[
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor",
+];
 const REBUILD_PARAMETER: &str = "torch._utils._rebuild_parameter";
 const ORDERED_DICT: &str = "collections.OrderedDict";
 /// Data-only classes found in Lightning checkpoints next to the state dict; they are never called,
@@ -186,7 +189,10 @@ fn load_zip(file: std::fs::File) -> Result<Value> {
     if let Ok(mut entry) = archive.by_name(&format!("{prefix}byteorder")) {
         let mut order = String::new();
         entry.read_to_string(&mut order)?;
-        ensure!(order.trim() == "little", "big-endian tensor data is not supported");
+        ensure!(
+            order.trim() == "little",
+            "big-endian tensor data is not supported"
+        );
     }
     let mut pickle = Vec::new();
     archive.by_name(&pickle_name)?.read_to_end(&mut pickle)?;
@@ -216,8 +222,8 @@ fn load_legacy(mut reader: impl Read) -> Result<Value> {
         pos += u.pos;
         Ok(v)
     };
-    let magic = next(PersistentIds::None)
-        .context("neither a zip archive nor a legacy torch.save file")?;
+    let magic =
+        next(PersistentIds::None).context("neither a zip archive nor a legacy torch.save file")?;
     ensure!(
         matches!(&magic, Value::BigInt(b) if *b == LEGACY_MAGIC),
         "neither a zip archive nor a legacy torch.save file (wrong magic number)"
@@ -317,7 +323,9 @@ impl<'a> Unpickler<'a> {
     }
 
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn pop(&mut self) -> Result<Value> {
@@ -326,7 +334,10 @@ impl<'a> Unpickler<'a> {
 
     fn pop_mark(&mut self) -> Result<Vec<Value>> {
         let mark = self.marks.pop().context("the pickle has no mark to pop")?;
-        ensure!(mark <= self.stack.len(), "the pickle's mark is past the stack");
+        ensure!(
+            mark <= self.stack.len(),
+            "the pickle's mark is past the stack"
+        );
         Ok(self.stack.split_off(mark))
     }
 
@@ -423,8 +434,15 @@ impl<'a> Unpickler<'a> {
                 self.memoize(i)?;
             }
             b'h' | b'j' => {
-                let i = if op == b'h' { self.u8()?.into() } else { self.u32()? };
-                let v = self.memo.get(&i).context("the pickle reads an unset memo slot")?;
+                let i = if op == b'h' {
+                    self.u8()?.into()
+                } else {
+                    self.u32()?
+                };
+                let v = self
+                    .memo
+                    .get(&i)
+                    .context("the pickle reads an unset memo slot")?;
                 self.stack.push(v.clone());
             }
             b'0' => {
@@ -616,7 +634,10 @@ fn apply(callable: Value, args: Value) -> Result<Value> {
         bail!("`{name}` is called without an argument tuple");
     };
     if REBUILD_TENSOR.contains(&name.as_str()) {
-        ensure!(args.len() >= 4, "`{name}` needs (storage, offset, size, stride)");
+        ensure!(
+            args.len() >= 4,
+            "`{name}` needs (storage, offset, size, stride)"
+        );
         let (Value::Storage(storage), Value::Int(offset)) = (&args[0], &args[1]) else {
             bail!("`{name}` needs a storage and an offset");
         };
@@ -694,7 +715,9 @@ fn rebuild(
             || t.size
                 .iter()
                 .zip(&t.stride)
-                .try_fold(t.offset, |acc, (&d, &st)| acc.checked_add((d - 1).checked_mul(st)?))
+                .try_fold(t.offset, |acc, (&d, &st)| {
+                    acc.checked_add((d - 1).checked_mul(st)?)
+                })
                 .is_some_and(|last| last < s.numel));
     ensure!(
         valid,
