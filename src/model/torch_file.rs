@@ -554,7 +554,10 @@ impl<'a> Unpickler<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
-        ensure!(items.len() % 2 == 0, "SETITEMS with an odd number of items");
+        ensure!(
+            items.len().is_multiple_of(2),
+            "SETITEMS with an odd number of items"
+        );
         let Value::Dict(dict) = self.top()? else {
             bail!("SETITEM on something that is not a dict");
         };
@@ -707,7 +710,7 @@ fn rebuild(
         t.stride
     );
     // The view must stay inside the storage: as_strided does not check.
-    let empty = t.size.iter().any(|&d| d == 0);
+    let empty = t.size.contains(&0);
     let valid = t.offset >= 0
         && t.size.iter().all(|&d| d >= 0)
         && t.stride.iter().all(|&d| d >= 0)
