@@ -1,10 +1,12 @@
+use super::convert::PrecisionArg;
+use crate::model::single_file::write_single_file;
 use crate::model::source::ModelFiles;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::weights::{load_into, LoadOptions};
 use crate::peft::formats::read_adapter;
 use crate::peft::merge::{merge_adapter, save_unet};
 use anyhow::Result;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -19,9 +21,22 @@ pub struct MergeArgs {
     /// folder, a diffusers LoRA or a kohya LoRA file.
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Where to write the merged U-Net (diffusers names, f32).
+    /// Where to write the merged U-Net (diffusers names, f32), or the single file.
     #[arg(long)]
     pub out: PathBuf,
+    /// `unet`: the merged U-Net alone; `single-file`: a complete LDM-layout checkpoint (merged
+    /// U-Net, the base's VAE and text encoder) for A1111/ComfyUI, `--out NAME.safetensors`.
+    #[arg(long, value_enum, default_value_t = MergeFormat::Unet)]
+    pub format: MergeFormat,
+    /// Precision of a single file's tensors (the merged U-Net is f32).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Keep)]
+    pub precision: PrecisionArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeFormat {
+    Unet,
+    SingleFile,
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
@@ -32,7 +47,12 @@ pub fn run(args: MergeArgs) -> Result<()> {
     load_into(&vs, &files.unet.weights, &LoadOptions::default())?;
     let adapter = read_adapter(&args.adapter, &vs)?;
     merge_adapter(&mut unet, &vs, &adapter, &files.unet_identity()?)?;
-    save_unet(&vs, &args.out)?;
+    if args.format == MergeFormat::SingleFile {
+        let unet = vs.variables().into_iter().collect();
+        write_single_file(&files, Some(unet), &args.out, args.precision.into())?;
+    } else {
+        save_unet(&vs, &args.out)?;
+    }
     println!(
         "merged `{}` adapter {} into {}",
         adapter.meta.method,

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cache;
 mod compare;
+mod convert;
 mod dist_check;
 mod fid;
 mod init_tiny;
@@ -39,6 +40,8 @@ pub enum Command {
     Cache(cache::CacheArgs),
     /// Fine-tune the U-Net with a tuning method.
     Train(train::TrainArgs),
+    /// Convert between a diffusers folder and a single-file (LDM layout) checkpoint.
+    Convert(convert::ConvertArgs),
     /// Bake a LoRA, DoRA, BitFit or full fine-tune adapter into a complete U-Net safetensors.
     Merge(merge::MergeArgs),
     /// FID (and KID) between two image folders or pytorch-fid .npz statistics, as pytorch-fid computes it.
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::InitTiny(args) => init_tiny::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Train(args) => train::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Fid(args) => fid::run(args),
         Command::Sample(args) => sample::run(args),

@@ -15,6 +15,7 @@ pub mod cache;
 pub mod food101;
 pub mod image_folder;
 pub mod images;
+pub mod kohya;
 pub mod parquet;
 pub mod prompts;
 pub mod synthetic;
@@ -119,6 +120,8 @@ pub enum Layout {
     Parquet,
     /// An image folder with `metadata.jsonl` (`file_name`, caption column), as diffusers uses.
     ImageFolder,
+    /// kohya sd-scripts' folders: `image.ext` + `image.txt`/`.caption`, `N_name` repeat folders.
+    Kohya,
 }
 
 /// How to list a dataset.
@@ -164,7 +167,8 @@ impl Dataset {
     /// Lists a dataset, detecting its layout:
     /// - `meta/train.txt` and `meta/classes.txt` (in `path` or `path/food-101`): Food101 ETH;
     /// - `metadata.jsonl` (in `path`, or `path/train` and `path/test`): image folder;
-    /// - `*.parquet` files (in `path`, or up to two levels below): Hugging Face parquet.
+    /// - `*.parquet` files (in `path`, or up to two levels below): Hugging Face parquet;
+    /// - images with `.txt`/`.caption` files or `N_name` folders: kohya.
     pub fn open(path: &Path, opts: &DatasetOptions) -> Result<Self> {
         if !path.is_dir() {
             bail!("dataset path {} is not a directory", path.display());
@@ -175,10 +179,13 @@ impl Dataset {
             image_folder::load(path, opts)
         } else if parquet::has_parquet_files(path)? {
             parquet::load(path, opts)
+        } else if kohya::is_kohya_folder(path) {
+            kohya::load(path, opts)
         } else {
             bail!(
                 "{} matches no dataset layout: expected meta/train.txt + meta/classes.txt (Food101), \
-                 metadata.jsonl (image folder) or *.parquet files (Hugging Face)",
+                 metadata.jsonl (image folder), *.parquet files (Hugging Face) or images with .txt \
+                 captions / N_name folders (kohya)",
                 path.display()
             )
         };

@@ -1,6 +1,7 @@
 //! Finding a Stable Diffusion model's files: a local diffusers folder (`model_index.json`, `unet/`,
 //! `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) or a Hugging Face hub id resolved through
-//! the hf-hub cache (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only).
+//! the hf-hub cache (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only), or a single-file
+//! checkpoint (see [`super::single_file`]), read through its converted folder.
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -77,6 +78,13 @@ impl ModelFiles {
     /// Resolves `spec` (a folder, or a hub id like `CompVis/stable-diffusion-v1-4`). `variant`
     /// selects e.g. the `fp16` weight files (`diffusion_pytorch_model.fp16.safetensors`).
     pub fn resolve(spec: &str, variant: Option<&str>) -> Result<Self> {
+        if let Some(single) = super::single_file::SingleFileSpec::parse(spec)? {
+            if let Some(v) = variant {
+                bail!("--variant {v} applies to diffusers folders; `{spec}` is a single file");
+            }
+            let folder = single.cached_folder()?;
+            return Self::from_source(spec, &LocalFolder(folder), None);
+        }
         let path = Path::new(spec);
         if path.is_dir() {
             if !path.join("unet").is_dir() {

@@ -118,7 +118,7 @@ fn model_index() -> serde_json::Value {
 
 /// GPT-2/CLIP's byte-to-symbol table, in CLIP's vocabulary order: the printable bytes stand for
 /// themselves, the others are shifted to code points from 256 on.
-fn byte_symbols() -> Vec<char> {
+pub(crate) fn byte_symbols() -> Vec<char> {
     let printable =
         |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut symbols: Vec<char> = (0..256u32)

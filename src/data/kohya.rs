@@ -1,0 +1,250 @@
+//! kohya sd-scripts' captioned image folders, as OneTrainer and SimpleTuner read them too: each
+//! `image.ext` has its caption in `image.txt` (or `image.caption`) beside it; images directly in
+//! the root, or in `N_name` sub-folders whose images repeat N times per epoch. An image without a
+//! caption file is captioned with its folder's name (the `name` of `N_name`), and the listing says
+//! how many were. Caption variants per epoch (dropout to the empty prompt, shuffled tags with the
+//! first K kept) are drawn from a seeded generator, so an epoch is the same every time.
+use super::{Dataset, DatasetOptions, ImageSource, Layout, PerClassLimit, Sample};
+use anyhow::{bail, ensure, Context, Result};
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
+const CAPTION_EXTENSIONS: &[&str] = &["txt", "caption"];
+
+/// One image of the folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub image: PathBuf,
+    /// The caption file's text (trimmed), or the fallback caption.
+    pub caption: String,
+    /// Times the image appears per epoch (the `N` of its `N_name` folder; 1 in the root).
+    pub repeats: usize,
+    /// Whether the caption is the folder-name fallback.
+    pub fallback: bool,
+}
+
+/// A listed kohya folder.
+#[derive(Debug, Clone)]
+pub struct KohyaFolder {
+    pub root: PathBuf,
+    pub items: Vec<Item>,
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// `N_name` -> `(N, name)`.
+fn repeat_folder(name: &str) -> Option<(usize, &str)> {
+    let (n, rest) = name.split_once('_')?;
+    let n: usize = n.parse().ok()?;
+    (n > 0 && !rest.is_empty()).then_some((n, rest))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    entries.sort();
+    Ok(entries)
+}
+
+/// Whether `path` looks like a kohya folder: images with caption files, or `N_name` folders.
+pub fn is_kohya_folder(path: &Path) -> bool {
+    let Ok(entries) = sorted_entries(path) else {
+        return false;
+    };
+    entries.iter().any(|p| {
+        (p.is_dir()
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(repeat_folder)
+                .is_some())
+            || (is_image(p) && caption_file(p).is_some())
+    })
+}
+
+fn caption_file(image: &Path) -> Option<PathBuf> {
+    CAPTION_EXTENSIONS
+        .iter()
+        .map(|ext| image.with_extension(ext))
+        .find(|p| p.is_file())
+}
+
+/// Reads a caption file, reporting a file that is not UTF-8 by its path.
+fn read_caption(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "caption file {} is not UTF-8 (invalid byte at offset {}); re-save it as UTF-8",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    Ok(text.trim().to_string())
+}
+
+impl KohyaFolder {
+    /// Lists the root's images (repeats 1) and each `N_name` folder's images (repeats N), in
+    /// sorted order.
+    pub fn open(root: &Path) -> Result<Self> {
+        let mut items = Vec::new();
+        let root_name = root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("images")
+            .to_string();
+        list_images(root, 1, &root_name, &mut items)?;
+        for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if let Some((repeats, concept)) = repeat_folder(name) {
+                let concept = concept.replace('_', " ");
+                list_images(&dir, repeats, &concept, &mut items)?;
+            }
+        }
+        ensure!(
+            !items.is_empty(),
+            "{} has no images (.jpg, .jpeg, .png, .webp) in it or in N_name folders",
+            root.display()
+        );
+        Ok(Self {
+            root: root.to_path_buf(),
+            items,
+        })
+    }
+
+    /// How many images use the folder-name fallback caption.
+    pub fn fallback_count(&self) -> usize {
+        self.items.iter().filter(|i| i.fallback).count()
+    }
+
+    /// One epoch: every image `repeats` times, in a seeded order, each with its caption variant.
+    pub fn epoch(&self, seed: u64, epoch: u64, options: &CaptionOptions) -> Vec<(usize, String)> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(epoch);
+        let mut order: Vec<usize> = self
+            .items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| std::iter::repeat_n(i, item.repeats))
+            .collect();
+        order.shuffle(&mut rng);
+        order
+            .into_iter()
+            .map(|i| (i, options.variant(&self.items[i].caption, &mut rng)))
+            .collect()
+    }
+
+    /// The images as a [`Dataset`] (one sample per image, its caption as written).
+    pub fn to_dataset(&self, opts: &DatasetOptions) -> Dataset {
+        let mut limit = PerClassLimit::new(opts.limit_per_class);
+        let samples = self
+            .items
+            .iter()
+            .take_while(|_| limit.admit(None))
+            .map(|item| Sample {
+                image: ImageSource::File(item.image.clone()),
+                caption: item.caption.clone(),
+                label: None,
+                id: item
+                    .image
+                    .strip_prefix(&self.root)
+                    .unwrap_or(&item.image)
+                    .display()
+                    .to_string(),
+            })
+            .collect();
+        Dataset {
+            layout: Layout::Kohya,
+            root: self.root.clone(),
+            split: opts.split,
+            classes: Vec::new(),
+            samples,
+        }
+    }
+}
+
+fn list_images(dir: &Path, repeats: usize, fallback: &str, items: &mut Vec<Item>) -> Result<()> {
+    for image in sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_file() && is_image(p))
+    {
+        let (caption, is_fallback) = match caption_file(&image) {
+            Some(path) => (read_caption(&path)?, false),
+            None => (fallback.to_string(), true),
+        };
+        items.push(Item {
+            image,
+            caption,
+            repeats,
+            fallback: is_fallback,
+        });
+    }
+    Ok(())
+}
+
+/// Lists a kohya folder as a [`Dataset`] (train split only), saying how many images had no caption.
+pub fn load(path: &Path, opts: &DatasetOptions) -> Result<Dataset> {
+    if opts.split != super::Split::Train {
+        bail!("a kohya folder has only a train split");
+    }
+    let folder = KohyaFolder::open(path)?;
+    let missing = folder.fallback_count();
+    if missing > 0 {
+        eprintln!(
+            "{missing} of {} images in {} have no .txt/.caption file; they are captioned with their folder's name",
+            folder.items.len(),
+            path.display()
+        );
+    }
+    Ok(folder.to_dataset(opts))
+}
+
+/// kohya's caption options.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CaptionOptions {
+    /// Probability of training on the empty prompt instead of the caption.
+    pub dropout: f64,
+    /// Shuffle the comma-separated tags.
+    pub shuffle: bool,
+    /// Tags at the front kept in place when shuffling (kohya's `keep_tokens`).
+    pub keep_first: usize,
+}
+
+impl CaptionOptions {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (0.0..=1.0).contains(&self.dropout),
+            "caption dropout must be in [0, 1], got {}",
+            self.dropout
+        );
+        Ok(())
+    }
+
+    /// The caption as used for one appearance: empty with probability `dropout`, else with its
+    /// tags after the first `keep_first` shuffled.
+    pub fn variant(&self, caption: &str, rng: &mut ChaCha8Rng) -> String {
+        // Always draw, so a caption's draws do not shift the others' when dropout is 0.
+        let dropped = rng.random_bool(self.dropout.clamp(0.0, 1.0));
+        if dropped {
+            return String::new();
+        }
+        if !self.shuffle {
+            return caption.to_string();
+        }
+        let mut tags: Vec<&str> = caption
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        let keep = self.keep_first.min(tags.len());
+        tags[keep..].shuffle(rng);
+        tags.join(", ")
+    }
+}
