@@ -1,8 +1,8 @@
 //! `difftune compare` end to end on the tiny preset with a very small budget: every artefact is
 //! written, the numbers agree with each other and with the peft module, an interrupted comparison
 //! resumes, and a finished one is reused.
-use difftune::compare::runner::{REPORT_MD, RESULTS_CSV, RESULTS_JSON};
 use difftune::compare::config::MethodEntry;
+use difftune::compare::runner::{REPORT_MD, RESULTS_CSV, RESULTS_JSON};
 use difftune::compare::{preset, run, CompareConfig, CompareOptions, Outcome, StudyResults};
 use difftune::model::source::ModelFiles;
 use std::path::Path;

@@ -126,10 +126,11 @@ fn sd14_counts_match_the_study() {
 
 #[test]
 fn methods_start_from_the_base_model_and_train_only_their_parameters() {
-    let cases = cases()
-        .into_iter()
-        .map(|(n, s)| (n, s, true))
-        .chain([("prefix", "attention = 'joint'", false)]);
+    let cases = cases().into_iter().map(|(n, s)| (n, s, true)).chain([(
+        "prefix",
+        "attention = 'joint'",
+        false,
+    )]);
     for (name, settings, unchanged_at_init) in cases {
         let what = format!("{name} [{settings}]");
         let mut tiny = Tiny::new();

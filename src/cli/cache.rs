@@ -1,7 +1,7 @@
 use crate::data::cache::{build, CacheSettings};
+use crate::data::images::ResizeFilter;
 use crate::data::{PromptTemplate, Split};
 use crate::model::source::ModelFiles;
-use crate::data::images::ResizeFilter;
 use crate::util::device::DeviceChoice;
 use anyhow::Result;
 use clap::Args;

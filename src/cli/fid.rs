@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use faer::Mat;
 use std::path::{Path, PathBuf};
-use tch::Device;
 
 #[derive(Args, Debug)]
 pub struct FidArgs {

@@ -9,7 +9,6 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use tch::Device;
 
 /// Generates images: `OUT/00000.png`, `OUT/00001.png`, ... (the generation parameters in PNG text
 /// chunks) and `OUT/grid.png`. Image i is drawn from seed `SEED + i` alone, so it is the same
@@ -63,6 +62,7 @@ pub struct SampleArgs {
 
 /// The scheduler names, listed in `--help`.
 fn scheduler_parser() -> impl clap::builder::TypedValueParser<Value = SchedulerKind> {
+    use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(SchedulerKind::ALL.map(SchedulerKind::name))
         .try_map(|name| name.parse::<SchedulerKind>())
 }

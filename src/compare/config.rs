@@ -189,7 +189,9 @@ impl MethodEntry {
 
 /// The study's name for a method (its registered label).
 pub fn study_label(method: &str) -> String {
-    crate::peft::registration(method).map_or(method, |m| m.label).to_string()
+    crate::peft::registration(method)
+        .map_or(method, |m| m.label)
+        .to_string()
 }
 
 /// `base` with the keys of `overrides` replacing its own.

@@ -34,5 +34,5 @@ mod training;
 pub use config::CompareConfig;
 pub use presets::preset;
 pub use report::StudyResults;
-pub use runner::{run, CompareOptions, Outcome};
 use runner::Study;
+pub use runner::{run, CompareOptions, Outcome};

@@ -65,7 +65,8 @@ impl Study<'_> {
         test: &Dataset,
     ) -> Result<Vec<Figure>> {
         let s = &self.config.sample;
-        let selection = GridSelection::of(plan, s.grid_classes, s.per_class.min(s.grid_seeds.max(1)));
+        let selection =
+            GridSelection::of(plan, s.grid_classes, s.per_class.min(s.grid_seeds.max(1)));
         let tile = self.config.sample_resolution().clamp(96, 256);
         let mut grids = vec![Figure::new(
             "grids/comparison.png",
@@ -77,16 +78,26 @@ impl Study<'_> {
         }];
         for row in &results.rows {
             let rows = selection.rows(plan, test, &self.layout.samples(&row.method))?;
-            let titles: Vec<String> = selection.seeds.iter().map(|s| format!("seed {s}")).collect();
+            let titles: Vec<String> = selection
+                .seeds
+                .iter()
+                .map(|s| format!("seed {s}"))
+                .collect();
             let grid = Figure::new(
                 format!("grids/{}.png", row.method),
                 format!("{}: seeds side by side", row.label),
             );
-            write_png(&compose(&rows, &titles, tile)?, &self.layout.root.join(&grid.file))?;
+            write_png(
+                &compose(&rows, &titles, tile)?,
+                &self.layout.root.join(&grid.file),
+            )?;
             grids.push(grid);
             comparison.push(GridRow {
                 label: row.label.clone(),
-                tiles: rows.iter().filter_map(|r| r.tiles.first().cloned()).collect(),
+                tiles: rows
+                    .iter()
+                    .filter_map(|r| r.tiles.first().cloned())
+                    .collect(),
             });
         }
         let titles: Vec<String> = selection

@@ -42,7 +42,11 @@ impl Study<'_> {
         let dir = self.layout.data(domain);
         let key = serde_json::to_value(&spec)?;
         let stage = Stage::Data(domain);
-        if self.layout.enter::<Value>(stage, Some(&dir), &key)?.is_none() {
+        if self
+            .layout
+            .enter::<Value>(stage, Some(&dir), &key)?
+            .is_none()
+        {
             remove_dir(&dir)?;
             eprintln!("compare: generating the synthetic {name} domain");
             generate_food101_like(&dir, &spec)?;
@@ -93,7 +97,11 @@ impl Study<'_> {
             return Ok(None);
         };
         let base = self.layout.model("base");
-        if self.layout.enter::<Value>(Stage::BaseModel, Some(&base), &key)?.is_none() {
+        if self
+            .layout
+            .enter::<Value>(Stage::BaseModel, Some(&base), &key)?
+            .is_none()
+        {
             merge_into_model(&initial_files, &record.adapter, &base)?;
             self.layout.finish(Stage::BaseModel, &key, &Value::Null)?;
         }
@@ -111,7 +119,11 @@ impl Study<'_> {
             "resolution": self.config.train.resolution,
             "data": datasets.iter().map(|d| &d.key).collect::<Vec<_>>(),
         });
-        if self.layout.enter::<Value>(Stage::TinyModel, Some(&dir), &key)?.is_none() {
+        if self
+            .layout
+            .enter::<Value>(Stage::TinyModel, Some(&dir), &key)?
+            .is_none()
+        {
             remove_dir(&dir)?;
             crate::model::tiny::write_tiny_model(&dir, model.tiny_seed)?;
             // Training and sampling both read what the U-Net predicts from here.

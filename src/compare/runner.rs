@@ -171,7 +171,8 @@ impl<'a> Study<'a> {
                     settings: method.settings.clone(),
                 },
             };
-            let key = json!({ "base": base.identity, "data": target.key, "run": config.to_toml()? });
+            let key =
+                json!({ "base": base.identity, "data": target.key, "run": config.to_toml()? });
             let job = RunJob {
                 name: &method.name,
                 model: &base.spec,

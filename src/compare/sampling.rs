@@ -80,7 +80,10 @@ impl Study<'_> {
     ) -> Result<Option<SampleRecord>> {
         let dir = self.layout.samples(job.row);
         let stage = Stage::Samples(job.row);
-        if let Some(record) = self.layout.enter::<SampleRecord>(stage, Some(&dir), &job.key)? {
+        if let Some(record) = self
+            .layout
+            .enter::<SampleRecord>(stage, Some(&dir), &job.key)?
+        {
             return Ok(Some(record));
         }
         let todo: Vec<&SampleItem> = plan

@@ -36,7 +36,10 @@ impl Study<'_> {
     pub(super) fn train_run(&self, job: RunJob) -> Result<Option<RunRecord>> {
         let stage = Stage::Run(job.name);
         let dir = self.layout.run(job.name);
-        if let Some(record) = self.layout.enter::<RunRecord>(stage, Some(&dir), &job.key)? {
+        if let Some(record) = self
+            .layout
+            .enter::<RunRecord>(stage, Some(&dir), &job.key)?
+        {
             eprintln!("compare: reusing the finished run in {}", dir.display());
             return Ok(Some(record));
         }

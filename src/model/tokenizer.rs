@@ -2,9 +2,9 @@
 //! and tokenizer_config.json / special_tokens_map.json when present). It reproduces transformers'
 //! CLIPTokenizer as diffusers' SD pipeline calls it: bos + BPE tokens + eos, truncated and padded to
 //! `model_max_length`.
+use crate::util::fs::read_json;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
-use crate::util::fs::read_json;
 use std::path::Path;
 use tch::Tensor;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;

@@ -71,7 +71,10 @@ impl BlockKind {
                 Some(&(_, kind)) => Ok(kind),
                 None => {
                     let names: Vec<&str> = kinds.iter().map(|(name, _)| *name).collect();
-                    bail!("unknown {side} block type `{t}` (supported: {})", names.join(", "))
+                    bail!(
+                        "unknown {side} block type `{t}` (supported: {})",
+                        names.join(", ")
+                    )
                 }
             })
             .collect()
@@ -205,13 +208,19 @@ impl UNetConfig {
 
     /// What each down block is, from `down_block_types`.
     pub fn down_block_kinds(&self) -> Result<Vec<BlockKind>> {
-        let kinds = [("CrossAttnDownBlock2D", BlockKind::CrossAttn), ("DownBlock2D", BlockKind::Plain)];
+        let kinds = [
+            ("CrossAttnDownBlock2D", BlockKind::CrossAttn),
+            ("DownBlock2D", BlockKind::Plain),
+        ];
         BlockKind::read(&self.down_block_types, "down", &kinds)
     }
 
     /// What each up block is, from `up_block_types`.
     pub fn up_block_kinds(&self) -> Result<Vec<BlockKind>> {
-        let kinds = [("CrossAttnUpBlock2D", BlockKind::CrossAttn), ("UpBlock2D", BlockKind::Plain)];
+        let kinds = [
+            ("CrossAttnUpBlock2D", BlockKind::CrossAttn),
+            ("UpBlock2D", BlockKind::Plain),
+        ];
         BlockKind::read(&self.up_block_types, "up", &kinds)
     }
 

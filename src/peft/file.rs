@@ -88,9 +88,8 @@ impl AdapterFile {
     /// Reads a difftune adapter (`path` and its sidecar).
     pub fn load(path: &Path) -> Result<Self> {
         let sidecar = sidecar_path(path);
-        let meta: AdapterMeta = crate::util::fs::read_json(&sidecar).with_context(|| {
-            format!("the sidecar of the difftune adapter {}", path.display())
-        })?;
+        let meta: AdapterMeta = crate::util::fs::read_json(&sidecar)
+            .with_context(|| format!("the sidecar of the difftune adapter {}", path.display()))?;
         if meta.format != FORMAT {
             bail!(
                 "{} is not a difftune adapter sidecar (format `{}`, expected `{FORMAT}`)",

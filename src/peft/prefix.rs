@@ -269,7 +269,10 @@ impl TuningMethod for Prefix {
             |m, source| match m {
                 ModuleMut::Attention(a) => {
                     let attention = self.attention;
-                    fill_slot(&mut a.kv_extension, Box::new(PrefixKv { source, attention }))
+                    fill_slot(
+                        &mut a.kv_extension,
+                        Box::new(PrefixKv { source, attention }),
+                    )
                 }
                 _ => true,
             },

@@ -49,7 +49,12 @@ impl SdModels {
     /// Applies the adapter file at `path` (any format [`load_adapter`] reads) to the U-Net,
     /// checking that it was trained on `files`' U-Net. Returns the adapter's method name.
     pub fn apply_adapter(&mut self, path: &Path, files: &ModelFiles) -> Result<&'static str> {
-        let tuned = load_adapter(path, &mut self.unet, &self.unet_vars, &files.unet_identity()?)?;
+        let tuned = load_adapter(
+            path,
+            &mut self.unet,
+            &self.unet_vars,
+            &files.unet_identity()?,
+        )?;
         let name = tuned.method.name();
         self.tuning = Some(tuned);
         Ok(name)

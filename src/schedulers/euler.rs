@@ -118,7 +118,11 @@ impl SigmaSteps {
     /// timestep is not the last training one) the scale `sqrt(sigma² + 1)` of a sample at that
     /// sigma.
     pub(crate) fn init_noise_sigma(&self) -> f64 {
-        let max = self.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = self
+            .sigmas
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
         match self.spacing {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max as f64,
             TimestepSpacing::Leading => sqrt(max * max + 1.0) as f64,

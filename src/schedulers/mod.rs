@@ -16,7 +16,7 @@ mod numpy;
 pub mod pndm;
 pub mod spacing;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
 pub use config::{BetaSchedule, FinalSigmas, PredictionType, SchedulerConfig, TimestepSpacing};

@@ -2,8 +2,8 @@
 //! training loop and the `bench` command: DDPM noising with the model's scheduler, epsilon or v
 //! targets, optional min-SNR-γ weighting and noise offset, as diffusers' `train_text_to_image.py`.
 use super::config::{MethodConfig, PredictionTarget, TrainConfig};
-use crate::peft::Tuned;
 use crate::model::unet::UNet2DConditionModel;
+use crate::peft::Tuned;
 use crate::schedulers::{NoiseSchedule, PredictionType, SchedulerConfig};
 use anyhow::{ensure, Result};
 use tch::{nn, Kind, Tensor};

@@ -8,9 +8,9 @@ use super::config::{Precision, RunConfig};
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
 use super::step::{attach_method, forward_backward, Objective};
-use crate::peft::Tuned;
 use super::validation::{TrainedUnet, Validation};
 use crate::model::source::ModelFiles;
+use crate::peft::Tuned;
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
@@ -143,14 +143,22 @@ impl<'a> Trainer<'a> {
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
         let objective = Objective::new(&scheduler, train)?;
         let tuned = attach_method(&mut unet, &mut unet_vs, &config.method)?;
-        let tensors: Vec<Tensor> = tuned.trained.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let tensors: Vec<Tensor> = tuned
+            .trained
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
         if autocast {
             super::precision::freeze_to_bf16(&unet_vs, &tensors);
         }
         let optimizer = AdamW::new(tensors, train.optimizer.clone())?;
         let validation = match train.validation_every {
             0 => None,
-            _ => Some(Validation::new(&files, train, &batches.cache().manifest.prompts)?),
+            _ => Some(Validation::new(
+                &files,
+                train,
+                &batches.cache().manifest.prompts,
+            )?),
         };
         let model = match validation {
             Some(_) => TrainedUnet::in_pipeline(&files, unet_vs, unet)?,
@@ -223,9 +231,12 @@ impl<'a> Trainer<'a> {
             loss_sum += self.forward_backward(batch, 1.0 / accum as f64)?;
         }
         let step = self.steps_done;
-        let lr = train
-            .lr_schedule
-            .lr(train.learning_rate, step, train.lr_warmup_steps, train.steps);
+        let lr = train.lr_schedule.lr(
+            train.learning_rate,
+            step,
+            train.lr_warmup_steps,
+            train.steps,
+        );
         let clip = (train.max_grad_norm > 0.0).then_some(train.max_grad_norm);
         let grad_norm = self
             .optimizer
@@ -322,7 +333,7 @@ impl<'a> Trainer<'a> {
     /// After the last step: validation (unless that step had it), a checkpoint, the adapter file.
     pub fn finish(mut self) -> Result<TrainSummary> {
         let every = self.opts.config.train.validation_every;
-        if every > 0 && self.steps_done % every != 0 {
+        if every > 0 && !self.steps_done.is_multiple_of(every) {
             self.validate()?;
         }
         self.save()?;
@@ -383,7 +394,7 @@ impl RunLog {
 
 /// Whether step `step` of a schedule firing every `every` steps (0: never) is due.
 fn due(step: usize, every: usize) -> bool {
-    every > 0 && step % every == 0
+    every > 0 && step.is_multiple_of(every)
 }
 
 /// Runs (or resumes) a training run. See [`TrainOptions`].

@@ -87,7 +87,10 @@ mod tests {
             assert_eq!(name.parse::<DeviceChoice>().unwrap().to_string(), name);
         }
         assert_eq!("cuda:0".parse(), Ok(DeviceChoice::Cuda(0)));
-        assert!("gpu".parse::<DeviceChoice>().unwrap_err().contains("cuda:N"));
+        assert!("gpu"
+            .parse::<DeviceChoice>()
+            .unwrap_err()
+            .contains("cuda:N"));
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
         assert_eq!(DeviceChoice::Cpu.resolve().unwrap(), Device::Cpu);
     }
