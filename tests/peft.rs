@@ -3,12 +3,12 @@
 //! settings, adapter files, LoRA formats and merging.
 use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
 use difftune::model::weights::{load_into, read_all, LoadOptions};
-use difftune::peft::file::{load_adapter, random_init_identity, save_adapter, AdapterFile};
-use difftune::peft::formats::{export_lora, read_adapter, LoraFormat};
+use difftune::peft::file::{random_init_identity, save_adapter, AdapterFile};
+use difftune::peft::formats::{export_lora, load_adapter, read_adapter, LoraFormat};
 use difftune::peft::merge::{merge_adapter, save_unet};
 use difftune::peft::{
     freeze, has_extensions, method_from_settings, parse_set_pairs, trainable_parameter_count,
-    TuningMethod,
+    TuningMethod, METHODS,
 };
 use difftune::util::tensor::relative_l2;
 use std::collections::BTreeMap;
@@ -76,16 +76,22 @@ fn perturb(trained: &[(String, Tensor)]) {
     });
 }
 
-const NON_FULL: [(&str, &str); 8] = [
-    ("lora", ""),
+/// Settings other than the defaults that every invariant must hold for too.
+const VARIANTS: [(&str, &str); 4] = [
     ("lora", "dora = true\nalpha = 8\ntargets = ['*.attn2.to_q', '*.resnets.*.conv1', '*.proj_in']\nrank_pattern = { '*.conv1' = 2 }"),
-    ("prefix", ""),
     ("prefix", "reparam_hidden = 8"),
-    ("adapter", ""),
     ("adapter", "input = 'attn2_out'\noutput = 'ff_in'\nactivation = 'relu'"),
-    ("bitfit", ""),
     ("bitfit", "scope = 'all'"),
 ];
+
+/// Every registered method with its default settings, then the [`VARIANTS`].
+fn cases() -> Vec<(&'static str, &'static str)> {
+    METHODS
+        .iter()
+        .map(|m| (m.name, ""))
+        .chain(VARIANTS)
+        .collect()
+}
 
 #[test]
 fn sd14_counts_match_the_study() {
@@ -120,10 +126,11 @@ fn sd14_counts_match_the_study() {
 
 #[test]
 fn methods_start_from_the_base_model_and_train_only_their_parameters() {
-    let cases = NON_FULL.iter().map(|&(n, s)| (n, s, true)).chain([
-        ("full", "", false),
-        ("prefix", "attention = 'joint'", false),
-    ]);
+    let cases = cases().into_iter().map(|(n, s)| (n, s, true)).chain([(
+        "prefix",
+        "attention = 'joint'",
+        false,
+    )]);
     for (name, settings, unchanged_at_init) in cases {
         let what = format!("{name} [{settings}]");
         let mut tiny = Tiny::new();
@@ -267,7 +274,8 @@ fn adapted(
 #[test]
 fn adapter_files_round_trip_and_refuse_mismatches() {
     let tmp = tempfile::tempdir().unwrap();
-    for (i, (name, settings)) in NON_FULL.into_iter().enumerate() {
+    let cases = cases();
+    for (i, &(name, settings)) in cases.iter().enumerate() {
         let what = format!("{name} [{settings}]");
         let mut trainer = Tiny::new();
         let params = nn::VarStore::new(Device::Cpu);
@@ -277,22 +285,16 @@ fn adapter_files_round_trip_and_refuse_mismatches() {
         save_adapter(&path, m.as_ref(), &trained, &trainer.identity).unwrap();
 
         let mut user = Tiny::new();
-        let params = nn::VarStore::new(Device::Cpu);
-        let loaded = load_adapter(
-            &path,
-            &mut user.unet,
-            &user.vs,
-            params.root(),
-            &user.identity,
-        )
-        .unwrap();
+        let loaded = load_adapter(&path, &mut user.unet, &user.vs, &user.identity).unwrap();
         assert_eq!(loaded.method.name(), name);
         let err = relative_l2(&user.output(), &expected);
         assert!(err <= 1e-6, "{what}: reloaded adapter differs by {err:.2e}");
     }
-    let sidecar: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("case3.json")).unwrap())
-            .unwrap();
+    let prefix = cases.iter().position(|&c| c == ("prefix", "")).unwrap();
+    let sidecar: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join(format!("case{prefix}.json"))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         (&sidecar["method"], &sidecar["settings"]["length"]),
         (&"prefix".into(), &10.into())
@@ -303,16 +305,9 @@ fn adapter_files_round_trip_and_refuse_mismatches() {
     );
 
     let mut other = Tiny::new();
-    let params = nn::VarStore::new(Device::Cpu);
-    let path = tmp.path().join("case0.safetensors");
-    let err = load_adapter(
-        &path,
-        &mut other.unet,
-        &other.vs,
-        params.root(),
-        "another-model",
-    )
-    .unwrap_err();
+    let lora = cases.iter().position(|&c| c == ("lora", "")).unwrap();
+    let path = tmp.path().join(format!("case{lora}.safetensors"));
+    let err = load_adapter(&path, &mut other.unet, &other.vs, "another-model").unwrap_err();
     assert!(
         format!("{err:#}").contains("trained on another base U-Net"),
         "{err:#}"
@@ -321,7 +316,7 @@ fn adapter_files_round_trip_and_refuse_mismatches() {
     let mut adapter = AdapterFile::load(&path).unwrap();
     adapter.meta.settings["rank"] = 2.into();
     let err = adapter
-        .apply(&mut other.unet, &other.vs, params.root(), &other.identity)
+        .attach(&mut other.unet, &other.vs, &other.identity)
         .unwrap_err();
     let err = format!("{err:#}");
     assert!(
@@ -361,9 +356,8 @@ fn lora_formats_round_trip() {
             let mut user = Tiny::new();
             let imported = read_adapter(&out, &user.vs).unwrap();
             assert_eq!(imported.meta.base_model, None);
-            let params = nn::VarStore::new(Device::Cpu);
             imported
-                .apply(&mut user.unet, &user.vs, params.root(), &user.identity)
+                .attach(&mut user.unet, &user.vs, &user.identity)
                 .unwrap();
             let err = relative_l2(&user.output(), &expected);
             assert!(

@@ -255,10 +255,10 @@ fn only_the_method_parameters_change() {
         .map(|(n, t)| (n, t.detach().copy()))
         .collect();
     let config = fx.config("bitfit", 3, 1e-2);
-    let tuned = attach_method(&mut unet, &mut unet_vs, &config.method, Device::Cpu).unwrap();
+    let tuned = attach_method(&mut unet, &mut unet_vs, &config.method).unwrap();
     let mut optimizer = AdamW::new(
         tuned
-            .trainable
+            .trained
             .iter()
             .map(|(_, t)| t.shallow_clone())
             .collect(),
@@ -277,7 +277,7 @@ fn only_the_method_parameters_change() {
         let _ = forward_backward(&unet, &objective, &inputs, false, 1.0).unwrap();
         optimizer.step(1e-2, Some(1.0)).unwrap();
     }
-    let trainable: Vec<&str> = tuned.trainable.iter().map(|(n, _)| n.as_str()).collect();
+    let trainable: Vec<&str> = tuned.trained.iter().map(|(n, _)| n.as_str()).collect();
     let after = unet_vs.variables();
     let (mut changed, mut frozen) = (0, 0);
     for (name, old) in &before {

@@ -125,9 +125,9 @@ fn bench_one(
         name: method.to_string(),
         settings: toml::Table::new(),
     };
-    let tuned = attach_method(&mut unet, &mut unet_vs, &method_config, device)?;
+    let tuned = attach_method(&mut unet, &mut unet_vs, &method_config)?;
     let tensors: Vec<Tensor> = tuned
-        .trainable
+        .trained
         .iter()
         .map(|(_, t)| t.shallow_clone())
         .collect();

@@ -1,5 +1,5 @@
 use crate::bench::{BenchOptions, BenchReport};
-use crate::train::config::DeviceChoice;
+use crate::util::device::DeviceChoice;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ pub struct BenchArgs {
     pub resolution: i64,
     /// `auto` (CUDA when available), `cpu` or `cuda`. On CUDA the step runs as the trainer's
     /// default precision does: bf16 autocast, frozen weights stored in bf16.
-    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
     /// Untimed steps before measuring.
     #[arg(long, default_value_t = 2)]
@@ -31,12 +31,6 @@ pub struct BenchArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Reads a device name as a run config's `device` key does.
-fn parse_device(name: &str) -> Result<DeviceChoice, String> {
-    serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| format!("`{name}` is not a device (auto, cpu or cuda)"))
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {

@@ -1,7 +1,8 @@
 use crate::data::cache::{build, CacheSettings};
+use crate::data::images::ResizeFilter;
 use crate::data::{PromptTemplate, Split};
 use crate::model::source::ModelFiles;
-use crate::train::config::DeviceChoice;
+use crate::util::device::DeviceChoice;
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -29,30 +30,29 @@ pub struct CacheArgs {
     pub prompt_template: String,
     /// Resize filter: bilinear, bicubic or lanczos3.
     #[arg(long, default_value = "bilinear")]
-    pub resize_filter: String,
+    pub resize_filter: ResizeFilter,
     /// Images per VAE forward.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Fail on the first unreadable image instead of skipping it.
     #[arg(long)]
     pub strict: bool,
-    /// auto, cpu or cuda.
+    /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DeviceChoice,
 }
 
 pub fn run(args: CacheArgs) -> Result<()> {
     let files = ModelFiles::resolve(&args.model, None)?;
-    let device: DeviceChoice = toml::Value::String(args.device.clone()).try_into()?;
     let settings = CacheSettings {
         split: args.split,
         resolution: args.resolution,
-        resize_filter: args.resize_filter.parse()?,
+        resize_filter: args.resize_filter,
         prompt_template: PromptTemplate::new(&args.prompt_template)?,
         limit_per_class: args.limit_per_class,
         batch_size: args.batch_size,
         strict: args.strict,
-        device: device.resolve()?,
+        device: args.device.resolve()?,
         ..CacheSettings::default()
     };
     let (manifest, report) = build(&files, &args.data, &settings, &args.out)?;

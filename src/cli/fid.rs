@@ -4,11 +4,11 @@ use crate::eval::features::DEFAULT_BATCH_SIZE;
 use crate::eval::fid::small_sample_warning;
 use crate::eval::kid::{DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE};
 use crate::eval::{frechet_distance, images, kid, resolve_weights, FidModel, Kid, Statistics};
+use crate::util::device::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use faer::Mat;
 use std::path::{Path, PathBuf};
-use tch::Device;
 
 #[derive(Args, Debug)]
 pub struct FidArgs {
@@ -42,7 +42,7 @@ pub struct FidArgs {
     pub json: bool,
     /// cpu, cuda, cuda:N, or auto (cuda when available).
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DeviceChoice,
     /// Save A's statistics to this `.npz` (pytorch-fid's format); A must be a folder.
     #[arg(long)]
     pub save_stats: Option<PathBuf>,
@@ -87,7 +87,7 @@ pub fn run(args: FidArgs) -> Result<()> {
         );
     }
     let model = if loaded.iter().any(Option::is_none) {
-        let device = parse_device(&args.device)?;
+        let device = args.device.resolve()?;
         let weights = resolve_weights(args.weights.as_deref())?;
         Some(FidModel::load(&weights, device, args.dims)?.with_batch_size(args.batch))
     } else {
@@ -207,25 +207,4 @@ fn image_side(dir: &Path, model: &FidModel, quiet: bool) -> Result<Side> {
         stats,
         features: Some(features),
     })
-}
-
-fn parse_device(name: &str) -> Result<Device> {
-    let device = match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(index) => Device::Cuda(index),
-            None => bail!("unknown device `{other}` (cpu, cuda, cuda:N or auto)"),
-        },
-    };
-    if let Device::Cuda(index) = device {
-        if index >= tch::Cuda::device_count() as usize {
-            bail!(
-                "--device {name}: no such CUDA device ({} available)",
-                tch::Cuda::device_count()
-            );
-        }
-    }
-    Ok(device)
 }

@@ -3,12 +3,12 @@ use crate::model::source::ModelFiles;
 use crate::sample::grid::{grid_columns, image_grid};
 use crate::sample::png::write_png;
 use crate::sample::{generate, per_image_latents, GenerateOptions, SdModels};
-use crate::schedulers::{self, SCHEDULER_NAMES};
+use crate::schedulers::SchedulerKind;
+use crate::util::device::DeviceChoice;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use tch::Device;
 
 /// Generates images: `OUT/00000.png`, `OUT/00001.png`, ... (the generation parameters in PNG text
 /// chunks) and `OUT/grid.png`. Image i is drawn from seed `SEED + i` alone, so it is the same
@@ -44,8 +44,8 @@ pub struct SampleArgs {
     /// Classifier-free guidance scale (at most 1: no guidance).
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
-    #[arg(long, default_value = "pndm", value_parser = clap::builder::PossibleValuesParser::new(SCHEDULER_NAMES))]
-    pub scheduler: String,
+    #[arg(long, default_value = "pndm", value_parser = scheduler_parser())]
+    pub scheduler: SchedulerKind,
     /// Images denoised together.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -55,8 +55,16 @@ pub struct SampleArgs {
     pub height: usize,
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
-    pub device: String,
+    /// cpu, cuda, cuda:N, or auto (cuda when available).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+}
+
+/// The scheduler names, listed in `--help`.
+fn scheduler_parser() -> impl clap::builder::TypedValueParser<Value = SchedulerKind> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(SchedulerKind::ALL.map(SchedulerKind::name))
+        .try_map(|name| name.parse::<SchedulerKind>())
 }
 
 fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
@@ -82,24 +90,16 @@ fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
         .collect())
 }
 
-fn device(name: &str) -> Result<Device> {
-    match name {
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => bail!("--device cuda: libtorch sees no CUDA device"),
-        _ => Ok(Device::Cpu),
-    }
-}
-
 pub fn run(args: SampleArgs) -> Result<()> {
     let prompts = prompt_list(&args)?;
-    let device = device(&args.device)?;
+    let device = args.device.resolve()?;
     let files = ModelFiles::resolve(&args.model, args.variant.as_deref())?;
     let mut models = SdModels::load(&files, device)?;
     if let Some(path) = &args.adapter {
         let method = models.apply_adapter(path, &files)?;
         eprintln!("applied the `{method}` adapter {}", path.display());
     }
-    let mut scheduler = schedulers::from_name(&args.scheduler, &load_scheduler_config(&files)?)?;
+    let mut scheduler = args.scheduler.build(&load_scheduler_config(&files)?)?;
     scheduler.set_timesteps(args.steps)?;
     let evaluations = scheduler.timesteps().len() * prompts.len().div_ceil(args.batch.max(1));
 
@@ -135,7 +135,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
             ("seed", (args.seed + i as u64).to_string()),
             ("steps", args.steps.to_string()),
             ("guidance", args.guidance.to_string()),
-            ("scheduler", args.scheduler.clone()),
+            ("scheduler", args.scheduler.to_string()),
             ("model", args.model.clone()),
             ("adapter", adapter.clone()),
             ("width", args.width.to_string()),

@@ -3,10 +3,11 @@
 //! Presets (presets/*.toml) are run files; `--set key=value` overrides any setting.
 use super::tiny_vae::TinyVaeTraining;
 use crate::schedulers::config::PredictionType;
+use crate::schedulers::SchedulerKind;
 use crate::train::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A whole run file. Every section but `methods` has defaults.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,7 +40,7 @@ pub struct CompareConfig {
 pub struct ModelSection {
     /// `tiny` (the built-in tiny model, created here) or a diffusers folder / hub id. `--model`
     /// overrides it. Default `tiny`.
-    pub source: String,
+    pub source: ModelSource,
     /// Seed of the tiny model's random weights. Default 0.
     pub tiny_seed: u64,
     /// How the tiny model's VAE is made a working codec (see [`TinyVaeTraining`]).
@@ -52,7 +53,7 @@ pub struct ModelSection {
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
-            source: TINY_MODEL.into(),
+            source: ModelSource::Tiny,
             tiny_seed: 0,
             tiny_vae: TinyVaeTraining::default(),
             tiny_prediction_type: PredictionType::Epsilon,
@@ -60,10 +61,57 @@ impl Default for ModelSection {
     }
 }
 
-/// `model.source` value selecting the built-in tiny model.
-pub const TINY_MODEL: &str = "tiny";
-/// `data.source` value selecting generated data.
-pub const SYNTHETIC_DATA: &str = "synthetic";
+/// `model.source`: the built-in tiny model (`tiny`) or a diffusers folder / hub id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum ModelSource {
+    Tiny,
+    Pretrained(String),
+}
+
+impl From<String> for ModelSource {
+    fn from(text: String) -> Self {
+        match text.as_str() {
+            "tiny" => Self::Tiny,
+            _ => Self::Pretrained(text),
+        }
+    }
+}
+
+impl From<ModelSource> for String {
+    fn from(source: ModelSource) -> Self {
+        match source {
+            ModelSource::Tiny => "tiny".into(),
+            ModelSource::Pretrained(spec) => spec,
+        }
+    }
+}
+
+/// `data.source`: generated data (`synthetic`) or a dataset folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum DataSource {
+    Synthetic,
+    Folder(PathBuf),
+}
+
+impl From<String> for DataSource {
+    fn from(text: String) -> Self {
+        match text.as_str() {
+            "synthetic" => Self::Synthetic,
+            _ => Self::Folder(text.into()),
+        }
+    }
+}
+
+impl From<DataSource> for String {
+    fn from(source: DataSource) -> Self {
+        match source {
+            DataSource::Synthetic => "synthetic".into(),
+            DataSource::Folder(path) => path.display().to_string(),
+        }
+    }
+}
 
 /// What the methods are fine-tuned on and scored against.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,14 +120,14 @@ pub struct DataSection {
     /// `synthetic` (a procedural Food101-like target domain, and a source domain for `[pretrain]`,
     /// generated here) or a dataset folder in the Food101 layout, an image folder or parquet.
     /// `--data` overrides it. Default `synthetic`.
-    pub source: String,
+    pub source: DataSource,
     pub synthetic: SyntheticSettings,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
         Self {
-            source: SYNTHETIC_DATA.into(),
+            source: DataSource::Synthetic,
             synthetic: SyntheticSettings::default(),
         }
     }
@@ -139,17 +187,11 @@ impl MethodEntry {
     }
 }
 
-/// The study's names for the methods.
+/// The study's name for a method (its registered label).
 pub fn study_label(method: &str) -> String {
-    match method {
-        "full" => "Full fine-tuning",
-        "adapter" => "Adapter",
-        "lora" => "LoRA",
-        "prefix" => "Prefix-tuning",
-        "bitfit" => "BitFit",
-        other => other,
-    }
-    .to_string()
+    crate::peft::registration(method)
+        .map_or(method, |m| m.label)
+        .to_string()
 }
 
 /// `base` with the keys of `overrides` replacing its own.
@@ -174,7 +216,7 @@ pub struct SampleSection {
     pub per_class: usize,
     pub seed: u64,
     /// `ddim`, `pndm`, `euler`, ... (see `difftune sample`). Default `pndm`, SD v1.4's own.
-    pub scheduler: String,
+    pub scheduler: SchedulerKind,
     pub steps: usize,
     pub guidance_scale: f64,
     /// Image side; default `[train]`'s resolution.
@@ -194,7 +236,7 @@ impl Default for SampleSection {
             classes: 0,
             per_class: 10,
             seed: 1000,
-            scheduler: "pndm".into(),
+            scheduler: SchedulerKind::Pndm,
             steps: 50,
             guidance_scale: 7.5,
             resolution: None,
@@ -300,7 +342,7 @@ impl CompareConfig {
             m.train_config(&self.train)?;
         }
         if let Some(pretrain) = &self.pretrain {
-            if self.data.source != SYNTHETIC_DATA {
+            if self.data.source != DataSource::Synthetic {
                 bail!("[pretrain] trains on the synthetic source domain, so it needs data.source = \"synthetic\"");
             }
             overlay(&self.train, pretrain).context("[pretrain]")?;
@@ -407,8 +449,8 @@ mod tests {
     #[test]
     fn a_minimal_run_file_takes_the_defaults() {
         let c = CompareConfig::from_toml(MINIMAL).unwrap();
-        assert_eq!(c.model.source, TINY_MODEL);
-        assert_eq!(c.data.source, SYNTHETIC_DATA);
+        assert_eq!(c.model.source, ModelSource::Tiny);
+        assert_eq!(c.data.source, DataSource::Synthetic);
         assert_eq!(c.sample.steps, 50);
         assert_eq!(c.eval.dims, 2048);
         assert_eq!(c.methods[0].label(), "LoRA");

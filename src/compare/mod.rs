@@ -19,14 +19,20 @@
 pub mod config;
 pub mod grid;
 pub mod machine;
+mod outputs;
 pub mod plots;
+mod prepare;
 pub mod presets;
 pub mod report;
 pub mod runner;
+mod sampling;
 pub mod score;
+mod stage;
 pub mod tiny_vae;
+mod training;
 
 pub use config::CompareConfig;
 pub use presets::preset;
 pub use report::StudyResults;
+use runner::Study;
 pub use runner::{run, CompareOptions, Outcome};

@@ -76,35 +76,50 @@ fn plot_error<E: std::error::Error + Send + Sync + 'static>(
     anyhow!("drawing a plot: {e}")
 }
 
-/// FID of each method against its trainable parameters on a log axis; the base model (nothing
-/// trained) is a dashed horizontal line.
-pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
-    let points: Vec<(usize, &str, &str, f64, f64)> = results
+/// A method's point in the FID plot.
+struct FidPoint<'a> {
+    /// Its row in the results (for its colour).
+    index: usize,
+    method: &'a str,
+    label: &'a str,
+    params: f64,
+    fid: f64,
+}
+
+/// The methods with a finite FID and a parameter count.
+fn fid_points(results: &StudyResults) -> Vec<FidPoint<'_>> {
+    results
         .rows
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| {
-            r.trainable_params.map(|n| {
-                (
-                    i,
-                    r.method.as_str(),
-                    r.label.as_str(),
-                    n.max(1) as f64,
-                    r.fid,
-                )
+        .filter_map(|(index, r)| {
+            r.trainable_params.map(|n| FidPoint {
+                index,
+                method: &r.method,
+                label: &r.label,
+                params: n.max(1) as f64,
+                fid: r.fid,
             })
         })
-        .filter(|p| p.4.is_finite())
-        .collect();
+        .filter(|p| p.fid.is_finite())
+        .collect()
+}
+
+/// The smallest and largest of `values`.
+fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)))
+}
+
+/// FID of each method against its trainable parameters on a log axis; the base model (nothing
+/// trained) is a dashed horizontal line.
+pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
+    let points = fid_points(results);
     if points.is_empty() {
         bail!("no method has a finite FID and a parameter count to plot");
     }
     let base_fid = results.base().map(|b| b.fid).filter(|f| f.is_finite());
-    let (x_lo, x_hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
-        (lo.min(p.3), hi.max(p.3))
-    });
-    let fids = points.iter().map(|p| p.4).chain(base_fid);
-    let (y_lo, y_hi) = fids.fold((f64::MAX, f64::MIN), |(lo, hi), f| (lo.min(f), hi.max(f)));
+    let (x_lo, x_hi) = span(points.iter().map(|p| p.params));
+    let (y_lo, y_hi) = span(points.iter().map(|p| p.fid).chain(base_fid));
     let y_pad = ((y_hi - y_lo) * 0.15).max(y_hi.abs() * 0.05).max(1e-3);
     render_png(path, |root| {
         let mut chart = ChartBuilder::on(root)
@@ -142,8 +157,9 @@ pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
                 EmptyElement::at((x_lo / 2.8, base)) + Text::new("no fine-tuning", (0, -4), style);
             chart.draw_series([caption]).map_err(plot_error)?;
         }
-        for &(i, method, label, x, y) in &points {
-            let color = method_color(i, method);
+        for point in &points {
+            let (x, y, label) = (point.params, point.fid, point.label);
+            let color = method_color(point.index, point.method);
             // Labels go right of their point, except at the right edge where they would be cut.
             let (dx, anchor) = if x >= x_hi {
                 (-12, HPos::Right)

@@ -54,6 +54,33 @@ pub struct MethodRow {
     pub sample_seconds: f64,
 }
 
+/// An image of the report: its path relative to the report, and its caption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    pub file: String,
+    pub caption: String,
+}
+
+impl Figure {
+    pub fn new(file: impl Into<String>, caption: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            caption: caption.into(),
+        }
+    }
+}
+
+/// A section of images, when there are any.
+fn write_figures(md: &mut String, heading: &str, figures: &[Figure]) -> std::fmt::Result {
+    if !figures.is_empty() {
+        writeln!(md, "## {heading}\n")?;
+        for Figure { file, caption } in figures {
+            writeln!(md, "![{caption}]({file})\n")?;
+        }
+    }
+    Ok(())
+}
+
 /// A training run's costs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainMeasure {
@@ -235,12 +262,8 @@ impl StudyResults {
         csv
     }
 
-    /// `report.md`. `plots` and `grids` are paths relative to the report, with captions.
-    pub fn to_markdown(
-        &self,
-        plots: &[(String, String)],
-        grids: &[(String, String)],
-    ) -> Result<String> {
+    /// `report.md`, showing `plots` and `grids`.
+    pub fn to_markdown(&self, plots: &[Figure], grids: &[Figure]) -> Result<String> {
         let mut md = String::new();
         writeln!(md, "# difftune compare: {}\n", self.name)?;
         writeln!(
@@ -290,18 +313,8 @@ impl StudyResults {
         writeln!(md, "## Measurements\n")?;
         md.push_str(&self.details_table());
         md.push('\n');
-        if !plots.is_empty() {
-            writeln!(md, "## Plots\n")?;
-            for (path, caption) in plots {
-                writeln!(md, "![{caption}]({path})\n")?;
-            }
-        }
-        if !grids.is_empty() {
-            writeln!(md, "## Samples\n")?;
-            for (path, caption) in grids {
-                writeln!(md, "![{caption}]({path})\n")?;
-            }
-        }
+        write_figures(&mut md, "Plots", plots)?;
+        write_figures(&mut md, "Samples", grids)?;
         writeln!(md, "## Setup\n")?;
         writeln!(md, "- Machine: {}", self.machine.describe())?;
         writeln!(md, "- Commit: {}", self.git_commit)?;
@@ -518,7 +531,7 @@ mod tests {
     #[test]
     fn markdown_holds_tables_checks_and_setup() {
         let md = study()
-            .to_markdown(&[("plots/fid.png".into(), "FID".into())], &[])
+            .to_markdown(&[Figure::new("plots/fid.png", "FID")], &[])
             .unwrap();
         for needle in [
             "## Table 1.",

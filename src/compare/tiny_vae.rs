@@ -72,38 +72,64 @@ pub fn train_tiny_vae(
     {
         bail!("model.tiny_vae needs a positive batch_size and learning_rate");
     }
-    let images = training_images(datasets, resolution, settings.seed)?.to_device(device);
-    let n = images.size()[0] as usize;
     let side = resolution as i64;
     let crop = match settings.crop {
         0 => side,
         c if c % 8 == 0 => (c as i64).min(side),
         c => bail!("model.tiny_vae.crop {c} is not a multiple of 8"),
     };
+    let images = training_images(datasets, resolution, settings.seed)?.to_device(device);
     let config_path = model.join("vae").join("config.json");
     let weights_path = model
         .join("vae")
         .join("diffusion_pytorch_model.safetensors");
-    let mut config = VaeConfig::from_file(&config_path)?;
+    let config = VaeConfig::from_file(&config_path)?;
     let vs = nn::VarStore::new(device);
     let vae = AutoencoderKL::new(vs.root(), &config)?;
     load_vae_weights(&vs, std::slice::from_ref(&weights_path))?;
-    let params: Vec<Tensor> = vs.trainable_variables();
+
+    let losses = fit(&vae, &vs, &images, crop, settings, progress)?;
+    let tail = &losses[losses.len() - (losses.len() / 10).max(1).min(losses.len())..];
+    let reconstruction_mse = if tail.is_empty() {
+        f64::NAN
+    } else {
+        tail.iter().sum::<f64>() / tail.len() as f64
+    };
+    let scaling_factor = 1.0 / latent_std(&vae, &images)?;
+    save_vae_weights(&vs, &weights_path)?;
+    crate::util::fs::set_json_field(&config_path, "scaling_factor", scaling_factor)?;
+    Ok(TinyVaeReport {
+        reconstruction_mse,
+        scaling_factor,
+    })
+}
+
+/// The autoencoder training: `settings.steps` AdamW steps on seeded batches of `images`
+/// (random `crop`-sided crops when smaller than the images). Returns each step's MSE.
+fn fit(
+    vae: &AutoencoderKL,
+    vs: &nn::VarStore,
+    images: &Tensor,
+    crop: i64,
+    settings: &TinyVaeTraining,
+    progress: bool,
+) -> Result<Vec<f64>> {
     let mut optimizer = AdamW::new(
-        params,
+        vs.trainable_variables(),
         AdamWConfig {
             weight_decay: 0.0,
             ..AdamWConfig::default()
         },
     )?;
-
-    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    let mut order: Vec<i64> = Vec::new();
-    let mut recent = Vec::new();
-    let bar = if progress {
-        indicatif::ProgressBar::new(settings.steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
+    let mut batches = CropBatches {
+        rng: ChaCha8Rng::seed_from_u64(settings.seed),
+        order: Vec::new(),
+        size: settings.batch_size,
+        crop,
+    };
+    let bar = match progress {
+        true => indicatif::ProgressBar::new(settings.steps as u64),
+        false => indicatif::ProgressBar::hidden(),
     };
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -111,21 +137,9 @@ pub fn train_tiny_vae(
         )
         .expect("valid template"),
     );
+    let mut losses = Vec::with_capacity(settings.steps);
     for step in 0..settings.steps {
-        if order.len() < settings.batch_size {
-            let mut epoch: Vec<i64> = (0..n as i64).collect();
-            epoch.shuffle(&mut rng);
-            order.extend(epoch);
-        }
-        let batch: Vec<i64> = order.drain(..settings.batch_size.min(n)).collect();
-        let mut x = images.index_select(0, &Tensor::from_slice(&batch).to_device(device));
-        if crop < side {
-            let (top, left) = (
-                rng.random_range(0..=side - crop),
-                rng.random_range(0..=side - crop),
-            );
-            x = x.narrow(2, top, crop).narrow(3, left, crop);
-        }
+        let x = batches.next(images);
         tch::manual_seed((settings.seed as i64).wrapping_add(step as i64));
         optimizer.zero_grad();
         let posterior = vae.encode(&x);
@@ -139,19 +153,48 @@ pub fn train_tiny_vae(
         optimizer
             .step(settings.learning_rate, Some(1.0))
             .with_context(|| format!("tiny VAE step {}", step + 1))?;
-        recent.push(mse.double_value(&[]));
-        bar.set_message(format!("{:.4}", recent[step]));
+        losses.push(mse.double_value(&[]));
+        bar.set_message(format!("{:.4}", losses[step]));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let tail = &recent[recent.len() - (recent.len() / 10).max(1).min(recent.len())..];
-    let reconstruction_mse = if tail.is_empty() {
-        f64::NAN
-    } else {
-        tail.iter().sum::<f64>() / tail.len() as f64
-    };
+    Ok(losses)
+}
 
-    let latent_std = tch::no_grad(|| {
+/// Seeded batches of the training images: shuffled epochs back to back, each image cut to a
+/// random `crop`-sided square.
+struct CropBatches {
+    rng: ChaCha8Rng,
+    order: Vec<i64>,
+    size: usize,
+    crop: i64,
+}
+
+impl CropBatches {
+    fn next(&mut self, images: &Tensor) -> Tensor {
+        let n = images.size()[0];
+        if self.order.len() < self.size {
+            let mut epoch: Vec<i64> = (0..n).collect();
+            epoch.shuffle(&mut self.rng);
+            self.order.extend(epoch);
+        }
+        let batch: Vec<i64> = self.order.drain(..self.size.min(n as usize)).collect();
+        let x = images.index_select(0, &Tensor::from_slice(&batch).to_device(images.device()));
+        let side = images.size()[2];
+        if self.crop >= side {
+            return x;
+        }
+        let (top, left) = (
+            self.rng.random_range(0..=side - self.crop),
+            self.rng.random_range(0..=side - self.crop),
+        );
+        x.narrow(2, top, self.crop).narrow(3, left, self.crop)
+    }
+}
+
+/// The standard deviation of the latents of `images`: one over it is the scaling factor.
+fn latent_std(vae: &AutoencoderKL, images: &Tensor) -> Result<f64> {
+    let std = tch::no_grad(|| {
         let latents: Vec<Tensor> = images
             .split(64, 0)
             .iter()
@@ -159,10 +202,14 @@ pub fn train_tiny_vae(
             .collect();
         Tensor::cat(&latents, 0).std(true).double_value(&[])
     });
-    if !(latent_std.is_finite() && latent_std > 0.0) {
-        bail!("the trained tiny VAE's latents have standard deviation {latent_std}");
+    if !(std.is_finite() && std > 0.0) {
+        bail!("the trained tiny VAE's latents have standard deviation {std}");
     }
-    config.scaling_factor = 1.0 / latent_std;
+    Ok(std)
+}
+
+/// Writes the VAE's weights in diffusers' layout.
+fn save_vae_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
@@ -170,15 +217,10 @@ pub fn train_tiny_vae(
         .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     save_tensors(
-        &weights_path,
+        path,
         &tensors,
         Some([("format".to_string(), "pt".to_string())].into()),
-    )?;
-    crate::util::fs::set_json_field(&config_path, "scaling_factor", config.scaling_factor)?;
-    Ok(TinyVaeReport {
-        reconstruction_mse,
-        scaling_factor: config.scaling_factor,
-    })
+    )
 }
 
 /// Every training image of `datasets`, `[n, 3, resolution, resolution]` in [-1, 1].

@@ -67,9 +67,9 @@ pub struct CacheKey {
     /// Fingerprint of the text encoder's config and weights and the tokenizer's files.
     pub text_encoder: String,
     pub resolution: u32,
-    pub resize_filter: String,
-    pub crop: String,
-    pub split: String,
+    pub resize_filter: ResizeFilter,
+    pub crop: Crop,
+    pub split: Split,
     pub shard_size: usize,
     /// SHA-256 over every listed sample's id, encoded size and caption.
     pub dataset: String,
@@ -159,10 +159,7 @@ pub struct Manifest {
 impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let manifest: Self =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let manifest: Self = crate::util::fs::read_json(&path)?;
         ensure!(
             manifest.version == FORMAT_VERSION,
             "{} has cache format {}, this difftune writes {FORMAT_VERSION}",
@@ -275,14 +272,6 @@ fn dataset_identity(dataset: &Dataset) -> String {
     hex(&hasher.finalize())
 }
 
-fn filter_name(filter: ResizeFilter) -> &'static str {
-    match filter {
-        ResizeFilter::Bilinear => "bilinear",
-        ResizeFilter::Bicubic => "bicubic",
-        ResizeFilter::Lanczos3 => "lanczos3",
-    }
-}
-
 fn shard_file_name(index: usize) -> String {
     format!("latents-{index:05}.safetensors")
 }
@@ -323,9 +312,9 @@ pub fn build(
         vae: vae_identity(model)?,
         text_encoder: text_identity(model)?,
         resolution: settings.resolution,
-        resize_filter: filter_name(settings.resize_filter).into(),
-        crop: "center".into(),
-        split: settings.split.name().into(),
+        resize_filter: settings.resize_filter,
+        crop: Crop::Center,
+        split: settings.split,
         shard_size: settings.shard_size,
         dataset: dataset_identity(&dataset),
         samples: dataset.len(),

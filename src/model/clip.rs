@@ -71,10 +71,7 @@ pub struct ClipTextConfig {
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading CLIP text config {}", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing CLIP text config {}", path.display()))?;
+        let config: Self = crate::util::fs::read_json(path).context("CLIP text config")?;
         config
             .validate()
             .with_context(|| format!("CLIP text config {}", path.display()))?;

@@ -68,14 +68,6 @@ impl Linear {
             None => self.base_forward(x),
         }
     }
-
-    pub fn in_features(&self) -> i64 {
-        self.weight.size()[1]
-    }
-
-    pub fn out_features(&self) -> i64 {
-        self.weight.size()[0]
-    }
 }
 
 #[derive(Debug)]
@@ -139,18 +131,6 @@ impl Conv2d {
             Some(ext) => ext.forward(self, x),
             None => self.base_forward(x),
         }
-    }
-
-    pub fn in_channels(&self) -> i64 {
-        self.weight.size()[1]
-    }
-
-    pub fn out_channels(&self) -> i64 {
-        self.weight.size()[0]
-    }
-
-    pub fn kernel_size(&self) -> i64 {
-        self.weight.size()[2]
     }
 }
 

@@ -179,10 +179,7 @@ fn weight_files(
         return Ok(vec![p]);
     }
     if let Some(index) = src.get(&format!("{dir}/{name}.index.json"))? {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("reading {}", index.display()))?;
-        let parsed: ShardIndex =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let parsed: ShardIndex = crate::util::fs::read_json(&index)?;
         let shards: std::collections::BTreeSet<String> = parsed.weight_map.into_values().collect();
         return shards
             .iter()

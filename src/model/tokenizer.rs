@@ -2,8 +2,8 @@
 //! and tokenizer_config.json / special_tokens_map.json when present). It reproduces transformers'
 //! CLIPTokenizer as diffusers' SD pipeline calls it: bos + BPE tokens + eos, truncated and padded to
 //! `model_max_length`.
+use crate::util::fs::read_json;
 use anyhow::{anyhow, bail, Context, Result};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::path::Path;
 use tch::Tensor;
@@ -118,12 +118,6 @@ impl SpecialTokensConfig {
             _ => DEFAULT_MAX_LENGTH,
         }
     }
-}
-
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// Converts the `tokenizers` crate's boxed errors, which anyhow cannot wrap directly.

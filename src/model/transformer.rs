@@ -38,10 +38,6 @@ impl BlockSite {
             BlockSite::FfOut => "ff_out",
         }
     }
-
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.name() == name)
-    }
 }
 
 /// A side module attached to a transformer block: it reads the stream at `input_site` and its output

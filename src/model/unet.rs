@@ -54,6 +54,33 @@ fn default_mid() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
 }
 
+/// A down or up block of the U-Net: with cross-attention transformers after its resnets
+/// (diffusers' `CrossAttn*Block2D`) or resnets only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    CrossAttn,
+    Plain,
+}
+
+impl BlockKind {
+    /// The kinds of the diffusers block type names `types`, given the names of each kind.
+    fn read(types: &[String], side: &str, kinds: &[(&str, BlockKind)]) -> Result<Vec<Self>> {
+        types
+            .iter()
+            .map(|t| match kinds.iter().find(|(name, _)| name == t) {
+                Some(&(_, kind)) => Ok(kind),
+                None => {
+                    let names: Vec<&str> = kinds.iter().map(|(name, _)| *name).collect();
+                    bail!(
+                        "unknown {side} block type `{t}` (supported: {})",
+                        names.join(", ")
+                    )
+                }
+            })
+            .collect()
+    }
+}
+
 /// The fields of a diffusers `unet/config.json` that the SD 1.x/2.x architecture uses. Options that
 /// select architectures we do not implement are read so they can be refused with a clear error.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,10 +131,7 @@ pub struct UNetConfig {
 
 impl UNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading U-Net config {}", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing U-Net config {}", path.display()))?;
+        let config: Self = crate::util::fs::read_json(path).context("U-Net config")?;
         config
             .validate()
             .with_context(|| format!("U-Net config {}", path.display()))?;
@@ -125,18 +149,8 @@ impl UNetConfig {
                 self.up_block_types.len()
             );
         }
-        for t in &self.down_block_types {
-            if !matches!(t.as_str(), "CrossAttnDownBlock2D" | "DownBlock2D") {
-                bail!(
-                    "unknown down block type `{t}` (supported: CrossAttnDownBlock2D, DownBlock2D)"
-                );
-            }
-        }
-        for t in &self.up_block_types {
-            if !matches!(t.as_str(), "CrossAttnUpBlock2D" | "UpBlock2D") {
-                bail!("unknown up block type `{t}` (supported: CrossAttnUpBlock2D, UpBlock2D)");
-            }
-        }
+        self.down_block_kinds()?;
+        self.up_block_kinds()?;
         match self.mid_block_type.as_deref() {
             Some("UNetMidBlock2DCrossAttn") => {}
             other => bail!("unknown mid block type {other:?} (supported: UNetMidBlock2DCrossAttn)"),
@@ -192,6 +206,24 @@ impl UNetConfig {
             .expand("attention_head_dim", n)
     }
 
+    /// What each down block is, from `down_block_types`.
+    pub fn down_block_kinds(&self) -> Result<Vec<BlockKind>> {
+        let kinds = [
+            ("CrossAttnDownBlock2D", BlockKind::CrossAttn),
+            ("DownBlock2D", BlockKind::Plain),
+        ];
+        BlockKind::read(&self.down_block_types, "down", &kinds)
+    }
+
+    /// What each up block is, from `up_block_types`.
+    pub fn up_block_kinds(&self) -> Result<Vec<BlockKind>> {
+        let kinds = [
+            ("CrossAttnUpBlock2D", BlockKind::CrossAttn),
+            ("UpBlock2D", BlockKind::Plain),
+        ];
+        BlockKind::read(&self.up_block_types, "up", &kinds)
+    }
+
     /// Channel widths of the transformer blocks, in model order (down, mid, up), one per block.
     pub fn transformer_block_widths(&self) -> Vec<i64> {
         let layers = self
@@ -202,8 +234,9 @@ impl UNetConfig {
             )
             .unwrap_or_default();
         let mut widths = Vec::new();
-        for (i, t) in self.down_block_types.iter().enumerate() {
-            if t.starts_with("CrossAttn") {
+        let down = self.down_block_kinds().unwrap_or_default();
+        for (i, kind) in down.into_iter().enumerate() {
+            if kind == BlockKind::CrossAttn {
                 let per = self.layers_per_block * layers[i];
                 widths.extend(std::iter::repeat_n(
                     self.block_out_channels[i],
@@ -216,9 +249,10 @@ impl UNetConfig {
             self.block_out_channels[last],
             layers[last] as usize,
         ));
-        for (i, t) in self.up_block_types.iter().enumerate() {
+        let up = self.up_block_kinds().unwrap_or_default();
+        for (i, kind) in up.into_iter().enumerate() {
             let block = last - i;
-            if t.starts_with("CrossAttn") {
+            if kind == BlockKind::CrossAttn {
                 let per = (self.layers_per_block + 1) * layers[block];
                 widths.extend(std::iter::repeat_n(
                     self.block_out_channels[block],
@@ -306,7 +340,7 @@ impl UNet2DConditionModel {
 
         let mut down_blocks = Vec::new();
         let mut out_ch = ch0;
-        for (i, kind) in c.down_block_types.iter().enumerate() {
+        for (i, kind) in c.down_block_kinds()?.into_iter().enumerate() {
             let in_ch = out_ch;
             out_ch = c.block_out_channels[i];
             let bvs = &vs / "down_blocks" / i;
@@ -320,7 +354,7 @@ impl UNet2DConditionModel {
                     )
                 })
                 .collect();
-            let attentions = if kind.starts_with("CrossAttn") {
+            let attentions = if kind == BlockKind::CrossAttn {
                 (0..c.layers_per_block)
                     .map(|j| transformer(&bvs / "attentions" / j, out_ch, i))
                     .collect()
@@ -356,7 +390,7 @@ impl UNet2DConditionModel {
         let mut up_blocks = Vec::new();
         let reversed: Vec<i64> = c.block_out_channels.iter().rev().copied().collect();
         let mut prev_out = reversed[0];
-        for (i, kind) in c.up_block_types.iter().enumerate() {
+        for (i, kind) in c.up_block_kinds()?.into_iter().enumerate() {
             let out_ch = reversed[i];
             let in_ch = reversed[(i + 1).min(n - 1)];
             let bvs = &vs / "up_blocks" / i;
@@ -368,7 +402,7 @@ impl UNet2DConditionModel {
                     resnet(&bvs / "resnets" / j, cin + skip, out_ch, 1.0)
                 })
                 .collect();
-            let attentions = if kind.starts_with("CrossAttn") {
+            let attentions = if kind == BlockKind::CrossAttn {
                 (0..layers)
                     .map(|j| transformer(&bvs / "attentions" / j, out_ch, n - 1 - i))
                     .collect()

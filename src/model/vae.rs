@@ -87,10 +87,7 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading VAE config {}", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing VAE config {}", path.display()))?;
+        let config: Self = crate::util::fs::read_json(path).context("VAE config")?;
         config
             .validate()
             .with_context(|| format!("VAE config {}", path.display()))?;

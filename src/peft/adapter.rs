@@ -7,7 +7,7 @@
 //!
 //! Count on SD v1.4: 24,976 * width + 12,480; the default width 49 gives 1,236,304, the closest to
 //! the study's 1.23M.
-use super::{nested, TuningMethod};
+use super::{nested, Registered, TuningMethod};
 use crate::model::transformer::{BlockExtension, BlockSite};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::visit::{ModuleMut, VisitModules};
@@ -82,15 +82,12 @@ fn site_order(site: BlockSite) -> usize {
         .expect("every site is in ALL")
 }
 
+impl Registered for Adapter {
+    const NAME: &'static str = "adapter";
+    const LABEL: &'static str = "Adapter";
+}
+
 impl TuningMethod for Adapter {
-    fn name(&self) -> &'static str {
-        "adapter"
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("adapter settings serialise")
-    }
-
     fn validate(&self) -> Result<()> {
         if self.width < 1 {
             bail!("width {} must be at least 1", self.width);

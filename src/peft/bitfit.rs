@@ -1,7 +1,7 @@
 //! BitFit (Ben Zaken et al. 2021): train the U-Net's existing biases, add nothing. The study trains
 //! the biases inside the transformer blocks (LayerNorm, attention output, feed-forward): 174,720 on
 //! SD v1.4.
-use super::{copy_named, freeze_named, TuningMethod};
+use super::{merge_own_variables, own_variables, Registered, TuningMethod};
 use crate::model::unet::UNet2DConditionModel;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -39,32 +39,21 @@ impl BitFit {
     }
 }
 
+impl Registered for BitFit {
+    const NAME: &'static str = "bitfit";
+    const LABEL: &'static str = "BitFit";
+}
+
 impl TuningMethod for BitFit {
-    fn name(&self) -> &'static str {
-        "bitfit"
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("BitFit settings serialise")
-    }
-
     fn apply(
         &self,
         _unet: &mut UNet2DConditionModel,
         unet_vs: &nn::VarStore,
         _params: nn::Path,
     ) -> Result<Vec<(String, Tensor)>> {
-        let mut trained: Vec<(String, Tensor)> = unet_vs
-            .variables()
-            .into_iter()
-            .filter(|(name, _)| self.selects(name))
-            .collect();
+        let trained = own_variables(unet_vs, |name| self.selects(name));
         if trained.is_empty() {
             bail!("the U-Net has no biases in scope {:?}", self.scope);
-        }
-        trained.sort_by(|a, b| a.0.cmp(&b.0));
-        for (_, t) in &trained {
-            let _ = t.set_requires_grad(true);
         }
         Ok(trained)
     }
@@ -76,9 +65,6 @@ impl TuningMethod for BitFit {
         unet_vs: &nn::VarStore,
         tensors: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
-        let scratch = nn::VarStore::new(unet_vs.device());
-        let trained = self.apply(unet, unet_vs, scratch.root())?;
-        freeze_named(&trained);
-        copy_named(&trained, tensors, "the BitFit adapter")
+        merge_own_variables(self, unet, unet_vs, tensors, "the BitFit adapter")
     }
 }

@@ -2,7 +2,7 @@
 //! JSON sidecar (`adapter.json`) naming the method, its settings, the base U-Net they were trained
 //! on and the difftune version. Loading rebuilds the method from its settings, applies it and
 //! copies the tensors in by name, with exact shape checks.
-use super::{copy_named, method_from_json, TuningMethod};
+use super::{copy_named, method_from_json, Tuned, TuningMethod};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::weights::{read_all, save_tensors};
 use anyhow::{bail, Context, Result};
@@ -24,13 +24,6 @@ pub struct AdapterMeta {
     /// [`random_init_identity`]); `None` for adapters imported from other tools, which record none.
     pub base_model: Option<String>,
     pub difftune_version: String,
-}
-
-/// A method applied to a U-Net, with the tensors it trains (as [`TuningMethod::apply`] returns them).
-#[derive(Debug)]
-pub struct Applied {
-    pub method: Box<dyn TuningMethod>,
-    pub trained: Vec<(String, Tensor)>,
 }
 
 #[derive(Debug)]
@@ -95,15 +88,8 @@ impl AdapterFile {
     /// Reads a difftune adapter (`path` and its sidecar).
     pub fn load(path: &Path) -> Result<Self> {
         let sidecar = sidecar_path(path);
-        let text = std::fs::read_to_string(&sidecar).with_context(|| {
-            format!(
-                "reading {} (the sidecar of the difftune adapter {})",
-                sidecar.display(),
-                path.display()
-            )
-        })?;
-        let meta: AdapterMeta = serde_json::from_str(&text)
-            .with_context(|| format!("parsing adapter sidecar {}", sidecar.display()))?;
+        let meta: AdapterMeta = crate::util::fs::read_json(&sidecar)
+            .with_context(|| format!("the sidecar of the difftune adapter {}", path.display()))?;
         if meta.format != FORMAT {
             bail!(
                 "{} is not a difftune adapter sidecar (format `{}`, expected `{FORMAT}`)",
@@ -133,24 +119,22 @@ impl AdapterFile {
         }
     }
 
-    /// Applies the adapter's method to `unet` (new parameters under `params`) and loads its
-    /// tensors. Returns the method and its trainable tensors, so training can go on from here.
-    pub fn apply(
+    /// Attaches the file's method to `unet` and loads its tensors, after checking that it was
+    /// trained on `base_model`. Training can go on from the result.
+    pub fn attach(
         &self,
         unet: &mut UNet2DConditionModel,
         unet_vs: &nn::VarStore,
-        params: nn::Path,
         base_model: &str,
-    ) -> Result<Applied> {
+    ) -> Result<Tuned> {
         self.check_base(base_model)?;
-        let method = self.method()?;
-        let trained = method.apply(unet, unet_vs, params)?;
+        let tuned = Tuned::attach(self.method()?, unet, unet_vs)?;
         copy_named(
-            &trained,
+            &tuned.trained,
             &self.tensors,
             &format!("the `{}` adapter", self.meta.method),
         )?;
-        Ok(Applied { method, trained })
+        Ok(tuned)
     }
 }
 
@@ -162,19 +146,4 @@ pub fn save_adapter(
     base_model: &str,
 ) -> Result<()> {
     AdapterFile::from_trained(method, trained, Some(base_model.to_string()))?.save(path)
-}
-
-/// Loads the adapter at `path` (difftune, peft, diffusers or kohya; see
-/// [`super::formats::read_adapter`]) onto `unet`.
-pub fn load_adapter(
-    path: &Path,
-    unet: &mut UNet2DConditionModel,
-    unet_vs: &nn::VarStore,
-    params: nn::Path,
-    base_model: &str,
-) -> Result<Applied> {
-    let adapter = super::formats::read_adapter(path, unet_vs)?;
-    adapter
-        .apply(unet, unet_vs, params, base_model)
-        .with_context(|| format!("loading adapter {}", path.display()))
 }

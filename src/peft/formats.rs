@@ -15,7 +15,8 @@
 use super::file::{sidecar_path, AdapterFile, AdapterMeta, FORMAT};
 use super::lora::{lora_a_name, lora_b_name, magnitude_name, Lora};
 use super::pattern::no_match_error;
-use super::TuningMethod;
+use super::{Identity, Registered, Tuned, TuningMethod};
+use crate::model::unet::UNet2DConditionModel;
 use crate::model::weights::{read_all, read_metadata, save_tensors};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -95,7 +96,7 @@ fn summarise(layers: &[LoraLayer]) -> Summary {
 
 /// The layers of a difftune LoRA adapter.
 fn layers_of(adapter: &AdapterFile) -> Result<Vec<LoraLayer>> {
-    if adapter.meta.method != "lora" {
+    if adapter.meta.method != Lora::NAME {
         bail!(
             "only LoRA adapters can be exported to other tools' LoRA formats (this one is `{}`)",
             adapter.meta.method
@@ -170,7 +171,7 @@ fn adapter_of(layers: Vec<LoraLayer>, source: &Path) -> Result<AdapterFile> {
     Ok(AdapterFile {
         meta: AdapterMeta {
             format: FORMAT.into(),
-            method: "lora".into(),
+            method: Lora::NAME.into(),
             settings: lora.settings(),
             base_model: None,
             difftune_version: env!("CARGO_PKG_VERSION").into(),
@@ -447,10 +448,7 @@ fn scalar(t: &Tensor) -> f64 {
 
 fn import_peft(dir: &Path) -> Result<AdapterFile> {
     let config_path = dir.join(PEFT_CONFIG);
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
-    let config: PeftConfig = serde_json::from_str(&text)
-        .with_context(|| format!("parsing peft config {}", config_path.display()))?;
+    let config: PeftConfig = crate::util::fs::read_json(&config_path).context("peft config")?;
     config
         .check()
         .with_context(|| format!("peft config {}", config_path.display()))?;
@@ -579,6 +577,19 @@ fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
         Ok(alpha.map_or(rank as f64, scalar))
     })?;
     adapter_of(layers, file)
+}
+
+/// Loads the adapter file at `path` (any format [`read_adapter`] reads) onto `unet`, checking
+/// that it was trained on `base_model`: the one way an adapter file is applied.
+pub fn load_adapter(
+    path: &Path,
+    unet: &mut UNet2DConditionModel,
+    unet_vs: &nn::VarStore,
+    base_model: &str,
+) -> Result<Tuned> {
+    read_adapter(path, unet_vs)
+        .and_then(|adapter| adapter.attach(unet, unet_vs, base_model))
+        .with_context(|| format!("loading adapter {}", path.display()))
 }
 
 /// Reads an adapter in any format difftune knows: a difftune adapter (a `.safetensors` with its

@@ -1,5 +1,5 @@
 //! Full fine-tuning: every U-Net weight is trained (859,520,964 on SD v1.4).
-use super::{copy_named, freeze_named, TuningMethod};
+use super::{merge_own_variables, own_variables, Registered, TuningMethod};
 use crate::model::unet::UNet2DConditionModel;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -10,27 +10,19 @@ use tch::{nn, Tensor};
 #[serde(deny_unknown_fields)]
 pub struct Full {}
 
+impl Registered for Full {
+    const NAME: &'static str = "full";
+    const LABEL: &'static str = "Full fine-tuning";
+}
+
 impl TuningMethod for Full {
-    fn name(&self) -> &'static str {
-        "full"
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::json!({})
-    }
-
     fn apply(
         &self,
         _unet: &mut UNet2DConditionModel,
         unet_vs: &nn::VarStore,
         _params: nn::Path,
     ) -> Result<Vec<(String, Tensor)>> {
-        let mut trained: Vec<(String, Tensor)> = unet_vs.variables().into_iter().collect();
-        trained.sort_by(|a, b| a.0.cmp(&b.0));
-        for (_, t) in &trained {
-            let _ = t.set_requires_grad(true);
-        }
-        Ok(trained)
+        Ok(own_variables(unet_vs, |_| true))
     }
 
     /// A full fine-tune is a complete U-Net: merging copies it in.
@@ -40,9 +32,6 @@ impl TuningMethod for Full {
         unet_vs: &nn::VarStore,
         tensors: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
-        let scratch = nn::VarStore::new(unet_vs.device());
-        let trained = self.apply(unet, unet_vs, scratch.root())?;
-        freeze_named(&trained);
-        copy_named(&trained, tensors, "the full fine-tune")
+        merge_own_variables(self, unet, unet_vs, tensors, "the full fine-tune")
     }
 }

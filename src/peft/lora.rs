@@ -8,13 +8,13 @@
 //! channel, treated as a constant in the backward pass as peft does), with the magnitude `m`
 //! initialised to `||W||` so it also starts from the base model.
 use super::pattern::{glob_matches, no_match_error};
-use super::{check_tensor_shapes, nested, TuningMethod};
+use super::{check_tensor_shapes, fill_slot, install_by_path, nested, Registered, TuningMethod};
 use crate::model::layers::{Conv2d, Conv2dExtension, Linear, LinearExtension};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::visit::{ModuleMut, VisitModules};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use tch::{nn, Tensor};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,15 +278,12 @@ enum Attachment {
     Conv2d(LoraConv2d),
 }
 
+impl Registered for Lora {
+    const NAME: &'static str = "lora";
+    const LABEL: &'static str = "LoRA";
+}
+
 impl TuningMethod for Lora {
-    fn name(&self) -> &'static str {
-        "lora"
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("LoRA settings serialise")
-    }
-
     fn validate(&self) -> Result<()> {
         if self.targets.is_empty() {
             bail!("`targets` is empty: name at least one layer pattern");
@@ -314,7 +311,7 @@ impl TuningMethod for Lora {
     ) -> Result<Vec<(String, Tensor)>> {
         let targets = self.targets(unet)?;
         let mut trained = Vec::new();
-        let mut attachments: HashMap<String, Attachment> = HashMap::new();
+        let mut attachments: BTreeMap<String, Attachment> = BTreeMap::new();
         for t in &targets {
             let module = nested(&params, &t.path);
             // Kaiming-uniform with a = sqrt(5) (peft's init of A): bound = 1 / sqrt(fan_in).
@@ -355,23 +352,20 @@ impl TuningMethod for Lora {
             };
             attachments.insert(t.path.clone(), attachment);
         }
-        let mut occupied = Vec::new();
-        unet.visit_modules(&mut |m| match m {
-            ModuleMut::Linear(l) => match attachments.remove(&l.path) {
-                Some(_) if l.extension.is_some() => occupied.push(l.path.clone()),
-                Some(Attachment::Linear(ext)) => l.extension = Some(Box::new(ext)),
-                _ => {}
+        install_by_path(
+            unet,
+            attachments,
+            |path| format!("layer `{path}` already has an extension"),
+            |m, attachment| match (m, attachment) {
+                (ModuleMut::Linear(l), Attachment::Linear(ext)) => {
+                    fill_slot(&mut l.extension, Box::new(ext))
+                }
+                (ModuleMut::Conv2d(c), Attachment::Conv2d(ext)) => {
+                    fill_slot(&mut c.extension, Box::new(ext))
+                }
+                _ => true,
             },
-            ModuleMut::Conv2d(c) => match attachments.remove(&c.path) {
-                Some(_) if c.extension.is_some() => occupied.push(c.path.clone()),
-                Some(Attachment::Conv2d(ext)) => c.extension = Some(Box::new(ext)),
-                _ => {}
-            },
-            _ => {}
-        });
-        if let Some(path) = occupied.first() {
-            bail!("layer `{path}` already has an extension (is another method applied to it?)");
-        }
+        )?;
         Ok(trained)
     }
 

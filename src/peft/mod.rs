@@ -9,17 +9,17 @@
 //! ```text
 //! let method = method_from_settings("lora", &settings)?;      // settings: [method.lora] + --set pairs
 //! freeze(&unet_vs);
-//! let params = nn::VarStore::new(device);                       // the method's new parameters
-//! let trained = method.apply(&mut unet, &unet_vs, params.root())?;
-//! // ... optimise the tensors of `trained` ...
-//! file::save_adapter(path, method.as_ref(), &trained, &base_identity)?;
+//! let tuned = Tuned::attach(method, &mut unet, &unet_vs)?;     // its new parameters live in `tuned`
+//! // ... optimise `tuned.trained` ...
+//! file::save_adapter(path, tuned.method.as_ref(), &tuned.trained, &base_identity)?;
 //! ```
-//! and later `file::load_adapter(path, &mut unet, &unet_vs, params.root(), &base_identity)`
+//! and later `formats::load_adapter(path, &mut unet, &unet_vs, &base_identity)`
 //! (difftune, peft, diffusers or kohya files), or `merge::merge_adapter` to bake it in.
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::visit::{ModuleMut, VisitModules};
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::collections::BTreeMap;
 use tch::{nn, Tensor};
 
@@ -32,16 +32,40 @@ pub mod lora;
 pub mod merge;
 pub mod pattern;
 pub mod prefix;
+mod tuned;
 
-/// One way of choosing what is trained. Implementations are their own settings (serde structs whose
-/// `Default` is the documented default), so a method round-trips through its settings.
-pub trait TuningMethod: std::fmt::Debug + Send + Sync {
+pub use tuned::Tuned;
+
+/// What a method type declares once: its name and label. Its settings are the type itself (a
+/// serde struct whose `Default` is the documented default), so a method round-trips through them.
+pub trait Registered: Serialize + DeserializeOwned {
     /// The name it is registered under (`lora`, `bitfit`, ...).
+    const NAME: &'static str;
+    /// Its name in the study's tables ("LoRA", "Prefix-tuning", ...).
+    const LABEL: &'static str;
+}
+
+/// A method's identity, derived from [`Registered`] for every method type.
+pub trait Identity {
+    /// The name it is registered under.
     fn name(&self) -> &'static str;
 
     /// Its settings, as stored in adapter files; [`method_from_json`] rebuilds it from them.
     fn settings(&self) -> serde_json::Value;
+}
 
+impl<M: Registered> Identity for M {
+    fn name(&self) -> &'static str {
+        M::NAME
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("method settings serialise")
+    }
+}
+
+/// One way of choosing what is trained.
+pub trait TuningMethod: Identity + std::fmt::Debug + Send + Sync {
     /// Checks the settings' values (called when the method is built from settings).
     fn validate(&self) -> Result<()> {
         Ok(())
@@ -88,15 +112,28 @@ pub trait TuningMethod: std::fmt::Debug + Send + Sync {
     }
 }
 
-type Build = fn(serde_json::Value) -> Result<Box<dyn TuningMethod>>;
+/// A method in [`METHODS`]: its name, label and how to build it from settings.
+pub struct Registration {
+    pub name: &'static str,
+    pub label: &'static str,
+    build: fn(serde_json::Value) -> Result<Box<dyn TuningMethod>>,
+}
+
+const fn register<M: Registered + TuningMethod + 'static>() -> Registration {
+    Registration {
+        name: M::NAME,
+        label: M::LABEL,
+        build: build::<M>,
+    }
+}
 
 /// Every method, in the study's order.
-pub const METHODS: [(&str, Build); 5] = [
-    ("full", build::<full::Full>),
-    ("adapter", build::<adapter::Adapter>),
-    ("lora", build::<lora::Lora>),
-    ("prefix", build::<prefix::Prefix>),
-    ("bitfit", build::<bitfit::BitFit>),
+pub const METHODS: &[Registration] = &[
+    register::<full::Full>(),
+    register::<adapter::Adapter>(),
+    register::<lora::Lora>(),
+    register::<prefix::Prefix>(),
+    register::<bitfit::BitFit>(),
 ];
 
 fn build<M: TuningMethod + DeserializeOwned + 'static>(
@@ -108,12 +145,17 @@ fn build<M: TuningMethod + DeserializeOwned + 'static>(
 }
 
 pub fn method_names() -> impl Iterator<Item = &'static str> {
-    METHODS.iter().map(|(name, _)| *name)
+    METHODS.iter().map(|m| m.name)
+}
+
+/// The registered method called `name`.
+pub fn registration(name: &str) -> Option<&'static Registration> {
+    METHODS.iter().find(|m| m.name == name)
 }
 
 /// Builds a method from its JSON settings (missing keys take their defaults; unknown keys are an error).
 pub fn method_from_json(name: &str, settings: &serde_json::Value) -> Result<Box<dyn TuningMethod>> {
-    let Some((_, build)) = METHODS.iter().find(|(n, _)| *n == name) else {
+    let Some(Registration { build, .. }) = registration(name) else {
         bail!(
             "unknown tuning method `{name}` (known: {})",
             method_names().collect::<Vec<_>>().join(", ")
@@ -200,6 +242,39 @@ pub fn clear_extensions(unet: &mut UNet2DConditionModel) {
     });
 }
 
+/// Puts each of `pending` (keyed by module path) into its module with `install`, which returns
+/// false when the module's slot is already taken; errors naming the first such module, as
+/// `what` (e.g. "layer `PATH` already has an extension").
+pub(crate) fn install_by_path<A>(
+    unet: &mut UNet2DConditionModel,
+    mut pending: BTreeMap<String, A>,
+    what: impl Fn(&str) -> String,
+    mut install: impl FnMut(ModuleMut<'_>, A) -> bool,
+) -> Result<()> {
+    let mut taken = Vec::new();
+    unet.visit_modules(&mut |m| {
+        if let Some(attachment) = pending.remove(m.path()) {
+            let path = m.path().to_string();
+            if !install(m, attachment) {
+                taken.push(path);
+            }
+        }
+    });
+    match taken.first() {
+        Some(path) => bail!("{} (is another method applied to it?)", what(path)),
+        None => Ok(()),
+    }
+}
+
+/// Fills an empty extension `slot` with `extension`; false when it is taken.
+pub(crate) fn fill_slot<T: ?Sized>(slot: &mut Option<Box<T>>, extension: Box<T>) -> bool {
+    if slot.is_some() {
+        return false;
+    }
+    *slot = Some(extension);
+    true
+}
+
 /// How many parameters `method` trains on `unet`. Applies it with a throwaway parameter store,
 /// then leaves the U-Net as it was found: frozen and without extensions.
 pub fn trainable_parameter_count(
@@ -259,6 +334,39 @@ pub(crate) fn check_tensor_shapes(
         );
     }
     Ok(())
+}
+
+/// The U-Net's own variables whose names `keep` selects, by name and made trainable: what a
+/// method that trains existing weights (full fine-tuning, BitFit) returns from `apply`.
+pub(crate) fn own_variables(
+    unet_vs: &nn::VarStore,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<(String, Tensor)> {
+    let mut trained: Vec<(String, Tensor)> = unet_vs
+        .variables()
+        .into_iter()
+        .filter(|(name, _)| keep(name))
+        .collect();
+    trained.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, t) in &trained {
+        let _ = t.set_requires_grad(true);
+    }
+    trained
+}
+
+/// Writes `tensors` into the U-Net variables `method` trains (a method of [`own_variables`]),
+/// leaving them frozen: merging such a method is copying its tensors in.
+pub(crate) fn merge_own_variables(
+    method: &dyn TuningMethod,
+    unet: &mut UNet2DConditionModel,
+    unet_vs: &nn::VarStore,
+    tensors: &BTreeMap<String, Tensor>,
+    source: &str,
+) -> Result<()> {
+    let scratch = nn::VarStore::new(unet_vs.device());
+    let trained = method.apply(unet, unet_vs, scratch.root())?;
+    freeze_named(&trained);
+    copy_named(&trained, tensors, source)
 }
 
 /// Copies `tensors` into the trained tensors of the same names, after checking names and shapes.

@@ -16,7 +16,7 @@
 //! tanh, then per-layer `hidden -> inner_dim` projections for keys and values. Adapter files store the
 //! plain prefixes it produces, and settings without `reparam_hidden`.
 use super::pattern::{glob_matches, no_match_error};
-use super::{nested, TuningMethod};
+use super::{fill_slot, install_by_path, nested, Identity, Registered, TuningMethod};
 use crate::model::attention::KvExtension;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::visit::{ModuleMut, VisitModules};
@@ -157,15 +157,12 @@ impl Prefix {
     }
 }
 
+impl Registered for Prefix {
+    const NAME: &'static str = "prefix";
+    const LABEL: &'static str = "Prefix-tuning";
+}
+
 impl TuningMethod for Prefix {
-    fn name(&self) -> &'static str {
-        "prefix"
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("prefix settings serialise")
-    }
-
     fn validate(&self) -> Result<()> {
         if self.length < 1 {
             bail!("length {} must be at least 1", self.length);
@@ -265,24 +262,21 @@ impl TuningMethod for Prefix {
             };
             sources.insert(path.clone(), source);
         }
-        let mut occupied = Vec::new();
-        unet.visit_modules(&mut |m| {
-            if let ModuleMut::Attention(a) = m {
-                if let Some(source) = sources.remove(&a.path) {
-                    if a.kv_extension.is_some() {
-                        occupied.push(a.path.clone());
-                    } else {
-                        a.kv_extension = Some(Box::new(PrefixKv {
-                            source,
-                            attention: self.attention,
-                        }));
-                    }
+        install_by_path(
+            unet,
+            sources,
+            |path| format!("attention `{path}` already has a key/value extension"),
+            |m, source| match m {
+                ModuleMut::Attention(a) => {
+                    let attention = self.attention;
+                    fill_slot(
+                        &mut a.kv_extension,
+                        Box::new(PrefixKv { source, attention }),
+                    )
                 }
-            }
-        });
-        if let Some(path) = occupied.first() {
-            bail!("attention `{path}` already has a key/value extension (is another method applied to it?)");
-        }
+                _ => true,
+            },
+        )?;
         Ok(trained)
     }
 

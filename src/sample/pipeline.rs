@@ -7,7 +7,8 @@ use crate::model::source::ModelFiles;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
-use crate::peft::formats::read_adapter;
+use crate::peft::formats::load_adapter;
+use crate::peft::Tuned;
 use crate::schedulers::Scheduler;
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
@@ -27,8 +28,8 @@ pub struct SdModels {
     pub vae: AutoencoderKL,
     pub text_encoder: ClipTextModel,
     pub tokenizer: ClipTokenizer,
-    /// Parameters an applied adapter added to the U-Net (LoRA factors, prefixes...).
-    pub adapter_vars: Option<nn::VarStore>,
+    /// The method of an applied adapter file, with the parameters it added to the U-Net.
+    pub tuning: Option<Tuned>,
 }
 
 impl SdModels {
@@ -41,26 +42,22 @@ impl SdModels {
             vae: load_vae(files, device)?,
             text_encoder: load_text_encoder(files, device)?,
             tokenizer: load_tokenizer(files)?,
-            adapter_vars: None,
+            tuning: None,
         })
     }
 
-    /// Applies the adapter at `path` (any format [`read_adapter`] reads) to the U-Net, checking
-    /// that it was trained on `files`' U-Net. Returns the adapter's method name.
-    pub fn apply_adapter(&mut self, path: &Path, files: &ModelFiles) -> Result<String> {
-        let adapter = read_adapter(path, &self.unet_vars)
-            .with_context(|| format!("reading the adapter {}", path.display()))?;
-        let vars = nn::VarStore::new(self.device());
-        adapter
-            .apply(
-                &mut self.unet,
-                &self.unet_vars,
-                vars.root(),
-                &files.unet_identity()?,
-            )
-            .with_context(|| format!("applying the adapter {}", path.display()))?;
-        self.adapter_vars = Some(vars);
-        Ok(adapter.meta.method.clone())
+    /// Applies the adapter file at `path` (any format [`load_adapter`] reads) to the U-Net,
+    /// checking that it was trained on `files`' U-Net. Returns the adapter's method name.
+    pub fn apply_adapter(&mut self, path: &Path, files: &ModelFiles) -> Result<&'static str> {
+        let tuned = load_adapter(
+            path,
+            &mut self.unet,
+            &self.unet_vars,
+            &files.unet_identity()?,
+        )?;
+        let name = tuned.method.name();
+        self.tuning = Some(tuned);
+        Ok(name)
     }
 
     pub fn device(&self) -> Device {

@@ -2,7 +2,7 @@
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 use super::ddpm::NoiseSchedule;
 use super::torch_f32::sqrt;
-use super::{check_num_steps, check_step_index, numpy, upcast, Scheduler};
+use super::{check_num_steps, check_step_index, spacing, upcast, Scheduler};
 use anyhow::Result;
 use tch::Tensor;
 
@@ -17,8 +17,7 @@ pub struct DdimScheduler {
     steps_offset: i64,
     /// Distance to the previous timestep, `num_train_timesteps / num_inference_steps`.
     step_stride: i64,
-    timesteps: Vec<i64>,
-    timesteps_f64: Vec<f64>,
+    timesteps: Vec<f64>,
 }
 
 impl DdimScheduler {
@@ -44,7 +43,6 @@ impl DdimScheduler {
             steps_offset: config.steps_offset(),
             step_stride: 0,
             timesteps: Vec::new(),
-            timesteps_f64: Vec::new(),
         })
     }
 }
@@ -54,42 +52,14 @@ impl Scheduler for DdimScheduler {
         let train = self.schedule.num_train_timesteps();
         check_num_steps(num_inference_steps, train)?;
         let n = num_inference_steps;
-        self.timesteps = match self.timestep_spacing {
-            TimestepSpacing::Linspace => numpy::linspace(0.0, (train - 1) as f64, n)
-                .iter()
-                .rev()
-                .map(|t| t.round_ties_even() as i64)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = (train / n) as i64;
-                (0..n as i64)
-                    .rev()
-                    .map(|i| i * ratio + self.steps_offset)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                numpy::arange(train as f64, 0.0, -(train as f64 / n as f64))
-                    .iter()
-                    .map(|t| t.round_ties_even() as i64 - 1)
-                    .collect()
-            }
-        };
-        self.timesteps_f64 = self.timesteps.iter().map(|&t| t as f64).collect();
+        self.timesteps =
+            spacing::integral_descending(self.timestep_spacing, train, n, self.steps_offset);
         self.step_stride = (train / n) as i64;
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps_f64
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.shallow_clone())
+        &self.timesteps
     }
 
     fn step(
@@ -99,7 +69,7 @@ impl Scheduler for DdimScheduler {
         sample: &Tensor,
     ) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        let t = self.timesteps[step_index];
+        let t = self.timesteps[step_index] as i64;
         let prev_t = t - self.step_stride;
         let alpha = self.schedule.alpha_cumprod_at(t)?;
         let alpha_prev = if prev_t >= 0 {

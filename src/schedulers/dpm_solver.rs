@@ -6,7 +6,7 @@
 use super::config::{FinalSigmas, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::ddpm::NoiseSchedule;
 use super::torch_f32::{exp, ln, sqrt};
-use super::{check_num_steps, check_step_index, numpy, upcast, Scheduler};
+use super::{check_num_steps, check_step_index, numpy, spacing, upcast, Scheduler};
 use anyhow::{bail, ensure, Result};
 use tch::Tensor;
 
@@ -105,38 +105,17 @@ impl Scheduler for DpmSolverMultistepScheduler {
         check_num_steps(num_inference_steps, train)?;
         let n = num_inference_steps;
         // With lambda_min_clipped at its default (-inf) nothing is clipped.
-        let last_timestep = train;
-        let timesteps: Vec<i64> = match self.timestep_spacing {
-            TimestepSpacing::Linspace => numpy::linspace(0.0, (last_timestep - 1) as f64, n + 1)
-                .iter()
-                .rev()
-                .take(n)
-                .map(|t| t.round_ties_even() as i64)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = (last_timestep / (n + 1)) as i64;
-                (1..=n as i64)
-                    .rev()
-                    .map(|i| i * ratio + self.steps_offset)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                numpy::arange(last_timestep as f64, 0.0, -(train as f64 / n as f64))
-                    .iter()
-                    .map(|t| t.round_ties_even() as i64 - 1)
-                    .collect()
-            }
-        };
+        let timesteps = spacing::dpm_descending(self.timestep_spacing, train, n, self.steps_offset);
         let table = self.schedule.sigmas();
         let mut sigmas: Vec<f32> = timesteps
             .iter()
-            .map(|&t| numpy::interp(t as f64, table) as f32)
+            .map(|&t| numpy::interp(t, table) as f32)
             .collect();
         sigmas.push(match self.final_sigmas_type {
             FinalSigmas::Zero => 0.0,
             FinalSigmas::SigmaMin => self.schedule.sigma_min(),
         });
-        self.timesteps = timesteps.iter().map(|&t| t as f64).collect();
+        self.timesteps = timesteps;
         self.sigmas = sigmas;
         self.previous_x0 = None;
         Ok(())
@@ -144,15 +123,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.shallow_clone())
     }
 
     fn step(

@@ -14,8 +14,9 @@ pub mod euler;
 pub mod euler_ancestral;
 mod numpy;
 pub mod pndm;
+pub mod spacing;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
 pub use config::{BetaSchedule, FinalSigmas, PredictionType, SchedulerConfig, TimestepSpacing};
@@ -26,8 +27,85 @@ pub use euler::EulerDiscreteScheduler;
 pub use euler_ancestral::EulerAncestralDiscreteScheduler;
 pub use pndm::PndmScheduler;
 
-/// The names [`from_name`] accepts.
-pub const SCHEDULER_NAMES: [&str; 5] = ["ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++"];
+/// The sampling schedulers, by the names commands and configs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum SchedulerKind {
+    Ddim,
+    Pndm,
+    Euler,
+    EulerAncestral,
+    DpmSolverPlusPlus,
+}
+
+impl SchedulerKind {
+    pub const ALL: [Self; 5] = [
+        Self::Ddim,
+        Self::Pndm,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::DpmSolverPlusPlus,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddim => "ddim",
+            Self::Pndm => "pndm",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler_ancestral",
+            Self::DpmSolverPlusPlus => "dpmsolver++",
+        }
+    }
+
+    /// Builds the scheduler from a diffusers config, with diffusers' defaults for it where the
+    /// config is silent (as `from_config` does).
+    pub fn build(self, config: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
+        Ok(match self {
+            Self::Ddim => Box::new(DdimScheduler::new(config)?),
+            Self::Pndm => Box::new(PndmScheduler::new(config)?),
+            Self::Euler => Box::new(EulerDiscreteScheduler::new(config)?),
+            Self::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
+            Self::DpmSolverPlusPlus => Box::new(DpmSolverMultistepScheduler::new(config)?),
+        })
+    }
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "unknown scheduler `{name}` (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl TryFrom<String> for SchedulerKind {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        name.parse()
+    }
+}
+
+impl From<SchedulerKind> for String {
+    fn from(kind: SchedulerKind) -> Self {
+        kind.name().to_string()
+    }
+}
 
 /// A sampling scheduler. A denoising loop, as diffusers' pipelines run it:
 ///
@@ -54,11 +132,16 @@ pub trait Scheduler: Send {
     fn timesteps(&self) -> &[f64];
 
     /// The standard deviation of the initial noise: start sampling from `randn * init_noise_sigma`.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// The U-Net input for the sample at step `step_index` (the sigma-parametrised schedulers
     /// scale it back to unit variance; the others return it unchanged).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps().len())?;
+        Ok(sample.shallow_clone())
+    }
 
     /// One denoising step: the sample at the next timestep, from the U-Net's prediction at
     /// `step_index`.
@@ -66,20 +149,11 @@ pub trait Scheduler: Send {
         -> Result<Tensor>;
 }
 
-/// Builds the scheduler called `name` (one of [`SCHEDULER_NAMES`]) from a diffusers config, with
-/// diffusers' defaults for that scheduler where the config is silent (as `from_config` does).
+/// Builds the scheduler called `name` (see [`SchedulerKind`]) from a diffusers config.
 pub fn from_name(name: &str, config: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
-    Ok(match name {
-        "ddim" => Box::new(DdimScheduler::new(config)?),
-        "pndm" => Box::new(PndmScheduler::new(config)?),
-        "euler" => Box::new(EulerDiscreteScheduler::new(config)?),
-        "euler_ancestral" => Box::new(EulerAncestralDiscreteScheduler::new(config)?),
-        "dpmsolver++" => Box::new(DpmSolverMultistepScheduler::new(config)?),
-        other => bail!(
-            "unknown scheduler `{other}` (expected one of {})",
-            SCHEDULER_NAMES.join(", ")
-        ),
-    })
+    name.parse::<SchedulerKind>()
+        .map_err(anyhow::Error::msg)?
+        .build(config)
 }
 
 /// Errors unless `num_inference_steps` is in `1..=num_train_timesteps`.

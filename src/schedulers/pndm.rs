@@ -5,7 +5,7 @@
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 use super::ddpm::NoiseSchedule;
 use super::torch_f32::sqrt;
-use super::{check_num_steps, check_step_index, numpy, upcast, Scheduler};
+use super::{check_num_steps, check_step_index, spacing, upcast, Scheduler};
 use anyhow::{bail, ensure, Context, Result};
 use tch::Tensor;
 
@@ -16,8 +16,7 @@ pub struct PndmScheduler {
     timestep_spacing: TimestepSpacing,
     steps_offset: i64,
     step_stride: i64,
-    timesteps: Vec<i64>,
-    timesteps_f64: Vec<f64>,
+    timesteps: Vec<f64>,
     /// Model outputs of the latest steps, oldest first (diffusers' `ets`, at most 4).
     history: Vec<Tensor>,
     /// The sample of the first step, which the warm-up's second step restarts from.
@@ -47,7 +46,6 @@ impl PndmScheduler {
             steps_offset: config.steps_offset(),
             step_stride: 0,
             timesteps: Vec::new(),
-            timesteps_f64: Vec::new(),
             history: Vec::new(),
             first_sample: None,
             counter: 0,
@@ -90,25 +88,9 @@ impl Scheduler for PndmScheduler {
         check_num_steps(num_inference_steps, train)?;
         let n = num_inference_steps;
         // Built ascending, then reversed with the second sampling timestep repeated for the warm-up.
-        let ascending: Vec<i64> = match self.timestep_spacing {
-            TimestepSpacing::Linspace => numpy::linspace(0.0, (train - 1) as f64, n)
-                .iter()
-                .map(|t| t.round_ties_even() as i64)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = (train / n) as i64;
-                (0..n as i64)
-                    .map(|i| i * ratio + self.steps_offset)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                numpy::arange(train as f64, 0.0, -(train as f64 / n as f64))
-                    .iter()
-                    .rev()
-                    .map(|t| t.round_ties_even() as i64 - 1)
-                    .collect()
-            }
-        };
+        let mut ascending =
+            spacing::integral_descending(self.timestep_spacing, train, n, self.steps_offset);
+        ascending.reverse();
         let len = ascending.len();
         let mut timesteps = ascending[..len - 1].to_vec();
         if len >= 2 {
@@ -116,7 +98,6 @@ impl Scheduler for PndmScheduler {
         }
         timesteps.push(ascending[len - 1]);
         timesteps.reverse();
-        self.timesteps_f64 = timesteps.iter().map(|&t| t as f64).collect();
         self.timesteps = timesteps;
         self.step_stride = (train / n) as i64;
         self.history.clear();
@@ -126,16 +107,7 @@ impl Scheduler for PndmScheduler {
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps_f64
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.shallow_clone())
+        &self.timesteps
     }
 
     fn step(
@@ -147,7 +119,7 @@ impl Scheduler for PndmScheduler {
         check_step_index(step_index, self.timesteps.len())?;
         let output = upcast(model_output);
         let mut sample = upcast(sample);
-        let mut t = self.timesteps[step_index];
+        let mut t = self.timesteps[step_index] as i64;
         let mut prev_t = t - self.step_stride;
         if self.counter == 1 {
             // The warm-up's second evaluation: step again from the first sample, from its

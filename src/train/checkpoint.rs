@@ -49,14 +49,9 @@ impl Checkpoint {
     }
 
     fn open(dir: &Path) -> Result<Self> {
-        let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let state =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            state,
+            state: crate::util::fs::read_json(&dir.join(STATE_FILE))?,
         })
     }
 }

@@ -4,6 +4,8 @@
 //! the Stable Diffusion fine-tuning example of diffusers' `train_text_to_image.py` README
 //! (512 px, batch 1 with 4 accumulation steps, gradient-norm clipping at 1, constant schedule).
 use super::optim::{AdamWConfig, LrSchedule};
+use crate::data::images::ResizeFilter;
+use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -32,29 +34,7 @@ pub enum PredictionTarget {
     VPrediction,
 }
 
-/// Where the training runs.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceChoice {
-    /// CUDA when available, else the CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl DeviceChoice {
-    pub fn resolve(self) -> Result<tch::Device> {
-        match self {
-            DeviceChoice::Auto => Ok(tch::Device::cuda_if_available()),
-            DeviceChoice::Cpu => Ok(tch::Device::Cpu),
-            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
-            DeviceChoice::Cuda => {
-                bail!("device = \"cuda\" but no CUDA device is available to libtorch")
-            }
-        }
-    }
-}
+pub use crate::util::device::DeviceChoice;
 
 /// The `[train]` table. Documented defaults in [`TrainConfig::default`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,7 +69,7 @@ pub struct TrainConfig {
     /// Training images are resized (shorter side) and centre-cropped to this. Default 512.
     pub resolution: u32,
     /// Resize filter: `bilinear`, `bicubic` or `lanczos3`. Default `bilinear` (diffusers' scripts).
-    pub resize_filter: String,
+    pub resize_filter: ResizeFilter,
     /// Caption of a labelled dataset's images. Default `a photo of {label}, a type of food`.
     pub prompt_template: String,
     /// Train on at most this many images per class; 0 means all. Default 0.
@@ -114,7 +94,7 @@ pub struct TrainConfig {
     pub validation_seed: u64,
     /// Sampling scheduler of the validation images (as `difftune sample` names them). Default
     /// `dpmsolver++`.
-    pub validation_scheduler: String,
+    pub validation_scheduler: SchedulerKind,
     /// Denoising steps of the validation images. Default 25.
     pub validation_steps: usize,
     /// Classifier-free guidance scale of the validation images. Default 7.5.
@@ -138,7 +118,7 @@ impl Default for TrainConfig {
             snr_gamma: 0.0,
             noise_offset: 0.0,
             resolution: 512,
-            resize_filter: "bilinear".into(),
+            resize_filter: ResizeFilter::Bilinear,
             prompt_template: crate::data::prompts::DEFAULT_TEMPLATE.into(),
             limit_per_class: 0,
             cache_batch_size: 8,
@@ -149,7 +129,7 @@ impl Default for TrainConfig {
             validation_prompts: Vec::new(),
             validation_images: 4,
             validation_seed: 0,
-            validation_scheduler: "dpmsolver++".into(),
+            validation_scheduler: SchedulerKind::DpmSolverPlusPlus,
             validation_steps: 25,
             validation_guidance: 7.5,
         }
@@ -198,9 +178,6 @@ impl TrainConfig {
                 bail!("train.{name} must be in [0, 1), got {v}");
             }
         }
-        self.resize_filter
-            .parse::<crate::data::images::ResizeFilter>()
-            .context("train.resize_filter")?;
         crate::data::PromptTemplate::new(&self.prompt_template).context("train.prompt_template")?;
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! Fine-tuning the U-Net: run configuration, the objective and single step, AdamW, checkpoints,
 //! metrics and the training loop.
+pub mod batches;
 pub mod checkpoint;
 pub mod config;
 pub mod metrics;

@@ -3,18 +3,10 @@
 //! targets, optional min-SNR-γ weighting and noise offset, as diffusers' `train_text_to_image.py`.
 use super::config::{MethodConfig, PredictionTarget, TrainConfig};
 use crate::model::unet::UNet2DConditionModel;
+use crate::peft::Tuned;
 use crate::schedulers::{NoiseSchedule, PredictionType, SchedulerConfig};
 use anyhow::{ensure, Result};
-use tch::{nn, Device, Kind, Tensor};
-
-/// A tuning method attached to a U-Net, with the tensors it trains.
-pub struct TunedUnet {
-    pub method: Box<dyn crate::peft::TuningMethod>,
-    /// Holds the parameters the method added (LoRA matrices, adapters, prefixes).
-    pub params_vs: nn::VarStore,
-    /// What the optimizer updates, named as in the method's adapter file.
-    pub trainable: Vec<(String, Tensor)>,
-}
+use tch::{nn, Kind, Tensor};
 
 /// Attaches `method` to `unet`, freezes every U-Net weight and makes exactly the method's
 /// tensors trainable.
@@ -22,28 +14,22 @@ pub fn attach_method(
     unet: &mut UNet2DConditionModel,
     unet_vs: &mut nn::VarStore,
     method: &MethodConfig,
-    device: Device,
-) -> Result<TunedUnet> {
+) -> Result<Tuned> {
     let tuning = crate::peft::method_from_settings(
         &method.name,
         &toml::Value::Table(method.settings.clone()),
     )?;
-    let params_vs = nn::VarStore::new(device);
     unet_vs.freeze();
-    let trainable = tuning.apply(unet, unet_vs, params_vs.root())?;
+    let tuned = Tuned::attach(tuning, unet, unet_vs)?;
     ensure!(
-        !trainable.is_empty(),
+        !tuned.trained.is_empty(),
         "method `{}` made nothing trainable",
         method.name
     );
-    for (_, t) in &trainable {
+    for (_, t) in &tuned.trained {
         let _ = t.set_requires_grad(true);
     }
-    Ok(TunedUnet {
-        method: tuning,
-        params_vs,
-        trainable,
-    })
+    Ok(tuned)
 }
 
 /// What the U-Net is trained on, given clean latents.

@@ -6,7 +6,7 @@ use super::config::TrainConfig;
 use crate::model::source::ModelFiles;
 use crate::model::unet::UNet2DConditionModel;
 use crate::sample::{generate, per_image_latents, GenerateOptions, SdModels};
-use crate::schedulers::SchedulerConfig;
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::nn;
@@ -33,7 +33,7 @@ impl TrainedUnet {
             vae: crate::model::pipeline::load_vae(files, device)?,
             text_encoder: crate::model::pipeline::load_text_encoder(files, device)?,
             tokenizer: crate::model::pipeline::load_tokenizer(files)?,
-            adapter_vars: None,
+            tuning: None,
         })))
     }
 
@@ -52,7 +52,7 @@ pub struct Validation {
     seed: u64,
     resolution: usize,
     options: GenerateOptions,
-    scheduler_name: String,
+    scheduler_kind: SchedulerKind,
 }
 
 impl Validation {
@@ -76,8 +76,8 @@ impl Validation {
             "validation is on but there are no prompts to sample"
         );
         let scheduler = crate::model::pipeline::load_scheduler_config(files)?;
-        // Fail now on an unknown scheduler name rather than at the first validation.
-        crate::schedulers::from_name(&train.validation_scheduler, &scheduler)?;
+        // Fail now on a config the scheduler refuses rather than at the first validation.
+        train.validation_scheduler.build(&scheduler)?;
         Ok(Self {
             scheduler,
             options: GenerateOptions {
@@ -89,7 +89,7 @@ impl Validation {
             prompts,
             seed: train.validation_seed,
             resolution: train.resolution as usize,
-            scheduler_name: train.validation_scheduler.clone(),
+            scheduler_kind: train.validation_scheduler,
         })
     }
 
@@ -109,7 +109,7 @@ impl Validation {
             self.resolution,
             models.device(),
         )?;
-        let mut scheduler = crate::schedulers::from_name(&self.scheduler_name, &self.scheduler)?;
+        let mut scheduler = self.scheduler_kind.build(&self.scheduler)?;
         let mut generate = || {
             generate(
                 models,
@@ -132,7 +132,7 @@ impl Validation {
                 ("prompt", prompt.clone()),
                 ("seed", (self.seed + i as u64).to_string()),
                 ("step", step.to_string()),
-                ("scheduler", self.scheduler_name.clone()),
+                ("scheduler", self.scheduler_kind.to_string()),
             ];
             crate::sample::png::write_png(
                 &dir.join(format!("{i:02}.png")),

@@ -36,12 +36,16 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic_str(path, &(text + "\n"))
 }
 
-/// Sets one top-level field of the JSON object in `path` (a config file), keeping the others.
-pub fn set_json_field<T: serde::Serialize>(path: &Path, field: &str, value: T) -> Result<()> {
+/// Reads and parses the JSON file `path`.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Sets one top-level field of the JSON object in `path` (a config file), keeping the others.
+pub fn set_json_field<T: serde::Serialize>(path: &Path, field: &str, value: T) -> Result<()> {
+    let mut json: serde_json::Value = read_json(path)?;
     json[field] = serde_json::to_value(value)?;
     write_json(path, &json)
 }

@@ -1,4 +1,5 @@
 //! Small shared utilities.
+pub mod device;
 pub mod fs;
 pub mod stats;
 pub mod tensor;

@@ -1,0 +1,209 @@
+//! The resumable stage engine of a comparison, and the layout of its output folder.
+//!
+//! Every stage records in `OUT/state/STAGE.json` the settings it is computed from (its key) and,
+//! once finished, what it produced. A finished stage whose key is unchanged is reused; a stage
+//! whose key changed is redone from scratch; an unfinished one resumes (training from its last
+//! checkpoint, sampling from the last image written).
+use crate::data::synthetic::Domain;
+use crate::util::fs::write_json;
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where [`WallClock`] keeps the time spent so far.
+const WALL_TIME_FILE: &str = "state/wall-time.json";
+
+/// The run that pre-trains the base model on the source domain (`runs/pretrain`).
+pub const PRETRAIN_RUN: &str = "pretrain";
+
+/// One stage of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage<'a> {
+    /// Generating a synthetic domain.
+    Data(Domain),
+    /// Writing (and training the VAE of) the tiny model.
+    TinyModel,
+    /// Merging the pre-training run into the base model.
+    BaseModel,
+    /// One training run: a method's, or [`PRETRAIN_RUN`].
+    Run(&'a str),
+    /// Sampling one row of the study (the base model or a method).
+    Samples(&'a str),
+    /// Scoring one row's samples.
+    Score(&'a str),
+}
+
+impl fmt::Display for Stage<'_> {
+    /// The stage's name, which is also its state file's name.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stage::Data(Domain::Source) => write!(f, "data-source"),
+            Stage::Data(Domain::Target) => write!(f, "data-target"),
+            Stage::TinyModel => write!(f, "model-tiny"),
+            Stage::BaseModel => write!(f, "model-base"),
+            Stage::Run(name) => write!(f, "run-{name}"),
+            Stage::Samples(row) => write!(f, "samples-{row}"),
+            Stage::Score(row) => write!(f, "score-{row}"),
+        }
+    }
+}
+
+/// The folders of a comparison's output, and the clock of the time spent on it.
+pub struct Layout {
+    pub root: PathBuf,
+    pub clock: WallClock,
+}
+
+impl Layout {
+    /// The output folder `root`, created when missing; starts the clock.
+    pub fn create(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            clock: WallClock::start(&root.join(WALL_TIME_FILE)),
+        })
+    }
+
+    pub fn data(&self, domain: Domain) -> PathBuf {
+        self.root.join("data").join(domain_name(domain))
+    }
+    pub fn model(&self, name: &str) -> PathBuf {
+        self.root.join("model").join(name)
+    }
+    pub fn run(&self, name: &str) -> PathBuf {
+        self.root.join("runs").join(name)
+    }
+    pub fn cache(&self, domain: &str) -> PathBuf {
+        self.root.join("cache").join(domain)
+    }
+    pub fn samples(&self, row: &str) -> PathBuf {
+        self.root.join("samples").join(row)
+    }
+    pub fn eval(&self) -> PathBuf {
+        self.root.join("eval")
+    }
+    fn state(&self, stage: Stage) -> PathBuf {
+        self.root.join("state").join(format!("{stage}.json"))
+    }
+
+    /// Saves the wall time spent so far.
+    pub fn save_clock(&self) -> Result<()> {
+        self.clock.save(&self.root.join(WALL_TIME_FILE))
+    }
+
+    /// The record of `stage` when it is done. Not done: `dir` (the stage's folder) is cleared
+    /// when it holds work for other settings (or of unknown origin), and the key is recorded so
+    /// that the work it starts now can be resumed.
+    pub fn enter<T: DeserializeOwned>(
+        &self,
+        stage: Stage,
+        dir: Option<&Path>,
+        key: &Value,
+    ) -> Result<Option<T>> {
+        let path = self.state(stage);
+        let state: Option<StageState> = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).ok(),
+            Err(_) => None,
+        };
+        let same_key = state.as_ref().is_some_and(|s| &s.key == key);
+        if same_key {
+            if let Some(state) = state.filter(|s| s.finished) {
+                let record = serde_json::from_value(state.record)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                return Ok(Some(record));
+            }
+        } else if let Some(dir) = dir.filter(|d| d.exists()) {
+            eprintln!("compare: {stage}: settings changed, redoing it");
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        write_json(
+            &path,
+            &StageState {
+                key: key.clone(),
+                finished: false,
+                record: Value::Null,
+            },
+        )?;
+        Ok(None)
+    }
+
+    /// Records `stage` as finished with `record`.
+    pub fn finish<T: Serialize>(&self, stage: Stage, key: &Value, record: &T) -> Result<()> {
+        write_json(
+            &self.state(stage),
+            &StageState {
+                key: key.clone(),
+                finished: true,
+                record: serde_json::to_value(record)?,
+            },
+        )?;
+        self.save_clock()
+    }
+}
+
+/// The folder name of a synthetic domain.
+pub fn domain_name(domain: Domain) -> &'static str {
+    match domain {
+        Domain::Source => "source",
+        Domain::Target => "target",
+    }
+}
+
+/// What `state/STAGE.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct StageState {
+    key: Value,
+    finished: bool,
+    /// What the finished stage produced (null for stages that only write files).
+    #[serde(default)]
+    record: Value,
+}
+
+/// Wall time spent on a comparison over all its invocations, kept in `state/wall-time.json` and
+/// saved whenever a stage finishes, so the work of an interrupted invocation still counts.
+pub struct WallClock {
+    earlier_seconds: f64,
+    pub invocations: u32,
+    started: Instant,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WallTime {
+    seconds: f64,
+    invocations: u32,
+}
+
+impl WallClock {
+    fn start(path: &Path) -> Self {
+        let earlier: Option<WallTime> = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok());
+        Self {
+            earlier_seconds: earlier.as_ref().map_or(0.0, |w| w.seconds),
+            invocations: earlier.map_or(0, |w| w.invocations) + 1,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn this_invocation(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    pub fn total(&self) -> f64 {
+        self.earlier_seconds + self.this_invocation()
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        write_json(
+            path,
+            &WallTime {
+                seconds: self.total(),
+                invocations: self.invocations,
+            },
+        )
+    }
+}

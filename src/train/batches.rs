@@ -1,0 +1,183 @@
+//! What a training run reads: the latent cache (built or reused), the seeded order of its samples
+//! in each epoch, and the batch of each forward pass.
+//!
+//! Every random draw is a function of (seed, position): the data order of epoch `e` is a seeded
+//! permutation, and before each forward pass torch's generator is re-seeded from (seed, forward
+//! index) to draw the latent sample, the noise and the timesteps. A run resumed from a checkpoint
+//! therefore repeats the uninterrupted run bit for bit (on the same device and thread count).
+use super::step::StepInputs;
+use super::trainer::TrainOptions;
+use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
+use crate::data::PromptTemplate;
+use crate::model::source::ModelFiles;
+use anyhow::{ensure, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// The seed of forward pass `index` of a run seeded with `seed` (SplitMix64 of both).
+pub fn forward_seed(seed: u64, index: u64) -> i64 {
+    let mut z = seed
+        ^ index
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64 & i64::MAX
+}
+
+/// The seeded order of the cached samples in each epoch.
+struct DataOrder {
+    seed: u64,
+    len: usize,
+    epoch: usize,
+    order: Vec<usize>,
+}
+
+impl DataOrder {
+    fn new(seed: u64, len: usize) -> Self {
+        let mut order = Self {
+            seed,
+            len,
+            epoch: usize::MAX,
+            order: Vec::new(),
+        };
+        order.set_epoch(0);
+        order
+    }
+
+    fn set_epoch(&mut self, epoch: usize) {
+        if epoch != self.epoch {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(epoch as u64);
+            self.order = (0..self.len).collect();
+            self.order.shuffle(&mut rng);
+            self.epoch = epoch;
+        }
+    }
+
+    /// The cached sample at overall position `position` (epochs back to back).
+    fn sample(&mut self, position: usize) -> usize {
+        self.set_epoch(position / self.len);
+        self.order[position % self.len]
+    }
+}
+
+/// The cached latent distributions and captions of one forward pass, as read from the cache (on
+/// the CPU, before any random draw): what a background prefetcher would hand over.
+pub struct CachedBatch {
+    /// The forward pass it belongs to (its seed is derived from this).
+    pub forward_index: usize,
+    mean: Tensor,
+    logvar: Tensor,
+    context: Tensor,
+}
+
+/// The latent cache of a run and the seeded order in which it is read.
+pub struct Batches {
+    cache: LatentCache,
+    order: DataOrder,
+    seed: u64,
+    batch_size: usize,
+    /// The VAE's latent scaling factor.
+    scaling: f64,
+}
+
+impl Batches {
+    /// Opens the cache in `dir`; each forward pass reads `batch_size` samples.
+    pub fn open(dir: &Path, seed: u64, batch_size: usize, scaling: f64) -> Result<Self> {
+        let cache = LatentCache::open(dir)?;
+        ensure!(
+            !cache.is_empty(),
+            "the cache in {} holds no samples",
+            dir.display()
+        );
+        Ok(Self {
+            order: DataOrder::new(seed, cache.len()),
+            cache,
+            seed,
+            batch_size,
+            scaling,
+        })
+    }
+
+    pub fn cache(&self) -> &LatentCache {
+        &self.cache
+    }
+
+    /// Samples in the cache (one epoch).
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Reads the cached samples of forward pass `forward_index`.
+    pub fn read(&mut self, forward_index: usize) -> Result<CachedBatch> {
+        let first = forward_index * self.batch_size;
+        let indices: Vec<usize> = (first..first + self.batch_size)
+            .map(|p| self.order.sample(p))
+            .collect();
+        let (mean, logvar, context) = self.cache.batch(&indices)?;
+        Ok(CachedBatch {
+            forward_index,
+            mean,
+            logvar,
+            context,
+        })
+    }
+
+    /// Seeds torch's generator for `batch`'s forward pass and draws its latents on `device`;
+    /// the noise and timesteps the step draws next come from the same seeded stream.
+    pub fn seeded_inputs(&self, batch: CachedBatch, device: Device) -> StepInputs {
+        tch::manual_seed(forward_seed(self.seed, batch.forward_index as u64));
+        let (mean, logvar) = (batch.mean.to_device(device), batch.logvar.to_device(device));
+        let latents = (&mean + (logvar * 0.5).exp() * mean.randn_like()) * self.scaling;
+        StepInputs {
+            latents,
+            context: batch.context.to_device(device).to_kind(Kind::Float),
+        }
+    }
+}
+
+/// Builds or reuses the latent cache for this run; returns its folder.
+pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) -> Result<PathBuf> {
+    let train = &opts.config.train;
+    if opts.data.join(MANIFEST_FILE).is_file() {
+        // A cache folder: rebuild it from its recorded dataset when that is still there, else
+        // use it only if it was made with this model's VAE and text encoder.
+        let manifest = Manifest::read(&opts.data)?;
+        if manifest.dataset_path.is_dir() {
+            let settings = CacheSettings {
+                split: manifest.key.split,
+                resolution: manifest.key.resolution,
+                resize_filter: manifest.key.resize_filter,
+                prompt_template: PromptTemplate::new(&manifest.prompt_template)?,
+                limit_per_class: manifest.limit_per_class,
+                batch_size: train.cache_batch_size,
+                shard_size: manifest.key.shard_size,
+                strict: opts.strict,
+                device,
+            };
+            cache::build(files, &manifest.dataset_path, &settings, &opts.data)?;
+        }
+        return Ok(opts.data.clone());
+    }
+    let dir = opts.cache.clone().unwrap_or_else(|| opts.out.join("cache"));
+    let settings = CacheSettings {
+        resolution: train.resolution,
+        resize_filter: train.resize_filter,
+        prompt_template: PromptTemplate::new(&train.prompt_template)?,
+        limit_per_class: (train.limit_per_class > 0).then_some(train.limit_per_class),
+        batch_size: train.cache_batch_size,
+        strict: opts.strict,
+        device,
+        ..CacheSettings::default()
+    };
+    cache::build(files, &opts.data, &settings, &dir)?;
+    Ok(dir)
+}
