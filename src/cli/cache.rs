@@ -1,4 +1,5 @@
 use crate::data::cache::{build, CacheSettings};
+use crate::data::images::{DecodeOptions, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::data::{PromptTemplate, Split};
 use crate::model::source::ModelFiles;
 use crate::train::config::DeviceChoice;
@@ -36,6 +37,14 @@ pub struct CacheArgs {
     /// Fail on the first unreadable image instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// EXIF orientation: apply (rotate as the tag says) or ignore (the stored pixels, as
+    /// Pillow's Image.open gives them).
+    #[arg(long, default_value = "apply", value_parser = ["apply", "ignore"])]
+    pub exif_orientation: String,
+    /// Images with more pixels are skipped (an error with --strict) before decoding; the default
+    /// is Pillow's decompression-bomb limit.
+    #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -52,6 +61,10 @@ pub fn run(args: CacheArgs) -> Result<()> {
         limit_per_class: args.limit_per_class,
         batch_size: args.batch_size,
         strict: args.strict,
+        decode: DecodeOptions {
+            exif_orientation: args.exif_orientation.parse()?,
+            max_pixels: args.max_image_pixels,
+        },
         device: device.resolve()?,
         ..CacheSettings::default()
     };

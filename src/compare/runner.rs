@@ -773,6 +773,7 @@ fn sample_stage(
             batch_size: config.sample.batch_size,
         };
         let (height, width) = (settings.height as usize, settings.width as usize);
+        let geometry = models.geometry();
         for batch in todo.chunks(config.sample.batch_size) {
             if opts.interrupt.load(Ordering::SeqCst) {
                 return Ok(None);
@@ -780,7 +781,7 @@ fn sample_stage(
             let prompts: Vec<String> = batch.iter().map(|item| item.prompt.clone()).collect();
             let latents = batch
                 .iter()
-                .map(|item| initial_latents(item.seed, 1, height, width, device))
+                .map(|item| initial_latents(item.seed, 1, height, width, geometry, device))
                 .collect::<Result<Vec<_>>>()?;
             let mut scheduler =
                 crate::schedulers::from_name(&settings.scheduler, &scheduler_config)?;
@@ -936,8 +937,11 @@ fn real_tiles(test: &Dataset, classes: &[usize]) -> Result<Vec<image::RgbImage>>
                         test.classes[class].name
                     )
                 })?;
-            let rgb =
-                crate::data::images::decode_rgb(&sample.image, crate::data::images::Alpha::Drop)?;
+            let rgb = crate::data::images::decode_rgb(
+                &sample.image,
+                crate::data::images::Alpha::Drop,
+                &crate::data::images::DecodeOptions::default(),
+            )?;
             Ok(image::DynamicImage::ImageRgb32F(rgb).to_rgb8())
         })
         .collect()

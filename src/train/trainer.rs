@@ -12,6 +12,7 @@ use super::optim::AdamW;
 use super::step::{attach_method, forward_backward, Objective, StepInputs};
 use super::validation::{TrainedUnet, Validation};
 use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
+use crate::data::images::DecodeOptions;
 use crate::data::PromptTemplate;
 use crate::model::source::ModelFiles;
 use anyhow::{bail, ensure, Context, Result};
@@ -133,6 +134,10 @@ fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) -> Res
                 batch_size: train.cache_batch_size,
                 shard_size: manifest.key.shard_size,
                 strict: opts.strict,
+                decode: DecodeOptions {
+                    exif_orientation: manifest.key.exif_orientation,
+                    max_pixels: train.max_image_pixels,
+                },
                 device,
             };
             cache::build(files, &manifest.dataset_path, &settings, &opts.data)?;
@@ -147,6 +152,10 @@ fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) -> Res
         limit_per_class: (train.limit_per_class > 0).then_some(train.limit_per_class),
         batch_size: train.cache_batch_size,
         strict: opts.strict,
+        decode: DecodeOptions {
+            exif_orientation: train.exif_orientation,
+            max_pixels: train.max_image_pixels,
+        },
         device,
         ..CacheSettings::default()
     };

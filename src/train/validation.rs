@@ -107,6 +107,7 @@ impl Validation {
             self.prompts.len(),
             self.resolution,
             self.resolution,
+            models.geometry(),
             models.device(),
         )?;
         let mut scheduler = crate::schedulers::from_name(&self.scheduler_name, &self.scheduler)?;
