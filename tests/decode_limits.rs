@@ -23,12 +23,16 @@ fn jpeg_bomb() -> Vec<u8> {
     bytes
 }
 
-/// A PNG header (valid IHDR) claiming 60000x60000 RGB, followed by no pixel data.
+/// A PNG (valid IHDR) claiming 60000x60000 RGB, with one tiny IDAT chunk.
 fn png_bomb() -> Vec<u8> {
     let mut bytes = Vec::new();
     let mut encoder = png::Encoder::new(&mut bytes, 60000, 60000);
     encoder.set_color(png::ColorType::Rgb);
-    drop(encoder.write_header().unwrap());
+    let mut writer = encoder.write_header().unwrap();
+    writer
+        .write_chunk(png::chunk::IDAT, &[0x78, 0x9C, 0x03, 0x00])
+        .unwrap();
+    drop(writer);
     bytes
 }
 

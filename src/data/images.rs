@@ -109,6 +109,8 @@ pub struct Preprocess {
     /// Flip horizontally with probability 1/2.
     pub random_flip: bool,
     pub alpha: Alpha,
+    /// Left out of older settings: the default (EXIF orientation applied, Pillow's pixel limit).
+    #[serde(default)]
     pub decode: DecodeOptions,
 }
 
