@@ -12,3 +12,13 @@ if ! "$DIFFTUNE_VENV/bin/python" -c 'import torch, sys; sys.exit(not torch.__ver
 fi
 export PATH="$DIFFTUNE_VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
+# JPEGs are decoded by libjpeg-turbo, built by the turbojpeg-sys crate from its vendored source:
+# that build needs cmake and nasm.
+if ! command -v cmake >/dev/null || ! command -v nasm >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "difftune: installing cmake and nasm (one-off) to build libjpeg-turbo" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake nasm >/dev/null
+  else
+    echo "difftune: building libjpeg-turbo needs cmake and nasm (e.g. sudo apt-get install cmake nasm)" >&2
+  fi
+fi

@@ -1,7 +1,7 @@
 //! Dataset layouts, image decoding/preprocessing and the synthetic generator.
 //! Fixtures: tests/fixtures/data/, written by tools/make_data_fixtures.py.
 use anyhow::Result;
-use difftune::data::images::{self, Alpha, Crop, Preprocess, ResizeFilter};
+use difftune::data::images::{self, Alpha, Crop, DecodeOptions, Preprocess, ResizeFilter};
 use difftune::data::synthetic::{generate_food101_like, Domain, SyntheticSpec, DISHES};
 use difftune::data::{Dataset, DatasetOptions, ImageSource, Layout, PromptTemplate, Split};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
@@ -788,5 +788,53 @@ fn synthetic_classes_are_separable() -> Result<()> {
             "{domain:?}: nearest-centroid accuracy {accuracy}"
         );
     }
+    Ok(())
+}
+
+/// tools/make_jpeg_fixtures.py: JPEGs covering chroma subsampling, progressive, restart markers,
+/// grey, CMYK, YCCK and an EXIF orientation, and Pillow 12's decoded pixels of each.
+fn jpeg_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/jpeg")
+        .join(name)
+}
+
+/// Largest per-channel difference between two RGB images of one size.
+fn max_pixel_difference(ours: &image::RgbImage, pillow: &image::RgbImage) -> u8 {
+    assert_eq!(ours.dimensions(), pillow.dimensions());
+    ours.as_raw()
+        .iter()
+        .zip(pillow.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn jpegs_decode_to_pillows_exact_pixels() -> Result<()> {
+    let cases = [
+        "s444",
+        "s422",
+        "s420",
+        "progressive",
+        "restart",
+        "gray",
+        "cmyk",
+        "ycck",
+        "exif_rot6",
+    ];
+    for case in cases {
+        let bytes = std::fs::read(jpeg_fixture(&format!("images/{case}.jpg")))?;
+        let ours = images::decode(&bytes, &DecodeOptions::PILLOW_OPEN)?.to_rgb8();
+        let pillow = image::open(jpeg_fixture(&format!("pillow/{case}.png")))?.to_rgb8();
+        let diff = max_pixel_difference(&ours, &pillow);
+        println!("{case}: max difference from Pillow {diff}");
+        assert_eq!(diff, 0, "{case}: decoded pixels differ from Pillow's");
+    }
+    // Training applies the EXIF orientation by default (Pillow's ImageOps.exif_transpose).
+    let bytes = std::fs::read(jpeg_fixture("images/exif_rot6.jpg"))?;
+    let rotated = images::decode(&bytes, &DecodeOptions::default())?.to_rgb8();
+    let pillow = image::open(jpeg_fixture("pillow/exif_rot6_transposed.png"))?.to_rgb8();
+    assert_eq!(max_pixel_difference(&rotated, &pillow), 0);
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! The Inception weights are rebuilt here: conv weights from the formula documented in
 //! tools/make_fid_fixtures.py, BatchNorm tensors from the fixture, plus `num_batches_tracked` and
 //! `fc.*` as in the real weights file, written once per run under the cargo target tmp dir.
+use difftune::data::images::DecodeOptions;
 use difftune::eval::fid::trace_sqrt_product;
 use difftune::eval::images::list_images;
 use difftune::eval::images::load_image;
@@ -169,7 +170,13 @@ fn unfolded_network_is_pytorch_fid_op_for_op_and_folding_keeps_it() {
     let inputs: Vec<Tensor> = list_images(&fixture("a"))
         .unwrap()
         .iter()
-        .map(|p| preprocess(&load_image(p).unwrap().unsqueeze(0)))
+        .map(|p| {
+            preprocess(
+                &load_image(p, &DecodeOptions::PILLOW_OPEN)
+                    .unwrap()
+                    .unsqueeze(0),
+            )
+        })
         .collect();
     let features = |net: &InceptionV3| {
         let rows: Vec<Tensor> = tch::no_grad(|| {
@@ -197,7 +204,10 @@ fn tensor_input_matches_the_file_pipeline() {
     // The first two images of folder a are 299x299, so they can form one tensor batch.
     let model = FidModel::load(weights(), Device::Cpu, 64).unwrap();
     let files = list_images(&fixture("a")).unwrap();
-    let images: Vec<Tensor> = files[..2].iter().map(|p| load_image(p).unwrap()).collect();
+    let images: Vec<Tensor> = files[..2]
+        .iter()
+        .map(|p| load_image(p, &DecodeOptions::PILLOW_OPEN).unwrap())
+        .collect();
     let ours = model
         .features_of_tensor(&Tensor::stack(&images, 0))
         .unwrap();
@@ -444,4 +454,55 @@ fn cli_reports_json_and_saves_statistics() {
     let out = difftune(&[&["fid", npz, b, "--kid"][..], &common].concat());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kid needs image folders"));
+}
+
+/// tools/make_jpeg_fixtures.py: a folder of JPEGs (4:4:4/4:2:2/4:2:0, progressive, restart
+/// markers, grey, CMYK, YCCK, EXIF-rotated) and pytorch-fid's features of it and FID against
+/// folder b, with the same Inception.
+fn jpeg_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/jpeg")
+        .join(name)
+}
+
+#[test]
+fn jpeg_folder_features_and_fid_match_pytorch_fid_at_every_width() {
+    let mut reference = read_all(&jpeg_fixture("reference.safetensors")).unwrap();
+    let jpegs = list_images(&jpeg_fixture("images")).unwrap();
+    assert_eq!(jpegs.len(), 9);
+    for dims in [64, 192, 768, 2048] {
+        let model = FidModel::load(weights(), Device::Cpu, dims)
+            .unwrap()
+            .with_batch_size(9);
+        let ours = model.features_of_images(&jpegs).unwrap();
+        let ours_b = model
+            .features_of_images(&list_images(&fixture("b")).unwrap())
+            .unwrap();
+        let expected = matrix(&reference.remove(&format!("features_{dims}")).unwrap());
+        let feature_err = relative_error(&ours, &expected);
+        let fid = frechet_distance(
+            &Statistics::from_features(ours.as_ref()).unwrap(),
+            &Statistics::from_features(ours_b.as_ref()).unwrap(),
+        )
+        .unwrap();
+        let want = reference[&format!("fid_{dims}")].double_value(&[0]);
+        let fid_err = relative(fid, want);
+        println!(
+            "JPEG dims {dims}: feature rel. error {feature_err:.2e}; FID {fid:.6} vs {want:.6}, rel. error {fid_err:.2e}"
+        );
+        assert!(feature_err <= 1e-4, "dims {dims}: features {feature_err}");
+        assert!(fid_err <= 1e-4, "dims {dims}: FID {fid_err}");
+    }
+}
+
+#[test]
+fn pytorch_pickle_weights_name_the_conversion_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let pth = dir.path().join("pt_inception-2015-12-05-6726825d.pth");
+    std::fs::write(&pth, b"PK\x03\x04 a torch zip archive").unwrap();
+    let err = format!("{:#}", resolve_weights(Some(&pth)).unwrap_err());
+    assert!(
+        err.contains("tools/convert_inception.py") && !err.contains('\n'),
+        "{err}"
+    );
 }

@@ -3,7 +3,9 @@
 use difftune::model::source::ModelFiles;
 use difftune::model::weights::read_all;
 use difftune::sample::png::{read_png_text, write_png};
-use difftune::sample::{generate, initial_latents, per_image_latents, GenerateOptions, SdModels};
+use difftune::sample::{
+    generate, initial_latents, per_image_latents, GenerateOptions, LatentGeometry, SdModels,
+};
 use difftune::schedulers::{self, SchedulerConfig};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,6 +13,12 @@ use tch::{Device, Tensor};
 
 /// Image-space tolerance (pixels in [0, 1]).
 const TOLERANCE: f64 = 1e-3;
+
+/// SD's latent space: 4 channels, 8x downsampling.
+const SD: LatentGeometry = LatentGeometry {
+    channels: 4,
+    scale_factor: 8,
+};
 
 /// Building models draws their initial weights from libtorch's global CPU generator, which
 /// `initial_latents` seeds: the tests that do either must not run at the same time.
@@ -93,14 +101,113 @@ fn initial_latents_match_torch_generator() {
     let expected = read("latents.safetensors");
     for (seed, n, h, w) in [(0, 1, 64, 64), (42, 2, 64, 96), (1234, 2, 256, 256)] {
         let key = format!("seed{seed}_n{n}_{h}x{w}");
-        let drawn = initial_latents(seed, n, h, w, Device::Cpu).unwrap();
+        let drawn = initial_latents(seed, n, h, w, SD, Device::Cpu).unwrap();
         assert_eq!(max_abs_diff(&drawn, &expected[&key]), 0.0, "{key}");
     }
     // Image i of a run uses seed S + i alone.
-    let per_image = per_image_latents(41, 2, 64, 96, Device::Cpu).unwrap();
-    let second = initial_latents(42, 1, 64, 96, Device::Cpu).unwrap();
+    let per_image = per_image_latents(41, 2, 64, 96, SD, Device::Cpu).unwrap();
+    let second = initial_latents(42, 1, 64, 96, SD, Device::Cpu).unwrap();
     assert_eq!(max_abs_diff(&per_image.narrow(0, 1, 1), &second), 0.0);
-    assert!(initial_latents(0, 1, 60, 64, Device::Cpu).is_err());
+    let err = initial_latents(0, 1, 60, 64, SD, Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("multiple of 8"), "{err}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// tests/fixtures/pipeline's model with the 2-level VAE of tools/make_geometry_fixtures.py.
+fn two_level_vae_model(dir: &std::path::Path) -> PathBuf {
+    let model = dir.join("model");
+    copy_dir(&fixtures().join("model"), &model);
+    std::fs::remove_dir_all(model.join("vae")).unwrap();
+    copy_dir(&fixtures().join("../pipeline_vae2/vae"), &model.join("vae"));
+    model
+}
+
+#[test]
+fn two_level_vae_samples_at_diffusers_default_size() {
+    let _rng = lock_rng();
+    let dir = tempfile::tempdir().unwrap();
+    let model = two_level_vae_model(dir.path());
+    let files = ModelFiles::resolve(model.to_str().unwrap(), None).unwrap();
+    let models = SdModels::load(&files, Device::Cpu).unwrap();
+    let geometry = models.geometry();
+    assert_eq!(
+        geometry,
+        LatentGeometry {
+            channels: 4,
+            scale_factor: 2
+        }
+    );
+    // diffusers: unet.config.sample_size (8) x vae_scale_factor (2).
+    let size = models.default_size();
+    assert_eq!(size, 16);
+    let expected = read_all(&fixtures().join("../pipeline_vae2/expected.safetensors")).unwrap();
+    let latents = per_image_latents(7, 1, size, size, geometry, Device::Cpu).unwrap();
+    let config = SchedulerConfig::load(&files.scheduler_config).unwrap();
+    let mut scheduler = schedulers::from_name("pndm", &config).unwrap();
+    let opts = GenerateOptions {
+        steps: 3,
+        guidance_scale: 7.5,
+        negative_prompt: None,
+        batch_size: 1,
+    };
+    let prompts = vec![PROMPTS[0].to_string()];
+    let images = generate(
+        &models,
+        scheduler.as_mut(),
+        &prompts,
+        &latents,
+        &opts,
+        &mut || {},
+    )
+    .unwrap();
+    let err = max_abs_diff(&images, &expected["images"]);
+    println!("2-level VAE, default size: max abs error {err:.2e}");
+    assert!(err <= TOLERANCE, "max abs error {err}");
+    let err = initial_latents(0, 1, 15, 16, geometry, Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("multiple of 2"), "{err}");
+
+    // The CLI's default size is the same.
+    let out = dir.path().join("out");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args([
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            PROMPTS[0],
+        ])
+        .args([
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("OMP_NUM_THREADS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let png = image::open(out.join("00000.png")).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (16, 16));
+    let reference = &expected["images"].get(0);
+    let pixel = png.get_pixel(5, 9);
+    for c in 0..3 {
+        let want = reference.double_value(&[c, 9, 5]) * 255.0;
+        assert!((f64::from(pixel[c as usize]) - want).abs() <= 0.5 + 255.0 * TOLERANCE);
+    }
 }
 
 #[test]

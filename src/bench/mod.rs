@@ -5,6 +5,8 @@
 //! step with diffusers + peft and prints the same JSON.
 use crate::compare::machine::{MachineInfo, PeakMemory};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::VaeConfig;
+use crate::sample::LatentGeometry;
 use crate::schedulers::SchedulerConfig;
 use crate::train::config::{MethodConfig, TrainConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -27,7 +29,8 @@ pub struct BenchOptions {
     pub config_dir: PathBuf,
     pub methods: Vec<String>,
     pub batches: Vec<i64>,
-    /// Image side in pixels; the latents are `resolution / 8` on a side.
+    /// Image side in pixels; the latents are `resolution / f` on a side, for the VAE's factor f
+    /// (from `vae_config.json` beside the U-Net config, else SD's 8).
     pub resolution: i64,
     pub device: Device,
     /// Steps run before timing (allocator and kernel selection warm-up).
@@ -64,12 +67,18 @@ pub struct BenchReport {
 /// Runs every method at every batch size, each on a fresh random-weight U-Net.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     ensure!(opts.steps > 0, "--steps must be at least 1");
+    let config = UNetConfig::from_file(&opts.config_dir.join("unet_config.json"))?;
+    let vae_path = opts.config_dir.join("vae_config.json");
+    let scale_factor = if vae_path.exists() {
+        LatentGeometry::of_vae(&VaeConfig::from_file(&vae_path)?).scale_factor
+    } else {
+        8
+    };
     ensure!(
-        opts.resolution > 0 && opts.resolution % 8 == 0,
-        "--resolution must be a positive multiple of 8 (the VAE's downsampling), got {}",
+        opts.resolution > 0 && opts.resolution % scale_factor == 0,
+        "--resolution must be a positive multiple of {scale_factor} (the VAE's downsampling), got {}",
         opts.resolution
     );
-    let config = UNetConfig::from_file(&opts.config_dir.join("unet_config.json"))?;
     let scheduler_path = opts.config_dir.join("scheduler_config.json");
     let scheduler = if scheduler_path.exists() {
         SchedulerConfig::load(&scheduler_path)?
@@ -82,7 +91,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     for method in &opts.methods {
         for &batch in &opts.batches {
             ensure!(batch > 0, "batch sizes must be positive, got {batch}");
-            let (result, kind) = bench_one(opts, &config, &objective, method, batch)
+            let (result, kind) = bench_one(opts, &config, &objective, method, batch, scale_factor)
                 .with_context(|| format!("benchmarking `{method}` at batch {batch}"))?;
             eprintln!(
                 "{method:8} batch {batch:3}: {:.3} s/step, {:.2} samples/s",
@@ -114,6 +123,7 @@ fn bench_one(
     objective: &Objective,
     method: &str,
     batch: i64,
+    scale_factor: i64,
 ) -> Result<(BenchResult, crate::compare::machine::MemoryKind)> {
     let device = opts.device;
     // bf16 autocast with frozen weights in bf16 on CUDA, as the trainer's `precision = "auto"`.
@@ -136,9 +146,12 @@ fn bench_one(
         freeze_to_bf16(&unet_vs, &tensors);
     }
     let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
-    let latent = opts.resolution / 8;
+    let latent = opts.resolution / scale_factor;
     let inputs = StepInputs {
-        latents: Tensor::randn([batch, 4, latent, latent], (Kind::Float, device)),
+        latents: Tensor::randn(
+            [batch, config.in_channels, latent, latent],
+            (Kind::Float, device),
+        ),
         context: Tensor::randn(
             [batch, CONTEXT_TOKENS, config.cross_attention_dim],
             (Kind::Float, device),

@@ -1,5 +1,5 @@
 use crate::data::cache::{build, CacheSettings};
-use crate::data::images::ResizeFilter;
+use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::data::{PromptTemplate, Split};
 use crate::model::source::ModelFiles;
 use crate::util::device::DeviceChoice;
@@ -37,6 +37,14 @@ pub struct CacheArgs {
     /// Fail on the first unreadable image instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// EXIF orientation: apply (rotate as the tag says) or ignore (the stored pixels, as
+    /// Pillow's Image.open gives them).
+    #[arg(long, default_value = "apply")]
+    pub exif_orientation: ExifOrientation,
+    /// Images with more pixels are skipped (an error with --strict) before decoding; the default
+    /// is Pillow's decompression-bomb limit.
+    #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -52,6 +60,10 @@ pub fn run(args: CacheArgs) -> Result<()> {
         limit_per_class: args.limit_per_class,
         batch_size: args.batch_size,
         strict: args.strict,
+        decode: DecodeOptions {
+            exif_orientation: args.exif_orientation,
+            max_pixels: args.max_image_pixels,
+        },
         device: args.device.resolve()?,
         ..CacheSettings::default()
     };

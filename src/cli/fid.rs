@@ -43,6 +43,10 @@ pub struct FidArgs {
     /// cpu, cuda, cuda:N, or auto (cuda when available).
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Images with more pixels are refused (an error naming the file) before decoding; the default
+    /// is Pillow's decompression-bomb limit.
+    #[arg(long, default_value_t = crate::data::images::DEFAULT_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
     /// Save A's statistics to this `.npz` (pytorch-fid's format); A must be a folder.
     #[arg(long)]
     pub save_stats: Option<PathBuf>,
@@ -89,7 +93,11 @@ pub fn run(args: FidArgs) -> Result<()> {
     let model = if loaded.iter().any(Option::is_none) {
         let device = args.device.resolve()?;
         let weights = resolve_weights(args.weights.as_deref())?;
-        Some(FidModel::load(&weights, device, args.dims)?.with_batch_size(args.batch))
+        Some(
+            FidModel::load(&weights, device, args.dims)?
+                .with_batch_size(args.batch)
+                .with_max_image_pixels(args.max_image_pixels),
+        )
     } else {
         None
     };

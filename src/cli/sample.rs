@@ -49,10 +49,13 @@ pub struct SampleArgs {
     /// Images denoised together.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
+    /// Image width (default: the U-Net's sample_size times the VAE's downsampling factor, e.g.
+    /// 512 for SD v1.x, 768 for SD 2.x-768); a multiple of that factor.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height (default as for --width).
+    #[arg(long)]
+    pub height: Option<usize>,
     #[arg(long)]
     pub out: PathBuf,
     /// cpu, cuda, cuda:N, or auto (cuda when available).
@@ -103,7 +106,16 @@ pub fn run(args: SampleArgs) -> Result<()> {
     scheduler.set_timesteps(args.steps)?;
     let evaluations = scheduler.timesteps().len() * prompts.len().div_ceil(args.batch.max(1));
 
-    let latents = per_image_latents(args.seed, prompts.len(), args.height, args.width, device)?;
+    let width = args.width.unwrap_or_else(|| models.default_size());
+    let height = args.height.unwrap_or_else(|| models.default_size());
+    let latents = per_image_latents(
+        args.seed,
+        prompts.len(),
+        height,
+        width,
+        models.geometry(),
+        device,
+    )?;
     let opts = GenerateOptions {
         steps: args.steps,
         guidance_scale: args.guidance,
@@ -138,8 +150,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
             ("scheduler", args.scheduler.to_string()),
             ("model", args.model.clone()),
             ("adapter", adapter.clone()),
-            ("width", args.width.to_string()),
-            ("height", args.height.to_string()),
+            ("width", width.to_string()),
+            ("height", height.to_string()),
             (
                 "software",
                 format!("difftune {}", env!("CARGO_PKG_VERSION")),

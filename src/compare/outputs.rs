@@ -167,8 +167,11 @@ fn real_tiles(test: &Dataset, classes: &[usize]) -> Result<Vec<image::RgbImage>>
                         test.classes[class].name
                     )
                 })?;
-            let rgb =
-                crate::data::images::decode_rgb(&sample.image, crate::data::images::Alpha::Drop)?;
+            let rgb = crate::data::images::decode_rgb(
+                &sample.image,
+                crate::data::images::Alpha::Drop,
+                &crate::data::images::DecodeOptions::default(),
+            )?;
             Ok(image::DynamicImage::ImageRgb32F(rgb).to_rgb8())
         })
         .collect()

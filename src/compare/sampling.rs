@@ -125,6 +125,7 @@ impl Study<'_> {
             batch_size: sample.batch_size,
         };
         let size = self.config.sample_resolution() as usize;
+        let geometry = models.geometry();
         for batch in items.chunks(sample.batch_size) {
             if self.opts.interrupt.load(Ordering::SeqCst) {
                 return Ok(false);
@@ -132,7 +133,7 @@ impl Study<'_> {
             let prompts: Vec<String> = batch.iter().map(|item| item.prompt.clone()).collect();
             let latents = batch
                 .iter()
-                .map(|item| initial_latents(item.seed, 1, size, size, self.device))
+                .map(|item| initial_latents(item.seed, 1, size, size, geometry, self.device))
                 .collect::<Result<Vec<_>>>()?;
             let mut scheduler = sample.scheduler.build(scheduler_config)?;
             let images = generate(

@@ -1,7 +1,7 @@
 //! Scoring generated images against a reference split with FID and KID (pytorch-fid's
 //! InceptionV3). The reference's features are computed once per comparison and cached.
 use super::config::{EvalSection, FeatureWeights};
-use crate::data::images::{decode_rgb, Alpha};
+use crate::data::images::{decode_rgb, Alpha, DecodeOptions};
 use crate::data::Dataset;
 use crate::eval::{default_weights_path, frechet_distance, kid, FidModel, Statistics};
 use crate::model::weights::{read_all, save_tensors};
@@ -137,7 +137,7 @@ impl Scorer {
             let images: Vec<Tensor> = chunk
                 .iter()
                 .map(|s| -> Result<Tensor> {
-                    let rgb = decode_rgb(&s.image, Alpha::Drop)?;
+                    let rgb = decode_rgb(&s.image, Alpha::Drop, &DecodeOptions::PILLOW_OPEN)?;
                     let (w, h) = rgb.dimensions();
                     let nchw = Tensor::from_slice(rgb.as_raw())
                         .view([1, h as i64, w as i64, 3])

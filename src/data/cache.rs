@@ -10,7 +10,9 @@
 //! and re-encoded; neither is ever used as it is. Every file is written atomically and the
 //! manifest is updated after each shard, so an interrupted build (or a strict-mode failure) keeps
 //! the shards already written and the next build continues from them.
-use super::images::{load_batch, Crop, Preprocess, ResizeFilter};
+use super::images::{
+    load_batch, Crop, DecodeOptions, ExifOrientation, Preprocess, ResizeFilter, JPEG_DECODER,
+};
 use super::{Dataset, DatasetOptions, ImageSource, PromptTemplate, Split};
 use crate::model::source::{fingerprint, ModelFiles};
 use crate::model::weights::{save_tensors, MappedSafetensors};
@@ -40,6 +42,8 @@ pub struct CacheSettings {
     pub shard_size: usize,
     /// Fail on the first image that cannot be loaded instead of skipping it.
     pub strict: bool,
+    /// EXIF orientation and the pixel limit (larger images are skipped, or fail in strict mode).
+    pub decode: DecodeOptions,
     pub device: Device,
 }
 
@@ -54,6 +58,7 @@ impl Default for CacheSettings {
             batch_size: 8,
             shard_size: 1024,
             strict: false,
+            decode: DecodeOptions::default(),
             device: Device::Cpu,
         }
     }
@@ -74,6 +79,20 @@ pub struct CacheKey {
     /// SHA-256 over every listed sample's id, encoded size and caption.
     pub dataset: String,
     pub samples: usize,
+    /// Caches from before these were recorded used the `image` crate's JPEG decoder and applied
+    /// EXIF orientation.
+    #[serde(default = "legacy_jpeg_decoder")]
+    pub jpeg_decoder: String,
+    #[serde(default = "legacy_exif_orientation")]
+    pub exif_orientation: ExifOrientation,
+}
+
+fn legacy_jpeg_decoder() -> String {
+    "image-rs".into()
+}
+
+fn legacy_exif_orientation() -> ExifOrientation {
+    ExifOrientation::Apply
 }
 
 impl CacheKey {
@@ -91,6 +110,11 @@ impl CacheKey {
             ("crop", self.crop != other.crop),
             ("split", self.split != other.split),
             ("shard size", self.shard_size != other.shard_size),
+            ("JPEG decoder", self.jpeg_decoder != other.jpeg_decoder),
+            (
+                "EXIF orientation",
+                self.exif_orientation != other.exif_orientation,
+            ),
             (
                 "dataset contents",
                 self.dataset != other.dataset || self.samples != other.samples,
@@ -318,6 +342,8 @@ pub fn build(
         shard_size: settings.shard_size,
         dataset: dataset_identity(&dataset),
         samples: dataset.len(),
+        jpeg_decoder: JPEG_DECODER.into(),
+        exif_orientation: settings.decode.exif_orientation,
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut report = CacheReport::default();
@@ -446,6 +472,7 @@ pub fn build(
                 resolution: settings.resolution,
                 filter: settings.resize_filter,
                 crop: Crop::Center,
+                decode: settings.decode,
                 ..Preprocess::default()
             };
             let mut means = Vec::new();

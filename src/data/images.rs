@@ -2,17 +2,21 @@
 //! `Resize(resolution)` of the shorter side, `CenterCrop`/`RandomCrop(resolution)`, optional
 //! `RandomHorizontalFlip`, `ToTensor`, `Normalize([0.5], [0.5])`, giving CHW f32 in [-1, 1].
 //!
-//! Any JPEG, PNG or WebP becomes RGB: grayscale is replicated, CMYK/YCCK JPEGs and palettes are
-//! converted by the decoders, 16-bit samples are scaled to [0, 1] (PIL would clip them), and
-//! alpha is dropped by default, as PIL's `convert("RGB")` in the reference scripts does
-//! ([`Alpha::OverWhite`] composites on white instead). EXIF orientation is applied.
+//! Any JPEG, PNG or WebP becomes RGB: JPEGs are decoded by libjpeg-turbo exactly as Pillow decodes
+//! them (see [`super::jpeg`]), grayscale is replicated, CMYK/YCCK JPEGs and palettes are
+//! converted as Pillow converts them, 16-bit samples are scaled to [0, 1] (PIL would clip them),
+//! and alpha is dropped by default, as PIL's `convert("RGB")` in the reference scripts does
+//! ([`Alpha::OverWhite`] composites on white instead). EXIF orientation is applied by default
+//! ([`ExifOrientation`]); FID reads images as Pillow's `open` does, without it.
 //!
-//! A JPEG whose last scan does not end in an EOI marker is reported as truncated: the decoder
-//! would otherwise fill the missing rows with grey, whereas PIL raises for such files.
-use super::ImageSource;
+//! Decoding is bounded: an image whose header claims more than [`DecodeOptions::max_pixels`]
+//! pixels is refused before its pixels are allocated, and truncated or corrupt data is an error
+//! for that file (PIL raises for such files too), never a silently padded image.
+use super::{jpeg, ImageSource};
 use anyhow::{anyhow, bail, Context, Result};
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Rgb32FImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, Rgb32FImage};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -105,6 +109,9 @@ pub struct Preprocess {
     /// Flip horizontally with probability 1/2.
     pub random_flip: bool,
     pub alpha: Alpha,
+    /// Left out of older settings: the default (EXIF orientation applied, Pillow's pixel limit).
+    #[serde(default)]
+    pub decode: DecodeOptions,
 }
 
 impl Default for Preprocess {
@@ -115,6 +122,7 @@ impl Default for Preprocess {
             crop: Crop::Center,
             random_flip: false,
             alpha: Alpha::Drop,
+            decode: DecodeOptions::default(),
         }
     }
 }
@@ -134,42 +142,107 @@ impl ImageTensor {
     }
 }
 
-/// Ends the entropy-coded data of the last scan: `FF D9` never occurs inside scan data (0xFF is
-/// byte-stuffed there), so a complete JPEG has an EOI after its last SOS (`FF DA`). An EXIF
-/// thumbnail's own markers all precede the main image's scans.
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last = |marker: u8| {
-        bytes
-            .windows(2)
-            .rposition(|w| w[0] == 0xFF && w[1] == marker)
-    };
-    match (last(0xDA), last(0xD9)) {
-        (Some(sos), Some(eoi)) => eoi > sos,
-        _ => false,
+/// Pillow's decompression-bomb limit (twice `Image.MAX_IMAGE_PIXELS`): far above any real photo
+/// (a 100-megapixel camera makes 1e8 pixels), far below what a forged header can claim.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
+/// Whether an image's EXIF orientation tag is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExifOrientation {
+    /// Rotate/flip the pixels as the tag says (how the photo is meant to be seen).
+    Apply,
+    /// Keep the stored pixels, as Pillow's `Image.open` (and so pytorch-fid) does.
+    Ignore,
+}
+
+impl std::str::FromStr for ExifOrientation {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "apply" => Ok(ExifOrientation::Apply),
+            "ignore" => Ok(ExifOrientation::Ignore),
+            _ => bail!("unknown EXIF orientation handling {s:?} (expected apply or ignore)"),
+        }
     }
 }
 
-/// Decodes an encoded JPEG/PNG/WebP image and applies its EXIF orientation.
-pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
-    let reader = ImageReader::new(Cursor::new(bytes))
+/// How encoded images are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DecodeOptions {
+    pub exif_orientation: ExifOrientation,
+    /// Images with more pixels are refused from their header, before any pixel memory is taken.
+    pub max_pixels: u64,
+}
+
+impl DecodeOptions {
+    /// As pytorch-fid reads images: Pillow's `Image.open(f).convert("RGB")`, no EXIF rotation.
+    pub const PILLOW_OPEN: Self = Self {
+        exif_orientation: ExifOrientation::Ignore,
+        max_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+    };
+}
+
+impl Default for DecodeOptions {
+    /// Training's default: EXIF orientation applied.
+    fn default() -> Self {
+        Self {
+            exif_orientation: ExifOrientation::Apply,
+            max_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+        }
+    }
+}
+
+/// The decoder name recorded in cache keys: latents made by another decoder are stale.
+pub const JPEG_DECODER: &str = "libjpeg-turbo 3.1 (islow, fancy upsampling)";
+
+/// Decodes a PNG or WebP with the `image` crate, bounded by `max_pixels`; returns the image and
+/// its EXIF orientation.
+fn decode_with_image_crate(
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<(DynamicImage, Option<Orientation>)> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .context("sniffing the image format")?;
     let format = reader
         .format()
         .ok_or_else(|| anyhow!("not a JPEG, PNG or WebP image (unrecognised format)"))?;
+    let mut limits = Limits::default();
+    // The largest decoded pixel is 16-bit RGBA (8 bytes).
+    limits.max_alloc = Some(max_pixels.saturating_mul(8));
+    reader.limits(limits);
     let mut decoder = reader
         .into_decoder()
         .with_context(|| format!("reading the {format:?} header"))?;
-    let orientation = decoder
-        .orientation()
-        .with_context(|| format!("reading the {format:?} orientation"))?;
-    let mut image = DynamicImage::from_decoder(decoder)
-        .with_context(|| format!("decoding the {format:?} image"))?;
-    // Checked after decoding so that a corrupt file reports the decoder's error.
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        bail!("truncated JPEG: no end-of-image marker after the last scan");
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        bail!(
+            "the {format:?} image is {width}x{height} = {pixels} pixels, over the limit of \
+             {max_pixels} (raise max_image_pixels if this image is genuine)"
+        );
     }
-    image.apply_orientation(orientation);
+    let orientation = decoder.orientation().ok();
+    let image = DynamicImage::from_decoder(decoder)
+        .with_context(|| format!("decoding the {format:?} image"))?;
+    Ok((image, orientation))
+}
+
+/// Decodes an encoded JPEG/PNG/WebP image: JPEGs with libjpeg-turbo as Pillow decodes them
+/// ([`super::jpeg`]), the others with the `image` crate. Truncated or corrupt data is an error.
+pub fn decode(bytes: &[u8], options: &DecodeOptions) -> Result<DynamicImage> {
+    let (mut image, orientation) = if jpeg::is_jpeg(bytes) {
+        (
+            jpeg::decode(bytes, options.max_pixels)?,
+            jpeg::orientation(bytes),
+        )
+    } else {
+        decode_with_image_crate(bytes, options.max_pixels)?
+    };
+    if let (ExifOrientation::Apply, Some(orientation)) = (options.exif_orientation, orientation) {
+        image.apply_orientation(orientation);
+    }
     Ok(image)
 }
 
@@ -186,10 +259,14 @@ pub fn to_rgb(image: &DynamicImage, alpha: Alpha) -> Rgb32FImage {
 }
 
 /// Reads and decodes a sample's image to RGB in [0, 1]; errors name the file or parquet row.
-pub fn decode_rgb(source: &ImageSource, alpha: Alpha) -> Result<Rgb32FImage> {
+pub fn decode_rgb(
+    source: &ImageSource,
+    alpha: Alpha,
+    options: &DecodeOptions,
+) -> Result<Rgb32FImage> {
     let decode_source = || -> Result<Rgb32FImage> {
         let bytes = source.read()?;
-        Ok(to_rgb(&decode(&bytes)?, alpha))
+        Ok(to_rgb(&decode(&bytes, options)?, alpha))
     };
     decode_source().with_context(|| format!("loading image {}", source.describe()))
 }
@@ -259,7 +336,7 @@ fn item_rng(seed: u64, index: usize) -> ChaCha8Rng {
 
 /// Decodes and preprocesses one image.
 pub fn load(source: &ImageSource, pre: &Preprocess, rng: &mut ChaCha8Rng) -> Result<ImageTensor> {
-    let rgb = decode_rgb(source, pre.alpha)?;
+    let rgb = decode_rgb(source, pre.alpha, &pre.decode)?;
     preprocess(&rgb, pre, rng).with_context(|| format!("preprocessing image {}", source.describe()))
 }
 

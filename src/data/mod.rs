@@ -15,6 +15,7 @@ pub mod cache;
 pub mod food101;
 pub mod image_folder;
 pub mod images;
+pub mod jpeg;
 pub mod kohya;
 pub mod parquet;
 pub mod prompts;

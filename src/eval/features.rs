@@ -3,7 +3,8 @@
 //! pipeline, one feature row (float64) per image.
 use super::images::load_image;
 use super::inception::{preprocess, FeatureDims, InceptionV3};
-use anyhow::{anyhow, bail, Result};
+use crate::data::images::DecodeOptions;
+use anyhow::{anyhow, bail, Context, Result};
 use faer::Mat;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -57,7 +58,26 @@ pub fn resolve_weights(explicit: Option<&Path>) -> Result<PathBuf> {
             default_weights_path().display()
         );
     }
+    if is_torch_pickle(&path)? {
+        bail!(
+            "{} is a PyTorch pickle, not safetensors: convert it once with `source tools/setup.sh && python tools/convert_inception.py {}` and pass the .safetensors file it writes",
+            path.display(),
+            path.display()
+        );
+    }
     Ok(path)
+}
+
+/// A PyTorch `torch.save` file: a zip archive (`PK`) or a legacy pickle (protocol opcode 0x80).
+fn is_torch_pickle(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 2];
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let read = file
+        .read(&mut magic)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(read == 2 && (magic == *b"PK" || magic[0] == 0x80))
 }
 
 /// The FID Inception network with its weights, ready to turn images into feature rows.
@@ -66,6 +86,8 @@ pub struct FidModel {
     dims: FeatureDims,
     device: Device,
     batch_size: usize,
+    /// How image files are decoded: as pytorch-fid's Pillow does, unless the pixel limit is set.
+    decode: DecodeOptions,
 }
 
 impl FidModel {
@@ -81,7 +103,14 @@ impl FidModel {
             dims,
             device,
             batch_size: DEFAULT_BATCH_SIZE,
+            decode: DecodeOptions::PILLOW_OPEN,
         })
+    }
+
+    /// Image files with more pixels are refused (an error naming the file) before decoding.
+    pub fn with_max_image_pixels(mut self, max_pixels: u64) -> Self {
+        self.decode.max_pixels = max_pixels;
+        self
     }
 
     /// Images per forward pass (memory/speed only: features do not depend on it).
@@ -133,8 +162,9 @@ impl FidModel {
         mut progress: impl FnMut(usize),
     ) -> Result<Mat<f64>> {
         let batches: Vec<&[PathBuf]> = paths.chunks(self.batch_size).collect();
-        let decode = |batch: &[PathBuf]| -> Result<Vec<Tensor>> {
-            batch.par_iter().map(|p| load_image(p)).collect()
+        let options = self.decode;
+        let decode = move |batch: &[PathBuf]| -> Result<Vec<Tensor>> {
+            batch.par_iter().map(|p| load_image(p, &options)).collect()
         };
         let rows = std::thread::scope(|scope| -> Result<Vec<Tensor>> {
             let mut rows = Vec::with_capacity(batches.len());

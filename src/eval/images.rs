@@ -2,8 +2,10 @@
 //! extension is one of pytorch-fid's (lower case, as its glob is case-sensitive), decoded to RGB
 //! uint8 and turned into float [0, 1] like torchvision's `ToTensor`.
 //!
-//! Pixel values match PIL exactly for PNG (lossless); JPEG decoders may differ from libjpeg by
-//! one grey level on some pixels, so JPEG features can differ slightly from pytorch-fid's.
+//! Pixel values match Pillow's exactly: PNG is lossless, and JPEGs are decoded by libjpeg-turbo
+//! set up as Pillow sets it up (see [`crate::data::jpeg`]), without EXIF rotation as
+//! `Image.open` does.
+use crate::data::images::{decode, DecodeOptions};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -47,12 +49,10 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Decodes an image file to a `[3, H, W]` float tensor in [0, 1] (grey and alpha images become
 /// RGB as PIL's `convert('RGB')` makes them: grey replicated, alpha dropped).
-pub fn load_image(path: &Path) -> Result<Tensor> {
-    let image = image::ImageReader::open(path)
-        .with_context(|| format!("opening image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("reading image {}", path.display()))?
-        .decode()
+/// [`DecodeOptions::PILLOW_OPEN`] reads it as pytorch-fid does.
+pub fn load_image(path: &Path, options: &DecodeOptions) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+    let image = decode(&bytes, options)
         .with_context(|| format!("decoding image {}", path.display()))?
         .to_rgb8();
     let (width, height) = image.dimensions();

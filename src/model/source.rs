@@ -1,7 +1,8 @@
 //! Finding a Stable Diffusion model's files: a local diffusers folder (`model_index.json`, `unet/`,
 //! `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) or a Hugging Face hub id resolved through
-//! the hf-hub cache (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only), or a single-file
-//! checkpoint (see [`super::single_file`]), read through its converted folder.
+//! the hf-hub cache (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only), `owner/name@revision`
+//! for a branch, tag or commit other than `main`, or a single-file checkpoint (see
+//! [`super::single_file`]), read through its converted folder.
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -48,15 +49,24 @@ impl FileSource for LocalFolder {
 
 struct Hub {
     id: String,
+    revision: String,
     /// The repo and its file listing when online; `None` in offline mode (cache only).
     api: Option<(hf_hub::api::sync::ApiRepo, Vec<String>)>,
     cache: hf_hub::CacheRepo,
+    /// `snapshots/<revision>` when the revision is a commit hash with no ref of that name:
+    /// hf-hub's cache looks revisions up through `refs/` only.
+    commit_snapshot: Option<PathBuf>,
 }
 
 impl FileSource for Hub {
     fn get(&self, file: &str) -> Result<Option<PathBuf>> {
         if let Some(p) = self.cache.get(file) {
             return Ok(Some(p));
+        }
+        if let Some(p) = self.commit_snapshot.as_ref().map(|dir| dir.join(file)) {
+            if p.is_file() {
+                return Ok(Some(p));
+            }
         }
         let Some((api, listing)) = &self.api else {
             return Ok(None);
@@ -70,12 +80,66 @@ impl FileSource for Hub {
         Ok(Some(path))
     }
     fn describe(&self) -> String {
-        format!("hub repo {}", self.id)
+        format!("hub repo {}@{}", self.id, self.revision)
+    }
+}
+
+/// `owner/name` or `owner/name@revision` (a branch, tag or commit; default `main`).
+fn parse_hub_id(spec: &str) -> (String, String) {
+    match spec.split_once('@') {
+        Some((id, revision)) if !revision.is_empty() => (id.to_string(), revision.to_string()),
+        _ => (spec.trim_end_matches('@').to_string(), "main".to_string()),
+    }
+}
+
+impl Hub {
+    /// The repo through hf-hub: its cache (`HF_HOME`), and the hub API unless `offline`.
+    fn open(spec: &str, offline: bool) -> Result<Self> {
+        let (id, revision) = parse_hub_id(spec);
+        let repo =
+            hf_hub::Repo::with_revision(id.clone(), hf_hub::RepoType::Model, revision.clone());
+        let cache = hf_hub::Cache::from_env();
+        let repo_dir = cache.path().join(repo.folder_name());
+        let cache_repo = cache.repo(repo.clone());
+        let commit_snapshot = Some(repo_dir.join("snapshots").join(&revision))
+            .filter(|dir| dir.is_dir() && !repo_dir.join("refs").join(&revision).exists());
+        let api = if offline {
+            let cached = cache_repo.get("model_index.json").is_some()
+                || commit_snapshot.is_some()
+                || repo_dir.join("refs").join(&revision).is_file();
+            if !cached {
+                bail!(
+                    "hub repo {id}@{revision} is not in the Hugging Face cache {} and HF_HUB_OFFLINE=1 forbids downloading it: download it first with `huggingface-cli download {id} --revision {revision}` (or unset HF_HUB_OFFLINE)",
+                    cache.path().display()
+                );
+            }
+            None
+        } else {
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .build()
+                .context("setting up the Hugging Face hub client")?;
+            let api_repo = api.repo(repo);
+            let info = api_repo.info().with_context(|| {
+                format!("listing the hub repo {id}@{revision} (set HF_HUB_OFFLINE=1 to use the cache only)")
+            })?;
+            Some((
+                api_repo,
+                info.siblings.into_iter().map(|s| s.rfilename).collect(),
+            ))
+        };
+        Ok(Self {
+            id,
+            revision,
+            api,
+            cache: cache_repo,
+            commit_snapshot,
+        })
     }
 }
 
 impl ModelFiles {
-    /// Resolves `spec` (a folder, or a hub id like `CompVis/stable-diffusion-v1-4`). `variant`
+    /// Resolves `spec` (a folder, or a hub id like `CompVis/stable-diffusion-v1-4`, optionally
+    /// `@revision`: a branch, tag or commit). `variant`
     /// selects e.g. the `fp16` weight files (`diffusion_pytorch_model.fp16.safetensors`).
     pub fn resolve(spec: &str, variant: Option<&str>) -> Result<Self> {
         if let Some(single) = super::single_file::SingleFileSpec::parse(spec)? {
@@ -99,31 +163,7 @@ impl ModelFiles {
             bail!("model `{spec}` is neither a diffusers model folder nor a hub id (owner/name)");
         }
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-        let cache = hf_hub::Cache::from_env().model(spec.to_string());
-        let api = if offline {
-            None
-        } else {
-            let api = hf_hub::api::sync::ApiBuilder::from_env()
-                .build()
-                .context("setting up the Hugging Face hub client")?;
-            let repo = api.model(spec.to_string());
-            let info = repo.info().with_context(|| {
-                format!("listing the hub repo {spec} (set HF_HUB_OFFLINE=1 to use the cache only)")
-            })?;
-            Some((
-                repo,
-                info.siblings.into_iter().map(|s| s.rfilename).collect(),
-            ))
-        };
-        Self::from_source(
-            spec,
-            &Hub {
-                id: spec.to_string(),
-                api,
-                cache,
-            },
-            variant,
-        )
+        Self::from_source(spec, &Hub::open(spec, offline)?, variant)
     }
 
     fn from_source(spec: &str, src: &dyn FileSource, variant: Option<&str>) -> Result<Self> {

@@ -4,4 +4,6 @@ pub mod grid;
 pub mod pipeline;
 pub mod png;
 
-pub use pipeline::{generate, initial_latents, per_image_latents, GenerateOptions, SdModels};
+pub use pipeline::{
+    generate, initial_latents, per_image_latents, GenerateOptions, LatentGeometry, SdModels,
+};

@@ -6,7 +6,7 @@ use crate::model::pipeline::{load_text_encoder, load_tokenizer, load_unet, load_
 use crate::model::source::ModelFiles;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
-use crate::model::vae::AutoencoderKL;
+use crate::model::vae::{AutoencoderKL, VaeConfig};
 use crate::peft::formats::load_adapter;
 use crate::peft::Tuned;
 use crate::schedulers::Scheduler;
@@ -15,10 +15,41 @@ use std::path::Path;
 use std::sync::Mutex;
 use tch::{nn, Device, Kind, Tensor};
 
-/// Channels of SD's latent space.
-const LATENT_CHANNELS: i64 = 4;
-/// SD's image-to-latent downsampling factor.
-const VAE_SCALE_FACTOR: i64 = 8;
+/// A model's latent space as diffusers derives it from the VAE config: `latent_channels`, and
+/// the image-to-latent downsampling factor `2 ** (len(block_out_channels) - 1)` (8 for SD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentGeometry {
+    pub channels: i64,
+    pub scale_factor: i64,
+}
+
+impl LatentGeometry {
+    pub fn of_vae(config: &VaeConfig) -> Self {
+        Self {
+            channels: config.latent_channels,
+            scale_factor: 1 << (config.block_out_channels.len().max(1) - 1),
+        }
+    }
+
+    /// `[n, channels, height / factor, width / factor]`; sizes that are not positive multiples of
+    /// the factor are an error naming it.
+    pub fn latent_shape(&self, n: usize, height: usize, width: usize) -> Result<[i64; 4]> {
+        let factor = self.scale_factor;
+        ensure!(
+            height > 0
+                && width > 0
+                && height as i64 % factor == 0
+                && width as i64 % factor == 0,
+            "image size {width}x{height} must be a positive multiple of {factor} (this model's VAE downsamples by {factor})"
+        );
+        Ok([
+            n as i64,
+            self.channels,
+            height as i64 / factor,
+            width as i64 / factor,
+        ])
+    }
+}
 
 /// The components a text-to-image run needs, on one device.
 pub struct SdModels {
@@ -64,6 +95,16 @@ impl SdModels {
         self.unet_vars.device()
     }
 
+    pub fn geometry(&self) -> LatentGeometry {
+        LatentGeometry::of_vae(&self.vae.config)
+    }
+
+    /// diffusers' default image side: the U-Net's `sample_size` (64 when the config has none, as
+    /// in SD v1) times the VAE's factor: 512 for SD v1.x, 768 for SD 2.x-768.
+    pub fn default_size(&self) -> usize {
+        (self.unet.config.sample_size.unwrap_or(64) * self.geometry().scale_factor) as usize
+    }
+
     /// `[n, seq, hidden]` text-encoder embeddings of `prompts` (padded to the tokenizer's length).
     pub fn encode_prompts<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Tensor> {
         let ids = self.tokenizer.input_ids(prompts)?.to_device(self.device());
@@ -84,9 +125,9 @@ pub struct GenerateOptions {
     pub batch_size: usize,
 }
 
-/// Generates one image per prompt from `init_latents` `[n, 4, h, w]` (unit-variance noise, e.g.
+/// Generates one image per prompt from `init_latents` `[n, c, h, w]` (unit-variance noise, e.g.
 /// from [`initial_latents`]; scaled here by the scheduler's `init_noise_sigma`). Returns f32
-/// images in `[0, 1]`, `[n, 3, 8h, 8w]`, on the CPU. `on_step` is called after every U-Net
+/// images in `[0, 1]`, `[n, 3, f*h, f*w]` for the VAE's factor f, on the CPU. `on_step` is called after every U-Net
 /// evaluation (`steps` times per batch), for progress reporting.
 pub fn generate(
     models: &SdModels,
@@ -98,9 +139,10 @@ pub fn generate(
 ) -> Result<Tensor> {
     let n = prompts.len() as i64;
     let shape = init_latents.size();
+    let channels = models.geometry().channels;
     ensure!(
-        shape.len() == 4 && shape[0] == n && shape[1] == LATENT_CHANNELS,
-        "initial latents must be [{n}, {LATENT_CHANNELS}, h, w] for {n} prompts, got {shape:?}"
+        shape.len() == 4 && shape[0] == n && shape[1] == channels,
+        "initial latents must be [{n}, {channels}, h, w] for {n} prompts, got {shape:?}"
     );
     ensure!(opts.batch_size > 0, "the batch size must be at least 1");
     ensure!(opts.steps > 0, "the number of steps must be at least 1");
@@ -170,30 +212,19 @@ fn denoise(
 static CPU_GENERATOR: Mutex<()> = Mutex::new(());
 
 /// The initial noise diffusers draws for `n` images of `height` x `width` pixels with
-/// `generator=torch.Generator("cpu").manual_seed(seed)`: `randn((n, 4, height/8, width/8))` on
-/// the CPU, then moved to `device`. Reseeds libtorch's global CPU generator (which the ancestral
-/// schedulers then draw from), as `torch.manual_seed` would.
+/// `generator=torch.Generator("cpu").manual_seed(seed)`: `randn((n, c, height/f, width/f))` on
+/// the CPU for the model's latent `geometry`, then moved to `device`. Reseeds libtorch's global
+/// CPU generator (which the ancestral schedulers then draw from), as `torch.manual_seed` would.
 pub fn initial_latents(
     seed: u64,
     n: usize,
     height: usize,
     width: usize,
+    geometry: LatentGeometry,
     device: Device,
 ) -> Result<Tensor> {
-    ensure!(
-        height > 0
-            && width > 0
-            && height as i64 % VAE_SCALE_FACTOR == 0
-            && width as i64 % VAE_SCALE_FACTOR == 0,
-        "image size {width}x{height} must be a positive multiple of {VAE_SCALE_FACTOR}"
-    );
+    let shape = geometry.latent_shape(n, height, width)?;
     let seed = i64::try_from(seed).context("the seed must be below 2^63")?;
-    let shape = [
-        n as i64,
-        LATENT_CHANNELS,
-        height as i64 / VAE_SCALE_FACTOR,
-        width as i64 / VAE_SCALE_FACTOR,
-    ];
     let _guard = CPU_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
     Ok(Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(device))
@@ -206,6 +237,7 @@ pub fn per_image_latents(
     n: usize,
     height: usize,
     width: usize,
+    geometry: LatentGeometry,
     device: Device,
 ) -> Result<Tensor> {
     ensure!(n > 0, "no images to draw latents for");
@@ -214,7 +246,7 @@ pub fn per_image_latents(
             let seed = first_seed
                 .checked_add(i)
                 .context("seed + image index overflows u64")?;
-            initial_latents(seed, 1, height, width, device)
+            initial_latents(seed, 1, height, width, geometry, device)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&latents, 0))

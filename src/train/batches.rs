@@ -8,6 +8,7 @@
 use super::step::StepInputs;
 use super::trainer::TrainOptions;
 use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
+use crate::data::images::DecodeOptions;
 use crate::data::PromptTemplate;
 use crate::model::source::ModelFiles;
 use anyhow::{ensure, Result};
@@ -161,6 +162,10 @@ pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) ->
                 batch_size: train.cache_batch_size,
                 shard_size: manifest.key.shard_size,
                 strict: opts.strict,
+                decode: DecodeOptions {
+                    exif_orientation: manifest.key.exif_orientation,
+                    max_pixels: train.max_image_pixels,
+                },
                 device,
             };
             cache::build(files, &manifest.dataset_path, &settings, &opts.data)?;
@@ -175,6 +180,10 @@ pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) ->
         limit_per_class: (train.limit_per_class > 0).then_some(train.limit_per_class),
         batch_size: train.cache_batch_size,
         strict: opts.strict,
+        decode: DecodeOptions {
+            exif_orientation: train.exif_orientation,
+            max_pixels: train.max_image_pixels,
+        },
         device,
         ..CacheSettings::default()
     };

@@ -4,7 +4,7 @@
 //! the Stable Diffusion fine-tuning example of diffusers' `train_text_to_image.py` README
 //! (512 px, batch 1 with 4 accumulation steps, gradient-norm clipping at 1, constant schedule).
 use super::optim::{AdamWConfig, LrSchedule};
-use crate::data::images::ResizeFilter;
+use crate::data::images::{ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -70,6 +70,12 @@ pub struct TrainConfig {
     pub resolution: u32,
     /// Resize filter: `bilinear`, `bicubic` or `lanczos3`. Default `bilinear` (diffusers' scripts).
     pub resize_filter: ResizeFilter,
+    /// EXIF orientation of training images: `apply` (rotate as the tag says) or `ignore` (the
+    /// stored pixels, as Pillow's `Image.open` gives them). Default `apply`.
+    pub exif_orientation: ExifOrientation,
+    /// Training images with more pixels are skipped (an error with `--strict`), refused from
+    /// their header before decoding. Default 178,956,970 (Pillow's decompression-bomb limit).
+    pub max_image_pixels: u64,
     /// Caption of a labelled dataset's images. Default `a photo of {label}, a type of food`.
     pub prompt_template: String,
     /// Train on at most this many images per class; 0 means all. Default 0.
@@ -119,6 +125,8 @@ impl Default for TrainConfig {
             noise_offset: 0.0,
             resolution: 512,
             resize_filter: ResizeFilter::Bilinear,
+            exif_orientation: ExifOrientation::Apply,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
             prompt_template: crate::data::prompts::DEFAULT_TEMPLATE.into(),
             limit_per_class: 0,
             cache_batch_size: 8,
@@ -148,6 +156,7 @@ impl TrainConfig {
             ("resolution", self.resolution as usize),
             ("cache_batch_size", self.cache_batch_size),
             ("keep_checkpoints", self.keep_checkpoints),
+            ("max_image_pixels", self.max_image_pixels as usize),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("train.{name} must be positive");

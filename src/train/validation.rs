@@ -107,6 +107,7 @@ impl Validation {
             self.prompts.len(),
             self.resolution,
             self.resolution,
+            models.geometry(),
             models.device(),
         )?;
         let mut scheduler = self.scheduler_kind.build(&self.scheduler)?;
