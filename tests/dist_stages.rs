@@ -95,3 +95,69 @@ fn two_rank_fid_equals_one_process() {
     let (stdout_1, _) = job.ranks[1].output();
     assert!(stdout_1.is_empty(), "rank 1 printed {stdout_1}");
 }
+
+/// Every file of `dir`, by name, with its bytes.
+fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn two_rank_sample_writes_the_same_png_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red apple\na bowl of ramen\nthe moon\n").unwrap();
+    let model = fixture("pipeline/model");
+    let args = |out: &Path| -> Vec<String> {
+        let mut args: Vec<String> = ["sample", "--model", model.to_str().unwrap()]
+            .map(String::from)
+            .to_vec();
+        args.extend(
+            [
+                "--prompts",
+                prompts.to_str().unwrap(),
+                "--images-per-prompt",
+                "2",
+                "--seed",
+                "7",
+                "--steps",
+                "2",
+                "--scheduler",
+                "ddim",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                // 6 images in 3 batches of 2: rank 0 renders one batch, rank 1 two.
+                "--batch",
+                "2",
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        args
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let one_args = args(&one);
+    single_process(&one_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let two_args = args(&two);
+    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (expected, got) = (files_of(&one), files_of(&two));
+    assert_eq!(expected.len(), 7, "6 images and the grid");
+    let names = |files: &[(String, Vec<u8>)]| files.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got), names(&expected));
+    for ((name, a), (_, b)) in expected.iter().zip(&got) {
+        assert!(a == b, "{name} differs between 1 and 2 ranks");
+    }
+    let (stdout_1, _) = job.ranks[1].output();
+    assert!(stdout_1.is_empty(), "rank 1 printed {stdout_1}");
+}
