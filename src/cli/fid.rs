@@ -1,5 +1,8 @@
 //! `difftune fid A B`: FID (and KID) between two image folders or saved statistics, as
 //! pytorch-fid computes it.
+use super::dist_check::DistArgs;
+use super::launch;
+use crate::dist::ProcessGroup;
 use crate::eval::features::DEFAULT_BATCH_SIZE;
 use crate::eval::fid::small_sample_warning;
 use crate::eval::kid::{DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE};
@@ -50,6 +53,8 @@ pub struct FidArgs {
     /// Save A's statistics to this `.npz` (pytorch-fid's format); A must be a folder.
     #[arg(long)]
     pub save_stats: Option<PathBuf>,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 /// One side of the comparison: its statistics, and its features when it came from images.
@@ -58,6 +63,8 @@ struct Side {
     features: Option<Mat<f64>>,
 }
 
+/// Under a launcher (torchrun, srun) every rank extracts the features of its share of each
+/// folder; rank 0 alone writes and prints the results.
 pub fn run(args: FidArgs) -> Result<()> {
     if args.b.is_none() && args.save_stats.is_none() {
         bail!("give two folders/.npz files to compare, or one folder with --save-stats OUT.npz");
@@ -90,8 +97,8 @@ pub fn run(args: FidArgs) -> Result<()> {
             p.display()
         );
     }
+    let (group, device) = launch::join(&args.dist, args.device.resolve()?)?;
     let model = if loaded.iter().any(Option::is_none) {
-        let device = args.device.resolve()?;
         let weights = resolve_weights(args.weights.as_deref())?;
         Some(
             FidModel::load(&weights, device, args.dims)?
@@ -106,10 +113,14 @@ pub fn run(args: FidArgs) -> Result<()> {
         .zip(loaded)
         .map(|(p, loaded)| match (loaded, &model) {
             (Some(side), _) => Ok(side),
-            (None, Some(model)) => image_side(p, model, args.json),
+            (None, Some(model)) => image_side(p, model, &group, args.json),
             (None, None) => unreachable!("a model is loaded whenever an input is a folder"),
         })
         .collect::<Result<_>>()?;
+    if !group.is_main() {
+        return group.shutdown();
+    }
+    group.shutdown()?;
     if let Some(out) = &args.save_stats {
         sides[0].stats.write_npz(out)?;
         if !args.json {
@@ -178,7 +189,7 @@ fn statistics_side(path: &Path, dims: usize) -> Result<Side> {
     })
 }
 
-fn image_side(dir: &Path, model: &FidModel, quiet: bool) -> Result<Side> {
+fn image_side(dir: &Path, model: &FidModel, group: &ProcessGroup, quiet: bool) -> Result<Side> {
     let files = images::list_images(dir)?;
     if files.len() < 2 {
         bail!(
@@ -187,8 +198,12 @@ fn image_side(dir: &Path, model: &FidModel, quiet: bool) -> Result<Side> {
             files.len()
         );
     }
+    // Rank 0 speaks for the job: the warning, its share's progress and the timing.
+    let quiet = quiet || !group.is_main();
     if let Some(warning) = small_sample_warning(files.len(), model.dims()) {
-        eprintln!("warning: {}: {warning}", dir.display());
+        if group.is_main() {
+            eprintln!("warning: {}: {warning}", dir.display());
+        }
     }
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
@@ -197,16 +212,19 @@ fn image_side(dir: &Path, model: &FidModel, quiet: bool) -> Result<Side> {
     };
     bar.set_message(dir.display().to_string());
     let start = std::time::Instant::now();
-    let features =
-        model.features_of_images_with_progress(&files, |done| bar.set_position(done as u64))?;
+    let features = model.features_of_images_sharded(&files, group, |done, share| {
+        bar.set_length(share as u64);
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     if !quiet {
         let seconds = start.elapsed().as_secs_f64();
         eprintln!(
-            "{}: features of {} images in {seconds:.2} s ({:.2} images/s)",
+            "{}: features of {} images in {seconds:.2} s ({:.2} images/s, {} rank(s))",
             dir.display(),
             files.len(),
-            files.len() as f64 / seconds
+            files.len() as f64 / seconds,
+            group.world_size()
         );
     }
     let stats = Statistics::from_features(features.as_ref())

@@ -1,18 +1,24 @@
+use super::dist_check::DistArgs;
+use super::launch;
 use crate::model::pipeline::load_scheduler_config;
 use crate::model::source::ModelFiles;
 use crate::sample::grid::{grid_columns, image_grid};
-use crate::sample::png::write_png;
+use crate::sample::png::{read_png_rgb, write_png};
 use crate::sample::{generate, per_image_latents, GenerateOptions, SdModels};
 use crate::schedulers::SchedulerKind;
 use crate::util::device::DeviceChoice;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::ops::Range;
 use std::path::PathBuf;
+use tch::{Device, Tensor};
 
 /// Generates images: `OUT/00000.png`, `OUT/00001.png`, ... (the generation parameters in PNG text
 /// chunks) and `OUT/grid.png`. Image i is drawn from seed `SEED + i` alone, so it is the same
-/// whatever the batch size or the number of images in the run.
+/// whatever the number of images in the run. Under a launcher (torchrun, srun) each rank renders
+/// a contiguous share of whole batches, so every image is denoised in the same batch, with the
+/// same bytes, as in one process.
 #[derive(Args, Debug)]
 pub struct SampleArgs {
     /// A diffusers Stable Diffusion folder or a hub id.
@@ -61,6 +67,8 @@ pub struct SampleArgs {
     /// cpu, cuda, cuda:N, or auto (cuda when available).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 /// The scheduler names, listed in `--help`.
@@ -95,22 +103,71 @@ fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
 
 pub fn run(args: SampleArgs) -> Result<()> {
     let prompts = prompt_list(&args)?;
-    let device = args.device.resolve()?;
+    ensure!(args.batch > 0, "--batch must be at least 1");
+    let (group, device) = launch::join(&args.dist, args.device.resolve()?)?;
+    // euler_ancestral draws its step noise from one generator through the whole run, so a rank
+    // cannot reproduce the noise a single process gives its share.
+    ensure!(
+        !(group.is_distributed() && args.scheduler == SchedulerKind::EulerAncestral),
+        "euler_ancestral cannot be split across ranks with the single-process images (its noise \
+         comes from one generator through the whole run): use another scheduler or one process"
+    );
+    let batches = group.shard_range(prompts.len().div_ceil(args.batch));
+    let share = (batches.start * args.batch).min(prompts.len())
+        ..(batches.end * args.batch).min(prompts.len());
+    if !share.is_empty() {
+        render(&args, &prompts, share, device, group.is_main())?;
+    }
+    group.barrier()?;
+    if group.is_main() {
+        let images = (0..prompts.len())
+            .map(|i| read_png_rgb(&args.out.join(image_name(i))))
+            .collect::<Result<Vec<_>>>()?;
+        let grid = image_grid(&Tensor::stack(&images, 0), grid_columns(prompts.len()))?;
+        write_png(&args.out.join("grid.png"), &grid, &[])?;
+        println!(
+            "wrote {} images and grid.png to {}",
+            prompts.len(),
+            args.out.display()
+        );
+    }
+    group.shutdown()
+}
+
+fn image_name(index: usize) -> String {
+    format!("{index:05}.png")
+}
+
+/// Generates and writes images `share` of `prompts` (whole batches), with a progress bar when
+/// `show_progress`.
+fn render(
+    args: &SampleArgs,
+    prompts: &[String],
+    share: Range<usize>,
+    device: Device,
+    show_progress: bool,
+) -> Result<()> {
     let files = ModelFiles::resolve(&args.model, args.variant.as_deref())?;
     let mut models = SdModels::load(&files, device)?;
     if let Some(path) = &args.adapter {
         let method = models.apply_adapter(path, &files)?;
-        eprintln!("applied the `{method}` adapter {}", path.display());
+        if show_progress {
+            eprintln!("applied the `{method}` adapter {}", path.display());
+        }
     }
     let mut scheduler = args.scheduler.build(&load_scheduler_config(&files)?)?;
     scheduler.set_timesteps(args.steps)?;
-    let evaluations = scheduler.timesteps().len() * prompts.len().div_ceil(args.batch.max(1));
+    let evaluations = scheduler.timesteps().len() * share.len().div_ceil(args.batch);
 
     let width = args.width.unwrap_or_else(|| models.default_size());
     let height = args.height.unwrap_or_else(|| models.default_size());
+    let first_seed = args
+        .seed
+        .checked_add(share.start as u64)
+        .context("seed + image index overflows u64")?;
     let latents = per_image_latents(
-        args.seed,
-        prompts.len(),
+        first_seed,
+        share.len(),
         height,
         width,
         models.geometry(),
@@ -122,14 +179,19 @@ pub fn run(args: SampleArgs) -> Result<()> {
         negative_prompt: args.negative_prompt.clone(),
         batch_size: args.batch,
     };
-    let progress = ProgressBar::new(evaluations as u64).with_style(
+    let progress = if show_progress {
+        ProgressBar::new(evaluations as u64)
+    } else {
+        ProgressBar::hidden()
+    }
+    .with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} U-Net steps [{elapsed} < {eta}]")
             .expect("valid progress template"),
     );
     let images = generate(
         &models,
         scheduler.as_mut(),
-        &prompts,
+        &prompts[share.clone()],
         &latents,
         &opts,
         &mut || progress.inc(1),
@@ -141,9 +203,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    for (i, prompt) in prompts.iter().enumerate() {
+    for (row, i) in share.enumerate() {
         let mut text = vec![
-            ("prompt", prompt.clone()),
+            ("prompt", prompts[i].clone()),
             ("seed", (args.seed + i as u64).to_string()),
             ("steps", args.steps.to_string()),
             ("guidance", args.guidance.to_string()),
@@ -161,17 +223,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
             text.push(("negative_prompt", negative.clone()));
         }
         write_png(
-            &args.out.join(format!("{i:05}.png")),
-            &images.get(i as i64),
+            &args.out.join(image_name(i)),
+            &images.get(row as i64),
             &text,
         )?;
     }
-    let grid = image_grid(&images, grid_columns(prompts.len()))?;
-    write_png(&args.out.join("grid.png"), &grid, &[])?;
-    println!(
-        "wrote {} images and grid.png to {}",
-        prompts.len(),
-        args.out.display()
-    );
     Ok(())
 }

@@ -4,6 +4,7 @@
 use super::images::load_image;
 use super::inception::{preprocess, FeatureDims, InceptionV3};
 use crate::data::images::DecodeOptions;
+use crate::dist::ProcessGroup;
 use anyhow::{anyhow, bail, Context, Result};
 use faer::Mat;
 use rayon::prelude::*;
@@ -159,8 +160,13 @@ impl FidModel {
     pub fn features_of_images_with_progress(
         &self,
         paths: &[PathBuf],
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<Mat<f64>> {
+        rows_to_matrix(&self.feature_rows(paths, progress)?, self.dims())
+    }
+
+    /// The features of `paths` as one float64 CPU tensor `[N, dims]`.
+    fn feature_rows(&self, paths: &[PathBuf], mut progress: impl FnMut(usize)) -> Result<Tensor> {
         let batches: Vec<&[PathBuf]> = paths.chunks(self.batch_size).collect();
         let options = self.decode;
         let decode = move |batch: &[PathBuf]| -> Result<Vec<Tensor>> {
@@ -187,7 +193,36 @@ impl FidModel {
             }
             Ok(rows)
         })?;
-        to_matrix(&rows, self.dims())
+        if rows.is_empty() {
+            return Ok(Tensor::zeros(
+                [0, self.dims() as i64],
+                (Kind::Double, Device::Cpu),
+            ));
+        }
+        Ok(Tensor::cat(&rows, 0)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double))
+    }
+
+    /// [`Self::features_of_images_with_progress`] shared among the ranks of `group`: each rank
+    /// runs a contiguous share of the batches (whole batches, so every image runs in the same
+    /// batch as in a single process and its features are bitwise the same), then the rows are
+    /// gathered in the original order on every rank. `progress(done, share)` counts this rank's
+    /// images.
+    pub fn features_of_images_sharded(
+        &self,
+        paths: &[PathBuf],
+        group: &ProcessGroup,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Mat<f64>> {
+        let batches = paths.len().div_ceil(self.batch_size);
+        let share = group.shard_range(batches);
+        let first = (share.start * self.batch_size).min(paths.len());
+        let end = (share.end * self.batch_size).min(paths.len());
+        let rows = self.feature_rows(&paths[first..end], |done| progress(done, end - first))?;
+        // The collective runs on the model's device: the CPU under Gloo, this rank's GPU under NCCL.
+        let rows = rows.to_device(self.device);
+        rows_to_matrix(&group.all_gather_rows(&rows)?, self.dims())
     }
 
     /// Features of decoded `[3, H, W]` images of possibly different sizes: each is resized on the
@@ -220,7 +255,12 @@ fn to_matrix(rows: &[Tensor], dims: usize) -> Result<Mat<f64>> {
     if rows.is_empty() {
         return Ok(Mat::zeros(0, dims));
     }
-    let all = Tensor::cat(rows, 0)
+    rows_to_matrix(&Tensor::cat(rows, 0), dims)
+}
+
+/// A `[N, dims]` tensor as a float64 matrix (rows are images).
+fn rows_to_matrix(rows: &Tensor, dims: usize) -> Result<Mat<f64>> {
+    let all = rows
         .to_device(Device::Cpu)
         .to_kind(Kind::Double)
         .contiguous();
