@@ -271,6 +271,77 @@ fn one_seed_gives_bit_identical_runs_for_every_method() {
     }
 }
 
+/// SIGTERM mid-run of the real binary: a checkpoint, a non-zero exit that says how to go on,
+/// and `--resume` ends bit-identical to an uninterrupted run.
+#[test]
+fn sigterm_saves_a_checkpoint_exits_non_zero_and_resumes_bit_identically() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let steps = 150;
+    let config_file = fx.root.join("config.toml");
+    std::fs::write(
+        &config_file,
+        fx.config("bitfit", steps, 1e-3).to_toml().unwrap(),
+    )
+    .unwrap();
+    let cli = |out: &str, resume: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"));
+        command
+            .arg("train")
+            .args(["--model", fx.model.to_str().unwrap()])
+            .args(["--data", fx.data.to_str().unwrap()])
+            .args(["--cache", fx.root.join("cache").to_str().unwrap()])
+            .args(["--config", config_file.to_str().unwrap()])
+            .args(["--out", fx.root.join(out).to_str().unwrap()])
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if resume {
+            command.arg("--resume");
+        }
+        command
+    };
+    let whole = cli("whole", false).output().unwrap();
+    assert!(
+        whole.status.success(),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+
+    let mut child = cli("parts", false).spawn().unwrap();
+    let metrics = fx.root.join("parts").join(METRICS_FILE);
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before the signal"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let interrupted = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&interrupted.stderr);
+    assert!(!interrupted.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted, resume with --resume"),
+        "{stderr}"
+    );
+    let saved = MetricsLog::read(&metrics).unwrap().len();
+    assert!(saved < steps, "stopped at {saved} of {steps}");
+    assert!(!checkpoint_bytes(&fx.root.join("parts")).is_empty());
+
+    let resumed = cli("parts", true).output().unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(checkpoint_bytes(&fx.root.join("whole")) == checkpoint_bytes(&fx.root.join("parts")));
+}
+
 #[test]
 fn only_the_method_parameters_change() {
     let _guard = serial();
