@@ -237,6 +237,8 @@ fn settings_come_from_toml_and_set_pairs() {
     };
     assert!(err("lora", "rnak = 3").contains("unknown field `rnak`"));
     assert!(err("lora", "rank = 0").contains("rank 0 must be at least 1"));
+    assert!(err("lora", "alpha = -1").contains("alpha -1 must be a finite number above 0"));
+    assert!(err("lora", "alpha = 0").contains("must be a finite number above 0"));
     assert!(err("loha", "")
         .contains("unknown tuning method `loha` (known: full, adapter, lora, prefix, bitfit)"));
     assert!(err("adapter", "input = 'ff_out'\noutput = 'attn2_out'")

@@ -296,8 +296,8 @@ impl TuningMethod for Lora {
             }
         }
         for alpha in self.alpha.iter().chain(self.alpha_pattern.values()) {
-            if !alpha.is_finite() {
-                bail!("alpha {alpha} must be a finite number");
+            if !alpha.is_finite() || *alpha <= 0.0 {
+                bail!("alpha {alpha} must be a finite number above 0");
             }
         }
         Ok(())
