@@ -94,6 +94,11 @@ fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
+    ensure!(
+        args.guidance.is_finite(),
+        "--guidance {} must be a finite number",
+        args.guidance
+    );
     let prompts = prompt_list(&args)?;
     let device = args.device.resolve()?;
     let files = ModelFiles::resolve(&args.model, args.variant.as_deref())?;
