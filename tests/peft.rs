@@ -6,6 +6,7 @@ use difftune::model::weights::{load_into, read_all, LoadOptions};
 use difftune::peft::file::{random_init_identity, save_adapter, AdapterFile};
 use difftune::peft::formats::{export_lora, load_adapter, read_adapter, LoraFormat};
 use difftune::peft::merge::{merge_adapter, save_unet};
+use difftune::peft::InitSeed;
 use difftune::peft::{
     freeze, has_extensions, method_from_settings, parse_set_pairs, trainable_parameter_count,
     TuningMethod, METHODS,
@@ -137,7 +138,12 @@ fn methods_start_from_the_base_model_and_train_only_their_parameters() {
         let base = tiny.output();
         let params = nn::VarStore::new(Device::Cpu);
         let trained = method(name, settings)
-            .apply(&mut tiny.unet, &tiny.vs, params.root())
+            .apply(
+                &mut tiny.unet,
+                &tiny.vs,
+                params.root(),
+                &InitSeed::new(0, "test"),
+            )
             .unwrap();
         let names: std::collections::HashSet<&str> =
             trained.iter().map(|(n, _)| n.as_str()).collect();
@@ -231,6 +237,8 @@ fn settings_come_from_toml_and_set_pairs() {
     };
     assert!(err("lora", "rnak = 3").contains("unknown field `rnak`"));
     assert!(err("lora", "rank = 0").contains("rank 0 must be at least 1"));
+    assert!(err("lora", "alpha = -1").contains("alpha -1 must be a finite number above 0"));
+    assert!(err("lora", "alpha = 0").contains("must be a finite number above 0"));
     assert!(err("loha", "")
         .contains("unknown tuning method `loha` (known: full, adapter, lora, prefix, bitfit)"));
     assert!(err("adapter", "input = 'ff_out'\noutput = 'attn2_out'")
@@ -243,7 +251,12 @@ fn a_pattern_that_matches_nothing_names_the_closest_modules() {
     let mut tiny = Tiny::new();
     let params = nn::VarStore::new(Device::Cpu);
     let err = method("lora", "targets = ['*.attn2.to_z']")
-        .apply(&mut tiny.unet, &tiny.vs, params.root())
+        .apply(
+            &mut tiny.unet,
+            &tiny.vs,
+            params.root(),
+            &InitSeed::new(0, "test"),
+        )
         .unwrap_err();
     let err = format!("{err:#}");
     assert!(
@@ -251,7 +264,12 @@ fn a_pattern_that_matches_nothing_names_the_closest_modules() {
         "{err}"
     );
     let err = method("prefix", "targets = ['*.atn2']")
-        .apply(&mut tiny.unet, &tiny.vs, params.root())
+        .apply(
+            &mut tiny.unet,
+            &tiny.vs,
+            params.root(),
+            &InitSeed::new(0, "test"),
+        )
         .unwrap_err();
     assert!(
         format!("{err:#}").contains("transformer_blocks.0.attn2`"),
@@ -265,7 +283,14 @@ fn adapted(
     params: &nn::VarStore,
     m: &dyn TuningMethod,
 ) -> (Vec<(String, Tensor)>, Tensor) {
-    let trained = m.apply(&mut tiny.unet, &tiny.vs, params.root()).unwrap();
+    let trained = m
+        .apply(
+            &mut tiny.unet,
+            &tiny.vs,
+            params.root(),
+            &InitSeed::new(0, "test"),
+        )
+        .unwrap();
     perturb(&trained);
     let out = tiny.output();
     (trained, out)

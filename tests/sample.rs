@@ -281,3 +281,26 @@ fn cli_writes_seeded_pngs_and_grid() {
     let grid = image::open(batched.join("grid.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (128, 128));
 }
+
+#[test]
+fn a_non_finite_guidance_is_refused() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args([
+            "sample",
+            "--model",
+            "no-such-model",
+            "--prompt",
+            "a",
+            "--guidance",
+            "nan",
+        ])
+        .args(["--out", "unused"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("--guidance NaN must be a finite number"),
+        "{stderr}"
+    );
+}

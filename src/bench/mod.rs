@@ -135,7 +135,7 @@ fn bench_one(
         name: method.to_string(),
         settings: toml::Table::new(),
     };
-    let tuned = attach_method(&mut unet, &mut unet_vs, &method_config)?;
+    let tuned = attach_method(&mut unet, &mut unet_vs, &method_config, 0)?;
     let tensors: Vec<Tensor> = tuned
         .trained
         .iter()

@@ -1,7 +1,7 @@
 use crate::compare::config::CompareConfig;
 use crate::compare::presets::{preset, DEFAULT_PRESET};
 use crate::compare::runner::{run as run_compare, CompareOptions, Outcome, REPORT_MD};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,10 +66,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let flag = interrupt.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("difftune compare: second interrupt, exiting now");
+            eprintln!("difftune compare: second interrupt, exiting now without saving");
             std::process::exit(130);
         }
-        eprintln!("difftune compare: interrupt received, stopping at the next checkpoint (Ctrl-C again to abort)");
+        eprintln!("difftune compare: interrupt received (SIGINT or SIGTERM), stopping at the next checkpoint (interrupt again to exit at once)");
     })?;
     let outcome = run_compare(&CompareOptions {
         config,
@@ -93,8 +93,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
             }
             println!("\nreport: {}", out.join(REPORT_MD).display());
         }
-        Outcome::Interrupted => println!(
-            "stopped; run the same command again to resume from {}",
+        Outcome::Interrupted => bail!(
+            "interrupted, resume with --resume: run the same command again to resume from {}",
             out.display()
         ),
     }

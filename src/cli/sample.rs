@@ -102,6 +102,11 @@ fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
+    ensure!(
+        args.guidance.is_finite(),
+        "--guidance {} must be a finite number",
+        args.guidance
+    );
     let prompts = prompt_list(&args)?;
     ensure!(args.batch > 0, "--batch must be at least 1");
     let (group, device) = launch::join(&args.dist, args.device.resolve()?)?;

@@ -87,11 +87,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let flag = interrupt.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("difftune train: second interrupt, exiting without a checkpoint");
+            // A checkpoint being written stays a temp folder, which resume ignores.
+            eprintln!("difftune train: second interrupt, exiting now without saving");
             std::process::exit(130);
         }
-        eprintln!("difftune train: interrupt received, saving a checkpoint after this step (Ctrl-C again to abort)");
+        eprintln!("difftune train: interrupt received (SIGINT or SIGTERM), saving a checkpoint after this step (interrupt again to exit at once)");
     })?;
+    let stopped = interrupt.clone();
     let summary = train(&TrainOptions {
         model: args.model,
         data: args.data,
@@ -110,6 +112,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
             summary.trainable_parameters,
             summary.step,
             adapter.display()
+        ),
+        (None, checkpoint) if stopped.load(Ordering::SeqCst) => bail!(
+            "interrupted, resume with --resume (stopped at step {}{})",
+            summary.step,
+            checkpoint
+                .as_ref()
+                .map(|c| format!("; checkpoint {}", c.display()))
+                .unwrap_or_default()
         ),
         (None, Some(ckpt)) => println!(
             "stopped at step {}; checkpoint: {}",

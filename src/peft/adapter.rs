@@ -108,6 +108,7 @@ impl TuningMethod for Adapter {
         unet: &mut UNet2DConditionModel,
         _unet_vs: &nn::VarStore,
         params: nn::Path,
+        init: &super::InitSeed,
     ) -> Result<Vec<(String, Tensor)>> {
         let mut trained = Vec::new();
         unet.visit_modules(&mut |m| {
@@ -122,8 +123,8 @@ impl TuningMethod for Adapter {
                 up: bound,
             };
             let down = (
-                (&module / "down").var("weight", &[self.width, dim], uniform),
-                (&module / "down").var("bias", &[self.width], uniform),
+                init.var(&(&module / "down"), "weight", &[self.width, dim], uniform),
+                init.var(&(&module / "down"), "bias", &[self.width], uniform),
             );
             let up = (
                 (&module / "up").var("weight", &[dim, self.width], nn::Init::Const(0.0)),

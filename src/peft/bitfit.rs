@@ -50,6 +50,7 @@ impl TuningMethod for BitFit {
         _unet: &mut UNet2DConditionModel,
         unet_vs: &nn::VarStore,
         _params: nn::Path,
+        _init: &super::InitSeed,
     ) -> Result<Vec<(String, Tensor)>> {
         let trained = own_variables(unet_vs, |name| self.selects(name));
         if trained.is_empty() {

@@ -128,7 +128,8 @@ impl AdapterFile {
         base_model: &str,
     ) -> Result<Tuned> {
         self.check_base(base_model)?;
-        let tuned = Tuned::attach(self.method()?, unet, unet_vs)?;
+        // The seed does not matter: every new tensor is overwritten from the file.
+        let tuned = Tuned::attach(self.method()?, unet, unet_vs, 0)?;
         copy_named(
             &tuned.trained,
             &self.tensors,

@@ -21,6 +21,7 @@ impl TuningMethod for Full {
         _unet: &mut UNet2DConditionModel,
         unet_vs: &nn::VarStore,
         _params: nn::Path,
+        _init: &super::InitSeed,
     ) -> Result<Vec<(String, Tensor)>> {
         Ok(own_variables(unet_vs, |_| true))
     }

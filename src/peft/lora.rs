@@ -296,8 +296,8 @@ impl TuningMethod for Lora {
             }
         }
         for alpha in self.alpha.iter().chain(self.alpha_pattern.values()) {
-            if !alpha.is_finite() {
-                bail!("alpha {alpha} must be a finite number");
+            if !alpha.is_finite() || *alpha <= 0.0 {
+                bail!("alpha {alpha} must be a finite number above 0");
             }
         }
         Ok(())
@@ -308,6 +308,7 @@ impl TuningMethod for Lora {
         unet: &mut UNet2DConditionModel,
         _unet_vs: &nn::VarStore,
         params: nn::Path,
+        init: &super::InitSeed,
     ) -> Result<Vec<(String, Tensor)>> {
         let targets = self.targets(unet)?;
         let mut trained = Vec::new();
@@ -317,7 +318,8 @@ impl TuningMethod for Lora {
             // Kaiming-uniform with a = sqrt(5) (peft's init of A): bound = 1 / sqrt(fan_in).
             let fan_in: i64 = t.a_shape()[1..].iter().product();
             let bound = 1.0 / (fan_in as f64).sqrt();
-            let a = (&module / "lora_A").var(
+            let a = init.var(
+                &(&module / "lora_A"),
                 "weight",
                 &t.a_shape(),
                 nn::Init::Uniform {

@@ -9,7 +9,7 @@
 //! ```text
 //! let method = method_from_settings("lora", &settings)?;      // settings: [method.lora] + --set pairs
 //! freeze(&unet_vs);
-//! let tuned = Tuned::attach(method, &mut unet, &unet_vs)?;     // its new parameters live in `tuned`
+//! let tuned = Tuned::attach(method, &mut unet, &unet_vs, seed)?;     // its new parameters live in `tuned`
 //! // ... optimise `tuned.trained` ...
 //! file::save_adapter(path, tuned.method.as_ref(), &tuned.trained, &base_identity)?;
 //! ```
@@ -28,12 +28,14 @@ pub mod bitfit;
 pub mod file;
 pub mod formats;
 pub mod full;
+pub mod init;
 pub mod lora;
 pub mod merge;
 pub mod pattern;
 pub mod prefix;
 mod tuned;
 
+pub use init::InitSeed;
 pub use tuned::Tuned;
 
 /// What a method type declares once: its name and label. Its settings are the type itself (a
@@ -73,12 +75,14 @@ pub trait TuningMethod: Identity + std::fmt::Debug + Send + Sync {
 
     /// Attaches the method to `unet` and returns the tensors to train, by stable name: existing
     /// U-Net variables under their U-Net names (made trainable here), new parameters created under
-    /// `params` (a VarStore the caller owns). The caller freezes every U-Net variable beforehand.
+    /// `params` (a VarStore the caller owns) with random values drawn through `init` only. The
+    /// caller freezes every U-Net variable beforehand.
     fn apply(
         &self,
         unet: &mut UNet2DConditionModel,
         unet_vs: &nn::VarStore,
         params: nn::Path,
+        init: &InitSeed,
     ) -> Result<Vec<(String, Tensor)>>;
 
     /// The settings and tensors an adapter file stores for `trained`. Methods whose training-time
@@ -287,7 +291,12 @@ pub fn trainable_parameter_count(
     }
     freeze(unet_vs);
     let params = nn::VarStore::new(unet_vs.device());
-    let trained = method.apply(unet, unet_vs, params.root());
+    let trained = method.apply(
+        unet,
+        unet_vs,
+        params.root(),
+        &InitSeed::new(0, method.name()),
+    );
     clear_extensions(unet);
     freeze(unet_vs);
     Ok(trained?.iter().map(|(_, t)| t.numel() as i64).sum())
@@ -364,7 +373,12 @@ pub(crate) fn merge_own_variables(
     source: &str,
 ) -> Result<()> {
     let scratch = nn::VarStore::new(unet_vs.device());
-    let trained = method.apply(unet, unet_vs, scratch.root())?;
+    let trained = method.apply(
+        unet,
+        unet_vs,
+        scratch.root(),
+        &InitSeed::new(0, method.name()),
+    )?;
     freeze_named(&trained);
     copy_named(&trained, tensors, source)
 }

@@ -66,6 +66,11 @@ pub fn key_name(attention: &str) -> String {
 pub fn value_name(attention: &str) -> String {
     format!("{attention}.prefix_value")
 }
+/// Prefix-tuning's initial prefixes and reparametrisation embedding: N(0, 1).
+const STANDARD_NORMAL: nn::Init = nn::Init::Randn {
+    mean: 0.0,
+    stdev: 1.0,
+};
 const EMBEDDING: &str = "prefix_reparam.embedding";
 const HIDDEN_WEIGHT: &str = "prefix_reparam.hidden.weight";
 const HIDDEN_BIAS: &str = "prefix_reparam.hidden.bias";
@@ -181,16 +186,22 @@ impl TuningMethod for Prefix {
         unet: &mut UNet2DConditionModel,
         _unet_vs: &nn::VarStore,
         params: nn::Path,
+        init: &super::InitSeed,
     ) -> Result<Vec<(String, Tensor)>> {
         let targets = self.targets(unet)?;
         let side = self.attention == PrefixAttention::Side;
         let mut trained = Vec::new();
         let shared = self.reparam_hidden.map(|h| {
-            let embedding =
-                nested(&params, "prefix_reparam").randn("embedding", &[self.length, h], 0.0, 1.0);
+            let embedding = init.var(
+                &nested(&params, "prefix_reparam"),
+                "embedding",
+                &[self.length, h],
+                STANDARD_NORMAL,
+            );
             let hidden = nested(&params, "prefix_reparam.hidden");
             let bound = 1.0 / (h as f64).sqrt();
-            let weight = hidden.var(
+            let weight = init.var(
+                &hidden,
                 "weight",
                 &[h, h],
                 nn::Init::Uniform {
@@ -198,7 +209,8 @@ impl TuningMethod for Prefix {
                     up: bound,
                 },
             );
-            let bias = hidden.var(
+            let bias = init.var(
+                &hidden,
                 "bias",
                 &[h],
                 nn::Init::Uniform {
@@ -216,11 +228,21 @@ impl TuningMethod for Prefix {
             let module = nested(&params, path);
             let source = match &shared {
                 None => {
-                    let key = module.randn("prefix_key", &[self.length, *inner], 0.0, 1.0);
+                    let key = init.var(
+                        &module,
+                        "prefix_key",
+                        &[self.length, *inner],
+                        STANDARD_NORMAL,
+                    );
                     let value = if side {
                         module.zeros("prefix_value", &[self.length, *inner])
                     } else {
-                        module.randn("prefix_value", &[self.length, *inner], 0.0, 1.0)
+                        init.var(
+                            &module,
+                            "prefix_value",
+                            &[self.length, *inner],
+                            STANDARD_NORMAL,
+                        )
                     };
                     trained.push((key_name(path), key.shallow_clone()));
                     trained.push((value_name(path), value.shallow_clone()));
@@ -230,7 +252,7 @@ impl TuningMethod for Prefix {
                     let bound = 1.0 / (*h as f64).sqrt();
                     let mut projection = |part: &str, zero: bool| {
                         let p = &module / "prefix_reparam" / part;
-                        let init = if zero {
+                        let draw = if zero {
                             nn::Init::Const(0.0)
                         } else {
                             nn::Init::Uniform {
@@ -238,8 +260,8 @@ impl TuningMethod for Prefix {
                                 up: bound,
                             }
                         };
-                        let weight = p.var("weight", &[*inner, *h], init);
-                        let bias = p.var("bias", &[*inner], init);
+                        let weight = init.var(&p, "weight", &[*inner, *h], draw);
+                        let bias = init.var(&p, "bias", &[*inner], draw);
                         trained.push((
                             reparam_name(path, &format!("{part}.weight")),
                             weight.shallow_clone(),

@@ -1,6 +1,6 @@
 //! A tuning method applied to a U-Net: what training, sampling and loading an adapter file all
 //! hold once the method is attached.
-use super::TuningMethod;
+use super::{InitSeed, TuningMethod};
 use crate::model::unet::UNet2DConditionModel;
 use anyhow::Result;
 use tch::{nn, Tensor};
@@ -14,14 +14,17 @@ pub struct Tuned {
 }
 
 impl Tuned {
-    /// Attaches `method` to `unet`; its new parameters live in a store on the U-Net's device.
+    /// Attaches `method` to `unet`; its new parameters live in a store on the U-Net's device,
+    /// initialised from `seed` (see [`InitSeed`]).
     pub fn attach(
         method: Box<dyn TuningMethod>,
         unet: &mut UNet2DConditionModel,
         unet_vs: &nn::VarStore,
+        seed: u64,
     ) -> Result<Self> {
         let params = nn::VarStore::new(unet_vs.device());
-        let trained = method.apply(unet, unet_vs, params.root())?;
+        let init = InitSeed::new(seed, method.name());
+        let trained = method.apply(unet, unet_vs, params.root(), &init)?;
         Ok(Self {
             method,
             params,

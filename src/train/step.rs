@@ -9,18 +9,19 @@ use anyhow::{ensure, Result};
 use tch::{nn, Kind, Tensor};
 
 /// Attaches `method` to `unet`, freezes every U-Net weight and makes exactly the method's
-/// tensors trainable.
+/// tensors trainable; the method's new tensors are initialised from `seed`.
 pub fn attach_method(
     unet: &mut UNet2DConditionModel,
     unet_vs: &mut nn::VarStore,
     method: &MethodConfig,
+    seed: u64,
 ) -> Result<Tuned> {
     let tuning = crate::peft::method_from_settings(
         &method.name,
         &toml::Value::Table(method.settings.clone()),
     )?;
     unet_vs.freeze();
-    let tuned = Tuned::attach(tuning, unet, unet_vs)?;
+    let tuned = Tuned::attach(tuning, unet, unet_vs, seed)?;
     ensure!(
         !tuned.trained.is_empty(),
         "method `{}` made nothing trainable",

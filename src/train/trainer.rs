@@ -142,7 +142,7 @@ impl<'a> Trainer<'a> {
         let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(&files, device)?;
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
         let objective = Objective::new(&scheduler, train)?;
-        let tuned = attach_method(&mut unet, &mut unet_vs, &config.method)?;
+        let tuned = attach_method(&mut unet, &mut unet_vs, &config.method, train.seed)?;
         let tensors: Vec<Tensor> = tuned
             .trained
             .iter()
