@@ -51,6 +51,7 @@ pub struct CacheArgs {
 }
 
 pub fn run(args: CacheArgs) -> Result<()> {
+    super::launch::single_process_only("cache")?;
     let files = ModelFiles::resolve(&args.model, None)?;
     let settings = CacheSettings {
         split: args.split,

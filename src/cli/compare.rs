@@ -36,6 +36,7 @@ pub struct CompareArgs {
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
+    super::launch::single_process_only("compare")?;
     let mut config = match &args.config {
         Some(path) => CompareConfig::load(path)?,
         None => preset(args.preset.as_deref().unwrap_or(DEFAULT_PRESET))?,

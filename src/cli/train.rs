@@ -53,6 +53,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    super::launch::single_process_only("train")?;
     let mut config = match &args.config {
         Some(path) => RunConfig::load(path)?,
         None => RunConfig::default(),
