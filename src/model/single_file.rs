@@ -18,7 +18,7 @@ use super::weights::{read_all, save_tensors};
 use crate::schedulers::PredictionType;
 use crate::util::fs::write_json;
 use anyhow::{bail, ensure, Context, Result};
-use serde_json::{json, Value as Json};
+use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -141,7 +141,7 @@ impl SingleFileSpec {
         save("vae/diffusion_pytorch_model.safetensors", parts.vae)?;
         save("text_encoder/model.safetensors", parts.text_encoder)?;
         // model_index.json last: its presence marks a complete folder.
-        write_json(&out.join("model_index.json"), &model_index())
+        write_json(&out.join("model_index.json"), &super::tiny::model_index())
     }
 }
 
@@ -414,21 +414,6 @@ fn copy_configs(dir: &Path, out: &Path) -> Result<()> {
         std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
     }
     Ok(())
-}
-
-fn model_index() -> Json {
-    json!({
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [null, null],
-        "requires_safety_checker": false,
-        "safety_checker": [null, null],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]
-    })
 }
 
 /// The configs of the SD v1.x / v2.x hub models (stable-diffusion-v1-5, stable-diffusion-2-1).

@@ -101,7 +101,8 @@ pub fn scheduler_config() -> serde_json::Value {
     })
 }
 
-fn model_index() -> serde_json::Value {
+/// A diffusers `model_index.json` for an SD v1.x pipeline folder (no safety checker).
+pub(crate) fn model_index() -> serde_json::Value {
     json!({
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,

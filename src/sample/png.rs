@@ -67,6 +67,22 @@ pub fn write_png(path: &Path, image: &Tensor, text: &[(&str, String)]) -> Result
 /// The pixels of an 8-bit RGB PNG (as [`write_png`] writes them) as `[3, H, W]` floats in
 /// `[0, 1]`; writing them again gives the same bytes.
 pub fn read_png_rgb(path: &Path) -> Result<Tensor> {
+    let (_, buf, frame) = decode_png_file(path)?;
+    ensure!(
+        frame.color_type == png::ColorType::Rgb && frame.bit_depth == png::BitDepth::Eight,
+        "{} is not an 8-bit RGB PNG",
+        path.display()
+    );
+    let (h, w) = (frame.height as i64, frame.width as i64);
+    let hwc = Tensor::from_slice(&buf[..frame.buffer_size()]).view([h, w, 3]);
+    Ok(hwc.permute([2, 0, 1]).to_kind(Kind::Float) / 255.0)
+}
+
+type PngReader = png::Reader<std::io::BufReader<std::fs::File>>;
+
+/// Decodes the first frame of the PNG at `path`: the reader (positioned after that frame), the
+/// pixel buffer and the frame's layout.
+fn decode_png_file(path: &Path) -> Result<(PngReader, Vec<u8>, png::OutputInfo)> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut reader = png::Decoder::new(std::io::BufReader::new(file))
         .read_info()
@@ -80,33 +96,14 @@ pub fn read_png_rgb(path: &Path) -> Result<Tensor> {
     let frame = reader
         .next_frame(&mut buf)
         .with_context(|| format!("decoding {}", path.display()))?;
-    ensure!(
-        frame.color_type == png::ColorType::Rgb && frame.bit_depth == png::BitDepth::Eight,
-        "{} is not an 8-bit RGB PNG",
-        path.display()
-    );
-    let (h, w) = (frame.height as i64, frame.width as i64);
-    let hwc = Tensor::from_slice(&buf[..frame.buffer_size()]).view([h, w, 3]);
-    Ok(hwc.permute([2, 0, 1]).to_kind(Kind::Float) / 255.0)
+    Ok((reader, buf, frame))
 }
 
 /// The (keyword, value) text chunks of the PNG at `path`, `tEXt`, `zTXt` and `iTXt` alike, in that
 /// order.
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .with_context(|| format!("reading the PNG header of {}", path.display()))?;
     // Text chunks may follow the image data; decoding the image reaches them.
-    let mut buf = vec![
-        0;
-        reader
-            .output_buffer_size()
-            .context("the PNG image is too large")?
-    ];
-    reader
-        .next_frame(&mut buf)
-        .with_context(|| format!("decoding {}", path.display()))?;
+    let (mut reader, _, _) = decode_png_file(path)?;
     reader
         .finish()
         .with_context(|| format!("reading the end of {}", path.display()))?;
