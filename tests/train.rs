@@ -626,3 +626,60 @@ fn validation_images_are_written_and_leave_training_unchanged() {
         "sampling validation images changed what was trained"
     );
 }
+
+#[test]
+fn tensorboard_log_holds_every_step_once_after_a_resume_and_the_validation_images() {
+    use difftune::train::tensorboard::{event_files, read_events, EventKind, ValueKind};
+    let _guard = serial();
+    let fx = Fixture::new();
+    let mut config = fx.config("lora", 5, 1e-3);
+    config.train.validation_every = 4;
+    config.train.validation_images = 1;
+    config.train.validation_steps = 1;
+    let mut first = fx.options(config.clone(), "tb");
+    first.stop_after = Some(3);
+    train(&first).unwrap();
+    let mut resumed = fx.options(config, "tb");
+    resumed.resume = true;
+    train(&resumed).unwrap();
+
+    let out = fx.root.join("tb");
+    let metrics = MetricsLog::read(&out.join("metrics.jsonl")).unwrap();
+    let files = event_files(&out).unwrap();
+    assert_eq!(files.len(), 2, "one event file per start: {files:?}");
+    // TensorBoard's reading: a session start at step S drops earlier-written steps above S.
+    let mut losses = std::collections::BTreeMap::new();
+    let mut images = Vec::new();
+    for file in &files {
+        for event in read_events(file).unwrap() {
+            if let Some(EventKind::SessionLog(_)) = event.kind {
+                losses.retain(|&step, _| step < event.step);
+            }
+            if let Some(EventKind::Summary(summary)) = &event.kind {
+                for value in &summary.value {
+                    if let Some(ValueKind::Image(image)) = &value.value {
+                        images.push((event.step, value.tag.clone(), image.width));
+                    }
+                }
+            }
+            for (tag, value) in event.scalar_values() {
+                if tag == "train/loss" {
+                    losses.insert(event.step, value);
+                }
+            }
+        }
+    }
+    let expected: std::collections::BTreeMap<i64, f32> = metrics
+        .iter()
+        .map(|m| (m.step as i64, m.loss as f32))
+        .collect();
+    assert_eq!(losses, expected);
+    let width = 64;
+    assert_eq!(
+        images,
+        vec![
+            (4, "validation/00".to_string(), width),
+            (5, "validation/00".to_string(), width)
+        ]
+    );
+}

@@ -22,6 +22,23 @@ pub struct StepMetrics {
     pub epoch: usize,
 }
 
+impl StepMetrics {
+    /// The scalars TensorBoard shows, tagged as (section/name).
+    pub fn scalars(&self) -> Vec<(&'static str, f64)> {
+        let mut scalars = vec![
+            ("train/loss", self.loss),
+            ("train/lr", self.lr),
+            ("train/grad_norm", self.grad_norm),
+            ("train/step_time_s", self.step_time_s),
+            ("train/epoch", self.epoch as f64),
+        ];
+        if let Some(bytes) = self.peak_rss_bytes {
+            scalars.push(("system/peak_rss_gib", bytes as f64 / (1u64 << 30) as f64));
+        }
+        scalars
+    }
+}
+
 /// Appends step metrics to a JSONL file.
 pub struct MetricsLog {
     path: PathBuf,

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod optim;
 pub mod precision;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;
 pub mod validation;
 

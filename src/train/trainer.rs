@@ -8,6 +8,7 @@ use super::config::{Precision, RunConfig};
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
 use super::step::{attach_method, forward_backward, Objective};
+use super::tensorboard::TensorBoardLog;
 use super::validation::{TrainedUnet, Validation};
 use crate::model::source::ModelFiles;
 use crate::peft::Tuned;
@@ -314,13 +315,15 @@ impl<'a> Trainer<'a> {
         Ok(dir)
     }
 
-    /// Samples the validation images with the U-Net as trained so far (when validation is on).
-    pub fn validate(&self) -> Result<()> {
-        if let (Some(validation), TrainedUnet::InPipeline(models)) = (&self.validation, &self.model)
-        {
-            validation.run(models, self.autocast, &self.opts.out, self.steps_done)?;
+    /// Samples the validation images with the U-Net as trained so far (when validation is on);
+    /// returns their folder.
+    pub fn validate(&self) -> Result<Option<PathBuf>> {
+        match (&self.validation, &self.model) {
+            (Some(validation), TrainedUnet::InPipeline(models)) => validation
+                .run(models, self.autocast, &self.opts.out, self.steps_done)
+                .map(Some),
+            _ => Ok(None),
         }
-        Ok(())
     }
 
     /// Saves a checkpoint and stops before all steps are done; running again with `--resume`
@@ -330,12 +333,8 @@ impl<'a> Trainer<'a> {
         Ok(self.summary(None))
     }
 
-    /// After the last step: validation (unless that step had it), a checkpoint, the adapter file.
+    /// After the last step: a checkpoint and the adapter file.
     pub fn finish(mut self) -> Result<TrainSummary> {
-        let every = self.opts.config.train.validation_every;
-        if every > 0 && !self.steps_done.is_multiple_of(every) {
-            self.validate()?;
-        }
         self.save()?;
         let adapter = self.opts.out.join(ADAPTER_FILE);
         crate::peft::file::save_adapter(
@@ -359,16 +358,19 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// What the user sees of a run (the progress bar) and what it logs (`metrics.jsonl`).
+/// What the user sees of a run (the progress bar) and what it logs (`metrics.jsonl` and the same
+/// scalars, with the validation images, for TensorBoard).
 struct RunLog {
     metrics: MetricsLog,
+    tensorboard: TensorBoardLog,
     bar: ProgressBar,
 }
 
 impl RunLog {
-    /// Opens the metrics log, keeping the lines through step `resumed_at`.
+    /// Opens the metrics log, keeping the lines through step `resumed_at`, and a new event file.
     fn open(opts: &TrainOptions, resumed_at: usize) -> Result<Self> {
         let metrics = MetricsLog::open(&opts.out.join(METRICS_FILE), resumed_at)?;
+        let tensorboard = TensorBoardLog::create(&opts.out, resumed_at)?;
         let bar = match opts.progress {
             true => ProgressBar::new(opts.config.train.steps as u64),
             false => ProgressBar::hidden(),
@@ -381,11 +383,16 @@ impl RunLog {
         );
         bar.set_position(resumed_at as u64);
         bar.reset_eta();
-        Ok(Self { metrics, bar })
+        Ok(Self {
+            metrics,
+            tensorboard,
+            bar,
+        })
     }
 
     fn record(&mut self, step: &StepMetrics) -> Result<()> {
         self.metrics.append(step)?;
+        self.tensorboard.scalars(step.step, &step.scalars())?;
         self.bar.set_message(format!("{:.4}", step.loss));
         self.bar.set_position(step.step as u64);
         Ok(())
@@ -411,8 +418,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         if due(step, train.checkpoint_every) {
             log.bar.suspend(|| trainer.save())?;
         }
-        if due(step, train.validation_every) {
-            log.bar.suspend(|| trainer.validate())?;
+        // Validation also runs after the last step, whatever its schedule.
+        let last = step == train.steps && train.validation_every > 0;
+        if due(step, train.validation_every) || last {
+            if let Some(dir) = log.bar.suspend(|| trainer.validate())? {
+                log.tensorboard.png_folder(step, "validation", &dir)?;
+            }
         }
         let interrupted = opts.interrupt.load(Ordering::SeqCst);
         let stopped = opts.stop_after.is_some_and(|n| step - start >= n);
