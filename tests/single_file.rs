@@ -355,3 +355,64 @@ fn open_clip_names_round_trip() {
         assert!(back[k].equal(v), "{k}");
     }
 }
+
+#[test]
+fn merge_writes_a_single_file_that_computes_what_the_adapter_computes() {
+    use difftune::peft::{file::save_adapter, freeze, method_from_settings, InitSeed};
+    cache();
+    let dir = tempfile::tempdir().unwrap();
+    let files = ModelFiles::resolve(MODEL, None).unwrap();
+    tch::manual_seed(0);
+    let latents = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let context = Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu));
+    let forward = |unet: &difftune::model::unet::UNet2DConditionModel| {
+        tch::no_grad(|| unet.forward(&latents, &Tensor::from(10.0), &context))
+    };
+
+    // A LoRA moved off its initial value, as training would, saved as an adapter file.
+    let (vs, mut unet) = load_unet(&files, Device::Cpu).unwrap();
+    freeze(&vs);
+    let settings = toml::from_str::<toml::Value>("alpha = 8").unwrap();
+    let lora = method_from_settings("lora", &settings).unwrap();
+    let params = tch::nn::VarStore::new(Device::Cpu);
+    let trained = lora
+        .apply(&mut unet, &vs, params.root(), &InitSeed::new(0, "test"))
+        .unwrap();
+    tch::no_grad(|| {
+        for (_, t) in &trained {
+            let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.05));
+        }
+    });
+    let expected = forward(&unet);
+    let adapter = dir.path().join("lora.safetensors");
+    save_adapter(
+        &adapter,
+        lora.as_ref(),
+        &trained,
+        &files.unet_identity().unwrap(),
+    )
+    .unwrap();
+
+    let merged = dir.path().join("merged.safetensors");
+    let o = difftune(&[
+        "merge",
+        "--model",
+        MODEL,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--format",
+        "single-file",
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let spec = format!("{}#config={MODEL}", merged.display());
+    let (_, merged_unet) =
+        load_unet(&ModelFiles::resolve(&spec, None).unwrap(), Device::Cpu).unwrap();
+    let err = difftune::util::tensor::relative_l2(&forward(&merged_unet), &expected);
+    eprintln!("merged single file vs adapter: relative L2 error {err:.2e}");
+    assert!(err <= 1e-5, "{err:.2e}");
+    // The VAE and text encoder are the base's, untouched.
+    let [_, vae, text] = component_errors(&spec);
+    assert_eq!((vae, text), (0.0, 0.0));
+}
