@@ -184,15 +184,35 @@ enum Annotation {
     Caption(String),
 }
 
-pub fn load(root: &Path, opts: &DatasetOptions) -> Result<Dataset> {
-    let files = split_files(root, opts.split)?;
-    let mut classes: Option<Vec<Class>> = match &opts.classes_file {
-        Some(path) => Some(read_classes_file(path)?),
-        None => None,
-    };
-    let mut limit = PerClassLimit::new(opts.limit_per_class);
-    let mut samples = Vec::new();
-    for path in &files {
+impl Annotation {
+    fn label(&self) -> Option<usize> {
+        match self {
+            Annotation::Label(l) => Some(*l),
+            Annotation::Caption(_) => None,
+        }
+    }
+}
+
+/// Where a shard's rows get their annotation: an integer class label, or a caption column.
+enum AnnotationColumn {
+    Label,
+    Caption(String),
+}
+
+/// What is read of one shard: the annotation column first (to apply the per-class limit), then
+/// the image column of the admitted rows only.
+struct Shard {
+    path: PathBuf,
+    reader: SerializedFileReader<std::fs::File>,
+    annotation: AnnotationColumn,
+    annotation_projection: Type,
+    image_projection: Type,
+}
+
+impl Shard {
+    /// Opens a shard and checks its columns; learns the class names from it when labelled and
+    /// none are known yet.
+    fn open(path: &Path, opts: &DatasetOptions, classes: &mut Option<Vec<Class>>) -> Result<Self> {
         let reader = open(path)?;
         let schema = reader.metadata().file_metadata().schema();
         let has = |name: &str| schema.get_fields().iter().any(|f| f.name() == name);
@@ -200,119 +220,164 @@ pub fn load(root: &Path, opts: &DatasetOptions) -> Result<Dataset> {
             bail!("{} has no {IMAGE_COLUMN:?} column", path.display());
         }
         let caption_column = opts.caption_column.as_str();
-        let by_label = has(LABEL_COLUMN) && !has(caption_column);
-        if !by_label && !has(caption_column) {
-            bail!(
+        let annotation = match (has(caption_column), has(LABEL_COLUMN)) {
+            (true, _) => AnnotationColumn::Caption(caption_column.to_string()),
+            (false, true) => AnnotationColumn::Label,
+            (false, false) => bail!(
                 "{} has neither a {LABEL_COLUMN:?} nor a {caption_column:?} column",
                 path.display()
-            );
+            ),
+        };
+        if matches!(annotation, AnnotationColumn::Label) && classes.is_none() {
+            *classes = Some(embedded_classes(&reader, path)?);
         }
-        if by_label && classes.is_none() {
-            let names = embedded_class_names(&reader, path)?.ok_or_else(|| {
-                anyhow!(
-                    "{} embeds no class names (huggingface features.label.names); pass a classes file",
-                    path.display()
-                )
-            })?;
-            classes = Some(
-                names
-                    .iter()
-                    .map(|n| Class {
-                        name: n.clone(),
-                        label: human_label(n),
-                    })
-                    .collect(),
-            );
+        let annotation_name = match &annotation {
+            AnnotationColumn::Label => LABEL_COLUMN,
+            AnnotationColumn::Caption(name) => name.as_str(),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            annotation_projection: projection(&reader, &[annotation_name])?,
+            image_projection: projection(&reader, &[IMAGE_COLUMN])?,
+            reader,
+            annotation,
+        })
+    }
+
+    /// One row's annotation; `classes` is set when the shard is labelled.
+    fn annotation(
+        &self,
+        row: &Row,
+        classes: &[Class],
+        at: &dyn Fn() -> String,
+    ) -> Result<Annotation> {
+        match &self.annotation {
+            AnnotationColumn::Label => {
+                let label = column(row, LABEL_COLUMN)
+                    .and_then(field_to_label)
+                    .ok_or_else(|| anyhow!("{}: {LABEL_COLUMN:?} is not an integer", at()))?;
+                let label = usize::try_from(label)
+                    .ok()
+                    .filter(|&l| l < classes.len())
+                    .ok_or_else(|| {
+                        anyhow!("{}: label {label} is not in 0..{}", at(), classes.len())
+                    })?;
+                Ok(Annotation::Label(label))
+            }
+            AnnotationColumn::Caption(name) => match column(row, name) {
+                Some(Field::Str(s)) => Ok(Annotation::Caption(s.clone())),
+                _ => bail!("{}: {name:?} is not a string", at()),
+            },
         }
-        let annotation_projection = projection(
-            &reader,
-            &[if by_label {
-                LABEL_COLUMN
-            } else {
-                caption_column
-            }],
-        )?;
-        let image_projection = projection(&reader, &[IMAGE_COLUMN])?;
-        let stem = path
+    }
+
+    /// The rows of row group `group` (its first row is `first_row` of the shard) that the
+    /// per-class limit admits, by offset in the group, with their annotations.
+    fn admitted(
+        &self,
+        group: &dyn ::parquet::file::reader::RowGroupReader,
+        first_row: usize,
+        classes: &[Class],
+        limit: &mut PerClassLimit,
+    ) -> Result<Vec<(usize, Annotation)>> {
+        let mut admitted = Vec::new();
+        let rows = group.get_row_iter(Some(self.annotation_projection.clone()))?;
+        for (offset, row) in rows.enumerate() {
+            let at = || format!("{} row {}", self.path.display(), first_row + offset);
+            let annotation = self.annotation(&row.with_context(at)?, classes, &at)?;
+            if limit.admit(annotation.label()) {
+                admitted.push((offset, annotation));
+            }
+        }
+        Ok(admitted)
+    }
+
+    /// The samples of the `admitted` rows of a row group: their image bytes and captions.
+    fn samples(
+        &self,
+        group: &dyn ::parquet::file::reader::RowGroupReader,
+        first_row: usize,
+        admitted: Vec<(usize, Annotation)>,
+        classes: &[Class],
+        opts: &DatasetOptions,
+    ) -> Result<Vec<Sample>> {
+        let stem = self
+            .path
             .file_stem()
             .and_then(|s| s.to_str())
-            .unwrap_or("shard")
-            .to_string();
+            .unwrap_or("shard");
+        let mut wanted = admitted.into_iter().peekable();
+        let mut samples = Vec::new();
+        let rows = group.get_row_iter(Some(self.image_projection.clone()))?;
+        for (offset, row) in rows.enumerate() {
+            if wanted.peek().is_none() {
+                break;
+            }
+            let Some((_, annotation)) = wanted.next_if(|(o, _)| *o == offset) else {
+                continue;
+            };
+            let row_index = first_row + offset;
+            let origin = format!("{} row {row_index}", self.path.display());
+            let row = row.with_context(|| origin.clone())?;
+            let bytes = column(&row, IMAGE_COLUMN)
+                .and_then(image_bytes)
+                .ok_or_else(|| anyhow!("{origin}: no encoded image bytes in {IMAGE_COLUMN:?}"))?;
+            let (caption, label) = match annotation {
+                Annotation::Label(l) => (opts.prompt.render(&classes[l].label), Some(l)),
+                Annotation::Caption(c) => (c, None),
+            };
+            samples.push(Sample {
+                image: ImageSource::Encoded {
+                    bytes: Arc::from(bytes),
+                    origin,
+                },
+                caption,
+                label,
+                id: format!("{stem}/{row_index}"),
+            });
+        }
+        Ok(samples)
+    }
+}
+
+/// The class names `datasets` embeds in a labelled shard.
+fn embedded_classes(
+    reader: &SerializedFileReader<std::fs::File>,
+    path: &Path,
+) -> Result<Vec<Class>> {
+    let names = embedded_class_names(reader, path)?.ok_or_else(|| {
+        anyhow!(
+            "{} embeds no class names (huggingface features.label.names); pass a classes file",
+            path.display()
+        )
+    })?;
+    Ok(names
+        .iter()
+        .map(|n| Class {
+            name: n.clone(),
+            label: human_label(n),
+        })
+        .collect())
+}
+
+pub fn load(root: &Path, opts: &DatasetOptions) -> Result<Dataset> {
+    let mut classes: Option<Vec<Class>> = match &opts.classes_file {
+        Some(path) => Some(read_classes_file(path)?),
+        None => None,
+    };
+    let mut limit = PerClassLimit::new(opts.limit_per_class);
+    let mut samples = Vec::new();
+    for path in &split_files(root, opts.split)? {
+        let shard = Shard::open(path, opts, &mut classes)?;
+        let known = classes.as_deref().unwrap_or_default();
         let mut first_row = 0usize;
-        for group_index in 0..reader.num_row_groups() {
-            let group = reader.get_row_group(group_index)?;
-            let rows_in_group = usize::try_from(group.metadata().num_rows()).unwrap_or(0);
-            let mut admitted: Vec<(usize, Annotation)> = Vec::new();
-            for (offset, row) in group
-                .get_row_iter(Some(annotation_projection.clone()))?
-                .enumerate()
-            {
-                let row_index = first_row + offset;
-                let at = || format!("{} row {row_index}", path.display());
-                let row = row.with_context(at)?;
-                let annotation = if by_label {
-                    let classes = classes.as_ref().expect("set above when labelled");
-                    let label = column(&row, LABEL_COLUMN)
-                        .and_then(field_to_label)
-                        .ok_or_else(|| anyhow!("{}: {LABEL_COLUMN:?} is not an integer", at()))?;
-                    let label = usize::try_from(label)
-                        .ok()
-                        .filter(|&l| l < classes.len())
-                        .ok_or_else(|| {
-                            anyhow!("{}: label {label} is not in 0..{}", at(), classes.len())
-                        })?;
-                    Annotation::Label(label)
-                } else {
-                    match column(&row, caption_column) {
-                        Some(Field::Str(s)) => Annotation::Caption(s.clone()),
-                        _ => bail!("{}: {caption_column:?} is not a string", at()),
-                    }
-                };
-                let label = match annotation {
-                    Annotation::Label(l) => Some(l),
-                    Annotation::Caption(_) => None,
-                };
-                if limit.admit(label) {
-                    admitted.push((offset, annotation));
-                }
-            }
+        for group_index in 0..shard.reader.num_row_groups() {
+            let group = shard.reader.get_row_group(group_index)?;
+            let admitted = shard.admitted(group.as_ref(), first_row, known, &mut limit)?;
             if !admitted.is_empty() {
-                let mut wanted = admitted.into_iter().peekable();
-                for (offset, row) in group
-                    .get_row_iter(Some(image_projection.clone()))?
-                    .enumerate()
-                {
-                    let Some((_, annotation)) = wanted.next_if(|(o, _)| *o == offset) else {
-                        continue;
-                    };
-                    let row_index = first_row + offset;
-                    let origin = format!("{} row {row_index}", path.display());
-                    let row = row.with_context(|| origin.clone())?;
-                    let bytes = column(&row, IMAGE_COLUMN)
-                        .and_then(image_bytes)
-                        .ok_or_else(|| {
-                            anyhow!("{origin}: no encoded image bytes in {IMAGE_COLUMN:?}")
-                        })?;
-                    let (caption, label) = match annotation {
-                        Annotation::Label(l) => (
-                            opts.prompt
-                                .render(&classes.as_ref().expect("labelled")[l].label),
-                            Some(l),
-                        ),
-                        Annotation::Caption(c) => (c, None),
-                    };
-                    samples.push(Sample {
-                        image: ImageSource::Encoded {
-                            bytes: Arc::from(bytes),
-                            origin,
-                        },
-                        caption,
-                        label,
-                        id: format!("{stem}/{row_index}"),
-                    });
-                }
+                samples.extend(shard.samples(group.as_ref(), first_row, admitted, known, opts)?);
             }
-            first_row += rows_in_group;
+            first_row += usize::try_from(group.metadata().num_rows()).unwrap_or(0);
         }
     }
     Ok(Dataset {

@@ -154,62 +154,8 @@ impl ClipTokenizer {
             .overridden_by(SpecialTokensConfig::read_optional(
                 &dir.join("special_tokens_map.json"),
             )?);
-        let plain = |s: &str| SpecialToken::Content(s.to_string());
-        let bos = config
-            .bos_token
-            .clone()
-            .unwrap_or_else(|| plain(DEFAULT_BOS));
-        let eos = config
-            .eos_token
-            .clone()
-            .unwrap_or_else(|| plain(DEFAULT_EOS));
-        let unk = config
-            .unk_token
-            .clone()
-            .unwrap_or_else(|| plain(DEFAULT_EOS));
-        let pad = config
-            .pad_token
-            .clone()
-            .unwrap_or_else(|| plain(DEFAULT_EOS));
-
-        let bpe = tk(
-            BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
-                .end_of_word_suffix(END_OF_WORD.to_string())
-                .unk_token(unk.content().to_string())
-                .fuse_unk(false)
-                .build(),
-            || {
-                format!(
-                    "loading CLIP BPE from {} and {}",
-                    vocab.display(),
-                    merges.display()
-                )
-            },
-        )?;
-        let mut tokenizer = Tokenizer::new(bpe);
-        tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
-            NFC.into(),
-            tk(
-                Replace::new(ReplacePattern::Regex(r"\s+".into()), " "),
-                || "whitespace rule".into(),
-            )?
-            .into(),
-            Lowercase.into(),
-        ])));
-        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
-            tk(
-                Split::new(
-                    SplitPattern::Regex(CLIP_PATTERN.into()),
-                    SplitDelimiterBehavior::Removed,
-                    true,
-                ),
-                || "CLIP pre-tokenizer pattern".into(),
-            )?
-            .into(),
-            ByteLevel::new(false, true, true).into(),
-        ])));
-        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-
+        let specials = Specials::from_config(&config);
+        let mut tokenizer = clip_bpe(&vocab, &merges, specials.unk.content())?;
         let id_of = |token: &SpecialToken| -> Result<u32> {
             tokenizer.token_to_id(token.content()).with_context(|| {
                 format!(
@@ -219,47 +165,15 @@ impl ClipTokenizer {
                 )
             })
         };
-        let (bos_id, eos_id, pad_id) = (id_of(&bos)?, id_of(&eos)?, id_of(&pad)?);
-        id_of(&unk)?; // BPE emits it for symbols outside the vocab.
-
-        // Every special token is matched in raw text before BPE. transformers registers bos, eos,
-        // unk, pad in that order, and a later declaration of the same text replaces an earlier one
-        // (SD v1's pad "<|endoftext|>" as a bare string makes eos match only verbatim).
-        let mut specials: Vec<&SpecialToken> = Vec::new();
-        for token in [&bos, &eos, &unk, &pad] {
-            match specials.iter().position(|t| t.content() == token.content()) {
-                Some(i) => specials[i] = token,
-                None => specials.push(token),
-            }
-        }
-        let added: Vec<AddedToken> = specials.iter().map(|t| t.added_token()).collect();
-        tokenizer.add_special_tokens(&added);
-        tokenizer.with_post_processor(Some(
-            RobertaProcessing::new(
-                (eos.content().to_string(), eos_id),
-                (bos.content().to_string(), bos_id),
-            )
-            .trim_offsets(false)
-            .add_prefix_space(false),
-        ));
+        let (bos_id, eos_id, pad_id) = (
+            id_of(&specials.bos)?,
+            id_of(&specials.eos)?,
+            id_of(&specials.pad)?,
+        );
+        id_of(&specials.unk)?; // BPE emits it for symbols outside the vocab.
+        specials.register(&mut tokenizer, bos_id, eos_id);
         let max_length = config.max_length();
-        tk(
-            tokenizer.with_truncation(Some(TruncationParams {
-                direction: TruncationDirection::Right,
-                max_length,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-            })),
-            || "truncation".into(),
-        )?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(max_length),
-            direction: PaddingDirection::Right,
-            pad_to_multiple_of: None,
-            pad_id,
-            pad_type_id: 0,
-            pad_token: pad.content().to_string(),
-        }));
+        fix_length(&mut tokenizer, max_length, specials.pad.content(), pad_id)?;
         Ok(Self {
             tokenizer,
             max_length,
@@ -320,4 +234,117 @@ impl ClipTokenizer {
     pub fn pad_id(&self) -> i64 {
         self.pad_id
     }
+}
+
+/// The four special tokens, from a tokenizer folder's config or CLIP's defaults.
+struct Specials {
+    bos: SpecialToken,
+    eos: SpecialToken,
+    unk: SpecialToken,
+    pad: SpecialToken,
+}
+
+impl Specials {
+    fn from_config(config: &SpecialTokensConfig) -> Self {
+        let or = |token: &Option<SpecialToken>, default: &str| {
+            token
+                .clone()
+                .unwrap_or_else(|| SpecialToken::Content(default.to_string()))
+        };
+        Self {
+            bos: or(&config.bos_token, DEFAULT_BOS),
+            eos: or(&config.eos_token, DEFAULT_EOS),
+            unk: or(&config.unk_token, DEFAULT_EOS),
+            pad: or(&config.pad_token, DEFAULT_EOS),
+        }
+    }
+
+    /// Every special token is matched in raw text before BPE. transformers registers bos, eos,
+    /// unk, pad in that order, and a later declaration of the same text replaces an earlier one
+    /// (SD v1's pad "<|endoftext|>" as a bare string makes eos match only verbatim). The post
+    /// processor wraps every encoding in bos ... eos.
+    fn register(&self, tokenizer: &mut Tokenizer, bos_id: u32, eos_id: u32) {
+        let mut specials: Vec<&SpecialToken> = Vec::new();
+        for token in [&self.bos, &self.eos, &self.unk, &self.pad] {
+            match specials.iter().position(|t| t.content() == token.content()) {
+                Some(i) => specials[i] = token,
+                None => specials.push(token),
+            }
+        }
+        let added: Vec<AddedToken> = specials.iter().map(|t| t.added_token()).collect();
+        tokenizer.add_special_tokens(&added);
+        tokenizer.with_post_processor(Some(
+            RobertaProcessing::new(
+                (self.eos.content().to_string(), eos_id),
+                (self.bos.content().to_string(), bos_id),
+            )
+            .trim_offsets(false)
+            .add_prefix_space(false),
+        ));
+    }
+}
+
+/// CLIP's BPE with its normalizer (NFC, whitespace runs to one space, lowercase), pre-tokenizer
+/// (CLIP's split pattern, then byte-level) and decoder.
+fn clip_bpe(vocab: &Path, merges: &Path, unk: &str) -> Result<Tokenizer> {
+    let bpe = tk(
+        BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .end_of_word_suffix(END_OF_WORD.to_string())
+            .unk_token(unk.to_string())
+            .fuse_unk(false)
+            .build(),
+        || {
+            format!(
+                "loading CLIP BPE from {} and {}",
+                vocab.display(),
+                merges.display()
+            )
+        },
+    )?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
+        NFC.into(),
+        tk(
+            Replace::new(ReplacePattern::Regex(r"\s+".into()), " "),
+            || "whitespace rule".into(),
+        )?
+        .into(),
+        Lowercase.into(),
+    ])));
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+        tk(
+            Split::new(
+                SplitPattern::Regex(CLIP_PATTERN.into()),
+                SplitDelimiterBehavior::Removed,
+                true,
+            ),
+            || "CLIP pre-tokenizer pattern".into(),
+        )?
+        .into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(tokenizer)
+}
+
+/// Every encoding truncated and padded to exactly `max_length` ids.
+fn fix_length(tokenizer: &mut Tokenizer, max_length: usize, pad: &str, pad_id: u32) -> Result<()> {
+    tk(
+        tokenizer.with_truncation(Some(TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+        })),
+        || "truncation".into(),
+    )?;
+    tokenizer.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::Fixed(max_length),
+        direction: PaddingDirection::Right,
+        pad_to_multiple_of: None,
+        pad_id,
+        pad_type_id: 0,
+        pad_token: pad.to_string(),
+    }));
+    Ok(())
 }

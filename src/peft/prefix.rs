@@ -143,6 +143,27 @@ impl KvExtension for PrefixKv {
 }
 
 impl Prefix {
+    /// A layer's own key and value prefixes; the value starts at zero in side attention, so the
+    /// tuned U-Net starts as the base.
+    fn direct_source(
+        &self,
+        module: &nn::Path,
+        path: &str,
+        inner: i64,
+        init: &super::InitSeed,
+        trained: &mut Vec<(String, Tensor)>,
+    ) -> Source {
+        let dims = [self.length, inner];
+        let key = init.var(module, "prefix_key", &dims, STANDARD_NORMAL);
+        let value = match self.attention {
+            PrefixAttention::Side => module.zeros("prefix_value", &dims),
+            _ => init.var(module, "prefix_value", &dims, STANDARD_NORMAL),
+        };
+        trained.push((key_name(path), key.shallow_clone()));
+        trained.push((value_name(path), value.shallow_clone()));
+        Source::Direct { key, value }
+    }
+
     /// The selected attention layers' paths and inner widths, in model order.
     fn targets(&self, unet: &mut UNet2DConditionModel) -> Result<Vec<(String, i64)>> {
         let mut layers = Vec::new();
@@ -159,6 +180,81 @@ impl Prefix {
         }
         layers.retain(|(path, _)| self.targets.iter().any(|glob| glob_matches(glob, path)));
         Ok(layers)
+    }
+}
+
+/// The reparameterisation's shared part: the prefix embedding and the hidden layer.
+struct SharedReparam {
+    embedding: Tensor,
+    hidden: (Tensor, Tensor),
+    width: i64,
+}
+
+impl SharedReparam {
+    fn new(
+        params: &nn::Path,
+        init: &super::InitSeed,
+        length: i64,
+        width: i64,
+        trained: &mut Vec<(String, Tensor)>,
+    ) -> Self {
+        let root = nested(params, "prefix_reparam");
+        let embedding = init.var(&root, "embedding", &[length, width], STANDARD_NORMAL);
+        let hidden = nested(params, "prefix_reparam.hidden");
+        let uniform = linear_init(width);
+        let weight = init.var(&hidden, "weight", &[width, width], uniform);
+        let bias = init.var(&hidden, "bias", &[width], uniform);
+        trained.push((EMBEDDING.to_string(), embedding.shallow_clone()));
+        trained.push((HIDDEN_WEIGHT.to_string(), weight.shallow_clone()));
+        trained.push((HIDDEN_BIAS.to_string(), bias.shallow_clone()));
+        Self {
+            embedding,
+            hidden: (weight, bias),
+            width,
+        }
+    }
+
+    /// A layer's key and value projections of the shared hidden layer (the value's at zero when
+    /// `zero_value`).
+    fn source(
+        &self,
+        module: &nn::Path,
+        path: &str,
+        inner: i64,
+        zero_value: bool,
+        init: &super::InitSeed,
+        trained: &mut Vec<(String, Tensor)>,
+    ) -> Source {
+        let mut projection = |part: &str, zero: bool| {
+            let p = module / "prefix_reparam" / part;
+            let draw = match zero {
+                true => nn::Init::Const(0.0),
+                false => linear_init(self.width),
+            };
+            let weight = init.var(&p, "weight", &[inner, self.width], draw);
+            let bias = init.var(&p, "bias", &[inner], draw);
+            let name = |t: &str| reparam_name(path, &format!("{part}.{t}"));
+            trained.push((name("weight"), weight.shallow_clone()));
+            trained.push((name("bias"), bias.shallow_clone()));
+            (weight, bias)
+        };
+        let key = projection("key", false);
+        let value = projection("value", zero_value);
+        Source::Reparam {
+            embedding: self.embedding.shallow_clone(),
+            hidden: (self.hidden.0.shallow_clone(), self.hidden.1.shallow_clone()),
+            key,
+            value,
+        }
+    }
+}
+
+/// torch.nn.Linear's default initialisation for `fan_in` inputs.
+fn linear_init(fan_in: i64) -> nn::Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
     }
 }
 
@@ -188,101 +284,21 @@ impl TuningMethod for Prefix {
         params: nn::Path,
         init: &super::InitSeed,
     ) -> Result<Vec<(String, Tensor)>> {
-        let targets = self.targets(unet)?;
-        let side = self.attention == PrefixAttention::Side;
         let mut trained = Vec::new();
-        let shared = self.reparam_hidden.map(|h| {
-            let embedding = init.var(
-                &nested(&params, "prefix_reparam"),
-                "embedding",
-                &[self.length, h],
-                STANDARD_NORMAL,
-            );
-            let hidden = nested(&params, "prefix_reparam.hidden");
-            let bound = 1.0 / (h as f64).sqrt();
-            let weight = init.var(
-                &hidden,
-                "weight",
-                &[h, h],
-                nn::Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            );
-            let bias = init.var(
-                &hidden,
-                "bias",
-                &[h],
-                nn::Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            );
-            trained.push((EMBEDDING.to_string(), embedding.shallow_clone()));
-            trained.push((HIDDEN_WEIGHT.to_string(), weight.shallow_clone()));
-            trained.push((HIDDEN_BIAS.to_string(), bias.shallow_clone()));
-            (embedding, (weight, bias), h)
-        });
+        let shared = self
+            .reparam_hidden
+            .map(|width| SharedReparam::new(&params, init, self.length, width, &mut trained));
         let mut sources: BTreeMap<String, Source> = BTreeMap::new();
-        for (path, inner) in &targets {
-            let module = nested(&params, path);
+        for (path, inner) in self.targets(unet)? {
+            let module = nested(&params, &path);
             let source = match &shared {
-                None => {
-                    let key = init.var(
-                        &module,
-                        "prefix_key",
-                        &[self.length, *inner],
-                        STANDARD_NORMAL,
-                    );
-                    let value = if side {
-                        module.zeros("prefix_value", &[self.length, *inner])
-                    } else {
-                        init.var(
-                            &module,
-                            "prefix_value",
-                            &[self.length, *inner],
-                            STANDARD_NORMAL,
-                        )
-                    };
-                    trained.push((key_name(path), key.shallow_clone()));
-                    trained.push((value_name(path), value.shallow_clone()));
-                    Source::Direct { key, value }
-                }
-                Some((embedding, (hidden_w, hidden_b), h)) => {
-                    let bound = 1.0 / (*h as f64).sqrt();
-                    let mut projection = |part: &str, zero: bool| {
-                        let p = &module / "prefix_reparam" / part;
-                        let draw = if zero {
-                            nn::Init::Const(0.0)
-                        } else {
-                            nn::Init::Uniform {
-                                lo: -bound,
-                                up: bound,
-                            }
-                        };
-                        let weight = init.var(&p, "weight", &[*inner, *h], draw);
-                        let bias = init.var(&p, "bias", &[*inner], draw);
-                        trained.push((
-                            reparam_name(path, &format!("{part}.weight")),
-                            weight.shallow_clone(),
-                        ));
-                        trained.push((
-                            reparam_name(path, &format!("{part}.bias")),
-                            bias.shallow_clone(),
-                        ));
-                        (weight, bias)
-                    };
-                    let key = projection("key", false);
-                    let value = projection("value", side);
-                    Source::Reparam {
-                        embedding: embedding.shallow_clone(),
-                        hidden: (hidden_w.shallow_clone(), hidden_b.shallow_clone()),
-                        key,
-                        value,
-                    }
+                None => self.direct_source(&module, &path, inner, init, &mut trained),
+                Some(shared) => {
+                    let zero_value = self.attention == PrefixAttention::Side;
+                    shared.source(&module, &path, inner, zero_value, init, &mut trained)
                 }
             };
-            sources.insert(path.clone(), source);
+            sources.insert(path, source);
         }
         install_by_path(
             unet,
