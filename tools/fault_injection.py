@@ -46,7 +46,8 @@ class Bench:
         self.bin = str(Path(binary).resolve())
         self.work = Path(work)
         self.rng = rng
-        self.env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", RUST_BACKTRACE="0")
+        self.kills = 0
 
     def run(self, *args, timeout=600):
         return subprocess.run([self.bin, *args], capture_output=True, text=True,
@@ -71,6 +72,7 @@ class Bench:
         assert ref.returncode == 0, ref.stderr
         self.reference = sha256(self.work / "reference" / "adapter.safetensors")
         self.duration = time.monotonic() - started
+        self.run_bytes, self.cache_bytes = du(self.work / "reference"), du(self.cache)
         print(f"reference run: {STEPS} steps in {self.duration:.1f} s", flush=True)
 
     def train_args(self, out, cache=None, resume=False, extra=()):
@@ -85,6 +87,12 @@ class Bench:
     def spawn_train(self, out, **kw):
         return subprocess.Popen([self.bin, *self.train_args(out, **kw)], env=self.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def du(path):
+    """Bytes of file-system blocks under `path`."""
+    return sum(os.stat(os.path.join(root, f)).st_blocks * 512
+               for root, _, files in os.walk(path) for f in files)
 
 
 def make_image_folder(path, rng):
@@ -148,6 +156,7 @@ def kill_at_random(bench, child):
     time.sleep(bench.rng.uniform(0.0, bench.duration))
     if child.poll() is None:
         child.send_signal(signal.SIGKILL)
+        bench.kills += 1
     child.wait()
 
 
@@ -272,10 +281,14 @@ def scenario_diskfull(bench, cycle):
         return "skip", f"cannot mount a tmpfs ({why})"
     try:
         out, cache = mnt / "run", mnt / "cache"
+        needed = bench.run_bytes
         if bench.rng.random() < 0.5:
             shutil.copytree(bench.cache, cache)
-        # Between nothing and a few checkpoints' worth (the LoRA checkpoint is ~100 KB).
-        filler = fill(mnt, bench.rng.randrange(0, 600_000))
+        else:
+            needed += bench.cache_bytes
+        # Less room than the run (and the cache build) needs, so that the disk fills at a random
+        # point of it: most cycles end in a full disk.
+        filler = fill(mnt, bench.rng.randrange(0, needed))
         full = bench.train(out, cache=cache)
         problems = []
         if full.returncode == 101 or "panicked" in full.stderr:
@@ -286,8 +299,10 @@ def scenario_diskfull(bench, cycle):
             if check.returncode != 0:
                 problems.append(f"{ckpt.name} does not verify after the disk filled")
         filler.unlink()
+        error = [line for line in full.stderr.splitlines() if line.startswith("Error")] or [""]
+        print(f"  diskfull {cycle}: exit {full.returncode} {error[0][:200]}", flush=True)
         if full.returncode == 0:
-            return problems + finished_run_problems(bench, out) or ("ok-no-fill", "")
+            return problems + finished_run_problems(bench, out)
         error = resume_until_done(bench, out, kills_left=0)
         return [error] if error else problems + finished_run_problems(bench, out)
     finally:
@@ -318,20 +333,18 @@ def main():
             for cycle in range(args.cycles):
                 result = SCENARIOS[name](bench, cycle)
                 if isinstance(result, tuple):
-                    status, note = result
-                    if status == "skip":
-                        counts["skipped"] += 1
-                        print(f"{name} {cycle}: skipped: {note}", flush=True)
-                        break
-                    counts["ok"] += 1
-                    print(f"{name} {cycle}: ok (the disk did not fill)", flush=True)
-                elif result:
+                    counts["skipped"] += 1
+                    print(f"{name} {cycle}: skipped: {result[1]}", flush=True)
+                    break
+                if result:
                     counts["failed"] += 1
                     print(f"{name} {cycle}: FAILED: {'; '.join(result)}", flush=True)
                 else:
                     counts["ok"] += 1
                     print(f"{name} {cycle}: ok", flush=True)
             failed += counts["failed"]
+            if name == "kill":
+                print(f"   ({bench.kills} SIGKILLs landed on a running train)", flush=True)
             print(f"== {name}: {counts['ok']} ok, {counts['failed']} failed, "
                   f"{counts['skipped']} skipped", flush=True)
     finally:

@@ -29,10 +29,10 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens `path` for appending. When resuming from step `keep_through`, lines after that
-    /// step's (written after that checkpoint by the interrupted run, or torn by a kill) are cut
-    /// off first, so the log has exactly one line per step; a fresh run (`keep_through` 0) starts
-    /// an empty log. The file is cut in place, never copied, so a kill leaves no second copy.
+    /// Opens `path` for appending. When resuming from step `keep_through`, the log is cut after
+    /// that step's line (dropping what the interrupted run logged after its checkpoint, and a line
+    /// torn by a kill), so it has exactly one line per step; a fresh run (`keep_through` 0) starts
+    /// an empty log. The file is cut in place: no temp copy of it exists for a kill to leave behind.
     pub fn open(path: &Path, keep_through: usize) -> Result<Self> {
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -45,7 +45,7 @@ impl MetricsLog {
             let mut bytes = Vec::new();
             file.read_to_end(&mut bytes)
                 .with_context(|| format!("reading {}", path.display()))?;
-            // Whole lines, one per step from step 1, up to `keep_through`.
+            // The leading whole lines of steps up to `keep_through`.
             for line in bytes.split_inclusive(|&b| b == b'\n') {
                 let step = serde_json::from_slice::<StepMetrics>(line).map(|m| m.step);
                 if !line.ends_with(b"\n") || !step.is_ok_and(|s| s <= keep_through) {
