@@ -7,6 +7,7 @@ use difftune::train::config::{DeviceChoice, RunConfig};
 use difftune::train::metrics::MetricsLog;
 use difftune::train::trainer::{ADAPTER_FILE, CHECKPOINTS_DIR, METRICS_FILE};
 use difftune::train::{train, TrainOptions};
+use difftune::util::lock::DirLock;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -318,4 +319,60 @@ fn seeds_beyond_a_toml_integer_are_refused_clearly() {
     config.train.seed = i64::MAX as u64;
     let back = RunConfig::from_toml(&config.to_toml().unwrap()).unwrap();
     assert_eq!(back.train.seed, i64::MAX as u64);
+}
+
+/// `compare` is refused a folder another process holds, naming it.
+#[test]
+fn compare_refuses_a_folder_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = DirLock::acquire(dir.path(), "train").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args(["compare", "--out", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    let pid = std::process::id();
+    assert!(
+        stderr.contains(&format!("in use by difftune train (PID {pid})")),
+        "{stderr}"
+    );
+}
+
+/// A cache build waits (saying for whom) while another process builds the same folder, then
+/// goes on.
+#[test]
+fn a_cache_build_waits_for_the_process_building_its_folder() {
+    let fx = {
+        let _guard = serial();
+        Fixture::new()
+    };
+    let cache = fx.root.join("shared-cache");
+    let held = DirLock::acquire(&cache, "cache").unwrap();
+    let log = fx.root.join("cache.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .arg("cache")
+        .args(["--model", fx.model.to_str().unwrap()])
+        .args(["--data", fx.data.to_str().unwrap()])
+        .args(["--out", cache.to_str().unwrap()])
+        .args(["--resolution", "64", "--device", "cpu"])
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let waiting = format!("waiting for difftune cache (PID {})", std::process::id());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log).unwrap().contains(&waiting) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the build did not wait"
+        );
+        assert!(Instant::now() < deadline, "no waiting message in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!cache.join("manifest.json").exists());
+    drop(held);
+    assert!(child.wait().unwrap().success());
+    assert!(cache.join("manifest.json").is_file());
 }

@@ -267,10 +267,13 @@ pub fn save(
         .prefix(TEMP_PREFIX)
         .tempdir_in(root)
         .with_context(|| format!("creating a temp folder in {}", root.display()))?;
-    save_tensors(&temp.path().join(TRAINABLE_FILE), trainable, None)?;
-    save_tensors(&temp.path().join(OPTIMIZER_FILE), optimizer, None)?;
-    write_json(&temp.path().join(STATE_FILE), state)?;
-    write_checksums(temp.path())?;
+    let write = || -> Result<()> {
+        save_tensors(&temp.path().join(TRAINABLE_FILE), trainable, None)?;
+        save_tensors(&temp.path().join(OPTIMIZER_FILE), optimizer, None)?;
+        write_json(&temp.path().join(STATE_FILE), state)?;
+        write_checksums(temp.path())
+    };
+    write().with_context(|| format!("saving checkpoint {}", final_dir.display()))?;
     replace_dir(&temp.keep(), &final_dir)?;
     sync_dir(root)?;
     let all = list(root)?;
