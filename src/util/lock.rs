@@ -5,6 +5,8 @@
 //! releases it when its process ends however it ends, so a `kill -9` never leaves a folder locked.
 //! The file records the holder's PID and command for the message of whoever is refused; a
 //! record still there when the lock is free is what a killed holder left, and is taken over.
+//! Taking the lock also removes the temp files that writes killed midway left in the folder (only
+//! the holder writes there, so none of them belongs to a live writer).
 use anyhow::{bail, Context, Result};
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
