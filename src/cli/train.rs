@@ -41,8 +41,8 @@ pub struct TrainArgs {
     /// Learning rate (train.learning_rate).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Seed (train.seed).
-    #[arg(long)]
+    /// Seed (train.seed): 0 to 2^63-1, the range of a TOML integer (run.toml records it).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64))]
     pub seed: Option<u64>,
     /// Fail on an unreadable image instead of skipping it.
     #[arg(long)]

@@ -96,6 +96,7 @@ macro_rules! or_interrupted {
 pub fn run(opts: &CompareOptions) -> Result<Outcome> {
     let config = &opts.config;
     config.validate()?;
+    let _lock = crate::util::lock::DirLock::acquire(&opts.out, "compare")?;
     let study = Study {
         config,
         opts,

@@ -16,7 +16,7 @@ use super::images::{
 use super::{Dataset, DatasetOptions, ImageSource, PromptTemplate, Split};
 use crate::model::source::{fingerprint, ModelFiles};
 use crate::model::weights::{save_tensors, MappedSafetensors};
-use crate::util::fs::write_json;
+use crate::util::fs::{hex, sha256_file, write_json};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -220,26 +220,6 @@ pub struct CacheReport {
     pub samples: usize,
 }
 
-/// SHA-256 of a file's bytes, hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut file, &mut buffer)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            return Ok(hex(&hasher.finalize()));
-        }
-        hasher.update(&buffer[..n]);
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Whether `file` in `dir` is present with its recorded checksum.
 fn verify(dir: &Path, file: &CacheFile) -> Result<()> {
     let path = dir.join(&file.file);
@@ -303,6 +283,7 @@ fn shard_file_name(index: usize) -> String {
 /// Builds the cache of `dataset_path` for `model` in `dir`, reusing whatever valid part of an
 /// earlier cache matches; returns the manifest. Images that cannot be loaded are reported on
 /// stderr with their path and skipped (an error in strict mode, after saving the shards done).
+/// The folder is locked while it is built: another process building it is waited for.
 pub fn build(
     model: &ModelFiles,
     dataset_path: &Path,
@@ -345,7 +326,8 @@ pub fn build(
         jpeg_decoder: JPEG_DECODER.into(),
         exif_orientation: settings.decode.exif_orientation,
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Another process building this cache is waited for; what it built is then reused.
+    let _lock = crate::util::lock::DirLock::acquire_waiting(dir, "cache")?;
     let mut report = CacheReport::default();
 
     let mut prompts: Vec<String> = Vec::new();

@@ -254,6 +254,7 @@ impl Lora {
             let rank = self.rank_for(&path)?;
             let scale = self.alpha_for(&path, rank)? / rank as f64;
             let weight_shape = weight.size();
+            ensure_rank_fits(&path, rank, &weight_shape)?;
             targets.push(Target {
                 path,
                 rank,
@@ -270,6 +271,20 @@ impl Lora {
         }
         Ok(targets)
     }
+}
+
+/// Errors when `rank` exceeds what the layer at `path` (weight `[out, in]` or `[out, in, k, k]`)
+/// can hold: `B·A` has rank at most min(out, in·k·k), so more adds parameters, never capacity.
+fn ensure_rank_fits(path: &str, rank: i64, weight_shape: &[i64]) -> Result<()> {
+    let (outputs, inputs) = (weight_shape[0], weight_shape[1..].iter().product::<i64>());
+    if rank > outputs.min(inputs) {
+        bail!(
+            "LoRA rank {rank} is larger than layer `{path}` ({outputs} outputs, {inputs} inputs) can use: \
+             its update has rank at most {}; lower `rank`, or give this layer a smaller one with `rank_pattern`",
+            outputs.min(inputs)
+        );
+    }
+    Ok(())
 }
 
 /// The extension of one layer, before it is attached.

@@ -95,6 +95,13 @@ impl Batches {
             "the cache in {} holds no samples",
             dir.display()
         );
+        ensure!(
+            batch_size <= cache.len(),
+            "batch_size {batch_size} is larger than the {} samples of the cache in {}: a batch would \
+             hold a sample twice; lower the batch size",
+            cache.len(),
+            dir.display()
+        );
         Ok(Self {
             order: DataOrder::new(seed, cache.len()),
             cache,

@@ -1,10 +1,19 @@
 //! Training checkpoints: `checkpoints/step-NNNNNNNN/` holding the trainable weights
-//! (`trainable.safetensors`), the optimizer state (`optimizer.safetensors`) and `state.json`
-//! (step, seed, data position, method, base model, the run config). Each is written to a temp
-//! folder and renamed into place, so a kill leaves either the whole checkpoint or none; only the
-//! last few are kept.
+//! (`trainable.safetensors`), the optimizer state (`optimizer.safetensors`), `state.json` (step,
+//! seed, data position, method, base model, the run config) and `SHA256SUMS`, the checksum of each
+//! of those three in `sha256sum`'s format (`sha256sum -c SHA256SUMS` checks one by hand). A
+//! checkpoint is written to a temp folder and renamed into place (replacing one of the same step in
+//! one exchange), so a kill leaves either the whole checkpoint or none; only the last few are kept.
+//!
+//! Resuming trusts only a checkpoint whose files all match their checksums: the newest such one is
+//! used, and newer ones that fail are moved aside (`rejected-step-NNNNNNNN`) with a message naming
+//! each and why. A checkpoint without `SHA256SUMS` (written before checkpoints carried checksums)
+//! is refused the same way; writing its `SHA256SUMS` by hand vouches for it.
 use crate::model::weights::{read_all, save_tensors};
-use anyhow::{bail, Context, Result};
+use crate::util::fs::{
+    read_json, replace_dir, sha256_file, sync_dir, write_atomic_str, write_json,
+};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,9 +21,13 @@ use tch::Tensor;
 
 const PREFIX: &str = "step-";
 const TEMP_PREFIX: &str = ".tmp-";
+const REJECTED_PREFIX: &str = "rejected-";
 const STATE_FILE: &str = "state.json";
 const TRAINABLE_FILE: &str = "trainable.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const CHECKSUMS_FILE: &str = "SHA256SUMS";
+/// The files `SHA256SUMS` covers: all of a checkpoint's others.
+const CHECKED_FILES: [&str; 3] = [TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE];
 
 /// What `state.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -32,7 +45,7 @@ pub struct CheckpointState {
     pub config: String,
 }
 
-/// A checkpoint folder on disk.
+/// A checkpoint folder on disk whose files matched their checksums when it was opened.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -48,12 +61,62 @@ impl Checkpoint {
         read_all(&self.dir.join(OPTIMIZER_FILE))
     }
 
-    fn open(dir: &Path) -> Result<Self> {
+    /// Opens the checkpoint in `dir`, or says why it cannot be trusted.
+    pub fn open_verified(dir: &Path) -> Result<Self> {
+        verify_checksums(dir)?;
+        let state: CheckpointState = read_json(&dir.join(STATE_FILE))?;
+        let named = dir.file_name().and_then(|n| n.to_str()).and_then(step_of);
+        ensure!(
+            named == Some(state.step),
+            "its {STATE_FILE} records step {}, not the step its folder is named after",
+            state.step
+        );
         Ok(Self {
             dir: dir.to_path_buf(),
-            state: crate::util::fs::read_json(&dir.join(STATE_FILE))?,
+            state,
         })
     }
+}
+
+/// Checks every file of the checkpoint in `dir` against its `SHA256SUMS`.
+fn verify_checksums(dir: &Path) -> Result<()> {
+    let sums = dir.join(CHECKSUMS_FILE);
+    if !sums.is_file() {
+        bail!(
+            "it has no {CHECKSUMS_FILE}: written by a difftune that recorded no checkpoint checksums, \
+             it cannot be verified (to vouch for it: cd {} && sha256sum {} > {CHECKSUMS_FILE})",
+            dir.display(),
+            CHECKED_FILES.join(" ")
+        );
+    }
+    let text =
+        std::fs::read_to_string(&sums).with_context(|| format!("reading {}", sums.display()))?;
+    // `HASH  NAME` (or `HASH *NAME`, sha256sum's binary mode).
+    let recorded: BTreeMap<&str, &str> = text
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(hash, name)| (name.trim_start_matches([' ', '*']), hash))
+        .collect();
+    for name in CHECKED_FILES {
+        let expected = recorded
+            .get(name)
+            .with_context(|| format!("its {CHECKSUMS_FILE} has no checksum of {name}"))?;
+        let actual = sha256_file(&dir.join(name))?;
+        ensure!(
+            actual == *expected,
+            "{name} does not match its checksum (damaged)"
+        );
+    }
+    Ok(())
+}
+
+/// Records the checksum of each of a checkpoint's files in its `SHA256SUMS`.
+fn write_checksums(dir: &Path) -> Result<()> {
+    let mut text = String::new();
+    for name in CHECKED_FILES {
+        text += &format!("{}  {name}\n", sha256_file(&dir.join(name))?);
+    }
+    write_atomic_str(&dir.join(CHECKSUMS_FILE), &text)
 }
 
 fn step_of(name: &str) -> Option<usize> {
@@ -76,19 +139,120 @@ fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
-/// The checkpoint with the most steps under `root`, if any.
-pub fn latest(root: &Path) -> Result<Option<Checkpoint>> {
-    match list(root)?.pop() {
-        Some((_, dir)) => {
-            Ok(Some(Checkpoint::open(&dir).with_context(|| {
-                format!("checkpoint {}", dir.display())
-            })?))
-        }
-        None => Ok(None),
-    }
+/// Whether `root` holds any checkpoint folder, verified or not.
+pub fn any(root: &Path) -> Result<bool> {
+    Ok(!list(root)?.is_empty())
 }
 
-/// Writes a checkpoint under `root` and deletes all but the newest `keep`.
+/// A checkpoint folder that failed verification, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub dir: PathBuf,
+    pub reason: String,
+}
+
+/// The checkpoints under a folder as resuming sees them: the newest one that verifies, and the
+/// newer ones that did not (newest first).
+#[derive(Debug)]
+pub struct Scan {
+    pub newest: Option<Checkpoint>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Verifies the checkpoints under `root` from the newest down, up to the first that is intact.
+/// Reads only.
+pub fn scan(root: &Path) -> Result<Scan> {
+    let mut rejected = Vec::new();
+    for (_, dir) in list(root)?.into_iter().rev() {
+        match Checkpoint::open_verified(&dir) {
+            Ok(found) => {
+                return Ok(Scan {
+                    newest: Some(found),
+                    rejected,
+                })
+            }
+            Err(e) => rejected.push(Rejected {
+                dir,
+                reason: format!("{e:#}"),
+            }),
+        }
+    }
+    Ok(Scan {
+        newest: None,
+        rejected,
+    })
+}
+
+/// The newest checkpoint under `root` whose files verify, if any.
+pub fn latest(root: &Path) -> Result<Option<Checkpoint>> {
+    Ok(scan(root)?.newest)
+}
+
+/// The checkpoint a resumed run continues from: the newest under `root` whose files verify
+/// (`None` when there is no checkpoint). Newer ones that fail are moved aside, so that the resumed
+/// run's own checkpoints are never pruned in their favour, and each is named on stderr with why.
+/// When checkpoints exist but none verifies, the error names them all and nothing is moved.
+pub fn resume_point(root: &Path) -> Result<Option<Checkpoint>> {
+    let Scan { newest, rejected } = scan(root)?;
+    let Some(newest) = newest else {
+        if rejected.is_empty() {
+            return Ok(None);
+        }
+        let reasons: Vec<String> = rejected
+            .iter()
+            .map(|r| format!("  {}: {}", r.dir.display(), r.reason))
+            .collect();
+        bail!(
+            "no checkpoint in {} can be trusted, so the run cannot resume:\n{}\n(move them away to start the run over)",
+            root.display(),
+            reasons.join("\n")
+        );
+    };
+    for skipped in &rejected {
+        let aside = set_aside(&skipped.dir)?;
+        eprintln!(
+            "difftune: skipped checkpoint {} ({}); moved it to {}",
+            skipped.dir.display(),
+            skipped.reason,
+            aside.display()
+        );
+    }
+    if !rejected.is_empty() {
+        eprintln!("difftune: resuming from {}", newest.dir.display());
+    }
+    Ok(Some(newest))
+}
+
+/// Renames a rejected checkpoint folder `step-N` to `rejected-step-N` (with a number after it
+/// when that name is taken), out of the checkpoints resuming and pruning see.
+fn set_aside(dir: &Path) -> Result<PathBuf> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let mut aside = dir.with_file_name(format!("{REJECTED_PREFIX}{name}"));
+    for n in 2.. {
+        if !aside.exists() {
+            break;
+        }
+        aside = dir.with_file_name(format!("{REJECTED_PREFIX}{name}-{n}"));
+    }
+    std::fs::rename(dir, &aside)
+        .with_context(|| format!("moving {} to {}", dir.display(), aside.display()))?;
+    Ok(aside)
+}
+
+/// Removes the temp folders of saves killed midway.
+fn remove_temp_folders(root: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint under `root` (replacing one of the same step) and deletes all but the
+/// newest `keep`.
 pub fn save(
     root: &Path,
     state: &CheckpointState,
@@ -97,29 +261,21 @@ pub fn save(
     keep: usize,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    // Temp folders of a run killed while saving.
-    for entry in std::fs::read_dir(root)? {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-            std::fs::remove_dir_all(entry.path())
-                .with_context(|| format!("removing {}", entry.path().display()))?;
-        }
-    }
+    remove_temp_folders(root)?;
     let final_dir = root.join(format!("{PREFIX}{:08}", state.step));
     let temp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
         .tempdir_in(root)
         .with_context(|| format!("creating a temp folder in {}", root.display()))?;
-    save_tensors(&temp.path().join(TRAINABLE_FILE), trainable, None)?;
-    save_tensors(&temp.path().join(OPTIMIZER_FILE), optimizer, None)?;
-    crate::util::fs::write_json(&temp.path().join(STATE_FILE), state)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)
-            .with_context(|| format!("replacing {}", final_dir.display()))?;
-    }
-    let temp = temp.keep();
-    std::fs::rename(&temp, &final_dir)
-        .with_context(|| format!("renaming {} to {}", temp.display(), final_dir.display()))?;
+    let write = || -> Result<()> {
+        save_tensors(&temp.path().join(TRAINABLE_FILE), trainable, None)?;
+        save_tensors(&temp.path().join(OPTIMIZER_FILE), optimizer, None)?;
+        write_json(&temp.path().join(STATE_FILE), state)?;
+        write_checksums(temp.path())
+    };
+    write().with_context(|| format!("saving checkpoint {}", final_dir.display()))?;
+    replace_dir(&temp.keep(), &final_dir)?;
+    sync_dir(root)?;
     let all = list(root)?;
     if all.len() > keep {
         for (_, dir) in &all[..all.len() - keep] {
@@ -170,4 +326,74 @@ pub fn ensure_compatible(checkpoint: &CheckpointState, current: &CheckpointState
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: usize) -> CheckpointState {
+        CheckpointState {
+            step,
+            samples_seen: step * 4,
+            epoch: 0,
+            seed: 0,
+            method: "bitfit".into(),
+            base_unet: "unet".into(),
+            config: String::new(),
+        }
+    }
+
+    fn save_values(root: &Path, step: usize, value: f64) -> PathBuf {
+        let weights = [("w".to_string(), Tensor::from_slice(&[value as f32; 3]))];
+        save(root, &state(step), &weights, &[], 2).unwrap()
+    }
+
+    #[test]
+    fn a_checkpoint_saved_again_at_its_step_is_replaced_whole() {
+        let root = tempfile::tempdir().unwrap();
+        save_values(root.path(), 3, 1.0);
+        let dir = save_values(root.path(), 3, 2.0);
+        let found = latest(root.path()).unwrap().unwrap();
+        assert_eq!(found.dir, dir);
+        let w = &found.trainable().unwrap()["w"];
+        assert_eq!(w.double_value(&[0]), 2.0);
+        let names: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["step-00000003"]);
+    }
+
+    #[test]
+    fn checksums_cover_every_file_and_name_what_failed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = save_values(root.path(), 1, 1.0);
+        let sums = std::fs::read_to_string(dir.join(CHECKSUMS_FILE)).unwrap();
+        assert_eq!(sums.lines().count(), CHECKED_FILES.len(), "{sums}");
+        assert!(Checkpoint::open_verified(&dir).is_ok());
+        // sha256sum's binary-mode lines (`HASH *NAME`) are read too.
+        std::fs::write(dir.join(CHECKSUMS_FILE), sums.replace("  ", " *")).unwrap();
+        assert!(Checkpoint::open_verified(&dir).is_ok());
+
+        std::fs::write(dir.join(OPTIMIZER_FILE), b"").unwrap();
+        let err = format!("{:#}", Checkpoint::open_verified(&dir).unwrap_err());
+        assert!(
+            err.contains("optimizer.safetensors does not match its checksum"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.join(CHECKSUMS_FILE)).unwrap();
+        let err = format!("{:#}", Checkpoint::open_verified(&dir).unwrap_err());
+        assert!(err.contains("no SHA256SUMS"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_renamed_to_another_step_is_not_trusted() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = save_values(root.path(), 1, 1.0);
+        let moved = root.path().join("step-00000005");
+        std::fs::rename(&dir, &moved).unwrap();
+        let err = format!("{:#}", Checkpoint::open_verified(&moved).unwrap_err());
+        assert!(err.contains("records step 1"), "{err}");
+    }
 }

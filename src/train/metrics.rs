@@ -2,7 +2,7 @@
 //! peak memory.
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// One line of `metrics.jsonl`.
@@ -46,27 +46,33 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens `path` for appending. When resuming from step `keep_through`, lines of later steps
-    /// (written after that checkpoint by the interrupted run) are dropped first, so the log has
-    /// exactly one line per step; a fresh run (`keep_through` 0) starts an empty log.
+    /// Opens `path` for appending. When resuming from step `keep_through`, the log is cut after
+    /// that step's line (dropping what the interrupted run logged after its checkpoint, and a line
+    /// torn by a kill), so it has exactly one line per step; a fresh run (`keep_through` 0) starts
+    /// an empty log. The file is cut in place: no temp copy of it exists for a kill to leave behind.
     pub fn open(path: &Path, keep_through: usize) -> Result<Self> {
-        let kept = if keep_through == 0 || !path.exists() {
-            String::new()
-        } else {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            text.lines()
-                .filter(|line| {
-                    serde_json::from_str::<StepMetrics>(line).is_ok_and(|m| m.step <= keep_through)
-                })
-                .map(|line| format!("{line}\n"))
-                .collect()
-        };
-        crate::util::fs::write_atomic_str(path, &kept)?;
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
             .append(true)
+            .create(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
+        let mut kept = 0;
+        if keep_through > 0 {
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)
+                .with_context(|| format!("reading {}", path.display()))?;
+            // The leading whole lines of steps up to `keep_through`.
+            for line in bytes.split_inclusive(|&b| b == b'\n') {
+                let step = serde_json::from_slice::<StepMetrics>(line).map(|m| m.step);
+                if !line.ends_with(b"\n") || !step.is_ok_and(|s| s <= keep_through) {
+                    break;
+                }
+                kept += line.len();
+            }
+        }
+        file.set_len(kept as u64)
+            .with_context(|| format!("truncating {}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
             file,

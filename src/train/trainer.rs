@@ -76,18 +76,19 @@ fn uses_autocast(precision: Precision, device: Device) -> Result<bool> {
     })
 }
 
-/// Creates the output folder and writes the run config; returns the newest checkpoint when the
-/// run is to resume from it. Checkpoints in a folder that is not resumed are an error.
+/// Creates the output folder and writes the run config; returns the newest verified checkpoint
+/// when the run is to resume from it. Checkpoints in a folder that is not resumed are an error.
 fn open_run_folder(opts: &TrainOptions, config_text: &str) -> Result<Option<Checkpoint>> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    let latest = checkpoint::latest(&opts.out.join(CHECKPOINTS_DIR))?;
-    if latest.is_some() && !opts.resume {
+    let checkpoints = opts.out.join(CHECKPOINTS_DIR);
+    if checkpoint::any(&checkpoints)? && !opts.resume {
         bail!(
             "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
             opts.out.display()
         );
     }
+    let latest = checkpoint::resume_point(&checkpoints)?;
     crate::util::fs::write_atomic_str(&opts.out.join(RUN_CONFIG_FILE), config_text)?;
     Ok(latest)
 }
@@ -102,7 +103,6 @@ fn open_run_folder(opts: &TrainOptions, config_text: &str) -> Result<Option<Chec
 /// - EMA weights: updated in [`Trainer::step`] after the optimizer, saved by [`Trainer::save`];
 /// - prefetching: [`Batches::read`] is the CPU part of a forward pass's input (no random draw),
 ///   so a background thread can read the next one while [`Trainer::step`] computes;
-/// - checkpoint verification with fallback to an older one: [`Trainer::restore`];
 /// - signals: whatever sets [`TrainOptions::interrupt`] (the CLI's handler) stops the loop.
 pub struct Trainer<'a> {
     opts: &'a TrainOptions,
@@ -406,6 +406,7 @@ fn due(step: usize, every: usize) -> bool {
 
 /// Runs (or resumes) a training run. See [`TrainOptions`].
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    let _lock = crate::util::lock::DirLock::acquire(&opts.out, "train")?;
     let train = &opts.config.train;
     let mut trainer = Trainer::setup(opts)?;
     trainer.restore()?;

@@ -12,7 +12,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".difftune-tmp-")
+        .prefix(TEMP_FILE_PREFIX)
         .tempfile_in(dir)
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
     tmp.write_all(bytes)
@@ -48,4 +48,116 @@ pub fn set_json_field<T: serde::Serialize>(path: &Path, field: &str, value: T) -
     let mut json: serde_json::Value = read_json(path)?;
     json[field] = serde_json::to_value(value)?;
     write_json(path, &json)
+}
+
+/// The name prefix of [`write_atomic`]'s temp files.
+pub const TEMP_FILE_PREFIX: &str = ".difftune-tmp-";
+
+/// Removes the temp files that [`write_atomic`] calls killed mid-write left in `dir` (not in its
+/// subfolders); returns how many. Only safe for a folder no other process is writing into, such
+/// as one whose [`crate::util::lock::DirLock`] the caller holds.
+pub fn remove_leftover_temps(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let leftover = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TEMP_FILE_PREFIX)
+            && entry.file_type()?.is_file();
+        if leftover {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// SHA-256 of a file's bytes, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buffer)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(hex(&hasher.finalize()));
+        }
+        hasher.update(&buffer[..n]);
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Flushes `dir`'s entries (a rename into it) to disk.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Moves the folder `from` to `to`, replacing a folder already at `to` in one step: the two are
+/// exchanged (Linux `renameat2(RENAME_EXCHANGE)`) and the old one, now at `from`, is removed, so
+/// `to` is never missing or half-written. Where the file system cannot exchange, the old folder is
+/// first moved aside to `from` + `-replaced` (a kill between the two renames leaves `to` missing,
+/// never mixed; the old folder then sits beside `from`, under its temp name).
+pub fn replace_dir(from: &Path, to: &Path) -> Result<()> {
+    let context = || format!("renaming {} to {}", from.display(), to.display());
+    if !to.exists() {
+        return std::fs::rename(from, to).with_context(context);
+    }
+    let old = match exchange(from, to) {
+        Ok(()) => from.to_path_buf(),
+        Err(_) => {
+            let mut aside = from.as_os_str().to_owned();
+            aside.push("-replaced");
+            let aside = std::path::PathBuf::from(aside);
+            std::fs::rename(to, &aside).with_context(context)?;
+            std::fs::rename(from, to).with_context(context)?;
+            aside
+        }
+    };
+    std::fs::remove_dir_all(&old)
+        .with_context(|| format!("removing the replaced folder, now at {}", old.display()))
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    Ok(renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_dir_swaps_in_the_new_folder_and_removes_the_old() {
+        let root = tempfile::tempdir().unwrap();
+        let (new, target) = (root.path().join(".new"), root.path().join("target"));
+        for (dir, text) in [(&new, "new"), (&target, "old")] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("file"), text).unwrap();
+        }
+        std::fs::write(target.join("only-old"), "").unwrap();
+        replace_dir(&new, &target).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("file")).unwrap(), "new");
+        assert!(!target.join("only-old").exists() && !new.exists());
+        let fresh = root.path().join("fresh");
+        std::fs::create_dir(&new).unwrap();
+        replace_dir(&new, &fresh).unwrap();
+        assert!(fresh.is_dir() && !new.exists());
+    }
 }

@@ -1,5 +1,6 @@
 //! Small shared utilities.
 pub mod device;
 pub mod fs;
+pub mod lock;
 pub mod stats;
 pub mod tensor;

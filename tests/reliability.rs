@@ -1,0 +1,378 @@
+//! Nothing lost, nothing silently wrong (issue 16): damaged checkpoints are never used and an
+//! intact older one is resumed instead; one run folder has one writer at a time; settings no
+//! user means are refused; no temp copy of a file outlives the write that made it.
+use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
+use difftune::train::checkpoint;
+use difftune::train::config::{DeviceChoice, RunConfig};
+use difftune::train::metrics::MetricsLog;
+use difftune::train::trainer::{ADAPTER_FILE, CHECKPOINTS_DIR, METRICS_FILE};
+use difftune::train::{train, TrainOptions};
+use difftune::util::lock::DirLock;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Training re-seeds torch's process-wide generator; tests that train in-process take turns.
+static TORCH_RNG: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::set_num_threads(1);
+    guard
+}
+
+/// The tiny model and a 4-class dataset of 8 training images per class (32 samples) at 64 px.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    data: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let model = root.join("model");
+        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+        let data = root.join("data");
+        let spec = SyntheticSpec {
+            classes: 4,
+            train_per_class: 8,
+            test_per_class: 1,
+            resolution: 64,
+            ..Default::default()
+        };
+        generate_food101_like(&data, &spec).unwrap();
+        Self {
+            _dir: dir,
+            root,
+            model,
+            data,
+        }
+    }
+
+    fn config(&self, method: &str, steps: usize) -> RunConfig {
+        let mut config = RunConfig::for_method(method);
+        let t = &mut config.train;
+        t.steps = steps;
+        t.batch_size = 4;
+        t.learning_rate = 1e-3;
+        t.resolution = 64;
+        t.checkpoint_every = 0;
+        t.device = DeviceChoice::Cpu;
+        config
+    }
+
+    fn options(&self, config: RunConfig, out: &str) -> TrainOptions {
+        TrainOptions {
+            model: self.model.display().to_string(),
+            data: self.data.clone(),
+            cache: Some(self.root.join("cache")),
+            out: self.root.join(out),
+            config,
+            resume: false,
+            strict: false,
+            stop_after: None,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            progress: false,
+        }
+    }
+
+    /// `difftune train` on this fixture with the config in `config_file`, into `out`.
+    fn cli(&self, config_file: &Path, out: &str) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_difftune"));
+        command
+            .arg("train")
+            .args(["--model", self.model.to_str().unwrap()])
+            .args(["--data", self.data.to_str().unwrap()])
+            .args(["--cache", self.root.join("cache").to_str().unwrap()])
+            .args(["--config", config_file.to_str().unwrap()])
+            .args(["--out", self.root.join(out).to_str().unwrap()])
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+fn flip_last_bit(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn step_dir(out: &Path, step: usize) -> PathBuf {
+    out.join(CHECKPOINTS_DIR).join(format!("step-{step:08}"))
+}
+
+/// A flipped bit in the newest checkpoint: resuming skips it (moved aside, named with why) and
+/// continues from the previous one, ending bit-identical to a resume from that one alone.
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let mut config = fx.config("bitfit", 6);
+    config.train.checkpoint_every = 2;
+    let mut first = fx.options(config.clone(), "damaged");
+    first.stop_after = Some(4);
+    assert_eq!(train(&first).unwrap().step, 4);
+    let (damaged, clean) = (fx.root.join("damaged"), fx.root.join("clean"));
+    copy_tree(&damaged, &clean);
+    flip_last_bit(&step_dir(&damaged, 4).join("trainable.safetensors"));
+    std::fs::remove_dir_all(step_dir(&clean, 4)).unwrap();
+
+    let scan = checkpoint::scan(&damaged.join(CHECKPOINTS_DIR)).unwrap();
+    assert_eq!(scan.newest.unwrap().state.step, 2);
+    assert_eq!(scan.rejected.len(), 1);
+    assert!(
+        scan.rejected[0]
+            .reason
+            .contains("trainable.safetensors does not match its checksum"),
+        "{:?}",
+        scan.rejected
+    );
+
+    for out in ["damaged", "clean"] {
+        let mut rest = fx.options(config.clone(), out);
+        rest.resume = true;
+        let summary = train(&rest).unwrap();
+        assert!(summary.finished && summary.step == 6);
+    }
+    let rejected = damaged.join(CHECKPOINTS_DIR).join("rejected-step-00000004");
+    assert!(
+        rejected.is_dir(),
+        "the damaged checkpoint was not set aside"
+    );
+    let read = |out: &Path| std::fs::read(out.join(ADAPTER_FILE)).unwrap();
+    assert!(read(&damaged) == read(&clean), "the adapters differ");
+    let trainable = |out: &Path| std::fs::read(step_dir(out, 6).join("trainable.safetensors"));
+    assert!(trainable(&damaged).unwrap() == trainable(&clean).unwrap());
+    let steps: Vec<usize> = MetricsLog::read(&damaged.join(METRICS_FILE))
+        .unwrap()
+        .iter()
+        .map(|m| m.step)
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+}
+
+/// No checkpoint can be trusted: resuming is refused naming each and why, and nothing moves.
+/// A checkpoint without checksums (an older difftune's) is one of those, with how to vouch for it.
+#[test]
+fn resume_refuses_when_no_checkpoint_verifies() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let mut config = fx.config("bitfit", 4);
+    config.train.checkpoint_every = 1;
+    let mut first = fx.options(config.clone(), "run");
+    first.stop_after = Some(2);
+    train(&first).unwrap();
+    let out = fx.root.join("run");
+    flip_last_bit(&step_dir(&out, 2).join("state.json"));
+    std::fs::remove_file(step_dir(&out, 1).join("SHA256SUMS")).unwrap();
+
+    let mut rest = fx.options(config, "run");
+    rest.resume = true;
+    let err = format!("{:#}", train(&rest).unwrap_err());
+    assert!(err.contains("no checkpoint in"), "{err}");
+    assert!(
+        err.contains("state.json does not match its checksum"),
+        "{err}"
+    );
+    assert!(err.contains("it has no SHA256SUMS"), "{err}");
+    assert!(err.contains("sha256sum trainable.safetensors"), "{err}");
+    assert!(step_dir(&out, 2).is_dir() && step_dir(&out, 1).is_dir());
+}
+
+/// Waits until the run in `out` has logged a step (so it holds its folder's lock).
+fn wait_for_first_step(out: &Path, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let metrics = out.join(METRICS_FILE);
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 1 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(Instant::now() < deadline, "no step logged in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A second `train` on a folder in use is refused naming the first's PID; once the first is
+/// killed (`kill -9`: no clean-up at all), its lock is taken over and the run resumes.
+#[test]
+fn a_second_train_on_one_folder_is_refused_and_a_killed_holder_taken_over() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let mut config = fx.config("bitfit", 100_000);
+    config.train.checkpoint_every = 1;
+    let config_file = fx.root.join("config.toml");
+    std::fs::write(&config_file, config.to_toml().unwrap()).unwrap();
+    let out = fx.root.join("run");
+
+    let mut holder = fx.cli(&config_file, "run").spawn().unwrap();
+    let pid = holder.id();
+    wait_for_first_step(&out, &mut holder);
+    let second = fx
+        .cli(&config_file, "run")
+        .arg("--resume")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("in use by difftune train (PID {pid})")),
+        "{stderr}"
+    );
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let resumed = fx
+        .cli(&config_file, "run")
+        .args(["--resume", "--stop-after", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "was left locked by difftune train (PID {pid}), which is no longer running; taking it over"
+        )),
+        "{stderr}"
+    );
+}
+
+/// A temp file of a write killed midway (what `kill -9` during the metrics log's rewrite left)
+/// is removed by the next run in the folder; resuming cuts the log in place, making no copy.
+#[test]
+fn no_temp_file_outlives_a_run() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let config = fx.config("bitfit", 3);
+    let mut first = fx.options(config.clone(), "run");
+    first.stop_after = Some(2);
+    train(&first).unwrap();
+    let out = fx.root.join("run");
+    std::fs::write(out.join(".difftune-tmp-Ab12Cd"), "a copy of metrics.jsonl").unwrap();
+    let mut rest = fx.options(config, "run");
+    rest.resume = true;
+    assert!(train(&rest).unwrap().finished);
+    let leftovers: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".difftune-tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(MetricsLog::read(&out.join(METRICS_FILE)).unwrap().len(), 3);
+}
+
+/// Settings no user means: a batch larger than the dataset, a LoRA rank larger than a layer.
+#[test]
+fn a_batch_larger_than_the_data_and_a_rank_larger_than_a_layer_are_refused() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let mut config = fx.config("bitfit", 1);
+    config.train.batch_size = 33;
+    let err = format!("{:#}", train(&fx.options(config, "batch")).unwrap_err());
+    assert!(
+        err.contains("batch_size 33 is larger than the 32 samples"),
+        "{err}"
+    );
+
+    let mut config = fx.config("lora", 1);
+    config.method.settings = "rank = 100000".parse().unwrap();
+    let err = format!("{:#}", train(&fx.options(config, "rank")).unwrap_err());
+    assert!(
+        err.contains("LoRA rank 100000 is larger than layer"),
+        "{err}"
+    );
+}
+
+/// A seed above i64::MAX cannot be recorded in run.toml (a TOML integer): refused by name, not
+/// as "integer -1"; the largest one that fits is kept exactly.
+#[test]
+fn seeds_beyond_a_toml_integer_are_refused_clearly() {
+    let output = Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args(["train", "--method", "lora", "--model", "m", "--data", "d"])
+        .args(["--out", "o", "--seed", "9223372036854775808"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("9223372036854775808 is not in 0..=9223372036854775807"),
+        "{stderr}"
+    );
+    let mut config = RunConfig::for_method("lora");
+    config.train.seed = i64::MAX as u64;
+    let back = RunConfig::from_toml(&config.to_toml().unwrap()).unwrap();
+    assert_eq!(back.train.seed, i64::MAX as u64);
+}
+
+/// `compare` is refused a folder another process holds, naming it.
+#[test]
+fn compare_refuses_a_folder_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = DirLock::acquire(dir.path(), "train").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args(["compare", "--out", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    let pid = std::process::id();
+    assert!(
+        stderr.contains(&format!("in use by difftune train (PID {pid})")),
+        "{stderr}"
+    );
+}
+
+/// A cache build waits (saying for whom) while another process builds the same folder, then
+/// goes on.
+#[test]
+fn a_cache_build_waits_for_the_process_building_its_folder() {
+    let fx = {
+        let _guard = serial();
+        Fixture::new()
+    };
+    let cache = fx.root.join("shared-cache");
+    let held = DirLock::acquire(&cache, "cache").unwrap();
+    let log = fx.root.join("cache.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .arg("cache")
+        .args(["--model", fx.model.to_str().unwrap()])
+        .args(["--data", fx.data.to_str().unwrap()])
+        .args(["--out", cache.to_str().unwrap()])
+        .args(["--resolution", "64", "--device", "cpu"])
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let waiting = format!("waiting for difftune cache (PID {})", std::process::id());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log).unwrap().contains(&waiting) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the build did not wait"
+        );
+        assert!(Instant::now() < deadline, "no waiting message in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!cache.join("manifest.json").exists());
+    drop(held);
+    assert!(child.wait().unwrap().success());
+    assert!(cache.join("manifest.json").is_file());
+}
