@@ -30,6 +30,13 @@ pub struct CheckpointState {
     pub base_unet: String,
     /// The run config as TOML.
     pub config: String,
+    /// Ranks of the data-parallel run that wrote it (1 for a single process).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A checkpoint folder on disk.

@@ -95,6 +95,47 @@ impl AdamW {
         }
     }
 
+    /// The trainable values as one flat buffer (every parameter is a view of it): for a
+    /// data-parallel group to broadcast in place.
+    pub fn flat_params_mut(&mut self) -> &mut Tensor {
+        &mut self.flat
+    }
+
+    /// All gradients in one new flat f32 buffer (a parameter without one gets zeros now), with
+    /// `extra` values appended: what a data-parallel step all-reduces in one call.
+    pub fn flat_grads(&mut self, extra: &[f64]) -> Tensor {
+        for p in &self.params {
+            if !p.grad().defined() {
+                // Define it as zeros, so that every rank hands back the same set of gradients.
+                (p.sum(Kind::Float) * 0.0).backward();
+            }
+        }
+        tch::no_grad(|| {
+            let total = self.numel();
+            let buffer = Tensor::zeros(
+                [total + extra.len() as i64],
+                (Kind::Float, self.flat.device()),
+            );
+            self.gather_grads(&mut buffer.narrow(0, 0, total), 0, total, 1.0);
+            let extra = Tensor::from_slice(extra)
+                .to_kind(Kind::Float)
+                .to_device(self.flat.device());
+            buffer.narrow(0, total, extra.numel() as i64).copy_(&extra);
+            buffer
+        })
+    }
+
+    /// Sets the gradients from a buffer laid out as [`AdamW::flat_grads`] makes it.
+    pub fn set_flat_grads(&mut self, buffer: &Tensor) {
+        tch::no_grad(|| {
+            for (p, &offset) in self.params.iter().zip(&self.offsets) {
+                let mut g = p.grad();
+                let src = buffer.narrow(0, offset, p.numel() as i64).view_as(&g);
+                g.copy_(&src);
+            }
+        })
+    }
+
     /// The global L2 norm of all gradients (parameters without one count as zero).
     fn grad_norm(&self) -> f64 {
         let squares: Vec<Tensor> = self

@@ -2,13 +2,14 @@
 //! resume, Ctrl-C handling and a stop on a non-finite loss. [`train`] reads as the loop it is;
 //! [`Trainer`] holds the run's state and does each part (see [`super::batches`] for how every
 //! random draw is seeded from the run's seed and the sample's position).
-use super::batches::{prepare_cache, Batches, CachedBatch};
+use super::batches::{cache_dir, prepare_cache, Batches};
 use super::checkpoint::{self, Checkpoint, CheckpointState};
 use super::config::{Precision, RunConfig};
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
 use super::step::{attach_method, forward_backward, Objective};
 use super::validation::{TrainedUnet, Validation};
+use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
 use crate::peft::Tuned;
 use anyhow::{bail, ensure, Context, Result};
@@ -55,6 +56,8 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     pub trainable_parameters: usize,
     pub cached_samples: usize,
+    /// Samples per optimizer step over all ranks: world size × batch × accumulation.
+    pub global_batch: usize,
 }
 
 /// Names of the files a run writes in its output folder.
@@ -75,11 +78,18 @@ fn uses_autocast(precision: Precision, device: Device) -> Result<bool> {
     })
 }
 
-/// Creates the output folder and writes the run config; returns the newest checkpoint when the
-/// run is to resume from it. Checkpoints in a folder that is not resumed are an error.
-fn open_run_folder(opts: &TrainOptions, config_text: &str) -> Result<Option<Checkpoint>> {
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
+/// Creates the output folder and writes the run config (on the main rank only); returns the
+/// newest checkpoint when the run is to resume from it. Checkpoints in a folder that is not
+/// resumed are an error.
+fn open_run_folder(
+    opts: &TrainOptions,
+    config_text: &str,
+    group: &ProcessGroup,
+) -> Result<Option<Checkpoint>> {
+    if group.is_main() {
+        std::fs::create_dir_all(&opts.out)
+            .with_context(|| format!("creating {}", opts.out.display()))?;
+    }
     let latest = checkpoint::latest(&opts.out.join(CHECKPOINTS_DIR))?;
     if latest.is_some() && !opts.resume {
         bail!(
@@ -87,17 +97,19 @@ fn open_run_folder(opts: &TrainOptions, config_text: &str) -> Result<Option<Chec
             opts.out.display()
         );
     }
-    crate::util::fs::write_atomic_str(&opts.out.join(RUN_CONFIG_FILE), config_text)?;
+    if group.is_main() {
+        crate::util::fs::write_atomic_str(&opts.out.join(RUN_CONFIG_FILE), config_text)?;
+    }
     Ok(latest)
 }
 
 /// One training run in memory: the model with its method attached, the optimizer, the data and
 /// the position reached. [`train`] drives it; the pieces the next features need go here:
 ///
-/// - a data-parallel group: broadcast the trainable tensors at the end of [`Trainer::restore`],
-///   all-reduce the optimizer's gradients in [`Trainer::step`] before the update (which takes the
-///   norm and clips), and let rank 0 alone own the [`RunLog`], [`Trainer::save`] and
-///   [`Trainer::validate`];
+/// - a data-parallel group (in place): the trainable tensors are broadcast from rank 0 at the end
+///   of [`Trainer::restore`], the gradients (and the loss) all-reduced in [`Trainer::step`]
+///   before the update (which takes the norm and clips), and rank 0 alone owns the [`RunLog`],
+///   [`Trainer::save`], [`Trainer::validate`] and the adapter file;
 /// - EMA weights: updated in [`Trainer::step`] after the optimizer, saved by [`Trainer::save`];
 /// - prefetching: [`Batches::read`] is the CPU part of a forward pass's input (no random draw),
 ///   so a background thread can read the next one while [`Trainer::step`] computes;
@@ -105,6 +117,7 @@ fn open_run_folder(opts: &TrainOptions, config_text: &str) -> Result<Option<Chec
 /// - signals: whatever sets [`TrainOptions::interrupt`] (the CLI's handler) stops the loop.
 pub struct Trainer<'a> {
     opts: &'a TrainOptions,
+    group: &'a ProcessGroup,
     device: Device,
     autocast: bool,
     base_unet: String,
@@ -120,24 +133,35 @@ pub struct Trainer<'a> {
     resume_from: Option<Checkpoint>,
     steps_done: usize,
     last_saved: Option<(usize, PathBuf)>,
+    /// Some rank was interrupted by the end of the last step (all ranks agree on it).
+    interrupted: bool,
 }
 
 impl<'a> Trainer<'a> {
-    /// Loads the model, attaches the method, builds the optimizer and the latent cache.
-    pub fn setup(opts: &'a TrainOptions) -> Result<Self> {
+    /// Loads the model, attaches the method, builds the optimizer and the latent cache, as
+    /// rank `group.rank()` of a data-parallel run (the main rank builds the cache while the
+    /// others wait).
+    pub fn setup(opts: &'a TrainOptions, group: &'a ProcessGroup) -> Result<Self> {
         let config = &opts.config;
         let train = &config.train;
         train.validate()?;
-        let device = train.device.resolve()?;
+        let device = group.local_device(train.device.resolve()?);
         let autocast = uses_autocast(train.precision, device)?;
         let files = ModelFiles::resolve(&opts.model, None)?;
         let base_unet = files.unet_identity()?;
         let config_text = config.to_toml()?;
-        let resume_from = open_run_folder(opts, &config_text)?;
+        let resume_from = open_run_folder(opts, &config_text, group)?;
 
-        let cache_dir = prepare_cache(opts, &files, device)?;
+        let cache_dir = match group.is_main() {
+            true => prepare_cache(opts, &files, device)?,
+            false => cache_dir(opts),
+        };
+        group
+            .barrier()
+            .context("waiting for the main rank's latent cache")?;
         let scaling = crate::model::vae::VaeConfig::from_file(&files.vae.config)?.scaling_factor;
-        let batches = Batches::open(&cache_dir, train.seed, train.batch_size, scaling)?;
+        let shard = (train.batch_size, group.rank(), group.world_size());
+        let batches = Batches::open(&cache_dir, train.seed, shard, scaling)?;
 
         let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(&files, device)?;
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
@@ -153,6 +177,7 @@ impl<'a> Trainer<'a> {
         }
         let optimizer = AdamW::new(tensors, train.optimizer.clone())?;
         let validation = match train.validation_every {
+            _ if !group.is_main() => None,
             0 => None,
             _ => Some(Validation::new(
                 &files,
@@ -166,6 +191,7 @@ impl<'a> Trainer<'a> {
         };
         Ok(Self {
             opts,
+            group,
             device,
             autocast,
             base_unet,
@@ -179,14 +205,23 @@ impl<'a> Trainer<'a> {
             resume_from,
             steps_done: 0,
             last_saved: None,
+            interrupted: false,
         })
     }
 
     /// Continues from the newest checkpoint when resuming: its trainable tensors, optimizer
     /// state and step, after checking that it was written by a run computing the same thing.
+    /// Every rank then takes rank 0's trainable values, so all start from the same ones.
     pub fn restore(&mut self) -> Result<()> {
+        self.restore_checkpoint()?;
+        self.group
+            .broadcast_from_main(self.optimizer.flat_params_mut())
+            .context("taking the trainable weights from rank 0")
+    }
+
+    fn restore_checkpoint(&mut self) -> Result<()> {
         let Some(found) = self.resume_from.take() else {
-            if self.opts.resume {
+            if self.opts.resume && self.group.is_main() {
                 eprintln!(
                     "difftune train: no checkpoint in {} to resume from; starting a new run",
                     self.opts.out.join(CHECKPOINTS_DIR).display()
@@ -195,6 +230,15 @@ impl<'a> Trainer<'a> {
             return Ok(());
         };
         let source = found.dir.display().to_string();
+        let world = self.group.world_size();
+        ensure!(
+            found.state.world_size == world,
+            "refusing to resume from {source}: it was written by a run on {} rank(s), this one has {world}; \
+             the data order and per-sample seeds follow the global batch, so resume on {} rank(s) \
+             (a run continues exactly only at the world size that wrote it)",
+            found.state.world_size,
+            found.state.world_size
+        );
         checkpoint::ensure_compatible(&found.state, &self.checkpoint_state(found.state.step))
             .with_context(|| format!("refusing to resume from {source}"))?;
         crate::peft::copy_named(&self.tuned.trained, &found.trainable()?, &source)?;
@@ -228,8 +272,24 @@ impl<'a> Trainer<'a> {
         let mut loss_sum = 0.0;
         for micro in 0..accum {
             let batch = self.batches.read(self.steps_done * accum + micro)?;
-            loss_sum += self.forward_backward(batch, 1.0 / accum as f64)?;
+            let inputs = self
+                .batches
+                .seeded_inputs(batch, &self.objective, self.device)?;
+            let unet = self.model.unet();
+            let loss = forward_backward(
+                unet,
+                &self.objective,
+                &inputs,
+                self.autocast,
+                1.0 / accum as f64,
+            )?;
+            loss_sum += loss.double_value(&[]);
         }
+        let interrupted = self.opts.interrupt.load(Ordering::SeqCst);
+        let (loss, interrupted, all_reduce_s) =
+            self.reduce_gradients(loss_sum / accum as f64, interrupted)?;
+        self.interrupted = interrupted;
+        self.ensure_finite(loss)?;
         let step = self.steps_done;
         let lr = train.lr_schedule.lr(
             train.learning_rate,
@@ -243,24 +303,58 @@ impl<'a> Trainer<'a> {
             .step(lr, clip)
             .with_context(|| format!("optimizer step {}", step + 1))?;
         self.steps_done += 1;
-        let samples_seen = self.steps_done * train.batch_size * accum;
+        let samples_seen = self.steps_done * self.global_batch();
         Ok(StepMetrics {
             step: self.steps_done,
-            loss: loss_sum / accum as f64,
+            loss,
             lr,
             grad_norm,
             step_time_s: started.elapsed().as_secs_f64(),
             peak_rss_bytes: peak_rss_bytes(),
             epoch: (samples_seen - 1) / self.batches.len(),
+            global_batch: self.global_batch(),
+            all_reduce_s,
         })
     }
 
-    /// Forward and backward over one batch; returns its loss, which must be finite.
-    fn forward_backward(&self, batch: CachedBatch, loss_scale: f64) -> Result<f64> {
-        let inputs = self.batches.seeded_inputs(batch, self.device);
-        let unet = self.model.unet();
-        let loss = forward_backward(unet, &self.objective, &inputs, self.autocast, loss_scale)?
-            .double_value(&[]);
+    /// Samples per optimizer step over all ranks.
+    pub fn global_batch(&self) -> usize {
+        let train = &self.opts.config.train;
+        self.group.world_size() * train.batch_size * train.gradient_accumulation_steps
+    }
+
+    /// Whether any rank was interrupted by the end of the last step.
+    pub fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    /// On a data-parallel run, averages the gradients and this rank's `loss` over all ranks in
+    /// one all-reduce (the loss and the interrupt flag ride at the end of the gradient buffer),
+    /// so every rank updates alike and takes the same decisions; returns the mean loss, whether
+    /// any rank was interrupted and the all-reduce's time.
+    fn reduce_gradients(
+        &mut self,
+        loss: f64,
+        interrupted: bool,
+    ) -> Result<(f64, bool, Option<f64>)> {
+        if !self.group.is_distributed() {
+            return Ok((loss, interrupted, None));
+        }
+        let started = Instant::now();
+        let flag = if interrupted { 1.0 } else { 0.0 };
+        let mut buffer = self.optimizer.flat_grads(&[loss, flag]);
+        self.group.all_reduce_sum(&mut buffer).with_context(|| {
+            format!("all-reducing the gradients of step {}", self.steps_done + 1)
+        })?;
+        buffer /= self.group.world_size() as f64;
+        self.optimizer.set_flat_grads(&buffer);
+        let n = buffer.numel() as i64;
+        let (loss, flag) = (buffer.double_value(&[n - 2]), buffer.double_value(&[n - 1]));
+        Ok((loss, flag > 0.0, Some(started.elapsed().as_secs_f64())))
+    }
+
+    /// The step's loss (averaged over all ranks) must be finite.
+    fn ensure_finite(&self, loss: f64) -> Result<()> {
         if !loss.is_finite() {
             bail!(
                 "the loss is {loss} at step {}: stopping without saving a checkpoint{} (lower the learning rate, or check the data)",
@@ -271,13 +365,13 @@ impl<'a> Trainer<'a> {
                     .unwrap_or_default()
             );
         }
-        Ok(loss)
+        Ok(())
     }
 
     /// What `state.json` records for a checkpoint at `step`.
     fn checkpoint_state(&self, step: usize) -> CheckpointState {
         let train = &self.opts.config.train;
-        let samples_seen = step * train.batch_size * train.gradient_accumulation_steps;
+        let samples_seen = step * self.global_batch();
         CheckpointState {
             step,
             samples_seen,
@@ -286,15 +380,19 @@ impl<'a> Trainer<'a> {
             method: self.opts.config.method.name.clone(),
             base_unet: self.base_unet.clone(),
             config: self.config_text.clone(),
+            world_size: self.group.world_size(),
         }
     }
 
     /// Writes a checkpoint of the current step (once: a second call at the same step returns
-    /// the first one's folder).
-    pub fn save(&mut self) -> Result<PathBuf> {
+    /// the first one's folder); the main rank alone writes, the others return `None`.
+    pub fn save(&mut self) -> Result<Option<PathBuf>> {
+        if !self.group.is_main() {
+            return Ok(None);
+        }
         if let Some((step, dir)) = &self.last_saved {
             if *step == self.steps_done {
-                return Ok(dir.clone());
+                return Ok(Some(dir.clone()));
             }
         }
         let weights: Vec<(String, Tensor)> = self
@@ -311,10 +409,11 @@ impl<'a> Trainer<'a> {
             self.opts.config.train.keep_checkpoints,
         )?;
         self.last_saved = Some((self.steps_done, dir.clone()));
-        Ok(dir)
+        Ok(Some(dir))
     }
 
-    /// Samples the validation images with the U-Net as trained so far (when validation is on).
+    /// Samples the validation images with the U-Net as trained so far (when validation is on;
+    /// only the main rank has a [`Validation`]).
     pub fn validate(&self) -> Result<()> {
         if let (Some(validation), TrainedUnet::InPipeline(models)) = (&self.validation, &self.model)
         {
@@ -338,17 +437,21 @@ impl<'a> Trainer<'a> {
         }
         self.save()?;
         let adapter = self.opts.out.join(ADAPTER_FILE);
-        crate::peft::file::save_adapter(
-            &adapter,
-            self.tuned.method.as_ref(),
-            &self.tuned.trained,
-            &self.base_unet,
-        )?;
+        if self.group.is_main() {
+            crate::peft::file::save_adapter(
+                &adapter,
+                self.tuned.method.as_ref(),
+                &self.tuned.trained,
+                &self.base_unet,
+            )?;
+        }
         Ok(self.summary(Some(adapter)))
     }
 
     fn summary(self, adapter: Option<PathBuf>) -> TrainSummary {
+        let global_batch = self.global_batch();
         TrainSummary {
+            global_batch,
             step: self.steps_done,
             finished: adapter.is_some(),
             adapter,
@@ -359,17 +462,21 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// What the user sees of a run (the progress bar) and what it logs (`metrics.jsonl`).
+/// What the user sees of a run (the progress bar) and what it logs (`metrics.jsonl`): the main
+/// rank's alone (the others have neither).
 struct RunLog {
-    metrics: MetricsLog,
+    metrics: Option<MetricsLog>,
     bar: ProgressBar,
 }
 
 impl RunLog {
     /// Opens the metrics log, keeping the lines through step `resumed_at`.
-    fn open(opts: &TrainOptions, resumed_at: usize) -> Result<Self> {
-        let metrics = MetricsLog::open(&opts.out.join(METRICS_FILE), resumed_at)?;
-        let bar = match opts.progress {
+    fn open(opts: &TrainOptions, resumed_at: usize, main: bool) -> Result<Self> {
+        let metrics = match main {
+            true => Some(MetricsLog::open(&opts.out.join(METRICS_FILE), resumed_at)?),
+            false => None,
+        };
+        let bar = match opts.progress && main {
             true => ProgressBar::new(opts.config.train.steps as u64),
             false => ProgressBar::hidden(),
         };
@@ -385,7 +492,9 @@ impl RunLog {
     }
 
     fn record(&mut self, step: &StepMetrics) -> Result<()> {
-        self.metrics.append(step)?;
+        if let Some(metrics) = &mut self.metrics {
+            metrics.append(step)?;
+        }
         self.bar.set_message(format!("{:.4}", step.loss));
         self.bar.set_position(step.step as u64);
         Ok(())
@@ -397,12 +506,27 @@ fn due(step: usize, every: usize) -> bool {
     every > 0 && step.is_multiple_of(every)
 }
 
-/// Runs (or resumes) a training run. See [`TrainOptions`].
+/// Runs (or resumes) a training run in this process alone. See [`TrainOptions`].
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    train_in(opts, &ProcessGroup::single())
+}
+
+/// Runs (or resumes) a training run as this process's rank of `group` (data-parallel when it
+/// has more than one).
+pub fn train_in(opts: &TrainOptions, group: &ProcessGroup) -> Result<TrainSummary> {
     let train = &opts.config.train;
-    let mut trainer = Trainer::setup(opts)?;
+    let mut trainer = Trainer::setup(opts, group)?;
     trainer.restore()?;
-    let mut log = RunLog::open(opts, trainer.steps_done())?;
+    if group.is_main() && group.is_distributed() {
+        eprintln!(
+            "difftune train: {} ranks x batch {} x accumulation {} = global batch {} (the learning rate is not rescaled)",
+            group.world_size(),
+            train.batch_size,
+            train.gradient_accumulation_steps,
+            trainer.global_batch()
+        );
+    }
+    let mut log = RunLog::open(opts, trainer.steps_done(), group.is_main())?;
     let start = trainer.steps_done();
     while trainer.steps_done() < train.steps {
         let metrics = trainer.step().inspect_err(|_| log.bar.abandon())?;
@@ -414,11 +538,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         if due(step, train.validation_every) {
             log.bar.suspend(|| trainer.validate())?;
         }
-        let interrupted = opts.interrupt.load(Ordering::SeqCst);
+        let interrupted = trainer.interrupted();
         let stopped = opts.stop_after.is_some_and(|n| step - start >= n);
         if (interrupted || stopped) && step < train.steps {
             log.bar.abandon();
-            if interrupted {
+            if interrupted && group.is_main() {
                 eprintln!("difftune train: interrupted at step {step}; resume with --resume");
             }
             return trainer.stop();
