@@ -71,7 +71,12 @@ impl Fixture {
         for (flag, value) in [("--batch", batch), ("--steps", steps)] {
             args.extend([flag.to_string(), value.to_string()]);
         }
-        for setting in ["device=\"cpu\"", "resolution=64", "checkpoint_every=1"] {
+        for setting in [
+            "device=\"cpu\"",
+            "resolution=64",
+            "checkpoint_every=1",
+            "gradient_accumulation_steps=1",
+        ] {
             args.extend(["--set".to_string(), setting.to_string()]);
         }
         args.extend(["--lr".into(), "1e-2".into(), "--seed".into(), "7".into()]);
