@@ -58,6 +58,8 @@ pub struct TrainSummary {
     pub cached_samples: usize,
     /// Samples per optimizer step over all ranks: world size × batch × accumulation.
     pub global_batch: usize,
+    /// The run stopped early on an interrupt (of any rank).
+    pub interrupted: bool,
 }
 
 /// Names of the files a run writes in its output folder.
@@ -458,6 +460,7 @@ impl<'a> Trainer<'a> {
             checkpoint: self.last_saved.map(|(_, dir)| dir),
             trainable_parameters: self.tuned.trained.iter().map(|(_, t)| t.numel()).sum(),
             cached_samples: self.batches.len(),
+            interrupted: self.interrupted,
         }
     }
 }
