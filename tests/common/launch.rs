@@ -123,7 +123,9 @@ pub fn difftune(args: &[&str]) -> Command {
 
 /// Starts `ranks` of a `world`-rank job as torchrun would (rank 0 hosts the store).
 pub fn launch(world: usize, ranks: &[usize], args: &[&str]) -> Job {
-    launch_with(world, ranks, |_| args.iter().map(|a| a.to_string()).collect())
+    launch_with(world, ranks, |_| {
+        args.iter().map(|a| a.to_string()).collect()
+    })
 }
 
 /// As [`launch`], with each rank's arguments from `args_of(rank)`.
