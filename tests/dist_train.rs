@@ -267,3 +267,61 @@ fn a_killed_rank_stops_training_naming_it() {
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("lost peer(s): rank 1"), "{stderr}");
 }
+
+/// Runs a 2-rank job of `train` into `out` with `extra` arguments, returning the ranks' exit
+/// statuses and rank 0's stderr.
+fn run_job(fx: &Fixture, out: &Path, steps: usize, extra: &[&str]) -> (Vec<bool>, String) {
+    let mut job = launch_with(2, &[0, 1], |_| fx.args(out, 2, steps, extra));
+    let deadline = Instant::now() + LIMIT;
+    let ok = job
+        .ranks
+        .iter_mut()
+        .map(|r| r.wait(deadline).success())
+        .collect();
+    (ok, job.ranks[0].output().1)
+}
+
+#[test]
+fn a_diverged_run_stops_before_the_update_and_resumes_from_the_named_checkpoint() {
+    let fx = Fixture::new();
+    let out = fx.root.join("run");
+    let (ok, stderr) = run_job(&fx, &out, 5, &["--lr", "1e-2", "--stop-after", "2"]);
+    assert_eq!(ok, [true, true], "{stderr}");
+
+    // Resumed with a learning rate that explodes the weights at step 3: the loss of step 4,
+    // computed on them, is not finite. Both ranks stop (decided on the reduced values), nothing
+    // of step 4 is applied or saved, step 3's checkpoint is set aside and step 2's named.
+    let (ok, stderr) = run_job(&fx, &out, 5, &["--lr", "1e12", "--resume"]);
+    assert_eq!(ok, [false, false], "{stderr}");
+    let checkpoints = out.join("checkpoints");
+    assert!(
+        stderr.contains("computed on the weights of step 3"),
+        "{stderr}"
+    );
+    let named = checkpoints.join("step-00000002");
+    assert!(
+        stderr.contains(&format!("resume from {}", named.display())),
+        "{stderr}"
+    );
+    assert!(checkpoints.join("step-00000003.nonfinite").is_dir());
+    assert!(!checkpoints.join("step-00000003").exists());
+    assert!(!checkpoints.join("step-00000004").exists());
+    assert!(!out.join("adapter.safetensors").exists());
+
+    // Resumed from the named checkpoint with the lower learning rate, it runs to the end.
+    let (ok, stderr) = run_job(&fx, &out, 5, &["--lr", "1e-2", "--resume"]);
+    assert_eq!(ok, [true, true], "{stderr}");
+    assert!(out.join("adapter.safetensors").is_file());
+    let log = metrics(&out);
+    assert_eq!(
+        log.iter().map(|m| m.step).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert!(
+        log.iter().all(|m| m.loss.is_finite() && m.lr == 1e-2),
+        "{log:?}"
+    );
+    for (name, weights) in trainable_at(&out, 5) {
+        assert!(weights.isfinite().all().int64_value(&[]) == 1, "{name}");
+    }
+}

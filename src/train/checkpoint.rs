@@ -95,6 +95,25 @@ pub fn latest(root: &Path) -> Result<Option<Checkpoint>> {
     }
 }
 
+/// Sets aside every checkpoint under `root` at `step` or later, renaming `step-N` to
+/// `step-N.nonfinite` (kept for inspection; resume and pruning skip it): their weights gave a
+/// non-finite loss or gradient. Returns the folders set aside and the newest checkpoint left.
+pub fn set_aside_from(root: &Path, step: usize) -> Result<(Vec<PathBuf>, Option<Checkpoint>)> {
+    let mut set_aside = Vec::new();
+    for (_, dir) in list(root)?.into_iter().filter(|(s, _)| *s >= step) {
+        let mut name = dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".nonfinite");
+        let to = dir.with_file_name(name);
+        if to.exists() {
+            std::fs::remove_dir_all(&to).with_context(|| format!("replacing {}", to.display()))?;
+        }
+        std::fs::rename(&dir, &to)
+            .with_context(|| format!("renaming {} to {}", dir.display(), to.display()))?;
+        set_aside.push(to);
+    }
+    Ok((set_aside, latest(root)?))
+}
+
 /// Writes a checkpoint under `root` and deletes all but the newest `keep`.
 pub fn save(
     root: &Path,

@@ -102,8 +102,9 @@ impl AdamW {
     }
 
     /// All gradients in one new flat f32 buffer (a parameter without one gets zeros now), with
-    /// `extra` values appended: what a data-parallel step all-reduces in one call.
-    pub fn flat_grads(&mut self, extra: &[f64]) -> Tensor {
+    /// the values of the 1-D tensor `extra` appended: what a data-parallel step all-reduces in
+    /// one call.
+    pub fn flat_grads(&mut self, extra: &Tensor) -> Tensor {
         for p in &self.params {
             if !p.grad().defined() {
                 // Define it as zeros, so that every rank hands back the same set of gradients.
@@ -112,14 +113,12 @@ impl AdamW {
         }
         tch::no_grad(|| {
             let total = self.numel();
+            let extra = extra.to_kind(Kind::Float).to_device(self.flat.device());
             let buffer = Tensor::zeros(
-                [total + extra.len() as i64],
+                [total + extra.numel() as i64],
                 (Kind::Float, self.flat.device()),
             );
             self.gather_grads(&mut buffer.narrow(0, 0, total), 0, total, 1.0);
-            let extra = Tensor::from_slice(extra)
-                .to_kind(Kind::Float)
-                .to_device(self.flat.device());
             buffer.narrow(0, total, extra.numel() as i64).copy_(&extra);
             buffer
         })
@@ -136,8 +135,9 @@ impl AdamW {
         })
     }
 
-    /// The global L2 norm of all gradients (parameters without one count as zero).
-    fn grad_norm(&self) -> f64 {
+    /// The global L2 norm of all gradients (parameters without one count as zero), as a 0-d f32
+    /// tensor on the parameters' device (reading it is left to the caller: one transfer).
+    pub fn grad_norm(&self) -> Tensor {
         let squares: Vec<Tensor> = self
             .params
             .iter()
@@ -146,12 +146,9 @@ impl AdamW {
             .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
             .collect();
         if squares.is_empty() {
-            return 0.0;
+            return Tensor::zeros([], (Kind::Float, self.flat.device()));
         }
-        Tensor::stack(&squares, 0)
-            .sum(Kind::Float)
-            .sqrt()
-            .double_value(&[])
+        Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
     }
 
     /// Copies the gradients of the parameters in flat range `start..start + len` into `buffer`
@@ -179,11 +176,17 @@ impl AdamW {
     /// when given (as torch's `clip_grad_norm_`). Returns the gradient norm before clipping. A
     /// non-finite norm is an error and the parameters are left untouched.
     pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
+        let norm = tch::no_grad(|| self.grad_norm()).double_value(&[]);
+        if !norm.is_finite() {
+            bail!("gradient norm is {norm}: refusing to update (lower the learning rate or check the data)");
+        }
+        self.apply(lr, norm, max_grad_norm);
+        Ok(norm)
+    }
+
+    /// The AdamW update of [`AdamW::step`] given the gradients' (finite) global norm `norm`.
+    pub fn apply(&mut self, lr: f64, norm: f64, max_grad_norm: Option<f64>) {
         tch::no_grad(|| {
-            let norm = self.grad_norm();
-            if !norm.is_finite() {
-                bail!("gradient norm is {norm}: refusing to update (lower the learning rate or check the data)");
-            }
             let scale = match max_grad_norm {
                 Some(max) if norm > max => max / (norm + 1e-6),
                 _ => 1.0,
@@ -221,7 +224,6 @@ impl AdamW {
                 }
                 start += len;
             }
-            Ok(norm)
         })
     }
 

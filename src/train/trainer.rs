@@ -12,13 +12,13 @@ use super::validation::{TrainedUnet, Validation};
 use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
 use crate::peft::Tuned;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// What to train, from where, to where.
 #[derive(Debug, Clone)]
@@ -265,13 +265,16 @@ impl<'a> Trainer<'a> {
         self.steps_done
     }
 
-    /// One optimizer step over `gradient_accumulation_steps` forward passes.
+    /// One optimizer step over `gradient_accumulation_steps` forward passes. The loss stays on
+    /// the device until the step's one read of (loss, interrupt flag, gradient norm), after the
+    /// all-reduce of a data-parallel run: a non-finite loss or norm stops the run before the
+    /// update is applied ([`Trainer::stop_diverged`]).
     pub fn step(&mut self) -> Result<StepMetrics> {
         let started = Instant::now();
         let train = &self.opts.config.train;
         let accum = train.gradient_accumulation_steps;
         self.optimizer.zero_grad();
-        let mut loss_sum = 0.0;
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         for micro in 0..accum {
             let batch = self.batches.read(self.steps_done * accum + micro)?;
             let inputs = self
@@ -285,13 +288,19 @@ impl<'a> Trainer<'a> {
                 self.autocast,
                 1.0 / accum as f64,
             )?;
-            loss_sum += loss.double_value(&[]);
+            loss_sum += loss;
         }
         let interrupted = self.opts.interrupt.load(Ordering::SeqCst);
-        let (loss, interrupted, all_reduce_s) =
+        let (loss_and_flag, all_reduce_s) =
             self.reduce_gradients(loss_sum / accum as f64, interrupted)?;
-        self.interrupted = interrupted;
-        self.ensure_finite(loss)?;
+        let norm = tch::no_grad(|| self.optimizer.grad_norm());
+        let read = Tensor::cat(&[loss_and_flag, norm.reshape([1])], 0).to_kind(Kind::Double);
+        let read = Vec::<f64>::try_from(read.to_device(Device::Cpu))?;
+        let (loss, grad_norm) = (read[0], read[2]);
+        self.interrupted = read[1] > 0.0;
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            return Err(self.stop_diverged(loss, grad_norm));
+        }
         let step = self.steps_done;
         let lr = train.lr_schedule.lr(
             train.learning_rate,
@@ -300,10 +309,7 @@ impl<'a> Trainer<'a> {
             train.steps,
         );
         let clip = (train.max_grad_norm > 0.0).then_some(train.max_grad_norm);
-        let grad_norm = self
-            .optimizer
-            .step(lr, clip)
-            .with_context(|| format!("optimizer step {}", step + 1))?;
+        self.optimizer.apply(lr, grad_norm, clip);
         self.steps_done += 1;
         let samples_seen = self.steps_done * self.global_batch();
         Ok(StepMetrics {
@@ -330,44 +336,73 @@ impl<'a> Trainer<'a> {
         self.interrupted
     }
 
-    /// On a data-parallel run, averages the gradients and this rank's `loss` over all ranks in
-    /// one all-reduce (the loss and the interrupt flag ride at the end of the gradient buffer),
-    /// so every rank updates alike and takes the same decisions; returns the mean loss, whether
-    /// any rank was interrupted and the all-reduce's time.
+    /// Returns the step's mean `loss` and interrupt flag as a 2-element device tensor; on a
+    /// data-parallel run averaged over all ranks with the gradients in one all-reduce (they
+    /// ride at the end of the gradient buffer), so every rank updates alike and takes the same
+    /// decisions (a flag above 0: some rank was interrupted). Also returns the all-reduce's time.
     fn reduce_gradients(
         &mut self,
-        loss: f64,
+        loss: Tensor,
         interrupted: bool,
-    ) -> Result<(f64, bool, Option<f64>)> {
+    ) -> Result<(Tensor, Option<f64>)> {
+        let flag = Tensor::from(if interrupted { 1.0f32 } else { 0.0 }).to_device(self.device);
+        let loss_and_flag = Tensor::stack(&[loss.to_kind(Kind::Float), flag], 0);
         if !self.group.is_distributed() {
-            return Ok((loss, interrupted, None));
+            return Ok((loss_and_flag, None));
         }
         let started = Instant::now();
-        let flag = if interrupted { 1.0 } else { 0.0 };
-        let mut buffer = self.optimizer.flat_grads(&[loss, flag]);
+        let mut buffer = self.optimizer.flat_grads(&loss_and_flag);
         self.group.all_reduce_sum(&mut buffer).with_context(|| {
             format!("all-reducing the gradients of step {}", self.steps_done + 1)
         })?;
         buffer /= self.group.world_size() as f64;
         self.optimizer.set_flat_grads(&buffer);
         let n = buffer.numel() as i64;
-        let (loss, flag) = (buffer.double_value(&[n - 2]), buffer.double_value(&[n - 1]));
-        Ok((loss, flag > 0.0, Some(started.elapsed().as_secs_f64())))
+        let all_reduce_s = started.elapsed().as_secs_f64();
+        Ok((buffer.narrow(0, n - 2, 2), Some(all_reduce_s)))
     }
 
-    /// The step's loss (averaged over all ranks) must be finite.
-    fn ensure_finite(&self, loss: f64) -> Result<()> {
-        if !loss.is_finite() {
-            bail!(
-                "the loss is {loss} at step {}: stopping without saving a checkpoint{} (lower the learning rate, or check the data)",
-                self.steps_done + 1,
-                self.last_saved
-                    .as_ref()
-                    .map(|(s, p)| format!("; the last good one is {} (step {s})", p.display()))
-                    .unwrap_or_default()
+    /// The error that stops a run whose step `steps_done + 1` found a non-finite `loss` or
+    /// gradient norm: computed on the weights of step `steps_done`, which are therefore not to be
+    /// continued. Nothing of the step is applied or saved; the checkpoints of those weights (or
+    /// later) are set aside (on the main rank), and the message names the newest one left, which
+    /// `--resume` continues, with a lower learning rate.
+    fn stop_diverged(&self, loss: f64, grad_norm: f64) -> anyhow::Error {
+        let step = self.steps_done;
+        let what = format!(
+            "the loss is {loss} and the gradient norm {grad_norm} at step {}",
+            step + 1
+        );
+        if !self.group.is_main() {
+            return anyhow!(
+                "{what}: stopping without applying it (rank 0 names the checkpoint to resume)"
             );
         }
-        Ok(())
+        let root = self.opts.out.join(CHECKPOINTS_DIR);
+        let (set_aside, left) = match checkpoint::set_aside_from(&root, step) {
+            Ok(found) => found,
+            Err(e) => return e.context(format!("{what}: stopping; setting aside its checkpoints")),
+        };
+        let set_aside = match set_aside.as_slice() {
+            [] => String::new(),
+            dirs => format!(
+                "; set aside the checkpoint(s) of those weights: {}",
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let next = match left {
+            Some(found) => format!(
+                "resume from {} (step {}, weights with a finite loss) with --resume and a lower learning rate (--lr); \
+                 learning_rate, lr_schedule, lr_warmup_steps and max_grad_norm may change on resume",
+                found.dir.display(),
+                found.state.step
+            ),
+            None => "no earlier checkpoint is left: start again with a lower learning rate (--lr), or check the data".into(),
+        };
+        anyhow!("{what}, computed on the weights of step {step}: stopping without applying or saving the update{set_aside}; {next}")
     }
 
     /// What `state.json` records for a checkpoint at `step`.
