@@ -58,9 +58,7 @@ impl Objective {
             noise_offset: train.noise_offset,
         })
     }
-}
 
-impl Objective {
     /// Draws the noise (with its offset) and the timesteps for `latents` `[b, c, h, w]` from
     /// torch's global generator (callers seed it).
     pub fn draw(&self, latents: &Tensor) -> Result<(Tensor, Tensor)> {
