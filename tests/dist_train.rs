@@ -188,9 +188,16 @@ fn two_ranks_train_as_one_process_with_the_doubled_batch_and_resume_exactly() {
     // Rank 1 is pointed at a folder of its own, which it must never create.
     let dist = fx.root.join("dist");
     let elsewhere = fx.root.join("rank1-out");
+    // From the dataset: the ranks build the run's cache (the same latents) first.
+    let dist_cache = fx.root.join("dist-cache");
     let mut job = launch_with(2, &[0, 1], |rank| {
         let out = if rank == 0 { &dist } else { &elsewhere };
-        fx.args(out, 2, 3, &LINEAR_UPDATE)
+        let mut args = fx.args(out, 2, 3, &LINEAR_UPDATE);
+        let data = args.iter().position(|a| a == "--data").unwrap() + 1;
+        args[data] = fx.root.join("data").display().to_string();
+        args.extend(["--cache".into(), dist_cache.display().to_string()]);
+        args.extend(["--set".into(), "cache_batch_size=4".into()]);
+        args
     });
     all_succeed(&mut job);
     let (stdout, stderr) = job.ranks[0].output();

@@ -13,6 +13,7 @@ use super::trainer::TrainOptions;
 use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
 use crate::data::images::DecodeOptions;
 use crate::data::PromptTemplate;
+use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
 use anyhow::{ensure, Result};
 use rand::seq::SliceRandom;
@@ -177,15 +178,22 @@ impl Batches {
 
 /// The folder of this run's latent cache: `--data` when it is a cache, else where the dataset's
 /// cache goes.
-pub fn cache_dir(opts: &TrainOptions) -> PathBuf {
+fn cache_dir(opts: &TrainOptions) -> PathBuf {
     match opts.data.join(MANIFEST_FILE).is_file() {
         true => opts.data.clone(),
         false => opts.cache.clone().unwrap_or_else(|| opts.out.join("cache")),
     }
 }
 
-/// Builds or reuses the latent cache for this run; returns its folder ([`cache_dir`]).
-pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) -> Result<PathBuf> {
+/// Builds or reuses the latent cache for this run, as this process's rank of `group` (see
+/// [`cache::build_in`]: the manifest is complete once rank 0 returns); returns its folder
+/// ([`cache_dir`]).
+pub fn prepare_cache(
+    opts: &TrainOptions,
+    files: &ModelFiles,
+    device: Device,
+    group: &ProcessGroup,
+) -> Result<PathBuf> {
     let train = &opts.config.train;
     if opts.data.join(MANIFEST_FILE).is_file() {
         // A cache folder: rebuild it from its recorded dataset when that is still there, else
@@ -207,7 +215,7 @@ pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) ->
                 },
                 device,
             };
-            cache::build(files, &manifest.dataset_path, &settings, &opts.data)?;
+            cache::build_in(files, &manifest.dataset_path, &settings, &opts.data, group)?;
         }
         return Ok(opts.data.clone());
     }
@@ -226,6 +234,6 @@ pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) ->
         device,
         ..CacheSettings::default()
     };
-    cache::build(files, &opts.data, &settings, &dir)?;
+    cache::build_in(files, &opts.data, &settings, &dir, group)?;
     Ok(dir)
 }

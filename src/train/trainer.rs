@@ -2,7 +2,7 @@
 //! resume, Ctrl-C handling and a stop on a non-finite loss. [`train`] reads as the loop it is;
 //! [`Trainer`] holds the run's state and does each part (see [`super::batches`] for how every
 //! random draw is seeded from the run's seed and the sample's position).
-use super::batches::{cache_dir, prepare_cache, Batches};
+use super::batches::{prepare_cache, Batches};
 use super::checkpoint::{self, Checkpoint, CheckpointState};
 use super::config::{Precision, RunConfig};
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
@@ -141,8 +141,7 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// Loads the model, attaches the method, builds the optimizer and the latent cache, as
-    /// rank `group.rank()` of a data-parallel run (the main rank builds the cache while the
-    /// others wait).
+    /// rank `group.rank()` of a data-parallel run (each rank encoding its share of the cache).
     pub fn setup(opts: &'a TrainOptions, group: &'a ProcessGroup) -> Result<Self> {
         let config = &opts.config;
         let train = &config.train;
@@ -154,10 +153,8 @@ impl<'a> Trainer<'a> {
         let config_text = config.to_toml()?;
         let resume_from = open_run_folder(opts, &config_text, group)?;
 
-        let cache_dir = match group.is_main() {
-            true => prepare_cache(opts, &files, device)?,
-            false => cache_dir(opts),
-        };
+        // Every rank encodes its share of what the cache lacks; rank 0 completes the manifest.
+        let cache_dir = prepare_cache(opts, &files, device, group)?;
         group
             .barrier()
             .context("waiting for the main rank's latent cache")?;
