@@ -161,3 +161,81 @@ fn two_rank_sample_writes_the_same_png_bytes() {
     let (stdout_1, _) = job.ranks[1].output();
     assert!(stdout_1.is_empty(), "rank 1 printed {stdout_1}");
 }
+
+#[test]
+fn two_rank_cache_equals_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let spec = difftune::data::synthetic::SyntheticSpec {
+        classes: 3,
+        train_per_class: 5,
+        test_per_class: 1,
+        resolution: 64,
+        ..Default::default()
+    };
+    difftune::data::synthetic::generate_food101_like(&data, &spec).unwrap();
+    // One unreadable image: skipped, and listed as skipped, by whichever rank encodes it.
+    let mut images: Vec<PathBuf> = walk(&data.join("images"));
+    images.sort();
+    std::fs::write(&images[7], b"not a jpeg").unwrap();
+    let model = fixture("pipeline/model");
+    let args = |out: &Path| -> Vec<String> {
+        let mut args: Vec<String> = ["cache", "--model", model.to_str().unwrap()]
+            .map(String::from)
+            .to_vec();
+        args.extend(
+            [
+                "--data",
+                data.to_str().unwrap(),
+                "--resolution",
+                "64",
+                "--device",
+                "cpu",
+                // 15 images in 4 shards of 4: each rank encodes two, in batches of 2.
+                "--shard-size",
+                "4",
+                "--batch-size",
+                "2",
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        args
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let one_args = args(&one);
+    let stdout = single_process(&one_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(stdout.contains("14 samples"), "{stdout}");
+    let two_args = args(&two);
+    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (expected, got) = (files_of(&one), files_of(&two));
+    let names = |files: &[(String, Vec<u8>)]| files.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got), names(&expected));
+    assert_eq!(
+        expected.len(),
+        6,
+        "manifest, prompts, 4 shards: {:?}",
+        names(&expected)
+    );
+    // The manifest too: the same shards, checksums and skipped image, in the same order.
+    for ((name, a), (_, b)) in expected.iter().zip(&got) {
+        assert!(a == b, "{name} differs between 1 and 2 ranks");
+    }
+    let (stdout_0, _) = job.ranks[0].output();
+    assert!(stdout_0.contains("14 samples"), "{stdout_0}");
+    let (stdout_1, _) = job.ranks[1].output();
+    assert!(stdout_1.is_empty(), "rank 1 printed {stdout_1}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        match path.is_dir() {
+            true => found.extend(walk(&path)),
+            false => found.push(path),
+        }
+    }
+    found
+}

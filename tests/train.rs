@@ -370,9 +370,13 @@ fn only_the_method_parameters_change() {
     tch::manual_seed(0);
     for _ in 0..3 {
         optimizer.zero_grad();
+        let latents = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let (noise, timesteps) = objective.draw(&latents).unwrap();
         let inputs = StepInputs {
-            latents: Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu)),
+            latents,
             context: Tensor::randn([2, 77, 32], (Kind::Float, Device::Cpu)),
+            noise,
+            timesteps,
         };
         let _ = forward_backward(&unet, &objective, &inputs, false, 1.0).unwrap();
         optimizer.step(1e-2, Some(1.0)).unwrap();

@@ -147,15 +147,19 @@ fn bench_one(
     }
     let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
     let latent = opts.resolution / scale_factor;
+    let latents = Tensor::randn(
+        [batch, config.in_channels, latent, latent],
+        (Kind::Float, device),
+    );
+    let (noise, timesteps) = objective.draw(&latents)?;
     let inputs = StepInputs {
-        latents: Tensor::randn(
-            [batch, config.in_channels, latent, latent],
-            (Kind::Float, device),
-        ),
+        latents,
         context: Tensor::randn(
             [batch, CONTEXT_TOKENS, config.cross_attention_dim],
             (Kind::Float, device),
         ),
+        noise,
+        timesteps,
     };
     let mut step = || -> Result<()> {
         optimizer.zero_grad();

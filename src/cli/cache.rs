@@ -1,4 +1,5 @@
-use crate::data::cache::{build, CacheSettings};
+use super::dist_check::DistArgs;
+use crate::data::cache::{build_in, CacheSettings};
 use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::data::{PromptTemplate, Split};
 use crate::model::source::ModelFiles;
@@ -48,10 +49,17 @@ pub struct CacheArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Images of the listing per shard file (the unit of work of each rank of a multi-process
+    /// build).
+    #[arg(long, default_value_t = 1024)]
+    pub shard_size: usize,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 pub fn run(args: CacheArgs) -> Result<()> {
-    super::launch::single_process_only("cache")?;
+    // Under torchrun or SLURM: this process encodes its share of a multi-process build.
+    let (group, device) = super::launch::join(&args.dist, args.device.resolve()?)?;
     let files = ModelFiles::resolve(&args.model, None)?;
     let settings = CacheSettings {
         split: args.split,
@@ -65,10 +73,15 @@ pub fn run(args: CacheArgs) -> Result<()> {
             exif_orientation: args.exif_orientation,
             max_pixels: args.max_image_pixels,
         },
-        device: args.device.resolve()?,
-        ..CacheSettings::default()
+        shard_size: args.shard_size,
+        device,
     };
-    let (manifest, report) = build(&files, &args.data, &settings, &args.out)?;
+    let (manifest, report) = build_in(&files, &args.data, &settings, &args.out, &group)?;
+    let main = group.is_main();
+    group.shutdown()?;
+    if !main {
+        return Ok(());
+    }
     println!(
         "{}: {} samples, {} prompts ({} file(s) encoded, {} reused, {} image(s) skipped)",
         args.out.display(),

@@ -1,5 +1,7 @@
+use super::dist_check::DistArgs;
+use crate::dist::ProcessGroup;
 use crate::train::config::RunConfig;
-use crate::train::{train, TrainOptions};
+use crate::train::{train_in, TrainOptions};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -50,10 +52,11 @@ pub struct TrainArgs {
     /// Save a checkpoint and stop after this many steps of this invocation.
     #[arg(long)]
     pub stop_after: Option<usize>,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    super::launch::single_process_only("train")?;
     let mut config = match &args.config {
         Some(path) => RunConfig::load(path)?,
         None => RunConfig::default(),
@@ -84,6 +87,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     crate::peft::merge_tables(&mut overrides, flags);
     config.apply_overrides(overrides)?;
 
+    // Under torchrun or SLURM: this process is one rank of a data-parallel run.
+    let group = ProcessGroup::from_env(config.train.device.resolve()?, args.dist.timeout())?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
     ctrlc::set_handler(move || {
@@ -94,19 +99,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         eprintln!("difftune train: interrupt received (SIGINT or SIGTERM), saving a checkpoint after this step (interrupt again to exit at once)");
     })?;
-    let stopped = interrupt.clone();
-    let summary = train(&TrainOptions {
-        model: args.model,
-        data: args.data,
-        cache: args.cache,
-        out: args.out.clone(),
-        config,
-        resume: args.resume,
-        strict: args.strict,
-        stop_after: args.stop_after,
-        interrupt,
-        progress: true,
-    })?;
+    let summary = train_in(
+        &TrainOptions {
+            model: args.model,
+            data: args.data,
+            cache: args.cache,
+            out: args.out.clone(),
+            config,
+            resume: args.resume,
+            strict: args.strict,
+            stop_after: args.stop_after,
+            interrupt,
+            progress: true,
+        },
+        &group,
+    )?;
+    let main = group.is_main();
+    group.shutdown()?;
+    if !main && !summary.interrupted {
+        return Ok(());
+    }
     match (&summary.adapter, &summary.checkpoint) {
         (Some(adapter), _) => println!(
             "trained {} parameters for {} steps; adapter: {}",
@@ -114,7 +126,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             summary.step,
             adapter.display()
         ),
-        (None, checkpoint) if stopped.load(Ordering::SeqCst) => bail!(
+        (None, checkpoint) if summary.interrupted => bail!(
             "interrupted, resume with --resume (stopped at step {}{})",
             summary.step,
             checkpoint

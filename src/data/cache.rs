@@ -14,6 +14,7 @@ use super::images::{
     load_batch, Crop, DecodeOptions, ExifOrientation, Preprocess, ResizeFilter, JPEG_DECODER,
 };
 use super::{Dataset, DatasetOptions, ImageSource, PromptTemplate, Split};
+use crate::dist::ProcessGroup;
 use crate::model::source::{fingerprint, ModelFiles};
 use crate::model::weights::{save_tensors, MappedSafetensors};
 use crate::util::fs::{hex, sha256_file, write_json};
@@ -290,6 +291,23 @@ pub fn build(
     settings: &CacheSettings,
     dir: &Path,
 ) -> Result<(Manifest, CacheReport)> {
+    build_in(model, dataset_path, settings, dir, &ProcessGroup::single())
+}
+
+/// [`build`] as this process's rank of `group`: rank 0 checks the earlier cache and writes the
+/// manifest; every rank encodes its share of the whole 64-prompt chunks (gathered to rank 0,
+/// which writes the embeddings) and of the shards still to encode, each whole shard in the
+/// batches one process uses, so the files equal a single-process build's. A rank other than 0
+/// lists its shards in `manifest.rank-N.json`, which rank 0 merges after a barrier. The
+/// returned manifest is complete on rank 0 only. An interrupted multi-rank build keeps the
+/// shards rank 0 listed; the others are encoded again.
+pub fn build_in(
+    model: &ModelFiles,
+    dataset_path: &Path,
+    settings: &CacheSettings,
+    dir: &Path,
+    group: &ProcessGroup,
+) -> Result<(Manifest, CacheReport)> {
     ensure!(
         settings.batch_size > 0 && settings.shard_size > 0,
         "cache batch and shard sizes must be positive"
@@ -326,8 +344,12 @@ pub fn build(
         jpeg_decoder: JPEG_DECODER.into(),
         exif_orientation: settings.decode.exif_orientation,
     };
-    // Another process building this cache is waited for; what it built is then reused.
-    let _lock = crate::util::lock::DirLock::acquire_waiting(dir, "cache")?;
+    // Another process building this cache is waited for; what it built is then reused. Rank 0
+    // holds the lock for its whole group (the other ranks would wait on their own rank 0).
+    let _lock = match group.is_main() {
+        true => Some(crate::util::lock::DirLock::acquire_waiting(dir, "cache")?),
+        false => None,
+    };
     let mut report = CacheReport::default();
 
     let mut prompts: Vec<String> = Vec::new();
@@ -344,6 +366,7 @@ pub fn build(
         .collect();
 
     let previous = match Manifest::read(dir) {
+        _ if !group.is_main() => None,
         Ok(m) if m.key == key => Some(m),
         Ok(m) => {
             report.discarded.push(format!(
@@ -420,22 +443,44 @@ pub fn build(
     for message in &report.discarded {
         eprintln!("difftune cache: {message}");
     }
+    if group.is_main() {
+        manifest.shards = kept.values().cloned().collect();
+        remove_rank_parts(dir)?;
+        manifest.write(dir)?;
+    }
+    group
+        .barrier()
+        .context("waiting for rank 0 to check the earlier cache")?;
+    if !group.is_main() {
+        manifest = Manifest::read(dir)?;
+    }
 
     if manifest.prompt_embeddings.is_none() {
-        let embeddings = encode_prompts(model, &manifest.prompts, settings.device)?;
-        let path = dir.join(PROMPTS_FILE);
-        save_tensors(&path, &[("embeddings".to_string(), embeddings)], None)?;
-        manifest.prompt_embeddings = Some(CacheFile {
-            file: PROMPTS_FILE.into(),
-            sha256: sha256_file(&path)?,
-        });
-        report.written_files += 1;
+        let embeddings = encode_prompt_share(model, &manifest.prompts, settings.device, group)?;
+        if group.is_main() {
+            let path = dir.join(PROMPTS_FILE);
+            save_tensors(&path, &[("embeddings".to_string(), embeddings)], None)?;
+            manifest.prompt_embeddings = Some(CacheFile {
+                file: PROMPTS_FILE.into(),
+                sha256: sha256_file(&path)?,
+            });
+            report.written_files += 1;
+        }
     }
 
     let shard_count = dataset.len().div_ceil(settings.shard_size);
-    let todo: Vec<usize> = (0..shard_count).filter(|k| !kept.contains_key(k)).collect();
-    manifest.shards = kept.values().cloned().collect();
-    manifest.write(dir)?;
+    let listed: Vec<usize> = manifest
+        .shards
+        .iter()
+        .map(|s| s.first / settings.shard_size)
+        .collect();
+    let todo: Vec<usize> = (0..shard_count).filter(|k| !listed.contains(k)).collect();
+    let todo = group.shard(&todo).to_vec();
+    let manifest_file = match group.is_main() {
+        true => MANIFEST_FILE.to_string(),
+        false => rank_part_file(group.rank()),
+    };
+    write_json(&dir.join(&manifest_file), &manifest)?;
     if !todo.is_empty() {
         let vae = crate::model::pipeline::load_vae(model, settings.device)?;
         let progress = indicatif::ProgressBar::new(
@@ -447,6 +492,9 @@ pub fn build(
             )
             .expect("valid template"),
         );
+        if !group.is_main() {
+            progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
         for k in todo {
             let first = k * settings.shard_size;
             let count = settings.shard_size.min(dataset.len() - first);
@@ -530,13 +578,23 @@ pub fn build(
                 samples,
             });
             manifest.shards.sort_by_key(|s| s.first);
-            manifest.write(dir)?;
+            write_json(&dir.join(&manifest_file), &manifest)?;
             report.written_files += 1;
         }
         progress.finish_and_clear();
     }
+    group
+        .barrier()
+        .context("waiting for every rank's shards of the cache")?;
+    if !group.is_main() {
+        return Ok((manifest, report));
+    }
+    for rank in 1..group.world_size() {
+        report.written_files += merge_rank_part(&mut manifest, dir, rank)?;
+    }
     manifest.complete = true;
     manifest.write(dir)?;
+    remove_rank_parts(dir)?;
     report.samples = manifest.len();
     if report.samples == 0 {
         bail!(
@@ -547,12 +605,85 @@ pub fn build(
     Ok((manifest, report))
 }
 
+/// The manifest of the shards rank `rank` (not 0) encoded in a multi-rank build.
+fn rank_part_file(rank: usize) -> String {
+    format!("manifest.rank-{rank}.json")
+}
+
+/// Removes the rank manifests of a multi-rank build.
+fn remove_rank_parts(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with("manifest.rank-") && name.ends_with(".json") {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the shards (and their skipped images) that rank `rank` listed in its manifest to
+/// `manifest`; returns how many it added.
+fn merge_rank_part(manifest: &mut Manifest, dir: &Path, rank: usize) -> Result<usize> {
+    let path = dir.join(rank_part_file(rank));
+    let part: Manifest = crate::util::fs::read_json(&path)
+        .with_context(|| format!("reading rank {rank}'s shards"))?;
+    let known: Vec<usize> = manifest.shards.iter().map(|s| s.first).collect();
+    let new: Vec<Shard> = part
+        .shards
+        .into_iter()
+        .filter(|s| !known.contains(&s.first))
+        .collect();
+    let ids: Vec<&str> = manifest.skipped.iter().map(|s| s.id.as_str()).collect();
+    let skipped: Vec<SkippedImage> = part
+        .skipped
+        .into_iter()
+        .filter(|s| !ids.contains(&s.id.as_str()))
+        .collect();
+    manifest.skipped.extend(skipped);
+    if manifest.latent_shape.is_empty() {
+        manifest.latent_shape = part.latent_shape;
+    }
+    let added = new.len();
+    manifest.shards.extend(new);
+    manifest.shards.sort_by_key(|s| s.first);
+    Ok(added)
+}
+
+/// Every rank encodes its share of the whole 64-prompt chunks; the embeddings of all prompts
+/// are gathered in order (on `device`, the group's) and returned on the CPU.
+fn encode_prompt_share(
+    model: &ModelFiles,
+    prompts: &[String],
+    device: Device,
+    group: &ProcessGroup,
+) -> Result<Tensor> {
+    let chunks = group.shard_range(prompts.len().div_ceil(PROMPT_CHUNK));
+    let (start, end) = (chunks.start * PROMPT_CHUNK, chunks.end * PROMPT_CHUNK);
+    let mine = &prompts[start.min(prompts.len())..end.min(prompts.len())];
+    if !group.is_distributed() {
+        return encode_prompts(model, mine, device);
+    }
+    // A rank without a chunk still hands over rows of the right shape: none of one prompt's.
+    let embeddings = match mine.is_empty() {
+        true => encode_prompts(model, &prompts[..1], device)?.narrow(0, 0, 0),
+        false => encode_prompts(model, mine, device)?,
+    };
+    let all = group
+        .all_gather_rows(&embeddings.to_device(device))
+        .context("gathering the prompt embeddings")?;
+    Ok(all.to_device(Device::Cpu))
+}
+
+/// Prompts per text-encoder forward.
+const PROMPT_CHUNK: usize = 64;
+
 /// `[prompts, seq, dim]` text-encoder hidden states of `prompts`, on the CPU.
 fn encode_prompts(model: &ModelFiles, prompts: &[String], device: Device) -> Result<Tensor> {
     let tokenizer = crate::model::tokenizer::ClipTokenizer::from_dir(&model.tokenizer_dir)?;
     let encoder = crate::model::pipeline::load_text_encoder(model, device)?;
     let mut out = Vec::new();
-    for chunk in prompts.chunks(64) {
+    for chunk in prompts.chunks(PROMPT_CHUNK) {
         let ids = tokenizer.input_ids(chunk)?.to_device(device);
         out.push(
             tch::no_grad(|| encoder.forward(&ids))

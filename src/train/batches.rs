@@ -2,14 +2,18 @@
 //! in each epoch, and the batch of each forward pass.
 //!
 //! Every random draw is a function of (seed, position): the data order of epoch `e` is a seeded
-//! permutation, and before each forward pass torch's generator is re-seeded from (seed, forward
-//! index) to draw the latent sample, the noise and the timesteps. A run resumed from a checkpoint
-//! therefore repeats the uninterrupted run bit for bit (on the same device and thread count).
-use super::step::StepInputs;
+//! permutation, and torch's generator is re-seeded from (seed, global sample position) before
+//! each sample's latent sample, noise and timestep are drawn. A run resumed from a checkpoint
+//! therefore repeats the uninterrupted run bit for bit (on the same device and thread count), and
+//! a data-parallel run draws for each sample what one process with the whole global batch draws:
+//! forward pass `f` covers global positions `f * G .. (f + 1) * G` (`G` = world × batch) and rank
+//! `r` takes `f * G + r * batch ..` of them.
+use super::step::{Objective, StepInputs};
 use super::trainer::TrainOptions;
 use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
 use crate::data::images::DecodeOptions;
 use crate::data::PromptTemplate;
+use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
 use anyhow::{ensure, Result};
 use rand::seq::SliceRandom;
@@ -18,8 +22,9 @@ use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// The seed of forward pass `index` of a run seeded with `seed` (SplitMix64 of both).
-pub fn forward_seed(seed: u64, index: u64) -> i64 {
+/// The seed of the sample at global position `index` of a run seeded with `seed` (SplitMix64 of
+/// both).
+pub fn sample_seed(seed: u64, index: u64) -> i64 {
     let mut z = seed
         ^ index
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -69,8 +74,8 @@ impl DataOrder {
 /// The cached latent distributions and captions of one forward pass, as read from the cache (on
 /// the CPU, before any random draw): what a background prefetcher would hand over.
 pub struct CachedBatch {
-    /// The forward pass it belongs to (its seed is derived from this).
-    pub forward_index: usize,
+    /// The global position of each sample (its seed is derived from this).
+    pub positions: Vec<usize>,
     mean: Tensor,
     logvar: Tensor,
     context: Tensor,
@@ -82,13 +87,22 @@ pub struct Batches {
     order: DataOrder,
     seed: u64,
     batch_size: usize,
+    /// This process's rank and the number of ranks (its share of each global batch).
+    rank: usize,
+    world_size: usize,
     /// The VAE's latent scaling factor.
     scaling: f64,
 }
 
 impl Batches {
-    /// Opens the cache in `dir`; each forward pass reads `batch_size` samples.
-    pub fn open(dir: &Path, seed: u64, batch_size: usize, scaling: f64) -> Result<Self> {
+    /// Opens the cache in `dir`; each forward pass reads `batch_size` samples on each of
+    /// `world_size` ranks, this one being `rank`.
+    pub fn open(
+        dir: &Path,
+        seed: u64,
+        (batch_size, rank, world_size): (usize, usize, usize),
+        scaling: f64,
+    ) -> Result<Self> {
         let cache = LatentCache::open(dir)?;
         ensure!(
             !cache.is_empty(),
@@ -107,6 +121,8 @@ impl Batches {
             cache,
             seed,
             batch_size,
+            rank,
+            world_size,
             scaling,
         })
     }
@@ -124,36 +140,67 @@ impl Batches {
         self.cache.is_empty()
     }
 
-    /// Reads the cached samples of forward pass `forward_index`.
+    /// Reads this rank's share of the cached samples of global forward pass `forward_index`.
     pub fn read(&mut self, forward_index: usize) -> Result<CachedBatch> {
-        let first = forward_index * self.batch_size;
-        let indices: Vec<usize> = (first..first + self.batch_size)
-            .map(|p| self.order.sample(p))
-            .collect();
+        let first = (forward_index * self.world_size + self.rank) * self.batch_size;
+        let positions: Vec<usize> = (first..first + self.batch_size).collect();
+        let indices: Vec<usize> = positions.iter().map(|&p| self.order.sample(p)).collect();
         let (mean, logvar, context) = self.cache.batch(&indices)?;
         Ok(CachedBatch {
-            forward_index,
+            positions,
             mean,
             logvar,
             context,
         })
     }
 
-    /// Seeds torch's generator for `batch`'s forward pass and draws its latents on `device`;
-    /// the noise and timesteps the step draws next come from the same seeded stream.
-    pub fn seeded_inputs(&self, batch: CachedBatch, device: Device) -> StepInputs {
-        tch::manual_seed(forward_seed(self.seed, batch.forward_index as u64));
+    /// Draws `batch`'s latents, noise and timesteps on `device`, each sample's from torch's
+    /// generator seeded by (seed, its global position).
+    pub fn seeded_inputs(
+        &self,
+        batch: CachedBatch,
+        objective: &Objective,
+        device: Device,
+    ) -> Result<StepInputs> {
         let (mean, logvar) = (batch.mean.to_device(device), batch.logvar.to_device(device));
-        let latents = (&mean + (logvar * 0.5).exp() * mean.randn_like()) * self.scaling;
-        StepInputs {
-            latents,
-            context: batch.context.to_device(device).to_kind(Kind::Float),
+        let std = (logvar * 0.5).exp();
+        let (mut latents, mut noise, mut timesteps) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, &position) in batch.positions.iter().enumerate() {
+            tch::manual_seed(sample_seed(self.seed, position as u64));
+            let (mean, std) = (mean.narrow(0, i as i64, 1), std.narrow(0, i as i64, 1));
+            let latent = (&mean + std * mean.randn_like()) * self.scaling;
+            let (n, t) = objective.draw(&latent)?;
+            latents.push(latent);
+            noise.push(n);
+            timesteps.push(t);
         }
+        Ok(StepInputs {
+            latents: Tensor::cat(&latents, 0),
+            context: batch.context.to_device(device).to_kind(Kind::Float),
+            noise: Tensor::cat(&noise, 0),
+            timesteps: Tensor::cat(&timesteps, 0),
+        })
     }
 }
 
-/// Builds or reuses the latent cache for this run; returns its folder.
-pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) -> Result<PathBuf> {
+/// The folder of this run's latent cache: `--data` when it is a cache, else where the dataset's
+/// cache goes.
+fn cache_dir(opts: &TrainOptions) -> PathBuf {
+    match opts.data.join(MANIFEST_FILE).is_file() {
+        true => opts.data.clone(),
+        false => opts.cache.clone().unwrap_or_else(|| opts.out.join("cache")),
+    }
+}
+
+/// Builds or reuses the latent cache for this run, as this process's rank of `group` (see
+/// [`cache::build_in`]: the manifest is complete once rank 0 returns); returns its folder
+/// ([`cache_dir`]).
+pub fn prepare_cache(
+    opts: &TrainOptions,
+    files: &ModelFiles,
+    device: Device,
+    group: &ProcessGroup,
+) -> Result<PathBuf> {
     let train = &opts.config.train;
     if opts.data.join(MANIFEST_FILE).is_file() {
         // A cache folder: rebuild it from its recorded dataset when that is still there, else
@@ -175,11 +222,11 @@ pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) ->
                 },
                 device,
             };
-            cache::build(files, &manifest.dataset_path, &settings, &opts.data)?;
+            cache::build_in(files, &manifest.dataset_path, &settings, &opts.data, group)?;
         }
         return Ok(opts.data.clone());
     }
-    let dir = opts.cache.clone().unwrap_or_else(|| opts.out.join("cache"));
+    let dir = cache_dir(opts);
     let settings = CacheSettings {
         resolution: train.resolution,
         resize_filter: train.resize_filter,
@@ -194,6 +241,6 @@ pub fn prepare_cache(opts: &TrainOptions, files: &ModelFiles, device: Device) ->
         device,
         ..CacheSettings::default()
     };
-    cache::build(files, &opts.data, &settings, &dir)?;
+    cache::build_in(files, &opts.data, &settings, &dir, group)?;
     Ok(dir)
 }

@@ -43,6 +43,13 @@ pub struct CheckpointState {
     pub base_unet: String,
     /// The run config as TOML.
     pub config: String,
+    /// Ranks of the data-parallel run that wrote it (1 for a single process).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A checkpoint folder on disk whose files matched their checksums when it was opened.
@@ -251,6 +258,25 @@ fn remove_temp_folders(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Sets aside every checkpoint under `root` at `step` or later, renaming `step-N` to
+/// `step-N.nonfinite` (kept for inspection; resume and pruning skip it): their weights gave a
+/// non-finite loss or gradient. Returns the folders set aside and the newest checkpoint left.
+pub fn set_aside_from(root: &Path, step: usize) -> Result<(Vec<PathBuf>, Option<Checkpoint>)> {
+    let mut set_aside = Vec::new();
+    for (_, dir) in list(root)?.into_iter().filter(|(s, _)| *s >= step) {
+        let mut name = dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".nonfinite");
+        let to = dir.with_file_name(name);
+        if to.exists() {
+            std::fs::remove_dir_all(&to).with_context(|| format!("replacing {}", to.display()))?;
+        }
+        std::fs::rename(&dir, &to)
+            .with_context(|| format!("renaming {} to {}", dir.display(), to.display()))?;
+        set_aside.push(to);
+    }
+    Ok((set_aside, latest(root)?))
+}
+
 /// Writes a checkpoint under `root` (replacing one of the same step) and deletes all but the
 /// newest `keep`.
 pub fn save(
@@ -341,6 +367,7 @@ mod tests {
             method: "bitfit".into(),
             base_unet: "unet".into(),
             config: String::new(),
+            world_size: 1,
         }
     }
 

@@ -193,10 +193,15 @@ impl TrainConfig {
 
     /// These settings with those a resumed run may change reset: they do not change what is
     /// trained (how long it runs, how often it saves, how many checkpoints it keeps, the device,
-    /// validation).
+    /// validation), or they set how fast it moves, which a run that diverged resumes with
+    /// changed (learning rate, its schedule and warm-up, gradient clipping).
     pub fn trajectory(&self) -> Self {
         let defaults = Self::default();
         Self {
+            learning_rate: defaults.learning_rate,
+            lr_schedule: defaults.lr_schedule,
+            lr_warmup_steps: defaults.lr_warmup_steps,
+            max_grad_norm: defaults.max_grad_norm,
             steps: 0,
             checkpoint_every: 0,
             keep_checkpoints: 0,

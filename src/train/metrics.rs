@@ -20,6 +20,12 @@ pub struct StepMetrics {
     /// Peak resident memory of the process so far (`VmHWM`), bytes; `None` where unknown.
     pub peak_rss_bytes: Option<u64>,
     pub epoch: usize,
+    /// Samples per optimizer step over all ranks: world size × batch × accumulation.
+    #[serde(default)]
+    pub global_batch: usize,
+    /// Wall time of the step's gradient all-reduce (data-parallel runs only), seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_reduce_s: Option<f64>,
 }
 
 impl StepMetrics {

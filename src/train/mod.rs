@@ -13,4 +13,4 @@ pub mod trainer;
 pub mod validation;
 
 pub use config::{RunConfig, TrainConfig};
-pub use trainer::{train, TrainOptions, TrainSummary};
+pub use trainer::{train, train_in, TrainOptions, TrainSummary};

@@ -95,8 +95,49 @@ impl AdamW {
         }
     }
 
-    /// The global L2 norm of all gradients (parameters without one count as zero).
-    fn grad_norm(&self) -> f64 {
+    /// The trainable values as one flat buffer (every parameter is a view of it): for a
+    /// data-parallel group to broadcast in place.
+    pub fn flat_params_mut(&mut self) -> &mut Tensor {
+        &mut self.flat
+    }
+
+    /// All gradients in one new flat f32 buffer (a parameter without one gets zeros now), with
+    /// the values of the 1-D tensor `extra` appended: what a data-parallel step all-reduces in
+    /// one call.
+    pub fn flat_grads(&mut self, extra: &Tensor) -> Tensor {
+        for p in &self.params {
+            if !p.grad().defined() {
+                // Define it as zeros, so that every rank hands back the same set of gradients.
+                (p.sum(Kind::Float) * 0.0).backward();
+            }
+        }
+        tch::no_grad(|| {
+            let total = self.numel();
+            let extra = extra.to_kind(Kind::Float).to_device(self.flat.device());
+            let buffer = Tensor::zeros(
+                [total + extra.numel() as i64],
+                (Kind::Float, self.flat.device()),
+            );
+            self.gather_grads(&mut buffer.narrow(0, 0, total), 0, total, 1.0);
+            buffer.narrow(0, total, extra.numel() as i64).copy_(&extra);
+            buffer
+        })
+    }
+
+    /// Sets the gradients from a buffer laid out as [`AdamW::flat_grads`] makes it.
+    pub fn set_flat_grads(&mut self, buffer: &Tensor) {
+        tch::no_grad(|| {
+            for (p, &offset) in self.params.iter().zip(&self.offsets) {
+                let mut g = p.grad();
+                let src = buffer.narrow(0, offset, p.numel() as i64).view_as(&g);
+                g.copy_(&src);
+            }
+        })
+    }
+
+    /// The global L2 norm of all gradients (parameters without one count as zero), as a 0-d f32
+    /// tensor on the parameters' device (reading it is left to the caller: one transfer).
+    pub fn grad_norm(&self) -> Tensor {
         let squares: Vec<Tensor> = self
             .params
             .iter()
@@ -105,12 +146,9 @@ impl AdamW {
             .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
             .collect();
         if squares.is_empty() {
-            return 0.0;
+            return Tensor::zeros([], (Kind::Float, self.flat.device()));
         }
-        Tensor::stack(&squares, 0)
-            .sum(Kind::Float)
-            .sqrt()
-            .double_value(&[])
+        Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
     }
 
     /// Copies the gradients of the parameters in flat range `start..start + len` into `buffer`
@@ -138,11 +176,17 @@ impl AdamW {
     /// when given (as torch's `clip_grad_norm_`). Returns the gradient norm before clipping. A
     /// non-finite norm is an error and the parameters are left untouched.
     pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
+        let norm = tch::no_grad(|| self.grad_norm()).double_value(&[]);
+        if !norm.is_finite() {
+            bail!("gradient norm is {norm}: refusing to update (lower the learning rate or check the data)");
+        }
+        self.apply(lr, norm, max_grad_norm);
+        Ok(norm)
+    }
+
+    /// The AdamW update of [`AdamW::step`] given the gradients' (finite) global norm `norm`.
+    pub fn apply(&mut self, lr: f64, norm: f64, max_grad_norm: Option<f64>) {
         tch::no_grad(|| {
-            let norm = self.grad_norm();
-            if !norm.is_finite() {
-                bail!("gradient norm is {norm}: refusing to update (lower the learning rate or check the data)");
-            }
             let scale = match max_grad_norm {
                 Some(max) if norm > max => max / (norm + 1e-6),
                 _ => 1.0,
@@ -180,7 +224,6 @@ impl AdamW {
                 }
                 start += len;
             }
-            Ok(norm)
         })
     }
 

@@ -58,19 +58,36 @@ impl Objective {
             noise_offset: train.noise_offset,
         })
     }
+
+    /// Draws the noise (with its offset) and the timesteps for `latents` `[b, c, h, w]` from
+    /// torch's global generator (callers seed it).
+    pub fn draw(&self, latents: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, c, _, _) = latents.size4()?;
+        let device = latents.device();
+        let mut noise = latents.randn_like();
+        if self.noise_offset > 0.0 {
+            noise += Tensor::randn([b, c, 1, 1], (Kind::Float, device)) * self.noise_offset;
+        }
+        let steps = self.schedule.num_train_timesteps() as i64;
+        let timesteps = Tensor::randint(steps, [b], (Kind::Int64, device));
+        Ok((noise, timesteps))
+    }
 }
 
-/// One forward pass's inputs, on the training device.
+/// One forward pass's inputs, on the training device, with every random draw already made.
 pub struct StepInputs {
     /// Clean latents, already scaled by the VAE's scaling factor: `[b, 4, h, w]` f32.
     pub latents: Tensor,
     /// Text encoder hidden states `[b, seq, cross_attention_dim]` f32.
     pub context: Tensor,
+    /// The noise added to the latents (see [`Objective::draw`]).
+    pub noise: Tensor,
+    /// One diffusion timestep per sample `[b]` i64.
+    pub timesteps: Tensor,
 }
 
-/// Draws noise, noise offset and timesteps from torch's global generator (callers seed it), runs
-/// the U-Net — under bf16 autocast when `autocast` — and returns the loss (an f32 scalar) after
-/// back-propagating `loss * loss_scale` (`1 / accumulation steps`).
+/// Runs the U-Net on the noised latents — under bf16 autocast when `autocast` — and returns the
+/// loss (an f32 scalar) after back-propagating `loss * loss_scale` (`1 / accumulation steps`).
 pub fn forward_backward(
     unet: &UNet2DConditionModel,
     objective: &Objective,
@@ -84,29 +101,22 @@ pub fn forward_backward(
         "training latents must be [b, c, h, w], got {:?}",
         latents.size()
     );
-    let (b, c, _, _) = latents.size4()?;
-    let device = latents.device();
-    let mut noise = latents.randn_like();
-    if objective.noise_offset > 0.0 {
-        noise += Tensor::randn([b, c, 1, 1], (Kind::Float, device)) * objective.noise_offset;
-    }
-    let steps = objective.schedule.num_train_timesteps() as i64;
-    let timesteps = Tensor::randint(steps, [b], (Kind::Int64, device));
-    let noisy = objective.schedule.add_noise(latents, &noise, &timesteps)?;
+    let (noise, timesteps) = (&inputs.noise, &inputs.timesteps);
+    let noisy = objective.schedule.add_noise(latents, noise, timesteps)?;
     let target = match objective.prediction {
-        PredictionType::Epsilon => noise,
-        PredictionType::VPrediction => objective.schedule.velocity(latents, &noise, &timesteps)?,
+        PredictionType::Epsilon => noise.shallow_clone(),
+        PredictionType::VPrediction => objective.schedule.velocity(latents, noise, timesteps)?,
     };
     let prediction = if autocast {
-        super::precision::bf16_autocast(|| unet.forward(&noisy, &timesteps, &inputs.context))
+        super::precision::bf16_autocast(|| unet.forward(&noisy, timesteps, &inputs.context))
     } else {
-        unet.forward(&noisy, &timesteps, &inputs.context)
+        unet.forward(&noisy, timesteps, &inputs.context)
     };
     let error = (prediction.to_kind(Kind::Float) - target).square();
     let loss = match objective.snr_gamma {
         None => error.mean(Kind::Float),
         Some(gamma) => {
-            let snr = objective.schedule.snr(&timesteps)?;
+            let snr = objective.schedule.snr(timesteps)?;
             let clipped = snr.clamp_max(gamma);
             let weights = match objective.prediction {
                 PredictionType::Epsilon => clipped / &snr,

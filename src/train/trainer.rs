@@ -2,7 +2,7 @@
 //! resume, Ctrl-C handling and a stop on a non-finite loss. [`train`] reads as the loop it is;
 //! [`Trainer`] holds the run's state and does each part (see [`super::batches`] for how every
 //! random draw is seeded from the run's seed and the sample's position).
-use super::batches::{prepare_cache, Batches, CachedBatch};
+use super::batches::{prepare_cache, Batches};
 use super::checkpoint::{self, Checkpoint, CheckpointState};
 use super::config::{Precision, RunConfig};
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
@@ -10,15 +10,16 @@ use super::optim::AdamW;
 use super::step::{attach_method, forward_backward, Objective};
 use super::tensorboard::TensorBoardLog;
 use super::validation::{TrainedUnet, Validation};
+use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
 use crate::peft::Tuned;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// What to train, from where, to where.
 #[derive(Debug, Clone)]
@@ -56,6 +57,10 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     pub trainable_parameters: usize,
     pub cached_samples: usize,
+    /// Samples per optimizer step over all ranks: world size × batch × accumulation.
+    pub global_batch: usize,
+    /// The run stopped early on an interrupt (of any rank).
+    pub interrupted: bool,
 }
 
 /// Names of the files a run writes in its output folder.
@@ -76,11 +81,18 @@ fn uses_autocast(precision: Precision, device: Device) -> Result<bool> {
     })
 }
 
-/// Creates the output folder and writes the run config; returns the newest verified checkpoint
-/// when the run is to resume from it. Checkpoints in a folder that is not resumed are an error.
-fn open_run_folder(opts: &TrainOptions, config_text: &str) -> Result<Option<Checkpoint>> {
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
+/// Creates the output folder and writes the run config (on the main rank only); returns the
+/// newest verified checkpoint when the run is to resume from it. Checkpoints in a folder that is
+/// not resumed are an error. Only the main rank moves damaged checkpoints aside; the others read.
+fn open_run_folder(
+    opts: &TrainOptions,
+    config_text: &str,
+    group: &ProcessGroup,
+) -> Result<Option<Checkpoint>> {
+    if group.is_main() {
+        std::fs::create_dir_all(&opts.out)
+            .with_context(|| format!("creating {}", opts.out.display()))?;
+    }
     let checkpoints = opts.out.join(CHECKPOINTS_DIR);
     if checkpoint::any(&checkpoints)? && !opts.resume {
         bail!(
@@ -88,24 +100,30 @@ fn open_run_folder(opts: &TrainOptions, config_text: &str) -> Result<Option<Chec
             opts.out.display()
         );
     }
-    let latest = checkpoint::resume_point(&checkpoints)?;
-    crate::util::fs::write_atomic_str(&opts.out.join(RUN_CONFIG_FILE), config_text)?;
+    let latest = match group.is_main() {
+        true => checkpoint::resume_point(&checkpoints)?,
+        false => checkpoint::latest(&checkpoints)?,
+    };
+    if group.is_main() {
+        crate::util::fs::write_atomic_str(&opts.out.join(RUN_CONFIG_FILE), config_text)?;
+    }
     Ok(latest)
 }
 
 /// One training run in memory: the model with its method attached, the optimizer, the data and
 /// the position reached. [`train`] drives it; the pieces the next features need go here:
 ///
-/// - a data-parallel group: broadcast the trainable tensors at the end of [`Trainer::restore`],
-///   all-reduce the optimizer's gradients in [`Trainer::step`] before the update (which takes the
-///   norm and clips), and let rank 0 alone own the [`RunLog`], [`Trainer::save`] and
-///   [`Trainer::validate`];
+/// - a data-parallel group (in place): the trainable tensors are broadcast from rank 0 at the end
+///   of [`Trainer::restore`], the gradients (and the loss) all-reduced in [`Trainer::step`]
+///   before the update (which takes the norm and clips), and rank 0 alone owns the [`RunLog`],
+///   [`Trainer::save`], [`Trainer::validate`] and the adapter file;
 /// - EMA weights: updated in [`Trainer::step`] after the optimizer, saved by [`Trainer::save`];
 /// - prefetching: [`Batches::read`] is the CPU part of a forward pass's input (no random draw),
 ///   so a background thread can read the next one while [`Trainer::step`] computes;
 /// - signals: whatever sets [`TrainOptions::interrupt`] (the CLI's handler) stops the loop.
 pub struct Trainer<'a> {
     opts: &'a TrainOptions,
+    group: &'a ProcessGroup,
     device: Device,
     autocast: bool,
     base_unet: String,
@@ -121,24 +139,32 @@ pub struct Trainer<'a> {
     resume_from: Option<Checkpoint>,
     steps_done: usize,
     last_saved: Option<(usize, PathBuf)>,
+    /// Some rank was interrupted by the end of the last step (all ranks agree on it).
+    interrupted: bool,
 }
 
 impl<'a> Trainer<'a> {
-    /// Loads the model, attaches the method, builds the optimizer and the latent cache.
-    pub fn setup(opts: &'a TrainOptions) -> Result<Self> {
+    /// Loads the model, attaches the method, builds the optimizer and the latent cache, as
+    /// rank `group.rank()` of a data-parallel run (each rank encoding its share of the cache).
+    pub fn setup(opts: &'a TrainOptions, group: &'a ProcessGroup) -> Result<Self> {
         let config = &opts.config;
         let train = &config.train;
         train.validate()?;
-        let device = train.device.resolve()?;
+        let device = group.local_device(train.device.resolve()?);
         let autocast = uses_autocast(train.precision, device)?;
         let files = ModelFiles::resolve(&opts.model, None)?;
         let base_unet = files.unet_identity()?;
         let config_text = config.to_toml()?;
-        let resume_from = open_run_folder(opts, &config_text)?;
+        let resume_from = open_run_folder(opts, &config_text, group)?;
 
-        let cache_dir = prepare_cache(opts, &files, device)?;
+        // Every rank encodes its share of what the cache lacks; rank 0 completes the manifest.
+        let cache_dir = prepare_cache(opts, &files, device, group)?;
+        group
+            .barrier()
+            .context("waiting for the main rank's latent cache")?;
         let scaling = crate::model::vae::VaeConfig::from_file(&files.vae.config)?.scaling_factor;
-        let batches = Batches::open(&cache_dir, train.seed, train.batch_size, scaling)?;
+        let shard = (train.batch_size, group.rank(), group.world_size());
+        let batches = Batches::open(&cache_dir, train.seed, shard, scaling)?;
 
         let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(&files, device)?;
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
@@ -154,6 +180,7 @@ impl<'a> Trainer<'a> {
         }
         let optimizer = AdamW::new(tensors, train.optimizer.clone())?;
         let validation = match train.validation_every {
+            _ if !group.is_main() => None,
             0 => None,
             _ => Some(Validation::new(
                 &files,
@@ -167,6 +194,7 @@ impl<'a> Trainer<'a> {
         };
         Ok(Self {
             opts,
+            group,
             device,
             autocast,
             base_unet,
@@ -180,14 +208,23 @@ impl<'a> Trainer<'a> {
             resume_from,
             steps_done: 0,
             last_saved: None,
+            interrupted: false,
         })
     }
 
     /// Continues from the newest checkpoint when resuming: its trainable tensors, optimizer
     /// state and step, after checking that it was written by a run computing the same thing.
+    /// Every rank then takes rank 0's trainable values, so all start from the same ones.
     pub fn restore(&mut self) -> Result<()> {
+        self.restore_checkpoint()?;
+        self.group
+            .broadcast_from_main(self.optimizer.flat_params_mut())
+            .context("taking the trainable weights from rank 0")
+    }
+
+    fn restore_checkpoint(&mut self) -> Result<()> {
         let Some(found) = self.resume_from.take() else {
-            if self.opts.resume {
+            if self.opts.resume && self.group.is_main() {
                 eprintln!(
                     "difftune train: no checkpoint in {} to resume from; starting a new run",
                     self.opts.out.join(CHECKPOINTS_DIR).display()
@@ -196,6 +233,15 @@ impl<'a> Trainer<'a> {
             return Ok(());
         };
         let source = found.dir.display().to_string();
+        let world = self.group.world_size();
+        ensure!(
+            found.state.world_size == world,
+            "refusing to resume from {source}: it was written by a run on {} rank(s), this one has {world}; \
+             the data order and per-sample seeds follow the global batch, so resume on {} rank(s) \
+             (a run continues exactly only at the world size that wrote it)",
+            found.state.world_size,
+            found.state.world_size
+        );
         checkpoint::ensure_compatible(&found.state, &self.checkpoint_state(found.state.step))
             .with_context(|| format!("refusing to resume from {source}"))?;
         crate::peft::copy_named(&self.tuned.trained, &found.trainable()?, &source)?;
@@ -220,16 +266,41 @@ impl<'a> Trainer<'a> {
         self.steps_done
     }
 
-    /// One optimizer step over `gradient_accumulation_steps` forward passes.
+    /// One optimizer step over `gradient_accumulation_steps` forward passes. The loss stays on
+    /// the device until the step's one read of (loss, interrupt flag, gradient norm), after the
+    /// all-reduce of a data-parallel run: a non-finite loss or norm stops the run before the
+    /// update is applied ([`Trainer::stop_diverged`]).
     pub fn step(&mut self) -> Result<StepMetrics> {
         let started = Instant::now();
         let train = &self.opts.config.train;
         let accum = train.gradient_accumulation_steps;
         self.optimizer.zero_grad();
-        let mut loss_sum = 0.0;
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         for micro in 0..accum {
             let batch = self.batches.read(self.steps_done * accum + micro)?;
-            loss_sum += self.forward_backward(batch, 1.0 / accum as f64)?;
+            let inputs = self
+                .batches
+                .seeded_inputs(batch, &self.objective, self.device)?;
+            let unet = self.model.unet();
+            let loss = forward_backward(
+                unet,
+                &self.objective,
+                &inputs,
+                self.autocast,
+                1.0 / accum as f64,
+            )?;
+            loss_sum += loss;
+        }
+        let interrupted = self.opts.interrupt.load(Ordering::SeqCst);
+        let (loss_and_flag, all_reduce_s) =
+            self.reduce_gradients(loss_sum / accum as f64, interrupted)?;
+        let norm = tch::no_grad(|| self.optimizer.grad_norm());
+        let read = Tensor::cat(&[loss_and_flag, norm.reshape([1])], 0).to_kind(Kind::Double);
+        let read = Vec::<f64>::try_from(read.to_device(Device::Cpu))?;
+        let (loss, grad_norm) = (read[0], read[2]);
+        self.interrupted = read[1] > 0.0;
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            return Err(self.stop_diverged(loss, grad_norm));
         }
         let step = self.steps_done;
         let lr = train.lr_schedule.lr(
@@ -239,46 +310,106 @@ impl<'a> Trainer<'a> {
             train.steps,
         );
         let clip = (train.max_grad_norm > 0.0).then_some(train.max_grad_norm);
-        let grad_norm = self
-            .optimizer
-            .step(lr, clip)
-            .with_context(|| format!("optimizer step {}", step + 1))?;
+        self.optimizer.apply(lr, grad_norm, clip);
         self.steps_done += 1;
-        let samples_seen = self.steps_done * train.batch_size * accum;
+        let samples_seen = self.steps_done * self.global_batch();
         Ok(StepMetrics {
             step: self.steps_done,
-            loss: loss_sum / accum as f64,
+            loss,
             lr,
             grad_norm,
             step_time_s: started.elapsed().as_secs_f64(),
             peak_rss_bytes: peak_rss_bytes(),
             epoch: (samples_seen - 1) / self.batches.len(),
+            global_batch: self.global_batch(),
+            all_reduce_s,
         })
     }
 
-    /// Forward and backward over one batch; returns its loss, which must be finite.
-    fn forward_backward(&self, batch: CachedBatch, loss_scale: f64) -> Result<f64> {
-        let inputs = self.batches.seeded_inputs(batch, self.device);
-        let unet = self.model.unet();
-        let loss = forward_backward(unet, &self.objective, &inputs, self.autocast, loss_scale)?
-            .double_value(&[]);
-        if !loss.is_finite() {
-            bail!(
-                "the loss is {loss} at step {}: stopping without saving a checkpoint{} (lower the learning rate, or check the data)",
-                self.steps_done + 1,
-                self.last_saved
-                    .as_ref()
-                    .map(|(s, p)| format!("; the last good one is {} (step {s})", p.display()))
-                    .unwrap_or_default()
+    /// Samples per optimizer step over all ranks.
+    pub fn global_batch(&self) -> usize {
+        let train = &self.opts.config.train;
+        self.group.world_size() * train.batch_size * train.gradient_accumulation_steps
+    }
+
+    /// Whether any rank was interrupted by the end of the last step.
+    pub fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    /// Returns the step's mean `loss` and interrupt flag as a 2-element device tensor; on a
+    /// data-parallel run averaged over all ranks with the gradients in one all-reduce (they
+    /// ride at the end of the gradient buffer), so every rank updates alike and takes the same
+    /// decisions (a flag above 0: some rank was interrupted). Also returns the all-reduce's time.
+    fn reduce_gradients(
+        &mut self,
+        loss: Tensor,
+        interrupted: bool,
+    ) -> Result<(Tensor, Option<f64>)> {
+        let flag = Tensor::from(if interrupted { 1.0f32 } else { 0.0 }).to_device(self.device);
+        let loss_and_flag = Tensor::stack(&[loss.to_kind(Kind::Float), flag], 0);
+        if !self.group.is_distributed() {
+            return Ok((loss_and_flag, None));
+        }
+        let started = Instant::now();
+        let mut buffer = self.optimizer.flat_grads(&loss_and_flag);
+        self.group.all_reduce_sum(&mut buffer).with_context(|| {
+            format!("all-reducing the gradients of step {}", self.steps_done + 1)
+        })?;
+        buffer /= self.group.world_size() as f64;
+        self.optimizer.set_flat_grads(&buffer);
+        let n = buffer.numel() as i64;
+        let all_reduce_s = started.elapsed().as_secs_f64();
+        Ok((buffer.narrow(0, n - 2, 2), Some(all_reduce_s)))
+    }
+
+    /// The error that stops a run whose step `steps_done + 1` found a non-finite `loss` or
+    /// gradient norm: computed on the weights of step `steps_done`, which are therefore not to be
+    /// continued. Nothing of the step is applied or saved; the checkpoints of those weights (or
+    /// later) are set aside (on the main rank), and the message names the newest one left, which
+    /// `--resume` continues, with a lower learning rate.
+    fn stop_diverged(&self, loss: f64, grad_norm: f64) -> anyhow::Error {
+        let step = self.steps_done;
+        let what = format!(
+            "the loss is {loss} and the gradient norm {grad_norm} at step {}",
+            step + 1
+        );
+        if !self.group.is_main() {
+            return anyhow!(
+                "{what}: stopping without applying it (rank 0 names the checkpoint to resume)"
             );
         }
-        Ok(loss)
+        let root = self.opts.out.join(CHECKPOINTS_DIR);
+        let (set_aside, left) = match checkpoint::set_aside_from(&root, step) {
+            Ok(found) => found,
+            Err(e) => return e.context(format!("{what}: stopping; setting aside its checkpoints")),
+        };
+        let set_aside = match set_aside.as_slice() {
+            [] => String::new(),
+            dirs => format!(
+                "; set aside the checkpoint(s) of those weights: {}",
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let next = match left {
+            Some(found) => format!(
+                "resume from {} (step {}, weights with a finite loss) with --resume and a lower learning rate (--lr); \
+                 learning_rate, lr_schedule, lr_warmup_steps and max_grad_norm may change on resume",
+                found.dir.display(),
+                found.state.step
+            ),
+            None => "no earlier checkpoint is left: start again with a lower learning rate (--lr), or check the data".into(),
+        };
+        anyhow!("{what}, computed on the weights of step {step}: stopping without applying or saving the update{set_aside}; {next}")
     }
 
     /// What `state.json` records for a checkpoint at `step`.
     fn checkpoint_state(&self, step: usize) -> CheckpointState {
         let train = &self.opts.config.train;
-        let samples_seen = step * train.batch_size * train.gradient_accumulation_steps;
+        let samples_seen = step * self.global_batch();
         CheckpointState {
             step,
             samples_seen,
@@ -287,15 +418,19 @@ impl<'a> Trainer<'a> {
             method: self.opts.config.method.name.clone(),
             base_unet: self.base_unet.clone(),
             config: self.config_text.clone(),
+            world_size: self.group.world_size(),
         }
     }
 
     /// Writes a checkpoint of the current step (once: a second call at the same step returns
-    /// the first one's folder).
-    pub fn save(&mut self) -> Result<PathBuf> {
+    /// the first one's folder); the main rank alone writes, the others return `None`.
+    pub fn save(&mut self) -> Result<Option<PathBuf>> {
+        if !self.group.is_main() {
+            return Ok(None);
+        }
         if let Some((step, dir)) = &self.last_saved {
             if *step == self.steps_done {
-                return Ok(dir.clone());
+                return Ok(Some(dir.clone()));
             }
         }
         let weights: Vec<(String, Tensor)> = self
@@ -312,11 +447,11 @@ impl<'a> Trainer<'a> {
             self.opts.config.train.keep_checkpoints,
         )?;
         self.last_saved = Some((self.steps_done, dir.clone()));
-        Ok(dir)
+        Ok(Some(dir))
     }
 
-    /// Samples the validation images with the U-Net as trained so far (when validation is on);
-    /// returns their folder.
+    /// Samples the validation images with the U-Net as trained so far (when validation is on;
+    /// only the main rank has a [`Validation`]); returns their folder.
     pub fn validate(&self) -> Result<Option<PathBuf>> {
         match (&self.validation, &self.model) {
             (Some(validation), TrainedUnet::InPipeline(models)) => validation
@@ -337,41 +472,51 @@ impl<'a> Trainer<'a> {
     pub fn finish(mut self) -> Result<TrainSummary> {
         self.save()?;
         let adapter = self.opts.out.join(ADAPTER_FILE);
-        crate::peft::file::save_adapter(
-            &adapter,
-            self.tuned.method.as_ref(),
-            &self.tuned.trained,
-            &self.base_unet,
-        )?;
+        if self.group.is_main() {
+            crate::peft::file::save_adapter(
+                &adapter,
+                self.tuned.method.as_ref(),
+                &self.tuned.trained,
+                &self.base_unet,
+            )?;
+        }
         Ok(self.summary(Some(adapter)))
     }
 
     fn summary(self, adapter: Option<PathBuf>) -> TrainSummary {
+        let global_batch = self.global_batch();
         TrainSummary {
+            global_batch,
             step: self.steps_done,
             finished: adapter.is_some(),
             adapter,
             checkpoint: self.last_saved.map(|(_, dir)| dir),
             trainable_parameters: self.tuned.trained.iter().map(|(_, t)| t.numel()).sum(),
             cached_samples: self.batches.len(),
+            interrupted: self.interrupted,
         }
     }
 }
 
 /// What the user sees of a run (the progress bar) and what it logs (`metrics.jsonl` and the same
-/// scalars, with the validation images, for TensorBoard).
+/// scalars, with the validation images, for TensorBoard): the main rank's alone (the others have
+/// no files).
 struct RunLog {
-    metrics: MetricsLog,
-    tensorboard: TensorBoardLog,
+    files: Option<(MetricsLog, TensorBoardLog)>,
     bar: ProgressBar,
 }
 
 impl RunLog {
     /// Opens the metrics log, keeping the lines through step `resumed_at`, and a new event file.
-    fn open(opts: &TrainOptions, resumed_at: usize) -> Result<Self> {
-        let metrics = MetricsLog::open(&opts.out.join(METRICS_FILE), resumed_at)?;
-        let tensorboard = TensorBoardLog::create(&opts.out, resumed_at)?;
-        let bar = match opts.progress {
+    fn open(opts: &TrainOptions, resumed_at: usize, main: bool) -> Result<Self> {
+        let files = match main {
+            true => Some((
+                MetricsLog::open(&opts.out.join(METRICS_FILE), resumed_at)?,
+                TensorBoardLog::create(&opts.out, resumed_at)?,
+            )),
+            false => None,
+        };
+        let bar = match opts.progress && main {
             true => ProgressBar::new(opts.config.train.steps as u64),
             false => ProgressBar::hidden(),
         };
@@ -383,16 +528,14 @@ impl RunLog {
         );
         bar.set_position(resumed_at as u64);
         bar.reset_eta();
-        Ok(Self {
-            metrics,
-            tensorboard,
-            bar,
-        })
+        Ok(Self { files, bar })
     }
 
     fn record(&mut self, step: &StepMetrics) -> Result<()> {
-        self.metrics.append(step)?;
-        self.tensorboard.scalars(step.step, &step.scalars())?;
+        if let Some((metrics, tensorboard)) = &mut self.files {
+            metrics.append(step)?;
+            tensorboard.scalars(step.step, &step.scalars())?;
+        }
         self.bar.set_message(format!("{:.4}", step.loss));
         self.bar.set_position(step.step as u64);
         Ok(())
@@ -404,13 +547,32 @@ fn due(step: usize, every: usize) -> bool {
     every > 0 && step.is_multiple_of(every)
 }
 
-/// Runs (or resumes) a training run. See [`TrainOptions`].
+/// Runs (or resumes) a training run in this process alone. See [`TrainOptions`].
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
-    let _lock = crate::util::lock::DirLock::acquire(&opts.out, "train")?;
+    train_in(opts, &ProcessGroup::single())
+}
+
+/// Runs (or resumes) a training run as this process's rank of `group` (data-parallel when it
+/// has more than one). The main rank holds the run folder's lock.
+pub fn train_in(opts: &TrainOptions, group: &ProcessGroup) -> Result<TrainSummary> {
+    opts.config.train.validate()?;
+    let _lock = match group.is_main() {
+        true => Some(crate::util::lock::DirLock::acquire(&opts.out, "train")?),
+        false => None,
+    };
     let train = &opts.config.train;
-    let mut trainer = Trainer::setup(opts)?;
+    let mut trainer = Trainer::setup(opts, group)?;
     trainer.restore()?;
-    let mut log = RunLog::open(opts, trainer.steps_done())?;
+    if group.is_main() && group.is_distributed() {
+        eprintln!(
+            "difftune train: {} ranks x batch {} x accumulation {} = global batch {} (the learning rate is not rescaled)",
+            group.world_size(),
+            train.batch_size,
+            train.gradient_accumulation_steps,
+            trainer.global_batch()
+        );
+    }
+    let mut log = RunLog::open(opts, trainer.steps_done(), group.is_main())?;
     let start = trainer.steps_done();
     while trainer.steps_done() < train.steps {
         let metrics = trainer.step().inspect_err(|_| log.bar.abandon())?;
@@ -422,15 +584,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         // Validation also runs after the last step, whatever its schedule.
         let last = step == train.steps && train.validation_every > 0;
         if due(step, train.validation_every) || last {
-            if let Some(dir) = log.bar.suspend(|| trainer.validate())? {
-                log.tensorboard.png_folder(step, "validation", &dir)?;
+            let dir = log.bar.suspend(|| trainer.validate())?;
+            if let (Some(dir), Some((_, tensorboard))) = (dir, &mut log.files) {
+                tensorboard.png_folder(step, "validation", &dir)?;
             }
         }
-        let interrupted = opts.interrupt.load(Ordering::SeqCst);
+        let interrupted = trainer.interrupted();
         let stopped = opts.stop_after.is_some_and(|n| step - start >= n);
         if (interrupted || stopped) && step < train.steps {
             log.bar.abandon();
-            if interrupted {
+            if interrupted && group.is_main() {
                 eprintln!("difftune train: interrupted at step {step}; resume with --resume");
             }
             return trainer.stop();

@@ -123,11 +123,20 @@ pub fn difftune(args: &[&str]) -> Command {
 
 /// Starts `ranks` of a `world`-rank job as torchrun would (rank 0 hosts the store).
 pub fn launch(world: usize, ranks: &[usize], args: &[&str]) -> Job {
+    launch_with(world, ranks, |_| {
+        args.iter().map(|a| a.to_string()).collect()
+    })
+}
+
+/// As [`launch`], with each rank's arguments from `args_of(rank)`.
+pub fn launch_with(world: usize, ranks: &[usize], args_of: impl Fn(usize) -> Vec<String>) -> Job {
     let port = free_port().to_string();
     let ranks = ranks
         .iter()
         .map(|&rank| {
-            let mut child = difftune(args)
+            let args = args_of(rank);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut child = difftune(&args)
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", world.to_string())
                 .env("LOCAL_RANK", rank.to_string())

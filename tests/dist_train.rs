@@ -1,0 +1,334 @@
+//! Data-parallel training: the real binary as 2 Gloo ranks on 127.0.0.1 against one process with
+//! the doubled batch, resume of a 2-rank run, and a killed rank. Tiny model, few steps, a hard
+//! time limit on every run, children killed by PID when a test fails.
+#[path = "common/launch.rs"]
+mod common;
+
+use common::{difftune, launch_with, Job, LIMIT};
+use difftune::data::cache::{build, CacheSettings};
+use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
+use difftune::model::source::ModelFiles;
+use difftune::train::checkpoint::CheckpointState;
+use difftune::train::metrics::StepMetrics;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+/// The tiny model and a latent cache of a 4-class, 4-images-per-class synthetic dataset.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    model: String,
+    cache: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        tch::set_num_threads(1);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let model = root.join("model");
+        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+        let data = root.join("data");
+        let spec = SyntheticSpec {
+            classes: 4,
+            train_per_class: 4,
+            test_per_class: 1,
+            resolution: 64,
+            ..Default::default()
+        };
+        generate_food101_like(&data, &spec).unwrap();
+        let cache = root.join("cache");
+        let settings = CacheSettings {
+            resolution: 64,
+            shard_size: 8,
+            batch_size: 4,
+            ..CacheSettings::default()
+        };
+        let files = ModelFiles::resolve(&model.display().to_string(), None).unwrap();
+        build(&files, &data, &settings, &cache).unwrap();
+        Self {
+            _dir: dir,
+            model: model.display().to_string(),
+            cache: cache.display().to_string(),
+            root,
+        }
+    }
+
+    /// `train` arguments of a tiny LoRA run into `out` with `batch` samples per rank.
+    fn args(&self, out: &Path, batch: usize, steps: usize, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train",
+            "--method",
+            "lora",
+            "--model",
+            &self.model,
+            "--data",
+            &self.cache,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["--out".into(), out.display().to_string()]);
+        for (flag, value) in [("--batch", batch), ("--steps", steps)] {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+        for setting in [
+            "device=\"cpu\"",
+            "resolution=64",
+            "checkpoint_every=1",
+            "gradient_accumulation_steps=1",
+        ] {
+            args.extend(["--set".to_string(), setting.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Runs `train` in one process (no launcher variables).
+    fn train_single(&self, args: &[String]) -> std::process::Output {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        difftune(&args).output().unwrap()
+    }
+}
+
+/// Waits for every rank of `job`, asserting each succeeded.
+fn all_succeed(job: &mut Job) {
+    let deadline = Instant::now() + LIMIT;
+    for rank in &mut job.ranks {
+        let status = rank.wait(deadline);
+        assert!(status.success(), "{status}: {:?}", rank.output());
+    }
+}
+
+type Named = BTreeMap<String, Tensor>;
+
+/// The trainable tensors of the checkpoint at `step` of a run folder.
+fn trainable_at(out: &Path, step: usize) -> Named {
+    let file = out.join(format!("checkpoints/step-{step:08}/trainable.safetensors"));
+    difftune::model::weights::read_all(&file).unwrap()
+}
+
+/// `after - before`, tensor by tensor.
+fn change(before: &Named, after: &Named) -> Named {
+    after
+        .iter()
+        .map(|(name, t)| (name.clone(), t - &before[name]))
+        .collect()
+}
+
+/// The largest relative difference of a tensor of `b` from its namesake in `a` (max |a - b| over
+/// max |a|), with that tensor's name.
+fn max_relative_difference(a: &Named, b: &Named) -> (f64, String) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(name, x)| {
+            let diff = (x - &b[name]).abs().max().double_value(&[]);
+            let scale = x.abs().max().double_value(&[]).max(1e-30);
+            (diff / scale, name.clone())
+        })
+        .fold(
+            (0.0, String::new()),
+            |worst, d| if d.0 > worst.0 { d } else { worst },
+        )
+}
+
+fn metrics(out: &Path) -> Vec<StepMetrics> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn relative(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(1e-30)
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = walk(dir)
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+        .collect();
+    found.sort();
+    found
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        match path.is_dir() {
+            true => found.extend(walk(&path)),
+            false => found.push(path),
+        }
+    }
+    found
+}
+
+/// How the equality of a 2-rank run and one process is measured. Both compute the same gradient
+/// up to float32 summation order (the all-reduce adds two half-batch sums where one process sums
+/// the whole batch): a few 1e-7 relative. AdamW with its default epsilon (1e-8) divides each
+/// element's gradient by its own magnitude, so an element whose true gradient is about 0 (LoRA's
+/// A while B is still near 0) moves by ±lr whichever way its rounding error points, and the
+/// weights of the two runs differ by ~1e-3 relative after one step: the same happens to one
+/// process run with another thread count. With an epsilon far above every gradient element
+/// (|g| <= 2e-3 here) the update is lr·m/(√v + ε) ≈ lr·m/ε, linear in the gradient, so the weights
+/// compare the gradients themselves, and the 1e-5 target is checked on them.
+const LINEAR_UPDATE: [&str; 6] = ["--set", "optimizer.eps=1.0", "--lr", "1.0", "--seed", "7"];
+
+#[test]
+fn two_ranks_train_as_one_process_with_the_doubled_batch_and_resume_exactly() {
+    let fx = Fixture::new();
+    let single = fx.root.join("single");
+    let output = fx.train_single(&fx.args(&single, 4, 3, &LINEAR_UPDATE));
+    assert!(output.status.success(), "{output:?}");
+
+    // Rank 1 is pointed at a folder of its own, which it must never create.
+    let dist = fx.root.join("dist");
+    let elsewhere = fx.root.join("rank1-out");
+    // From the dataset: the ranks build the run's cache (the same latents) first.
+    let dist_cache = fx.root.join("dist-cache");
+    let mut job = launch_with(2, &[0, 1], |rank| {
+        let out = if rank == 0 { &dist } else { &elsewhere };
+        let mut args = fx.args(out, 2, 3, &LINEAR_UPDATE);
+        let data = args.iter().position(|a| a == "--data").unwrap() + 1;
+        args[data] = fx.root.join("data").display().to_string();
+        args.extend(["--cache".into(), dist_cache.display().to_string()]);
+        args.extend(["--set".into(), "cache_batch_size=4".into()]);
+        args
+    });
+    all_succeed(&mut job);
+    let (stdout, stderr) = job.ranks[0].output();
+    assert!(stdout.contains("adapter"), "{stdout}");
+    assert!(
+        stderr.contains("2 ranks x batch 2 x accumulation 1 = global batch 4"),
+        "{stderr}"
+    );
+    assert!(job.ranks[1].output().0.is_empty());
+    assert!(
+        !elsewhere.exists(),
+        "rank 1 wrote {:?}",
+        files_under(&elsewhere)
+    );
+    assert_eq!(files_under(&single), files_under(&dist));
+
+    // The all-reduced loss and gradient norm of every step (measured: ~1e-7 relative).
+    for (one, two) in metrics(&single).iter().zip(&metrics(&dist)) {
+        assert_eq!(two.global_batch, 4);
+        assert!(relative(one.loss, two.loss) <= 1e-6, "{one:?} vs {two:?}");
+        assert!(
+            relative(one.grad_norm, two.grad_norm) <= 1e-6,
+            "{one:?} vs {two:?}"
+        );
+    }
+    // After step 1 LoRA's B (0 before) is the first update, -lr·g/ε: the reduced gradient
+    // itself; then every later update, and the weights at the end (measured: ~3e-6).
+    let (one, two) = (trainable_at(&single, 1), trainable_at(&dist, 1));
+    let first = max_relative_difference(&one, &two);
+    assert!(first.0 <= 1e-5, "first update: {first:?}");
+    let (one_end, two_end) = (trainable_at(&single, 3), trainable_at(&dist, 3));
+    let later = max_relative_difference(&change(&one, &one_end), &change(&two, &two_end));
+    assert!(later.0 <= 1e-5, "updates of steps 2 and 3: {later:?}");
+    let end = max_relative_difference(&one_end, &two_end);
+    assert!(end.0 <= 1e-5, "weights after 3 steps: {end:?}");
+    eprintln!("relative differences: first update {first:?}, later {later:?}, end {end:?}");
+    let state = std::fs::read_to_string(dist.join("checkpoints/step-00000003/state.json")).unwrap();
+    let state: CheckpointState = serde_json::from_str(&state).unwrap();
+    assert_eq!(state.world_size, 2);
+
+    // Interrupted after 2 steps and resumed on 2 ranks: the same weights as without the stop.
+    let resumed = fx.root.join("resumed");
+    let stop = [&LINEAR_UPDATE[..], &["--stop-after", "2"]].concat();
+    let mut job = launch_with(2, &[0, 1], |_| fx.args(&resumed, 2, 3, &stop));
+    all_succeed(&mut job);
+    assert!(!resumed.join("adapter.safetensors").exists());
+    let resume = [&LINEAR_UPDATE[..], &["--resume"]].concat();
+    let mut job = launch_with(2, &[0, 1], |_| fx.args(&resumed, 2, 3, &resume));
+    all_succeed(&mut job);
+    let exact = max_relative_difference(&two_end, &trainable_at(&resumed, 3));
+    assert_eq!(exact.0, 0.0, "{exact:?}");
+
+    // One process with the doubled batch may not continue a 2-rank checkpoint.
+    let output = fx.train_single(&fx.args(&resumed, 4, 4, &resume));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("written by a run on 2 rank(s), this one has 1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_killed_rank_stops_training_naming_it() {
+    let fx = Fixture::new();
+    let out = fx.root.join("run");
+    let mut job = launch_with(2, &[0, 1], |_| {
+        fx.args(&out, 2, 100_000, &["--dist-timeout", "60"])
+    });
+    job.ranks[0].wait_for_stderr("global batch 4", Instant::now() + LIMIT);
+    job.ranks[1].child.kill().unwrap();
+    let status = job.ranks[0].wait(Instant::now() + Duration::from_secs(60));
+    let (_, stderr) = job.ranks[0].output();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("lost peer(s): rank 1"), "{stderr}");
+}
+
+/// Runs a 2-rank job of `train` into `out` with `extra` arguments, returning the ranks' exit
+/// statuses and rank 0's stderr.
+fn run_job(fx: &Fixture, out: &Path, steps: usize, extra: &[&str]) -> (Vec<bool>, String) {
+    let mut job = launch_with(2, &[0, 1], |_| fx.args(out, 2, steps, extra));
+    let deadline = Instant::now() + LIMIT;
+    let ok = job
+        .ranks
+        .iter_mut()
+        .map(|r| r.wait(deadline).success())
+        .collect();
+    (ok, job.ranks[0].output().1)
+}
+
+#[test]
+fn a_diverged_run_stops_before_the_update_and_resumes_from_the_named_checkpoint() {
+    let fx = Fixture::new();
+    let out = fx.root.join("run");
+    let (ok, stderr) = run_job(&fx, &out, 5, &["--lr", "1e-2", "--stop-after", "2"]);
+    assert_eq!(ok, [true, true], "{stderr}");
+
+    // Resumed with a learning rate that explodes the weights at step 3: the loss of step 4,
+    // computed on them, is not finite. Both ranks stop (decided on the reduced values), nothing
+    // of step 4 is applied or saved, step 3's checkpoint is set aside and step 2's named.
+    let (ok, stderr) = run_job(&fx, &out, 5, &["--lr", "1e12", "--resume"]);
+    assert_eq!(ok, [false, false], "{stderr}");
+    let checkpoints = out.join("checkpoints");
+    assert!(
+        stderr.contains("computed on the weights of step 3"),
+        "{stderr}"
+    );
+    let named = checkpoints.join("step-00000002");
+    assert!(
+        stderr.contains(&format!("resume from {}", named.display())),
+        "{stderr}"
+    );
+    assert!(checkpoints.join("step-00000003.nonfinite").is_dir());
+    assert!(!checkpoints.join("step-00000003").exists());
+    assert!(!checkpoints.join("step-00000004").exists());
+    assert!(!out.join("adapter.safetensors").exists());
+
+    // Resumed from the named checkpoint with the lower learning rate, it runs to the end.
+    let (ok, stderr) = run_job(&fx, &out, 5, &["--lr", "1e-2", "--resume"]);
+    assert_eq!(ok, [true, true], "{stderr}");
+    assert!(out.join("adapter.safetensors").is_file());
+    let log = metrics(&out);
+    assert_eq!(
+        log.iter().map(|m| m.step).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert!(
+        log.iter().all(|m| m.loss.is_finite() && m.lr == 1e-2),
+        "{log:?}"
+    );
+    for (name, weights) in trainable_at(&out, 5) {
+        assert!(weights.isfinite().all().int64_value(&[]) == 1, "{name}");
+    }
+}
