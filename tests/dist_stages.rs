@@ -97,6 +97,7 @@ fn two_rank_fid_equals_one_process() {
 }
 
 /// Every file of `dir`, by name, with its bytes.
+/// The files of `dir` by name, without the (empty, released) folder lock.
 fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
@@ -105,6 +106,7 @@ fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             (name, std::fs::read(&path).unwrap())
         })
+        .filter(|(name, _)| name != difftune::util::lock::LOCK_FILE)
         .collect();
     files.sort();
     files

@@ -146,10 +146,15 @@ fn relative(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(1e-30)
 }
 
+/// The files under `dir`; TensorBoard event files, named by start time and PID, as one name.
 fn files_under(dir: &Path) -> Vec<String> {
     let mut found: Vec<String> = walk(dir)
         .into_iter()
         .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+        .map(|name| match name.contains("tfevents") {
+            true => "tensorboard/EVENTS".to_string(),
+            false => name,
+        })
         .collect();
     found.sort();
     found
