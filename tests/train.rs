@@ -687,3 +687,68 @@ fn tensorboard_log_holds_every_step_once_after_a_resume_and_the_validation_image
         ]
     );
 }
+
+#[test]
+fn ema_is_the_average_of_the_steps_resumes_exactly_and_is_the_adapter() {
+    use difftune::train::ema::{Ema, EmaSettings};
+    let _guard = serial();
+    let fx = Fixture::new();
+    let mut config = fx.config("bitfit", 4, 1e-2);
+    let settings = EmaSettings {
+        decay: 0.8,
+        ..EmaSettings::default()
+    };
+    config.train.ema = Some(settings);
+    config.train.checkpoint_every = 1;
+    config.train.keep_checkpoints = 10;
+    train(&fx.options(config.clone(), "ema")).unwrap();
+    let mut first = fx.options(config.clone(), "ema-resumed");
+    first.stop_after = Some(2);
+    train(&first).unwrap();
+    let mut resumed = fx.options(config.clone(), "ema-resumed");
+    resumed.resume = true;
+    train(&resumed).unwrap();
+    let adapter = |run: &str| std::fs::read(fx.root.join(run).join("adapter.safetensors")).unwrap();
+    assert!(
+        adapter("ema") == adapter("ema-resumed"),
+        "resume changed the EMA"
+    );
+
+    // The average replayed over the checkpoints of every step (the first update copies).
+    let step = |k: usize| -> Vec<(String, Tensor)> {
+        let dir = fx.root.join(format!("ema/checkpoints/step-{k:08}"));
+        difftune::model::weights::read_all(&dir.join("trainable.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let mut replay = Ema::new(settings, &step(1));
+    for k in 1..=4 {
+        replay.update(&step(k));
+    }
+    let method =
+        difftune::peft::method_from_settings("bitfit", &toml::Value::Table(toml::Table::new()))
+            .unwrap();
+    let expected = fx.root.join("expected.safetensors");
+    difftune::peft::file::save_adapter(&expected, method.as_ref(), replay.tensors(), "base")
+        .unwrap();
+    let read = |p: &Path| difftune::model::weights::read_all(p).unwrap();
+    let (got, want) = (
+        read(&fx.root.join("ema/adapter.safetensors")),
+        read(&expected),
+    );
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &got {
+        let err = (t - &want[name]).abs().max().double_value(&[]);
+        assert!(
+            err <= 1e-6,
+            "{name}: EMA differs from the replay by {err:.2e}"
+        );
+    }
+    // ... and not the last weights.
+    let last: std::collections::BTreeMap<String, Tensor> = step(4).into_iter().collect();
+    assert!(replay.tensors().iter().any(|(n, t)| !t.equal(&last[n])));
+}

@@ -3,6 +3,7 @@
 //! a default; the study's where it states one (10,000 steps, learning rate 1e-5, AdamW, bf16), else
 //! the Stable Diffusion fine-tuning example of diffusers' `train_text_to_image.py` README
 //! (512 px, batch 1 with 4 accumulation steps, gradient-norm clipping at 1, constant schedule).
+use super::ema::EmaSettings;
 use super::optim::{AdamWConfig, LrSchedule};
 use crate::data::images::{ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::schedulers::SchedulerKind;
@@ -105,6 +106,10 @@ pub struct TrainConfig {
     pub validation_steps: usize,
     /// Classifier-free guidance scale of the validation images. Default 7.5.
     pub validation_guidance: f64,
+    /// An exponential moving average of the trained tensors (a `[train.ema]` table, or e.g.
+    /// `--set ema.decay=0.999`), kept in checkpoints and saved as the adapter file. Default off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema: Option<EmaSettings>,
 }
 
 impl Default for TrainConfig {
@@ -140,6 +145,7 @@ impl Default for TrainConfig {
             validation_scheduler: SchedulerKind::DpmSolverPlusPlus,
             validation_steps: 25,
             validation_guidance: 7.5,
+            ema: None,
         }
     }
 }
@@ -188,6 +194,9 @@ impl TrainConfig {
             }
         }
         crate::data::PromptTemplate::new(&self.prompt_template).context("train.prompt_template")?;
+        if let Some(ema) = &self.ema {
+            ema.validate()?;
+        }
         Ok(())
     }
 

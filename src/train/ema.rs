@@ -1,6 +1,7 @@
 //! An exponential moving average of the trained tensors, as diffusers' `EMAModel` (the `--use_ema`
 //! of its example scripts) keeps it: same decay schedule, same update, checked against it by
-//! tools/make_ema_fixtures.py.
+//! tools/make_ema_fixtures.py. Checkpoints keep it beside the optimizer state; the adapter file of
+//! a run with EMA holds the averaged tensors.
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -40,13 +41,13 @@ impl EmaSettings {
     pub fn validate(&self) -> Result<()> {
         ensure!(
             (0.0..=1.0).contains(&self.decay) && (0.0..=self.decay).contains(&self.min_decay),
-            "EMA decays must satisfy 0 <= ema_min_decay <= ema_decay <= 1 (got {} and {})",
+            "train.ema needs 0 <= min_decay <= decay <= 1 (got {} and {})",
             self.min_decay,
             self.decay
         );
         ensure!(
             self.inv_gamma > 0.0 && self.power > 0.0,
-            "EMA warm-up needs ema_inv_gamma > 0 and ema_power > 0"
+            "train.ema needs inv_gamma > 0 and power > 0"
         );
         Ok(())
     }

@@ -5,6 +5,7 @@
 use super::batches::{prepare_cache, Batches};
 use super::checkpoint::{self, Checkpoint, CheckpointState};
 use super::config::{Precision, RunConfig};
+use super::ema::Ema;
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
 use super::step::{attach_method, forward_backward, Objective};
@@ -15,6 +16,7 @@ use crate::model::source::ModelFiles;
 use crate::peft::Tuned;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use indicatif::ProgressBar;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -66,6 +68,8 @@ pub struct TrainSummary {
 /// Names of the files a run writes in its output folder.
 pub const RUN_CONFIG_FILE: &str = "run.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Prefix of the EMA's tensors in a checkpoint's optimizer file.
+pub const EMA_PREFIX: &str = "ema.";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
 
@@ -134,6 +138,8 @@ pub struct Trainer<'a> {
     /// The method and the parameters it added (kept alive here) and trains.
     tuned: Tuned,
     optimizer: AdamW,
+    /// The moving average of the trained tensors, when `train.ema` is set.
+    ema: Option<Ema>,
     validation: Option<Validation>,
     /// The checkpoint [`Trainer::restore`] continues from.
     resume_from: Option<Checkpoint>,
@@ -179,6 +185,7 @@ impl<'a> Trainer<'a> {
             super::precision::freeze_to_bf16(&unet_vs, &tensors);
         }
         let optimizer = AdamW::new(tensors, train.optimizer.clone())?;
+        let ema = train.ema.map(|settings| Ema::new(settings, &tuned.trained));
         let validation = match train.validation_every {
             _ if !group.is_main() => None,
             0 => None,
@@ -204,6 +211,7 @@ impl<'a> Trainer<'a> {
             model,
             tuned,
             optimizer,
+            ema,
             validation,
             resume_from,
             steps_done: 0,
@@ -245,12 +253,20 @@ impl<'a> Trainer<'a> {
         checkpoint::ensure_compatible(&found.state, &self.checkpoint_state(found.state.step))
             .with_context(|| format!("refusing to resume from {source}"))?;
         crate::peft::copy_named(&self.tuned.trained, &found.trainable()?, &source)?;
-        let optimizer_state = found
+        let (ema_state, optimizer_state): (BTreeMap<_, _>, BTreeMap<_, _>) = found
             .optimizer()?
             .into_iter()
             .map(|(k, v)| (k, v.to_device(self.device)))
-            .collect();
+            .partition(|(k, _)| k.starts_with(EMA_PREFIX));
         self.optimizer.load_state(&optimizer_state)?;
+        if let Some(ema) = &mut self.ema {
+            let ema_state: BTreeMap<String, Tensor> = ema_state
+                .into_iter()
+                .map(|(k, v)| (k[EMA_PREFIX.len()..].to_string(), v))
+                .collect();
+            ema.restore(&ema_state, found.state.step)
+                .with_context(|| format!("{source}: restoring the EMA"))?;
+        }
         ensure!(
             self.optimizer.step_count() as usize == found.state.step,
             "{source}: optimizer state is at step {} but the checkpoint at {}",
@@ -311,6 +327,9 @@ impl<'a> Trainer<'a> {
         );
         let clip = (train.max_grad_norm > 0.0).then_some(train.max_grad_norm);
         self.optimizer.apply(lr, grad_norm, clip);
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.tuned.trained);
+        }
         self.steps_done += 1;
         let samples_seen = self.steps_done * self.global_batch();
         Ok(StepMetrics {
@@ -443,11 +462,25 @@ impl<'a> Trainer<'a> {
             &self.opts.out.join(CHECKPOINTS_DIR),
             &self.checkpoint_state(self.steps_done),
             &weights,
-            &self.optimizer.state(),
+            &self.training_state(),
             self.opts.config.train.keep_checkpoints,
         )?;
         self.last_saved = Some((self.steps_done, dir.clone()));
         Ok(Some(dir))
+    }
+
+    /// What a checkpoint keeps beside the weights: the optimizer's state and the EMA's tensors
+    /// (under [`EMA_PREFIX`]).
+    fn training_state(&self) -> Vec<(String, Tensor)> {
+        let mut state = self.optimizer.state();
+        if let Some(ema) = &self.ema {
+            state.extend(
+                ema.tensors()
+                    .iter()
+                    .map(|(n, t)| (format!("{EMA_PREFIX}{n}"), t.shallow_clone())),
+            );
+        }
+        state
     }
 
     /// Samples the validation images with the U-Net as trained so far (when validation is on;
@@ -468,15 +501,19 @@ impl<'a> Trainer<'a> {
         Ok(self.summary(None))
     }
 
-    /// After the last step: a checkpoint and the adapter file.
+    /// After the last step: a checkpoint and the adapter file (of the EMA's tensors when on).
     pub fn finish(mut self) -> Result<TrainSummary> {
         self.save()?;
         let adapter = self.opts.out.join(ADAPTER_FILE);
         if self.group.is_main() {
+            let weights = match &self.ema {
+                Some(ema) => ema.tensors(),
+                None => &self.tuned.trained,
+            };
             crate::peft::file::save_adapter(
                 &adapter,
                 self.tuned.method.as_ref(),
-                &self.tuned.trained,
+                weights,
                 &self.base_unet,
             )?;
         }
@@ -604,7 +641,7 @@ pub fn train_in(opts: &TrainOptions, group: &ProcessGroup) -> Result<TrainSummar
 }
 
 /// The trainable tensors recorded in the newest checkpoint of a run folder, for inspection and tests.
-pub fn latest_trainable(out: &Path) -> Result<std::collections::BTreeMap<String, Tensor>> {
+pub fn latest_trainable(out: &Path) -> Result<BTreeMap<String, Tensor>> {
     let found = checkpoint::latest(&out.join(CHECKPOINTS_DIR))?
         .with_context(|| format!("{} has no checkpoint", out.display()))?;
     found.trainable()
