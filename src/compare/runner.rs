@@ -286,8 +286,7 @@ impl<'a> Study<'a> {
                 sample_seconds: sampled.record.seconds,
             })
             .collect();
-        let paired: Vec<(String, &Score)> = scores.iter().map(|(n, s)| (n.clone(), s)).collect();
-        let differences = differences(&paired)?;
+        let differences = differences(&scores)?;
         Ok(self.results(scored, differences, &scorer, target, test))
     }
 

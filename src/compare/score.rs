@@ -270,13 +270,13 @@ pub fn write_random_inception(path: &Path, seed: u64) -> Result<()> {
 /// The paired differences the report judges: every method against the base row (`method −
 /// base`), then the methods ranked by FID, each against the next better one (`worse − better`);
 /// FID and KID for each pair. `scores` are `(row id, score)`, the base row first.
-pub fn differences(scores: &[(String, &Score)]) -> Result<Vec<Difference>> {
+pub fn differences(scores: &[(String, Score)]) -> Result<Vec<Difference>> {
     let Some(((base, _), methods)) = scores.split_first() else {
         return Ok(Vec::new());
     };
-    let mut ranked: Vec<&(String, &Score)> = methods.iter().collect();
+    let mut ranked: Vec<&(String, Score)> = methods.iter().collect();
     ranked.sort_by(|a, b| b.1.fid.value.total_cmp(&a.1.fid.value));
-    let find = |id: &str| scores.iter().find(|(name, _)| name == id).map(|(_, s)| *s);
+    let find = |id: &str| scores.iter().find(|(name, _)| name == id).map(|(_, s)| s);
     let against_base = methods.iter().map(|(id, _)| (id.as_str(), base.as_str()));
     let neighbours = ranked
         .windows(2)
