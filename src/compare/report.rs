@@ -192,19 +192,25 @@ impl StudyResults {
             .iter()
             .filter_map(|m| rows.iter().find(|r| &r.method == m))
             .map(|row| {
-                let beyond = differences
+                let judged = differences
                     .iter()
                     .find(|d| {
                         d.metric == Metric::Fid && d.first == row.method && d.second == BASE_ROW
                     })
-                    .map(|d| match d.within_uncertainty() {
-                        true => " (the difference is within its uncertainty)",
-                        false => " (beyond its uncertainty)",
+                    .map(|d| {
+                        let verdict = match d.within_uncertainty() {
+                            true => "within",
+                            false => "beyond",
+                        };
+                        format!(
+                            "; the difference, {}, is {verdict} its uncertainty",
+                            format_estimate(d.value, &d.uncertainty, 1.0)
+                        )
                     })
                     .unwrap_or_default();
                 Check {
                     statement: format!(
-                        "FID after {} ({}) is lower than before fine-tuning ({}){beyond}",
+                        "FID after {} ({}) is lower than before fine-tuning ({}){judged}",
                         row.label,
                         format_estimate(row.fid, &row.fid_uncertainty, 1.0),
                         format_estimate(base.fid, &base.fid_uncertainty, 1.0)
@@ -707,7 +713,9 @@ mod tests {
         assert_eq!(s.checks.len(), 2);
         assert!(s.checks.iter().all(|c| c.passed));
         assert!(
-            s.checks[0].statement.ends_with("(beyond its uncertainty)"),
+            s.checks[0]
+                .statement
+                .ends_with("; the difference, -36.67 ± 2.00, is beyond its uncertainty"),
             "{}",
             s.checks[0].statement
         );
