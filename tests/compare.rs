@@ -2,6 +2,7 @@
 //! written, the numbers agree with each other and with the peft module, an interrupted comparison
 //! resumes, and a finished one is reused.
 use difftune::compare::config::MethodEntry;
+use difftune::compare::report::Metric;
 use difftune::compare::runner::{REPORT_MD, RESULTS_CSV, RESULTS_JSON};
 use difftune::compare::{preset, run, CompareConfig, CompareOptions, Outcome, StudyResults};
 use difftune::model::source::ModelFiles;
@@ -48,6 +49,7 @@ fn small_tiny() -> CompareConfig {
             "eval.dims=64".into(),
             "eval.feature_weights=\"random\"".into(),
             "eval.kid_subsets=5".into(),
+            "eval.bootstrap=20".into(),
         ])
         .unwrap();
     config
@@ -135,7 +137,32 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
         );
         assert_eq!(row.images, 3 * 3, "{}", row.method);
         assert_eq!(row.train.is_some(), row.method != "base");
+        // Every score carries a bootstrap uncertainty around it.
+        for (name, value, u) in [
+            ("FID", row.fid, row.fid_uncertainty),
+            ("KID", row.kid_mean, row.kid_uncertainty),
+        ] {
+            assert!(
+                u.std.is_finite() && u.std > 0.0 && u.low < value && value < u.high,
+                "{} {name}: {value} with {u:?}",
+                row.method
+            );
+        }
     }
+    // Each method is judged against the base row on both scores, and the report says which
+    // differences are within their uncertainty.
+    for method in methods() {
+        for metric in [Metric::Fid, Metric::Kid] {
+            assert!(
+                results
+                    .differences
+                    .iter()
+                    .any(|d| d.first == method && d.second == "base" && d.metric == metric),
+                "no {metric:?} difference of {method} against base"
+            );
+        }
+    }
+    assert!(results.uncertainty.contains("20 resamples"));
     assert!(results
         .checks
         .iter()
@@ -181,9 +208,17 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
         assert!(table1.contains(&format!("| {} |", row.label)), "{table1}");
         assert!(table2.contains(&format!("| {} |", row.label)), "{table2}");
     }
-    assert!(table2.contains("(100%) | 100% |"), "{table2}");
+    assert!(table2.contains("(100%) | 100% | 100% |"), "{table2}");
     let report = std::fs::read_to_string(out.join(REPORT_MD)).unwrap();
     assert!(report.contains(&table1) && report.contains(&table2));
+    assert!(report.contains(&results.differences_table()));
+    assert!(
+        table1
+            .lines()
+            .skip(2)
+            .all(|l| l.matches(" ± ").count() == 2),
+        "{table1}"
+    );
     assert!(
         report.contains("random initialisation"),
         "the report must say which FID features it used"

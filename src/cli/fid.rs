@@ -6,7 +6,9 @@ use crate::dist::ProcessGroup;
 use crate::eval::features::DEFAULT_BATCH_SIZE;
 use crate::eval::fid::small_sample_warning;
 use crate::eval::kid::{DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE};
-use crate::eval::{frechet_distance, images, kid, resolve_weights, FidModel, Kid, Statistics};
+use crate::eval::{
+    frechet_distance, images, kid, resolve_weights, Bootstrap, Estimate, FidModel, Kid, Statistics,
+};
 use crate::util::device::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -37,9 +39,13 @@ pub struct FidArgs {
     /// KID: subset size (capped at the smaller set's size).
     #[arg(long, default_value_t = DEFAULT_SUBSET_SIZE)]
     pub kid_subset_size: usize,
-    /// KID: seed of the subset draws.
+    /// KID: seed of the subset draws; also the seed of the bootstrap's draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Resample both feature sets with replacement N times and report each score's spread and
+    /// 95% interval (needs image folders); 0: no bootstrap.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub bootstrap: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -78,13 +84,16 @@ pub fn run(args: FidArgs) -> Result<()> {
     let inputs: Vec<&Path> = std::iter::once(args.a.as_path())
         .chain(args.b.as_deref())
         .collect();
-    if args.kid {
-        if let Some(npz) = inputs.iter().find(|p| is_npz(p)) {
+    for (wanted, flag) in [(args.kid, "--kid"), (args.bootstrap > 0, "--bootstrap")] {
+        if let Some(npz) = inputs.iter().find(|p| is_npz(p)).filter(|_| wanted) {
             bail!(
-                "--kid needs image folders: {} holds only statistics",
+                "{flag} needs image folders: {} holds only statistics",
                 npz.display()
             );
         }
+    }
+    if args.bootstrap == 1 {
+        bail!("--bootstrap needs at least 2 resamples");
     }
     // Statistics files and folder paths are checked before any image is processed.
     let loaded: Vec<Option<Side>> = inputs
@@ -141,32 +150,105 @@ pub fn run(args: FidArgs) -> Result<()> {
         return Ok(());
     };
     let fid = frechet_distance(&a.stats, &b.stats)?;
-    let kid: Option<Kid> = match (&a.features, &b.features) {
-        (Some(fa), Some(fb)) if args.kid => Some(kid(
-            fa.as_ref(),
-            fb.as_ref(),
-            args.kid_subsets,
-            args.kid_subset_size,
-            args.seed,
-        )?),
-        _ => None,
+    let scores = match (&a.features, &b.features) {
+        (Some(fa), Some(fb)) => scores(&args, fa, fb)?,
+        _ => Scores::default(),
     };
     if args.json {
         let report = serde_json::json!({
             "fid": fid,
-            "kid_mean": kid.map(|k| k.mean),
-            "kid_std": kid.map(|k| k.std),
+            "fid_bootstrap": scores.fid,
+            "kid_mean": scores.kid.map(|k| k.mean),
+            "kid_std": scores.kid.map(|k| k.std),
+            "kid_bootstrap": scores.kid_bootstrap,
             "n_a": a.features.as_ref().map(|f| f.nrows()),
             "n_b": b.features.as_ref().map(|f| f.nrows()),
         });
         println!("{report}");
-    } else {
-        println!("FID: {fid}");
-        if let Some(k) = kid {
-            println!("KID: {} ± {} (subsets of {})", k.mean, k.std, k.subset_size);
-        }
+        return Ok(());
+    }
+    match &scores.fid {
+        Some(e) => println!("FID: {}", describe(e)),
+        None => println!("FID: {fid}"),
+    }
+    if let Some(k) = scores.kid {
+        println!("KID: {} ± {} (subsets of {})", k.mean, k.std, k.subset_size);
+    }
+    if let Some(e) = &scores.kid_bootstrap {
+        println!("KID: {}", describe(e));
     }
     Ok(())
+}
+
+/// What is computed from both sides' features: KID and the bootstrap, when asked for.
+#[derive(Default)]
+struct Scores {
+    fid: Option<BootstrapSummary>,
+    kid: Option<Kid>,
+    kid_bootstrap: Option<BootstrapSummary>,
+}
+
+/// A bootstrap estimate without its resampled values, as printed.
+#[derive(serde::Serialize)]
+struct BootstrapSummary {
+    value: f64,
+    std: f64,
+    low: f64,
+    high: f64,
+    resamples: usize,
+    seed: u64,
+}
+
+impl BootstrapSummary {
+    fn new(e: Estimate, bootstrap: &Bootstrap) -> Self {
+        Self {
+            value: e.value,
+            std: e.std,
+            low: e.low,
+            high: e.high,
+            resamples: bootstrap.resamples,
+            seed: bootstrap.seed,
+        }
+    }
+}
+
+fn scores(args: &FidArgs, fa: &Mat<f64>, fb: &Mat<f64>) -> Result<Scores> {
+    let (a, b) = (fa.as_ref(), fb.as_ref());
+    let (subsets, size, seed) = (args.kid_subsets, args.kid_subset_size, args.seed);
+    if args.bootstrap == 0 {
+        let kid = args
+            .kid
+            .then(|| kid(a, b, subsets, size, seed))
+            .transpose()?;
+        return Ok(Scores {
+            kid,
+            ..Scores::default()
+        });
+    }
+    let bootstrap = Bootstrap {
+        resamples: args.bootstrap,
+        seed,
+    };
+    let fid = BootstrapSummary::new(bootstrap.fid(b, a)?, &bootstrap);
+    let (kid, kid_bootstrap) = match args.kid {
+        true => {
+            let (kid, estimate) = bootstrap.kid(b, a, subsets, size, seed)?;
+            (Some(kid), Some(BootstrapSummary::new(estimate, &bootstrap)))
+        }
+        false => (None, None),
+    };
+    Ok(Scores {
+        fid: Some(fid),
+        kid,
+        kid_bootstrap,
+    })
+}
+
+fn describe(e: &BootstrapSummary) -> String {
+    format!(
+        "{} ± {} (95% interval [{}, {}]; bootstrap over both sets, {} resamples, seed {})",
+        e.value, e.std, e.low, e.high, e.resamples, e.seed
+    )
 }
 
 fn is_npz(path: &Path) -> bool {

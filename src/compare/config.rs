@@ -276,6 +276,11 @@ pub struct EvalSection {
     pub kid_subset_size: usize,
     /// Images per Inception forward. Default 50.
     pub batch_size: usize,
+    /// Bootstrap resamples behind every FID's and KID's uncertainty (the generated and the
+    /// reference features resampled with replacement). Default 100.
+    pub bootstrap: usize,
+    /// Seed of the bootstrap's draws. Default 0.
+    pub bootstrap_seed: u64,
     /// Methods whose FID must come out below the base model's; the report checks it.
     pub must_improve: Vec<String>,
 }
@@ -290,6 +295,8 @@ impl Default for EvalSection {
             kid_subsets: 100,
             kid_subset_size: 1000,
             batch_size: 50,
+            bootstrap: crate::eval::bootstrap::DEFAULT_RESAMPLES,
+            bootstrap_seed: 0,
             must_improve: Vec::new(),
         }
     }
@@ -375,6 +382,12 @@ impl CompareConfig {
         }
         if e.kid_subsets == 0 || e.kid_subset_size < 2 || e.batch_size == 0 {
             bail!("eval.kid_subsets and eval.batch_size must be positive and eval.kid_subset_size at least 2");
+        }
+        if e.bootstrap < 2 {
+            bail!(
+                "eval.bootstrap must be at least 2 resamples, got {}",
+                e.bootstrap
+            );
         }
         for m in &e.must_improve {
             if !self.methods.iter().any(|entry| &entry.name == m) {
@@ -499,6 +512,10 @@ mod tests {
                 "colour",
             ),
             (format!("{MINIMAL}\n[eval]\ndims = 100"), "eval.dims"),
+            (
+                format!("{MINIMAL}\n[eval]\nbootstrap = 1"),
+                "eval.bootstrap",
+            ),
             (
                 format!("{MINIMAL}\n[eval]\nmust_improve = [\"full\"]"),
                 "must_improve",

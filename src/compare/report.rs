@@ -21,6 +21,11 @@ pub struct StudyResults {
     pub reference: String,
     /// The base-model row first, then the methods in run-file order.
     pub rows: Vec<MethodRow>,
+    /// How the uncertainties were estimated, e.g. "bootstrap, 100 resamples, seed 0".
+    pub uncertainty: String,
+    /// Paired differences between rows (each method against the base row, then neighbours in
+    /// the FID ranking), with whether their uncertainty covers zero.
+    pub differences: Vec<Difference>,
     pub checks: Vec<Check>,
     /// Wall time spent on this comparison over all its invocations (an interrupted invocation
     /// counts up to its last finished stage).
@@ -41,7 +46,12 @@ pub struct MethodRow {
     /// Display name, e.g. "Prefix-tuning".
     pub label: String,
     pub fid: f64,
+    pub fid_uncertainty: Uncertainty,
     pub kid_mean: f64,
+    /// KID's bootstrap uncertainty.
+    pub kid_uncertainty: Uncertainty,
+    /// Standard deviation of KID over its random subsets (torch-fidelity's `kid_std`, not an
+    /// uncertainty of the mean).
     pub kid_std: f64,
     /// Generated images scored.
     pub images: usize,
@@ -52,6 +62,51 @@ pub struct MethodRow {
     pub train: Option<TrainMeasure>,
     /// Seconds spent generating this row's images.
     pub sample_seconds: f64,
+}
+
+/// The bootstrap uncertainty of a score: standard deviation and 95% interval.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Uncertainty {
+    pub std: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+impl From<&crate::eval::Estimate> for Uncertainty {
+    fn from(e: &crate::eval::Estimate) -> Self {
+        Self {
+            std: e.std,
+            low: e.low,
+            high: e.high,
+        }
+    }
+}
+
+/// The scores FID and KID.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Metric {
+    #[serde(rename = "FID")]
+    Fid,
+    #[serde(rename = "KID")]
+    Kid,
+}
+
+/// `first`'s score minus `second`'s, paired over the same bootstrap draws.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Difference {
+    pub metric: Metric,
+    /// Row ids (`base`, `full`, ...).
+    pub first: String,
+    pub second: String,
+    pub value: f64,
+    pub uncertainty: Uncertainty,
+}
+
+impl Difference {
+    /// The 95% interval holds zero: which of the two scores is lower is not established.
+    pub fn within_uncertainty(&self) -> bool {
+        self.uncertainty.low <= 0.0 && self.uncertainty.high >= 0.0
+    }
 }
 
 /// An image of the report: its path relative to the report, and its caption.
@@ -94,6 +149,14 @@ pub struct TrainMeasure {
     pub final_loss: Option<f64>,
 }
 
+impl TrainMeasure {
+    /// Median step time times the steps: the training time without the load spikes that
+    /// inflate wall time on a shared machine.
+    pub fn step_seconds(&self) -> f64 {
+        self.median_step_seconds * self.steps as f64
+    }
+}
+
 /// A statement about the results that a user expects to hold, and whether it does.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Check {
@@ -116,58 +179,115 @@ impl StudyResults {
     }
 
     /// The standard checks: for each method named in `must_improve`, that fine-tuning lowered the
-    /// FID below the base model's.
-    pub fn improvement_checks(rows: &[MethodRow], must_improve: &[String]) -> Vec<Check> {
+    /// FID below the base model's; each says whether the drop is beyond its uncertainty.
+    pub fn improvement_checks(
+        rows: &[MethodRow],
+        differences: &[Difference],
+        must_improve: &[String],
+    ) -> Vec<Check> {
         let Some(base) = rows.iter().find(|r| r.method == BASE_ROW) else {
             return Vec::new();
         };
         must_improve
             .iter()
             .filter_map(|m| rows.iter().find(|r| &r.method == m))
-            .map(|row| Check {
-                statement: format!(
-                    "FID after {} ({}) is lower than before fine-tuning ({})",
-                    row.label,
-                    format_score(row.fid),
-                    format_score(base.fid)
-                ),
-                passed: row.fid < base.fid,
+            .map(|row| {
+                let judged = differences
+                    .iter()
+                    .find(|d| {
+                        d.metric == Metric::Fid && d.first == row.method && d.second == BASE_ROW
+                    })
+                    .map(|d| {
+                        let verdict = match d.within_uncertainty() {
+                            true => "within",
+                            false => "beyond",
+                        };
+                        format!(
+                            "; the difference, {}, is {verdict} its uncertainty",
+                            format_estimate(d.value, &d.uncertainty, 1.0)
+                        )
+                    })
+                    .unwrap_or_default();
+                Check {
+                    statement: format!(
+                        "FID after {} ({}) is lower than before fine-tuning ({}){judged}",
+                        row.label,
+                        format_estimate(row.fid, &row.fid_uncertainty, 1.0),
+                        format_estimate(base.fid, &base.fid_uncertainty, 1.0)
+                    ),
+                    passed: row.fid < base.fid,
+                }
             })
             .collect()
     }
 
-    /// Table 1: FID (and KID) per method, base model first.
+    /// Table 1: FID and KID per method with their uncertainties, base model first.
     pub fn table1(&self) -> String {
-        let mut t = String::from("| method | FID | KID (×10³) |\n|---|---|---|\n");
+        let mut t = String::from(
+            "| method | FID | FID 95% interval | KID (×10³) | KID 95% interval (×10³) |\n|---|---|---|---|---|\n",
+        );
         for row in &self.rows {
             let _ = writeln!(
                 t,
-                "| {} | {} | {} ± {} |",
+                "| {} | {} | {} | {} | {} |",
                 row.label,
-                format_score(row.fid),
-                format_score(row.kid_mean * 1e3),
-                format_score(row.kid_std * 1e3)
+                format_estimate(row.fid, &row.fid_uncertainty, 1.0),
+                format_interval(&row.fid_uncertainty, 1.0),
+                format_estimate(row.kid_mean, &row.kid_uncertainty, 1e3),
+                format_interval(&row.kid_uncertainty, 1e3),
+            );
+        }
+        t
+    }
+
+    /// The paired differences, each marked real or within its uncertainty.
+    pub fn differences_table(&self) -> String {
+        let label = |id: &str| {
+            self.rows
+                .iter()
+                .find(|r| r.method == id)
+                .map_or(id.to_string(), |r| r.label.clone())
+        };
+        let mut t = String::from(
+            "| score | difference | value | 95% interval | verdict |\n|---|---|---|---|---|\n",
+        );
+        for d in &self.differences {
+            let (name, scale) = match d.metric {
+                Metric::Fid => ("FID", 1.0),
+                Metric::Kid => ("KID (×10³)", 1e3),
+            };
+            let verdict = match d.within_uncertainty() {
+                true => "**within the uncertainty**",
+                false => "real",
+            };
+            let _ = writeln!(
+                t,
+                "| {name} | {} − {} | {} | {} | {verdict} |",
+                label(&d.first),
+                label(&d.second),
+                format_estimate(d.value, &d.uncertainty, scale),
+                format_interval(&d.uncertainty, scale),
             );
         }
         t
     }
 
     /// Table 2: trained parameters (with their share of the U-Net), training time relative to
-    /// full fine-tuning, and peak memory.
+    /// full fine-tuning, and peak memory. Time is the median step time times the steps, which
+    /// load on the machine distorts far less than wall time (beside it).
     pub fn table2(&self) -> String {
-        let full_seconds = self
-            .full()
-            .and_then(|r| r.train.as_ref())
-            .map(|t| t.total_seconds);
-        let mut t = String::from("| method | # params | time | peak memory |\n|---|---|---|---|\n");
+        let full = self.full().and_then(|r| r.train.as_ref());
+        let mut t = String::from(
+            "| method | # params | time | wall time | peak memory |\n|---|---|---|---|---|\n",
+        );
         for row in self.methods() {
             let params = match row.trainable_params {
                 Some(n) => format!("{} ({})", format_count(n), format_share(n, row.unet_params)),
                 None => "–".into(),
             };
-            let time = match (row.train.as_ref(), full_seconds) {
-                (Some(train), Some(full)) if full > 0.0 => {
-                    format!("{:.0}%", 100.0 * train.total_seconds / full)
+            let relative = |measure: fn(&TrainMeasure) -> f64| match (row.train.as_ref(), full) {
+                (Some(train), Some(full)) if measure(full) > 0.0 => {
+                    format!("{:.0}%", 100.0 * measure(train) / measure(full))
                 }
                 _ => "–".into(),
             };
@@ -177,7 +297,13 @@ impl StudyResults {
                 .and_then(|t| t.peak_memory_bytes)
                 .map(format_bytes)
                 .unwrap_or_else(|| "–".into());
-            let _ = writeln!(t, "| {} | {params} | {time} | {memory} |", row.label);
+            let _ = writeln!(
+                t,
+                "| {} | {params} | {} | {} | {memory} |",
+                row.label,
+                relative(TrainMeasure::step_seconds),
+                relative(|t| t.total_seconds)
+            );
         }
         t
     }
@@ -218,13 +344,11 @@ impl StudyResults {
     /// `results.csv`: one row per method (the base row included), raw numbers.
     pub fn to_csv(&self) -> String {
         let mut csv = String::from(
-            "method,label,fid,kid_mean,kid_std,images,trainable_params,unet_params,trainable_share,\
-             train_steps,train_seconds,median_step_seconds,time_vs_full,peak_memory_bytes,memory_kind,final_loss,sample_seconds\n",
+            "method,label,fid,fid_std,fid_low,fid_high,kid_mean,kid_bootstrap_std,kid_low,kid_high,kid_subset_std,\
+             images,trainable_params,unet_params,trainable_share,train_steps,train_seconds,median_step_seconds,\
+             time_vs_full,wall_time_vs_full,peak_memory_bytes,memory_kind,final_loss,sample_seconds\n",
         );
-        let full_seconds = self
-            .full()
-            .and_then(|r| r.train.as_ref())
-            .map(|t| t.total_seconds);
+        let full = self.full().and_then(|r| r.train.as_ref());
         let opt = |v: Option<String>| v.unwrap_or_default();
         for row in &self.rows {
             let tr = row.train.as_ref();
@@ -232,7 +356,13 @@ impl StudyResults {
                 row.method.clone(),
                 csv_field(&row.label),
                 row.fid.to_string(),
+                row.fid_uncertainty.std.to_string(),
+                row.fid_uncertainty.low.to_string(),
+                row.fid_uncertainty.high.to_string(),
                 row.kid_mean.to_string(),
+                row.kid_uncertainty.std.to_string(),
+                row.kid_uncertainty.low.to_string(),
+                row.kid_uncertainty.high.to_string(),
                 row.kid_std.to_string(),
                 row.images.to_string(),
                 opt(row.trainable_params.map(|n| n.to_string())),
@@ -244,9 +374,13 @@ impl StudyResults {
                 opt(tr.map(|t| t.total_seconds.to_string())),
                 opt(tr.map(|t| t.median_step_seconds.to_string())),
                 opt(tr
-                    .zip(full_seconds)
-                    .filter(|(_, f)| *f > 0.0)
-                    .map(|(t, f)| (t.total_seconds / f).to_string())),
+                    .zip(full)
+                    .filter(|(_, f)| f.step_seconds() > 0.0)
+                    .map(|(t, f)| (t.step_seconds() / f.step_seconds()).to_string())),
+                opt(tr
+                    .zip(full)
+                    .filter(|(_, f)| f.total_seconds > 0.0)
+                    .map(|(t, f)| (t.total_seconds / f.total_seconds).to_string())),
                 opt(tr.and_then(|t| t.peak_memory_bytes).map(|b| b.to_string())),
                 opt(tr.map(|t| {
                     serde_json::to_value(t.memory_kind)
@@ -277,7 +411,23 @@ impl StudyResults {
             self.reference
         )?;
         md.push_str(&self.table1());
-        writeln!(md, "\nThe first row samples the base model before any fine-tuning, with the same prompts and seeds.\n")?;
+        writeln!(
+            md,
+            "\nThe first row samples the base model before any fine-tuning, with the same prompts and seeds. \
+             Uncertainties (value ± standard deviation, and the 95% interval): {}.\n",
+            self.uncertainty
+        )?;
+        if !self.differences.is_empty() {
+            writeln!(
+                md,
+                "### Which differences are real\n\nPaired over the same bootstrap draws: each method against \
+                 the base model, then each method against the next in the FID ranking. A difference whose \
+                 95% interval holds zero is **within the uncertainty**: these images do not establish which \
+                 of the two is lower.\n"
+            )?;
+            md.push_str(&self.differences_table());
+            md.push('\n');
+        }
         writeln!(
             md,
             "## Table 2. Trained parameters and training time relative to full fine-tuning\n"
@@ -299,8 +449,9 @@ impl StudyResults {
             .join("; ");
         writeln!(
             md,
-            "\n# params: parameters trained, with their share of the U-Net's parameters. Time: wall time of \
-             the training loop. Peak memory: {memory_note}.\n"
+            "\n# params: parameters trained, with their share of the U-Net's parameters. Time: median step \
+             time × steps, which load on the machine barely moves; wall time: the training loop's wall time \
+             (both relative to full fine-tuning's). Peak memory: {memory_note}.\n"
         )?;
         if !self.checks.is_empty() {
             writeln!(md, "## Checks\n")?;
@@ -392,6 +543,24 @@ pub fn format_seconds(s: f64) -> String {
     }
 }
 
+/// `value ± std`, both times `scale`.
+pub fn format_estimate(value: f64, uncertainty: &Uncertainty, scale: f64) -> String {
+    format!(
+        "{} ± {}",
+        format_score(value * scale),
+        format_score(uncertainty.std * scale)
+    )
+}
+
+/// `[low, high]`, both times `scale`.
+pub fn format_interval(uncertainty: &Uncertainty, scale: f64) -> String {
+    format!(
+        "[{}, {}]",
+        format_score(uncertainty.low * scale),
+        format_score(uncertainty.high * scale)
+    )
+}
+
 /// FID/KID with two decimals, as the study prints FID; non-finite values spelled out.
 pub fn format_score(v: f64) -> String {
     if v.is_finite() {
@@ -419,8 +588,18 @@ pub(crate) mod example {
             method: method.into(),
             label: label.into(),
             fid,
+            fid_uncertainty: Uncertainty {
+                std: 2.0,
+                low: fid - 4.0,
+                high: fid + 4.0,
+            },
             kid_mean: 0.0123,
-            kid_std: 0.0004,
+            kid_uncertainty: Uncertainty {
+                std: 0.0004,
+                low: 0.0115,
+                high: 0.0131,
+            },
+            kid_std: 0.0002,
             images: 100,
             trainable_params: params,
             unet_params: 859_520_964,
@@ -445,7 +624,23 @@ pub(crate) mod example {
             row("prefix", "Prefix-tuning", 32.57, Some(249_600), 440.0),
             row("bitfit", "BitFit", 68.53, Some(174_720), 390.0),
         ];
-        let checks = StudyResults::improvement_checks(&rows, &["full".into(), "lora".into()]);
+        let difference = |first: &str, second: &str, value: f64| Difference {
+            metric: Metric::Fid,
+            first: first.into(),
+            second: second.into(),
+            value,
+            uncertainty: Uncertainty {
+                std: 2.0,
+                low: value - 4.0,
+                high: value + 4.0,
+            },
+        };
+        let differences = vec![
+            difference("full", BASE_ROW, -36.67),
+            difference("lora", "prefix", 3.11),
+        ];
+        let checks =
+            StudyResults::improvement_checks(&rows, &differences, &["full".into(), "lora".into()]);
         StudyResults {
             name: "study".into(),
             git_commit: "abc".into(),
@@ -453,6 +648,8 @@ pub(crate) mod example {
             fid_features: "test".into(),
             reference: "test split".into(),
             rows,
+            uncertainty: "bootstrap, 100 resamples".into(),
+            differences,
             checks,
             wall_seconds: 3.0,
             invocations: 1,
@@ -471,7 +668,7 @@ mod tests {
     fn table2_matches_the_study_format() {
         let t = study().table2();
         assert!(
-            t.contains("| Full fine-tuning | 860M (100%) | 100% | 3.00 GiB |"),
+            t.contains("| Full fine-tuning | 860M (100%) | 100% | 100% | 3.00 GiB |"),
             "{t}"
         );
         assert!(t.contains("| Adapter | 1.23M (0.143%) | 56% |"), "{t}");
@@ -485,15 +682,29 @@ mod tests {
     }
 
     #[test]
+    fn table2_time_follows_the_median_step_and_wall_time_stands_beside_it() {
+        let mut s = study();
+        // A load spike doubles LoRA's wall time but not its median step.
+        s.rows[3].train.as_mut().unwrap().total_seconds *= 2.0;
+        let t = s.table2();
+        assert!(t.contains("| LoRA | 0.20M (0.023%) | 42% | 84% |"), "{t}");
+    }
+
+    #[test]
     fn table1_lists_base_then_methods() {
         let t = study().table1();
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 2 + 6);
         assert!(
-            lines[2].starts_with("| No fine-tuning | 80.00 | 12.30 ± 0.40 |"),
+            lines[2].starts_with(
+                "| No fine-tuning | 80.00 ± 2.00 | [76.00, 84.00] | 12.30 ± 0.40 | [11.50, 13.10] |"
+            ),
             "{t}"
         );
-        assert!(lines[6].starts_with("| Prefix-tuning | 32.57 |"), "{t}");
+        assert!(
+            lines[6].starts_with("| Prefix-tuning | 32.57 ± 2.00 |"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -501,12 +712,19 @@ mod tests {
         let s = study();
         assert_eq!(s.checks.len(), 2);
         assert!(s.checks.iter().all(|c| c.passed));
+        assert!(
+            s.checks[0]
+                .statement
+                .ends_with("; the difference, -36.67 ± 2.00, is beyond its uncertainty"),
+            "{}",
+            s.checks[0].statement
+        );
         let mut rows = s.rows.clone();
         rows[3].fid = 90.0;
-        let checks = StudyResults::improvement_checks(&rows, &["lora".into()]);
+        let checks = StudyResults::improvement_checks(&rows, &[], &["lora".into()]);
         assert!(!checks[0].passed);
         assert!(
-            checks[0].statement.contains("LoRA (90.00)"),
+            checks[0].statement.contains("LoRA (90.00 ± 2.00)"),
             "{}",
             checks[0].statement
         );
@@ -537,6 +755,9 @@ mod tests {
             "## Table 1.",
             "## Table 2.",
             "**PASS**",
+            "### Which differences are real",
+            "| FID | LoRA − Prefix-tuning | 3.11 ± 2.00 | [-0.89, 7.11] | **within the uncertainty** |",
+            "| FID | Full fine-tuning − No fine-tuning | -36.67 ± 2.00 | [-40.67, -32.67] | real |",
             "![FID](plots/fid.png)",
             "Commit: abc",
             "```toml\na = 1\n```",

@@ -5,9 +5,9 @@
 use super::config::{CompareConfig, MethodEntry};
 use super::machine::{git_commit, MachineInfo};
 use super::prepare::{count_unet_parameters, PreparedData};
-use super::report::{Check, MethodRow, StudyResults, BASE_ROW};
+use super::report::{Check, Difference, MethodRow, StudyResults, BASE_ROW};
 use super::sampling::{sample_plan, SampleItem, SampleJob, SampleRecord};
-use super::score::{Score, Scorer};
+use super::score::{differences, Score, Scorer};
 use super::stage::{Layout, Stage};
 use super::training::{RunJob, RunRecord};
 use crate::data::synthetic::Domain;
@@ -245,13 +245,14 @@ impl<'a> Study<'a> {
             &reference_key,
         )?;
         let unet_params = count_unet_parameters(&base.files)?;
-        let mut scored = Vec::new();
+        let mut scores = Vec::new();
         for (row, sampled) in rows.iter().zip(sampled) {
             let key = json!({
                 "samples": sampled.key,
                 "scorer": scorer.identity,
                 "reference": reference_key,
                 "kid": [eval.kid_subsets, eval.kid_subset_size, eval.random_seed],
+                "bootstrap": scorer.bootstrap(),
             });
             let stage = Stage::Score(&row.name);
             let score: Score = match self.layout.enter(stage, None, &key)? {
@@ -265,31 +266,42 @@ impl<'a> Study<'a> {
                     score
                 }
             };
-            scored.push(MethodRow {
+            scores.push((row.name.clone(), score));
+        }
+        let scored = rows
+            .iter()
+            .zip(sampled)
+            .zip(&scores)
+            .map(|((row, sampled), (_, score))| MethodRow {
                 method: row.name.clone(),
                 label: row.label.clone(),
-                fid: score.fid,
-                kid_mean: score.kid_mean,
-                kid_std: score.kid_std,
+                fid: score.fid.value,
+                fid_uncertainty: (&score.fid).into(),
+                kid_mean: score.kid.value,
+                kid_uncertainty: (&score.kid).into(),
+                kid_std: score.kid_subset_std,
                 images: score.images,
                 trainable_params: row.run.map(|r| r.record.trainable_params),
                 unet_params,
                 train: row.run.map(|r| r.record.train.clone()),
                 sample_seconds: sampled.record.seconds,
-            });
-        }
-        Ok(self.results(scored, &scorer, target, test))
+            })
+            .collect();
+        let differences = differences(&scores)?;
+        Ok(self.results(scored, differences, &scorer, target, test))
     }
 
     /// The study's results from its scored rows.
     fn results(
         &self,
         rows: Vec<MethodRow>,
+        differences: Vec<Difference>,
         scorer: &Scorer,
         target: &PreparedData,
         test: &Dataset,
     ) -> StudyResults {
-        let mut checks = StudyResults::improvement_checks(&rows, &self.config.eval.must_improve);
+        let mut checks =
+            StudyResults::improvement_checks(&rows, &differences, &self.config.eval.must_improve);
         checks.push(Check {
             statement: "every FID and KID is a finite number".into(),
             passed: rows
@@ -308,6 +320,12 @@ impl<'a> Study<'a> {
                 test.len()
             ),
             rows,
+            uncertainty: format!(
+                "bootstrap over the generated and the reference features, {} resamples with replacement, seed {}",
+                scorer.bootstrap().resamples,
+                scorer.bootstrap().seed
+            ),
+            differences,
             checks,
             wall_seconds: clock.total(),
             invocations: clock.invocations,

@@ -1,9 +1,11 @@
 //! Scoring generated images against a reference split with FID and KID (pytorch-fid's
 //! InceptionV3). The reference's features are computed once per comparison and cached.
 use super::config::{EvalSection, FeatureWeights};
+use super::report::{Difference, Metric, Uncertainty};
 use crate::data::images::{decode_rgb, Alpha, DecodeOptions};
 use crate::data::Dataset;
-use crate::eval::{default_weights_path, frechet_distance, kid, FidModel, Statistics};
+use crate::eval::bootstrap::difference;
+use crate::eval::{default_weights_path, Bootstrap, Estimate, FidModel};
 use crate::model::weights::{read_all, save_tensors};
 use anyhow::{bail, Context, Result};
 use faer::Mat;
@@ -23,20 +25,21 @@ pub struct Scorer {
     kid_subsets: usize,
     kid_subset_size: usize,
     seed: u64,
+    bootstrap: Bootstrap,
 }
 
-/// FID and KID of one set of generated images.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+/// FID and KID of one set of generated images, each with its bootstrap uncertainty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Score {
-    pub fid: f64,
-    pub kid_mean: f64,
-    pub kid_std: f64,
+    pub fid: Estimate,
+    pub kid: Estimate,
+    /// Standard deviation of KID over its random subsets (torch-fidelity's `kid_std`).
+    pub kid_subset_std: f64,
     pub images: usize,
 }
 
-/// The reference images' features and their statistics.
+/// The reference images' features.
 pub struct Reference {
-    pub stats: Statistics,
     pub features: Mat<f64>,
 }
 
@@ -102,6 +105,10 @@ impl Scorer {
             kid_subsets: eval.kid_subsets,
             kid_subset_size: eval.kid_subset_size,
             seed: eval.random_seed,
+            bootstrap: Bootstrap {
+                resamples: eval.bootstrap,
+                seed: eval.bootstrap_seed,
+            },
         })
     }
 
@@ -118,9 +125,7 @@ impl Scorer {
                 features
             }
         };
-        let stats = Statistics::from_features(features.as_ref())
-            .context("statistics of the reference images")?;
-        Ok(Reference { stats, features })
+        Ok(Reference { features })
     }
 
     /// Features of a dataset's images, decoded as pytorch-fid decodes them (RGB, [0, 1]) and each
@@ -158,24 +163,30 @@ impl Scorer {
         Ok(stack_rows(&rows))
     }
 
-    /// FID and KID of the images at `paths` against `reference`.
+    /// FID and KID of the images at `paths` against `reference`, with their bootstrap
+    /// uncertainties (the same draws for every set of as many images, so rows are paired).
     pub fn score(&self, reference: &Reference, paths: &[PathBuf]) -> Result<Score> {
         let features = self.model.features_of_images(paths)?;
-        let stats = Statistics::from_features(features.as_ref())?;
-        let fid = frechet_distance(&reference.stats, &stats)?;
-        let kid = kid(
-            features.as_ref(),
-            reference.features.as_ref(),
+        let (reference, generated) = (reference.features.as_ref(), features.as_ref());
+        let fid = self.bootstrap.fid(reference, generated)?;
+        let (subsets, kid) = self.bootstrap.kid(
+            reference,
+            generated,
             self.kid_subsets,
             self.kid_subset_size,
             self.seed,
         )?;
         Ok(Score {
             fid,
-            kid_mean: kid.mean,
-            kid_std: kid.std,
+            kid,
+            kid_subset_std: subsets.std,
             images: paths.len(),
         })
+    }
+
+    /// The bootstrap's settings, for the report.
+    pub fn bootstrap(&self) -> Bootstrap {
+        self.bootstrap
     }
 }
 
@@ -254,4 +265,38 @@ pub fn write_random_inception(path: &Path, seed: u64) -> Result<()> {
     }
     save_tensors(path, &tensors, None)
         .with_context(|| format!("writing random Inception weights {}", path.display()))
+}
+
+/// The paired differences the report judges: every method against the base row (`method −
+/// base`), then the methods ranked by FID, each against the next better one (`worse − better`);
+/// FID and KID for each pair. `scores` are `(row id, score)`, the base row first.
+pub fn differences(scores: &[(String, Score)]) -> Result<Vec<Difference>> {
+    let Some(((base, _), methods)) = scores.split_first() else {
+        return Ok(Vec::new());
+    };
+    let mut ranked: Vec<&(String, Score)> = methods.iter().collect();
+    ranked.sort_by(|a, b| b.1.fid.value.total_cmp(&a.1.fid.value));
+    let find = |id: &str| scores.iter().find(|(name, _)| name == id).map(|(_, s)| s);
+    let against_base = methods.iter().map(|(id, _)| (id.as_str(), base.as_str()));
+    let neighbours = ranked
+        .windows(2)
+        .map(|w| (w[0].0.as_str(), w[1].0.as_str()));
+    let mut out = Vec::new();
+    for (first, second) in against_base.chain(neighbours) {
+        let (Some(a), Some(b)) = (find(first), find(second)) else {
+            continue;
+        };
+        for (metric, x, y) in [(Metric::Fid, &a.fid, &b.fid), (Metric::Kid, &a.kid, &b.kid)] {
+            let d = difference(x, y)
+                .with_context(|| format!("{metric:?} of {first} against {second}"))?;
+            out.push(Difference {
+                metric,
+                first: first.to_string(),
+                second: second.to_string(),
+                value: d.value,
+                uncertainty: Uncertainty::from(&d),
+            });
+        }
+    }
+    Ok(out)
 }

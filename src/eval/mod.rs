@@ -13,6 +13,7 @@
 //! println!("FID {}", frechet_distance(&a, &b)?);
 //! # Ok(()) }
 //! ```
+pub mod bootstrap;
 pub mod features;
 pub mod fid;
 pub mod images;
@@ -20,6 +21,7 @@ pub mod inception;
 pub mod kid;
 pub mod stats;
 
+pub use bootstrap::{Bootstrap, Estimate};
 pub use features::{default_weights_path, resolve_weights, FidModel};
 pub use fid::frechet_distance;
 pub use kid::{kid, Kid};
