@@ -176,3 +176,24 @@ fn bench_reports_time_and_memory_with_and_without_checkpointing() {
         assert!(r.median_step_s > 0.0 && r.peak_memory_bytes.is_some_and(|b| b > 0));
     }
 }
+
+/// The recomputation runs under the forward's autocast state, though backward runs outside it.
+#[test]
+fn the_recomputation_runs_under_the_forward_s_autocast() {
+    let _guard = serial();
+    let weight = Tensor::randn([3, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let x = Tensor::randn([2, 3], (Kind::Float, Device::Cpu));
+    let kinds = Mutex::new(Vec::new());
+    let block = |xs: &[Tensor]| {
+        let out = xs[0].matmul(&weight);
+        kinds.lock().unwrap().push(out.kind());
+        out
+    };
+    checkpoint::scope(|scope| {
+        let out = difftune::train::precision::bf16_autocast(Device::Cpu, || {
+            scope.checkpoint(&[&x], block)
+        });
+        out.to_kind(Kind::Float).sum(Kind::Float).backward();
+    });
+    assert_eq!(*kinds.lock().unwrap(), [Kind::BFloat16, Kind::BFloat16]);
+}
