@@ -36,6 +36,7 @@ fn serial() -> MutexGuard<'static, ()> {
 /// Fails if the shim's autocast setters stop resolving against the linked torch, or stop working.
 #[test]
 fn the_autocast_setters_resolve_and_cast_cpu_matmuls_to_bf16() {
+    let _guard = serial();
     let a = Tensor::randn([4, 4], (Kind::Float, Device::Cpu));
     assert_eq!(autocast_kind(Device::Cpu), None);
     let (kind, inside) = bf16_autocast(Device::Cpu, || {
