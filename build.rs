@@ -18,6 +18,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     build_dist_shim(Path::new(&lib_dir));
+    build_autograd_shim(Path::new(&lib_dir));
 }
 
 /// Compiles csrc/dist.cpp against the wheel's headers: Gloo always, NCCL too when `nccl.h` and
@@ -80,4 +81,20 @@ fn nccl_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
         }
     }
     Some(dirs)
+}
+
+/// Compiles csrc/autocast.cpp (bf16 autocast on the CPU and CUDA) and csrc/checkpoint.cpp
+/// (activation checkpointing through a custom autograd Function) against the wheel's headers.
+fn build_autograd_shim(lib_dir: &Path) {
+    let torch_include = lib_dir.with_file_name("include");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/autocast.cpp")
+        .file("csrc/checkpoint.cpp")
+        .include(&torch_include)
+        .include(torch_include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("difftune_autograd");
 }

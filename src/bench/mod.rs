@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Timed steps; the median is reported.
     pub steps: usize,
+    /// Also measure every method and batch with activation checkpointing.
+    pub gradient_checkpointing: bool,
 }
 
 /// One method at one batch size.
@@ -50,6 +52,9 @@ pub struct BenchResult {
     /// Peak memory over the timed steps (see [`BenchReport::memory`]); `None` where unmeasurable.
     pub peak_memory_bytes: Option<u64>,
     pub trainable_params: i64,
+    /// Whether the U-Net recomputed its blocks in the backward pass (absent from the peer's JSON).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// What `difftune bench --json` prints (and the peer script too).
@@ -88,14 +93,31 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let objective = Objective::new(&scheduler, &TrainConfig::default())?;
     let mut results = Vec::new();
     let mut memory_kind = None;
+    let checkpointing: &[bool] = if opts.gradient_checkpointing {
+        &[false, true]
+    } else {
+        &[false]
+    };
     for method in &opts.methods {
-        for &batch in &opts.batches {
+        for (&batch, &recompute) in opts
+            .batches
+            .iter()
+            .flat_map(|b| checkpointing.iter().map(move |c| (b, c)))
+        {
             ensure!(batch > 0, "batch sizes must be positive, got {batch}");
-            let (result, kind) = bench_one(opts, &config, &objective, method, batch, scale_factor)
+            let step = StepSetup {
+                method,
+                batch,
+                scale_factor,
+                gradient_checkpointing: recompute,
+            };
+            let (result, kind) = bench_one(opts, &config, &objective, &step)
                 .with_context(|| format!("benchmarking `{method}` at batch {batch}"))?;
             eprintln!(
-                "{method:8} batch {batch:3}: {:.3} s/step, {:.2} samples/s",
-                result.median_step_s, result.samples_per_s
+                "{method:8} batch {batch:3}{}: {:.3} s/step, {:.2} samples/s",
+                if recompute { " (checkpointed)" } else { "" },
+                result.median_step_s,
+                result.samples_per_s
             );
             results.push(result);
             memory_kind = Some(kind);
@@ -117,20 +139,34 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     })
 }
 
+/// What one measurement trains.
+struct StepSetup<'a> {
+    method: &'a str,
+    batch: i64,
+    /// The VAE's downsampling factor.
+    scale_factor: i64,
+    gradient_checkpointing: bool,
+}
+
 fn bench_one(
     opts: &BenchOptions,
     config: &UNetConfig,
     objective: &Objective,
-    method: &str,
-    batch: i64,
-    scale_factor: i64,
+    setup: &StepSetup,
 ) -> Result<(BenchResult, crate::compare::machine::MemoryKind)> {
+    let StepSetup {
+        method,
+        batch,
+        scale_factor,
+        gradient_checkpointing,
+    } = *setup;
     let device = opts.device;
     // bf16 autocast with frozen weights in bf16 on CUDA, as the trainer's `precision = "auto"`.
     let autocast = device.is_cuda();
     tch::manual_seed(0);
     let mut unet_vs = nn::VarStore::new(device);
     let mut unet = UNet2DConditionModel::new(unet_vs.root(), config)?;
+    unet.gradient_checkpointing = gradient_checkpointing;
     let method_config = MethodConfig {
         name: method.to_string(),
         settings: toml::Table::new(),
@@ -192,6 +228,7 @@ fn bench_one(
             samples_per_s: batch as f64 / median_step_s,
             peak_memory_bytes,
             trainable_params,
+            gradient_checkpointing,
         },
         kind,
     ))

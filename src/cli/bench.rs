@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Measure every method and batch also with activation checkpointing (time and memory of
+    /// train.gradient_checkpointing).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -51,6 +55,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         device,
         warmup: args.warmup,
         steps: args.steps,
+        gradient_checkpointing: args.gradient_checkpointing,
     })?;
     if args.json {
         println!(
@@ -69,8 +74,8 @@ fn print_table(report: &BenchReport) {
         report.tool, report.device, report.threads, report.memory
     );
     println!(
-        "{:8} {:>5} {:>12} {:>10} {:>12} {:>14}",
-        "method", "batch", "step ms", "samples/s", "peak MiB", "trainable"
+        "{:8} {:>5} {:>5} {:>12} {:>10} {:>12} {:>14}",
+        "method", "batch", "ckpt", "step ms", "samples/s", "peak MiB", "trainable"
     );
     for r in &report.results {
         let peak = r
@@ -78,9 +83,14 @@ fn print_table(report: &BenchReport) {
             .map(|b| format!("{:.0}", b as f64 / (1u64 << 20) as f64))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:8} {:>5} {:>12.1} {:>10.2} {:>12} {:>14}",
+            "{:8} {:>5} {:>5} {:>12.1} {:>10.2} {:>12} {:>14}",
             r.method,
             r.batch,
+            if r.gradient_checkpointing {
+                "yes"
+            } else {
+                "no"
+            },
             r.median_step_s * 1e3,
             r.samples_per_s,
             peak,

@@ -46,6 +46,9 @@ pub struct TrainArgs {
     /// Seed (train.seed): 0 to 2^63-1, the range of a TOML integer (run.toml records it).
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64))]
     pub seed: Option<u64>,
+    /// Recompute U-Net blocks in the backward pass to save memory (train.gradient_checkpointing).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Fail on an unreadable image instead of skipping it.
     #[arg(long)]
     pub strict: bool,
@@ -78,6 +81,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
         ("learning_rate", args.lr.map(toml::Value::Float)),
         ("seed", args.seed.map(|v| toml::Value::Integer(v as i64))),
+        (
+            "gradient_checkpointing",
+            args.gradient_checkpointing
+                .then_some(toml::Value::Boolean(true)),
+        ),
     ];
     let flags: toml::Table = flags
         .into_iter()

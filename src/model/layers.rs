@@ -153,13 +153,8 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.group_norm(
-            self.groups,
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            true,
-        )
+        let (weight, bias) = affine_operands(&self.weight, &self.bias);
+        x.group_norm(self.groups, Some(&weight), Some(&bias), self.eps, true)
     }
 }
 
@@ -181,6 +176,21 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let dim = *x.size().last().expect("layer norm of a scalar");
-        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        let (weight, bias) = affine_operands(&self.weight, &self.bias);
+        x.layer_norm([dim], Some(&weight), Some(&bias), self.eps, true)
+    }
+}
+
+/// A norm's scale and shift in one dtype: f32 when they differ, as when a bf16-frozen model trains
+/// its f32 biases (BitFit). CUDA autocast runs norms in f32 anyway; the CPU's kernels accept a
+/// bf16 input with f32 parameters, but not bf16 and f32 parameters together.
+fn affine_operands(weight: &Tensor, bias: &Tensor) -> (Tensor, Tensor) {
+    if weight.kind() == bias.kind() {
+        (weight.shallow_clone(), bias.shallow_clone())
+    } else {
+        (
+            weight.to_kind(tch::Kind::Float),
+            bias.to_kind(tch::Kind::Float),
+        )
     }
 }

@@ -1,5 +1,6 @@
 //! The Stable Diffusion model stack, with parameter names identical to diffusers/transformers.
 pub mod attention;
+pub mod checkpoint;
 pub mod clip;
 pub mod clip_vocab;
 pub mod layers;

@@ -1,4 +1,5 @@
 //! diffusers' ResnetBlock2D, Downsample2D and Upsample2D, shared by the U-Net and the VAE.
+use super::checkpoint::Scope;
 use super::layers::{Conv2d, GroupNorm, Linear};
 use tch::{nn, Tensor};
 
@@ -37,6 +38,19 @@ impl ResnetBlock2D {
             conv_shortcut: (cin != cout)
                 .then(|| Conv2d::new(&vs / "conv_shortcut", cin, cout, 1, 1, 0)),
             output_scale_factor: c.output_scale_factor,
+        }
+    }
+
+    /// [`ResnetBlock2D::forward`], checkpointed in `scope` when there is one.
+    pub fn forward_in<'env>(
+        &'env self,
+        scope: Option<&Scope<'_, 'env>>,
+        x: &Tensor,
+        temb: &Tensor,
+    ) -> Tensor {
+        match scope {
+            Some(scope) => scope.checkpoint(&[x, temb], |xs| self.forward(&xs[0], Some(&xs[1]))),
+            None => self.forward(x, Some(temb)),
         }
     }
 

@@ -1,6 +1,7 @@
 //! diffusers' Transformer2DModel and BasicTransformerBlock (self-attention, cross-attention, GEGLU
 //! feed-forward), with the block's "sites" where tuning methods can attach side modules.
 use super::attention::Attention;
+use super::checkpoint::Scope;
 use super::layers::{Conv2d, GroupNorm, LayerNorm, Linear};
 use tch::{nn, Tensor};
 
@@ -189,6 +190,17 @@ impl Transformer2DModel {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        self.forward_in(None, x, context)
+    }
+
+    /// [`Transformer2DModel::forward`] with each transformer block checkpointed in `scope` when
+    /// there is one.
+    pub fn forward_in<'env>(
+        &'env self,
+        scope: Option<&Scope<'_, 'env>>,
+        x: &Tensor,
+        context: &Tensor,
+    ) -> Tensor {
         let (b, _, h, w) = x.size4().expect("transformer input must be [b, c, h, w]");
         let normed = self.norm.forward(x);
         let to_tokens = |t: Tensor| {
@@ -200,7 +212,12 @@ impl Transformer2DModel {
             Projection::Linear(lin) => lin.forward(&to_tokens(normed)),
         };
         for block in &self.transformer_blocks {
-            tokens = block.forward(&tokens, context);
+            tokens = match scope {
+                Some(scope) => {
+                    scope.checkpoint(&[&tokens, context], |xs| block.forward(&xs[0], &xs[1]))
+                }
+                None => block.forward(&tokens, context),
+            };
         }
         let to_image = |t: Tensor| {
             let c = t.size()[2];

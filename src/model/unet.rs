@@ -1,4 +1,5 @@
 //! diffusers' UNet2DConditionModel for the SD 1.x / 2.x family, configured from its `config.json`.
+use super::checkpoint::Scope;
 use super::layers::{Conv2d, GroupNorm, Linear};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerConfig};
@@ -297,6 +298,9 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
+    /// Recompute each resnet and transformer block in the backward pass of
+    /// [`UNet2DConditionModel::forward_in`] instead of keeping its activations.
+    pub gradient_checkpointing: bool,
 }
 
 impl UNet2DConditionModel {
@@ -433,6 +437,7 @@ impl UNet2DConditionModel {
                 c.norm_eps,
             ),
             conv_out: Conv2d::new(&vs / "conv_out", ch0, c.out_channels, 3, 1, 1),
+            gradient_checkpointing: false,
         })
     }
 
@@ -455,6 +460,19 @@ impl UNet2DConditionModel {
     /// Predicts noise (or v) for `sample` `[b, in_ch, h, w]` at `timesteps` (a scalar or `[b]`),
     /// conditioned on `context` `[b, seq, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
+        self.forward_in(None, sample, timesteps, context)
+    }
+
+    /// [`UNet2DConditionModel::forward`]; with `gradient_checkpointing` set, every resnet and
+    /// transformer block is checkpointed in `scope` (the backward pass must run inside it too).
+    pub fn forward_in<'env>(
+        &'env self,
+        scope: Option<&Scope<'_, 'env>>,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> Tensor {
+        let scope = scope.filter(|_| self.gradient_checkpointing);
         let batch = sample.size()[0];
         let timesteps = if timesteps.dim() == 0 {
             timesteps.expand([batch], false)
@@ -475,9 +493,9 @@ impl UNet2DConditionModel {
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&temb));
+                h = resnet.forward_in(scope, &h, &temb);
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context);
+                    h = attn.forward_in(scope, &h, context);
                 }
                 skips.push(h.shallow_clone());
             }
@@ -487,22 +505,22 @@ impl UNet2DConditionModel {
             }
         }
 
-        h = self.mid_block.resnets[0].forward(&h, Some(&temb));
+        h = self.mid_block.resnets[0].forward_in(scope, &h, &temb);
         for (attn, resnet) in self
             .mid_block
             .attentions
             .iter()
             .zip(&self.mid_block.resnets[1..])
         {
-            h = resnet.forward(&attn.forward(&h, context), Some(&temb));
+            h = resnet.forward_in(scope, &attn.forward_in(scope, &h, context), &temb);
         }
 
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("skip connections run out");
-                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1), Some(&temb));
+                h = resnet.forward_in(scope, &Tensor::cat(&[&h, &skip], 1), &temb);
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context);
+                    h = attn.forward_in(scope, &h, context);
                 }
             }
             if let Some(up) = &block.upsampler {

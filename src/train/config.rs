@@ -20,7 +20,7 @@ pub enum Precision {
     Auto,
     /// f32 everywhere.
     Fp32,
-    /// bf16 autocast with f32 trainable weights and bf16 frozen weights; CUDA only.
+    /// bf16 autocast with f32 trainable weights and bf16 frozen weights, on CUDA or the CPU.
     Bf16,
 }
 
@@ -61,6 +61,9 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// Default `auto`: bf16 autocast on CUDA, f32 on the CPU.
     pub precision: Precision,
+    /// Recompute each U-Net resnet and transformer block in the backward pass instead of keeping
+    /// its activations: less memory for about one more forward pass. Default false.
+    pub gradient_checkpointing: bool,
     /// Default `scheduler`: follow the model's scheduler config.
     pub prediction_type: PredictionTarget,
     /// Min-SNR-γ loss weighting (Hang et al. 2023; 5.0 is the paper's choice); 0 disables. Default 0.
@@ -119,6 +122,7 @@ impl Default for TrainConfig {
             steps: 10_000,
             batch_size: 1,
             gradient_accumulation_steps: 4,
+            gradient_checkpointing: false,
             learning_rate: 1e-5,
             lr_schedule: LrSchedule::Constant,
             lr_warmup_steps: 0,

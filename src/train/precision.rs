@@ -1,29 +1,63 @@
-//! bf16 mixed precision on CUDA, as diffusers' training scripts run it: frozen weights stored in
-//! bf16, trainable weights in f32, the forward under autocast.
+//! bf16 mixed precision, as diffusers' training scripts run it: frozen weights stored in bf16,
+//! trainable weights in f32, the forward under autocast in bf16, the loss in f32. One code path on
+//! the CPU and on CUDA; only the autocast device type differs.
 use std::collections::HashSet;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
-extern "C" {
-    // `void at::autocast::set_autocast_dtype(at::DeviceType, at::ScalarType)`, exported by
-    // libtorch_cpu. tch only toggles autocast, whose CUDA dtype defaults to f16; the study trained
-    // in bf16. Both enums are `int8_t`-backed and passed by value like C integers.
-    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-    fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
+#[repr(C)]
+struct AutocastState {
+    enabled: bool,
+    dtype: i8,
 }
 
-/// c10::DeviceType::CUDA
-const DEVICE_TYPE_CUDA: i8 = 1;
-/// c10::ScalarType::BFloat16
-const SCALAR_TYPE_BFLOAT16: i8 = 15;
+// csrc/autocast.cpp: torch's C++ autocast setters, compiled against the pinned torch's headers.
+extern "C" {
+    fn dt_autocast_enter(cuda: i32, saved: *mut AutocastState);
+    fn dt_autocast_exit(cuda: i32, saved: *const AutocastState);
+    fn dt_autocast_dtype(cuda: i32) -> i32;
+}
 
-/// Runs `f` under CUDA autocast in bf16 (a no-op without CUDA, as `tch::autocast` is).
-pub fn bf16_autocast<T>(f: impl FnOnce() -> T) -> T {
-    if tch::Cuda::is_available() {
-        // SAFETY: a plain setter of a thread-local/global enum value; both arguments are valid
-        // enumerators of the declared C++ enums.
-        unsafe { at_autocast_set_autocast_dtype(DEVICE_TYPE_CUDA, SCALAR_TYPE_BFLOAT16) };
+/// Restores the autocast state it saved when dropped, also when the forward panics.
+struct AutocastGuard {
+    cuda: i32,
+    saved: AutocastState,
+}
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        // SAFETY: `saved` was filled by the matching `dt_autocast_enter`.
+        unsafe { dt_autocast_exit(self.cuda, &self.saved) };
     }
-    tch::autocast(true, f)
+}
+
+/// Runs `f` under autocast in bf16 for `device`'s type (CPU or CUDA), this thread only.
+pub fn bf16_autocast<T>(device: Device, f: impl FnOnce() -> T) -> T {
+    let cuda = i32::from(device.is_cuda());
+    let mut guard = AutocastGuard {
+        cuda,
+        saved: AutocastState {
+            enabled: false,
+            dtype: 0,
+        },
+    };
+    // SAFETY: `saved` is a valid out-pointer; the setters only change thread-local state.
+    unsafe { dt_autocast_enter(cuda, &mut guard.saved) };
+    let result = f();
+    drop(guard);
+    result
+}
+
+/// The dtype autocast casts to on `device`'s type, or `None` when autocast is off there.
+pub fn autocast_kind(device: Device) -> Option<Kind> {
+    // SAFETY: a plain getter of thread-local state.
+    let code = unsafe { dt_autocast_dtype(i32::from(device.is_cuda())) };
+    // c10::ScalarType values of the kinds autocast can use.
+    match code {
+        5 => Some(Kind::Half),
+        6 => Some(Kind::Float),
+        15 => Some(Kind::BFloat16),
+        _ => None,
+    }
 }
 
 /// Stores every variable of `vs` that is not trainable in bf16 (in place: the model's handles

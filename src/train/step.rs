@@ -101,31 +101,37 @@ pub fn forward_backward(
         "training latents must be [b, c, h, w], got {:?}",
         latents.size()
     );
+    let device = latents.device();
     let (noise, timesteps) = (&inputs.noise, &inputs.timesteps);
     let noisy = objective.schedule.add_noise(latents, noise, timesteps)?;
     let target = match objective.prediction {
         PredictionType::Epsilon => noise.shallow_clone(),
         PredictionType::VPrediction => objective.schedule.velocity(latents, noise, timesteps)?,
     };
-    let prediction = if autocast {
-        super::precision::bf16_autocast(|| unet.forward(&noisy, timesteps, &inputs.context))
-    } else {
-        unet.forward(&noisy, timesteps, &inputs.context)
-    };
-    let error = (prediction.to_kind(Kind::Float) - target).square();
-    let loss = match objective.snr_gamma {
-        None => error.mean(Kind::Float),
-        Some(gamma) => {
-            let snr = objective.schedule.snr(timesteps)?;
-            let clipped = snr.clamp_max(gamma);
-            let weights = match objective.prediction {
-                PredictionType::Epsilon => clipped / &snr,
-                PredictionType::VPrediction => clipped / (snr + 1.0),
-            };
-            (error.mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float) * weights)
-                .mean(Kind::Float)
-        }
-    };
-    (&loss * loss_scale).backward();
-    Ok(loss.detach())
+    // Checkpointed blocks (with `unet.gradient_checkpointing`) run again in the backward pass.
+    crate::model::checkpoint::scope(|scope| {
+        let prediction = if autocast {
+            super::precision::bf16_autocast(device, || {
+                unet.forward_in(Some(scope), &noisy, timesteps, &inputs.context)
+            })
+        } else {
+            unet.forward_in(Some(scope), &noisy, timesteps, &inputs.context)
+        };
+        let error = (prediction.to_kind(Kind::Float) - target).square();
+        let loss = match objective.snr_gamma {
+            None => error.mean(Kind::Float),
+            Some(gamma) => {
+                let snr = objective.schedule.snr(timesteps)?;
+                let clipped = snr.clamp_max(gamma);
+                let weights = match objective.prediction {
+                    PredictionType::Epsilon => clipped / &snr,
+                    PredictionType::VPrediction => clipped / (snr + 1.0),
+                };
+                (error.mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float) * weights)
+                    .mean(Kind::Float)
+            }
+        };
+        (&loss * loss_scale).backward();
+        Ok(loss.detach())
+    })
 }

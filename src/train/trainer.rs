@@ -74,15 +74,12 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
 
 /// How a run computes on `device` under `precision`: whether the U-Net runs under bf16 autocast.
-fn uses_autocast(precision: Precision, device: Device) -> Result<bool> {
-    Ok(match precision {
+fn uses_autocast(precision: Precision, device: Device) -> bool {
+    match precision {
         Precision::Auto => device.is_cuda(),
         Precision::Fp32 => false,
-        Precision::Bf16 if device.is_cuda() => true,
-        Precision::Bf16 => {
-            bail!("precision = \"bf16\" needs a CUDA device (the CPU trains in fp32)")
-        }
-    })
+        Precision::Bf16 => true,
+    }
 }
 
 /// Creates the output folder and writes the run config (on the main rank only); returns the
@@ -157,7 +154,7 @@ impl<'a> Trainer<'a> {
         let train = &config.train;
         train.validate()?;
         let device = group.local_device(train.device.resolve()?);
-        let autocast = uses_autocast(train.precision, device)?;
+        let autocast = uses_autocast(train.precision, device);
         let files = ModelFiles::resolve(&opts.model, None)?;
         let base_unet = files.unet_identity()?;
         let config_text = config.to_toml()?;
@@ -173,6 +170,7 @@ impl<'a> Trainer<'a> {
         let batches = Batches::open(&cache_dir, train.seed, shard, scaling)?;
 
         let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(&files, device)?;
+        unet.gradient_checkpointing = train.gradient_checkpointing;
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
         let objective = Objective::new(&scheduler, train)?;
         let tuned = attach_method(&mut unet, &mut unet_vs, &config.method, train.seed)?;

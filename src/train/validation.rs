@@ -122,7 +122,7 @@ impl Validation {
             )
         };
         let images = if autocast {
-            super::precision::bf16_autocast(generate)
+            super::precision::bf16_autocast(models.device(), generate)
         } else {
             generate()
         }
