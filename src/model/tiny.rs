@@ -250,12 +250,12 @@ pub fn write_tiny_model(out: &Path, seed: u64) -> Result<()> {
         &out.join("unet/diffusion_pytorch_model.safetensors"),
         |vs| UNet2DConditionModel::new(vs, &unet),
     )?;
-    tch::manual_seed(seed as i64 + 1);
+    tch::manual_seed(seed.wrapping_add(1) as i64);
     let vae: VaeConfig = serde_json::from_value(vae_config())?;
     save_random(&out.join("vae/diffusion_pytorch_model.safetensors"), |vs| {
         AutoencoderKL::new(vs, &vae)
     })?;
-    tch::manual_seed(seed as i64 + 2);
+    tch::manual_seed(seed.wrapping_add(2) as i64);
     let text: ClipTextConfig = serde_json::from_value(text_config)?;
     save_random(&out.join("text_encoder/model.safetensors"), |vs| {
         ClipTextModel::new(vs, &text)
