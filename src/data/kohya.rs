@@ -5,6 +5,7 @@
 //! how many were. Caption variants per epoch (dropout to the empty prompt, shuffled tags with the
 //! first K kept) are drawn from a seeded generator, so an epoch is the same every time.
 use super::{Dataset, DatasetOptions, ImageSource, Layout, PerClassLimit, Sample};
+use crate::util::fs::sorted_entries;
 use anyhow::{bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
@@ -44,15 +45,6 @@ fn repeat_folder(name: &str) -> Option<(usize, &str)> {
     let (n, rest) = name.split_once('_')?;
     let n: usize = n.parse().ok()?;
     (n > 0 && !rest.is_empty()).then_some((n, rest))
-}
-
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()?;
-    entries.sort();
-    Ok(entries)
 }
 
 /// Whether `path` looks like a kohya folder: images with caption files, or `N_name` folders.

@@ -6,6 +6,7 @@
 //! length, payload, masked CRC-32C of the payload) around protobuf `Event` messages encoded with
 //! `prost`. Only the fields difftune writes are declared, with TensorFlow's field numbers
 //! (`tensorflow/core/util/event.proto`, `tensorflow/core/framework/summary.proto`).
+use crate::util::fs::sorted_entries;
 use anyhow::{bail, ensure, Context, Result};
 use prost::Message;
 use std::io::Write;
@@ -211,16 +212,11 @@ pub fn read_events(path: &Path) -> Result<Vec<Event>> {
 
 /// The event files of a run folder's log, in the order TensorBoard reads them (by name).
 pub fn event_files(out: &Path) -> Result<Vec<PathBuf>> {
-    let dir = out.join(TENSORBOARD_DIR);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()?;
+    let mut files = sorted_entries(&out.join(TENSORBOARD_DIR))?;
     files.retain(|p| {
         p.file_name()
             .is_some_and(|n| n.to_string_lossy().contains("tfevents"))
     });
-    files.sort();
     Ok(files)
 }
 
@@ -260,12 +256,8 @@ impl TensorBoardLog {
 
     /// Logs the PNG files of a folder as images tagged `prefix/NAME`.
     pub fn png_folder(&mut self, step: usize, prefix: &str, dir: &Path) -> Result<()> {
-        let mut pngs: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("listing {}", dir.display()))?
-            .map(|entry| entry.map(|e| e.path()))
-            .collect::<std::io::Result<_>>()?;
+        let mut pngs = sorted_entries(dir)?;
         pngs.retain(|p| p.extension().is_some_and(|e| e == "png"));
-        pngs.sort();
         for path in pngs {
             let stem = path.file_stem().unwrap_or_default().to_string_lossy();
             let bytes =
