@@ -7,8 +7,9 @@
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
+#include "shim_error.h"
+
 #include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -142,15 +143,6 @@ struct Checkpoint : torch::autograd::Function<Checkpoint> {
   }
 };
 
-char* copy_message(const char* message) {
-  size_t n = std::strlen(message);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) {
-    std::memcpy(out, message, n + 1);
-  }
-  return out;
-}
-
 }  // namespace
 
 extern "C" {
@@ -168,7 +160,7 @@ char* dt_ckpt_apply(
     at::Tensor** inputs,
     int n,
     at::Tensor** output) {
-  try {
+  return difftune::guarded("unknown C++ exception in a checkpointed block", [&] {
     auto holder = c10::make_intrusive<Closure>(run, release, closure);
     variable_list list;
     for (int i = 0; i < n; ++i) {
@@ -176,14 +168,7 @@ char* dt_ckpt_apply(
     }
     auto capsule = c10::IValue::make_capsule(std::move(holder));
     *output = new at::Tensor(Checkpoint::apply(at::TensorList(list), capsule));
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception in a checkpointed block");
-  }
+  });
 }
 
 }  // extern "C"

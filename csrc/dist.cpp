@@ -9,12 +9,17 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include "shim_error.h"
+
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
 namespace {
+
+using difftune::guarded;
+
+constexpr const char* kUnknown = "unknown C++ exception in c10d";
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
@@ -23,31 +28,6 @@ struct Group {
   // The CUDA device index for NCCL (its barrier needs it), -1 for Gloo.
   int device_index;
 };
-
-char* copy_message(const char* message) {
-  size_t n = std::strlen(message);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) {
-    std::memcpy(out, message, n + 1);
-  }
-  return out;
-}
-
-// Runs `body`, turning any exception into an error message. c10::Error's what() carries a long
-// C++ backtrace; its what_without_backtrace() is the message a user can act on.
-template <class F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception in c10d");
-  }
-}
 
 // How Gloo picks the network interface of this rank (mirrors torch.distributed's choices).
 enum GlooDeviceKind { kGlooHostname = 0, kGlooInterface = 1, kGlooDefault = 2 };
@@ -131,7 +111,7 @@ char* dt_group_new(
     const char* gloo_device_name,
     int device_index,
     void** out) {
-  return guarded([&] {
+  return guarded(kUnknown, [&] {
     std::chrono::milliseconds timeout(timeout_ms);
     c10d::TCPStoreOptions store_options;
     store_options.port = port;
@@ -160,7 +140,7 @@ char* dt_group_new(
 }
 
 char* dt_allreduce_sum(void* group, at::Tensor* tensor) {
-  return guarded([&] {
+  return guarded(kUnknown, [&] {
     auto g = static_cast<Group*>(group);
     std::vector<at::Tensor> tensors{*tensor};
     c10d::AllreduceOptions options;
@@ -171,7 +151,7 @@ char* dt_allreduce_sum(void* group, at::Tensor* tensor) {
 }
 
 char* dt_broadcast(void* group, at::Tensor* tensor, int root) {
-  return guarded([&] {
+  return guarded(kUnknown, [&] {
     auto g = static_cast<Group*>(group);
     std::vector<at::Tensor> tensors{*tensor};
     c10d::BroadcastOptions options;
@@ -183,7 +163,7 @@ char* dt_broadcast(void* group, at::Tensor* tensor, int root) {
 
 // Gathers `input` (same shape on every rank) into outputs[0..n), one tensor per rank.
 char* dt_allgather(void* group, at::Tensor* input, at::Tensor** outputs, int n) {
-  return guarded([&] {
+  return guarded(kUnknown, [&] {
     auto g = static_cast<Group*>(group);
     std::vector<at::Tensor> inputs{*input};
     std::vector<std::vector<at::Tensor>> gathered(1);
@@ -197,7 +177,7 @@ char* dt_allgather(void* group, at::Tensor* input, at::Tensor** outputs, int n) 
 }
 
 char* dt_barrier(void* group) {
-  return guarded([&] {
+  return guarded(kUnknown, [&] {
     auto g = static_cast<Group*>(group);
     c10d::BarrierOptions options;
     options.timeout = g->timeout;
@@ -209,7 +189,7 @@ char* dt_barrier(void* group) {
 }
 
 char* dt_store_set(void* group, const char* key, const char* value) {
-  return guarded([&] {
+  return guarded(kUnknown, [&] {
     auto g = static_cast<Group*>(group);
     std::string v(value);
     g->store->set(std::string(key), std::vector<uint8_t>(v.begin(), v.end()));
@@ -218,14 +198,14 @@ char* dt_store_set(void* group, const char* key, const char* value) {
 
 // *present = 1 when `key` is in the store now (no waiting).
 char* dt_store_check(void* group, const char* key, int* present) {
-  return guarded([&] {
+  return guarded(kUnknown, [&] {
     auto g = static_cast<Group*>(group);
     *present = g->store->check({std::string(key)}) ? 1 : 0;
   });
 }
 
 char* dt_shutdown(void* group) {
-  return guarded([&] { static_cast<Group*>(group)->backend->shutdown(); });
+  return guarded(kUnknown, [&] { static_cast<Group*>(group)->backend->shutdown(); });
 }
 
 void dt_group_free(void* group) {
