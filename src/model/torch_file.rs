@@ -367,6 +367,10 @@ impl<'a> Unpickler<'a> {
     }
 
     fn step(&mut self, op: u8) -> Result<()> {
+        if let Some(v) = self.literal(op)? {
+            self.stack.push(v);
+            return Ok(());
+        }
         match op {
             0x80 => {
                 self.u8()?; // PROTO
@@ -374,53 +378,7 @@ impl<'a> Unpickler<'a> {
             0x95 => {
                 self.take(8)?; // FRAME
             }
-            b'}' => self.stack.push(Value::Dict(Vec::new())),
-            b']' => self.stack.push(Value::List(Vec::new())),
-            b')' => self.stack.push(Value::Tuple(Vec::new())),
             b'(' => self.marks.push(self.stack.len()),
-            b'N' => self.stack.push(Value::None),
-            0x88 => self.stack.push(Value::Bool(true)),
-            0x89 => self.stack.push(Value::Bool(false)),
-            b'J' => {
-                let v = i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"));
-                self.stack.push(Value::Int(v.into()));
-            }
-            b'K' => {
-                let v = self.u8()?;
-                self.stack.push(Value::Int(v.into()));
-            }
-            b'M' => {
-                let v = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes"));
-                self.stack.push(Value::Int(v.into()));
-            }
-            0x8a => {
-                let n = self.u8()? as usize;
-                let bytes = self.take(n)?;
-                self.stack.push(long_value(bytes));
-            }
-            b'G' => {
-                let v = f64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes"));
-                self.stack.push(Value::Float(v));
-            }
-            b'X' => {
-                let n = self.u32()? as usize;
-                let v = self.string(n)?;
-                self.stack.push(v);
-            }
-            0x8c => {
-                let n = self.u8()? as usize;
-                let v = self.string(n)?;
-                self.stack.push(v);
-            }
-            b'B' | b'C' | b'T' | b'U' => {
-                let n = if matches!(op, b'B' | b'T') {
-                    self.u32()? as usize
-                } else {
-                    self.u8()? as usize
-                };
-                let v = self.take(n)?.to_vec();
-                self.stack.push(Value::Bytes(v));
-            }
             b'q' => {
                 let i = self.u8()?.into();
                 self.memoize(i)?;
@@ -458,6 +416,51 @@ impl<'a> Unpickler<'a> {
             _ => self.step_structure(op)?,
         }
         Ok(())
+    }
+
+    /// The value a literal opcode pushes (numbers, strings, bytes, empty containers), or None
+    /// when `op` is not a literal.
+    fn literal(&mut self, op: u8) -> Result<Option<Value>> {
+        let v = match op {
+            b'}' => Value::Dict(Vec::new()),
+            b']' => Value::List(Vec::new()),
+            b')' => Value::Tuple(Vec::new()),
+            b'N' => Value::None,
+            0x88 => Value::Bool(true),
+            0x89 => Value::Bool(false),
+            b'J' => {
+                Value::Int(i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")).into())
+            }
+            b'K' => Value::Int(self.u8()?.into()),
+            b'M' => {
+                Value::Int(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")).into())
+            }
+            0x8a => {
+                let n = self.u8()? as usize;
+                long_value(self.take(n)?)
+            }
+            b'G' => Value::Float(f64::from_be_bytes(
+                self.take(8)?.try_into().expect("8 bytes"),
+            )),
+            b'X' => {
+                let n = self.u32()? as usize;
+                self.string(n)?
+            }
+            0x8c => {
+                let n = self.u8()? as usize;
+                self.string(n)?
+            }
+            b'B' | b'T' => {
+                let n = self.u32()? as usize;
+                Value::Bytes(self.take(n)?.to_vec())
+            }
+            b'C' | b'U' => {
+                let n = self.u8()? as usize;
+                Value::Bytes(self.take(n)?.to_vec())
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(v))
     }
 
     fn memoize(&mut self, slot: u32) -> Result<()> {
