@@ -303,125 +303,148 @@ pub struct UNet2DConditionModel {
     pub gradient_checkpointing: bool,
 }
 
+/// What every block of one U-Net is built from: its config resolved per block (heads,
+/// transformer depth) and the time-embedding width its resnets take.
+struct BlockBuilder<'a> {
+    config: &'a UNetConfig,
+    heads: Vec<i64>,
+    transformer_layers: Vec<i64>,
+    temb: i64,
+}
+
+impl<'a> BlockBuilder<'a> {
+    fn new(config: &'a UNetConfig) -> Result<Self> {
+        let n = config.block_out_channels.len();
+        Ok(Self {
+            config,
+            heads: config.heads()?,
+            transformer_layers: config
+                .transformer_layers_per_block
+                .expand("transformer_layers_per_block", n)?,
+            temb: config.block_out_channels[0] * 4,
+        })
+    }
+
+    fn resnet(&self, vs: nn::Path, cin: i64, cout: i64, scale: f64) -> ResnetBlock2D {
+        let rc = ResnetConfig {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: Some(self.temb),
+            groups: self.config.norm_num_groups,
+            eps: self.config.norm_eps,
+            output_scale_factor: scale,
+        };
+        ResnetBlock2D::new(vs, &rc)
+    }
+
+    /// The transformer of a block at depth `level` (0 = the highest resolution).
+    fn transformer(&self, vs: nn::Path, ch: i64, level: usize) -> Transformer2DModel {
+        let c = self.config;
+        let tc = TransformerConfig {
+            channels: ch,
+            heads: self.heads[level],
+            head_dim: ch / self.heads[level],
+            layers: self.transformer_layers[level],
+            context_dim: c.cross_attention_dim,
+            groups: c.norm_num_groups,
+            linear_projection: c.use_linear_projection,
+        };
+        Transformer2DModel::new(vs, &tc)
+    }
+
+    fn down_block(&self, vs: nn::Path, i: usize, kind: BlockKind, in_ch: i64) -> DownBlock {
+        let c = self.config;
+        let out_ch = c.block_out_channels[i];
+        let resnets = (0..c.layers_per_block)
+            .map(|j| {
+                let cin = if j == 0 { in_ch } else { out_ch };
+                self.resnet(&vs / "resnets" / j, cin, out_ch, 1.0)
+            })
+            .collect();
+        let attentions = if kind == BlockKind::CrossAttn {
+            (0..c.layers_per_block)
+                .map(|j| self.transformer(&vs / "attentions" / j, out_ch, i))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let downsampler = (i + 1 < c.block_out_channels.len())
+            .then(|| Downsample2D::new(&vs / "downsamplers" / 0, out_ch, c.downsample_padding));
+        DownBlock {
+            resnets,
+            attentions,
+            downsampler,
+        }
+    }
+
+    fn mid_block(&self, vs: nn::Path) -> MidBlock {
+        let c = self.config;
+        let level = c.block_out_channels.len() - 1;
+        let ch = c.block_out_channels[level];
+        let scale = c.mid_block_scale_factor;
+        MidBlock {
+            resnets: (0..2)
+                .map(|j| self.resnet(&vs / "resnets" / j, ch, ch, scale))
+                .collect(),
+            attentions: vec![self.transformer(&vs / "attentions" / 0, ch, level)],
+        }
+    }
+
+    /// Up block `i` (0 = the lowest resolution), whose first resnet takes `prev_out` channels
+    /// from the block below it.
+    fn up_block(&self, vs: nn::Path, i: usize, kind: BlockKind, prev_out: i64) -> UpBlock {
+        let c = self.config;
+        let n = c.block_out_channels.len();
+        let channels_at = |level: usize| c.block_out_channels[n - 1 - level];
+        let (out_ch, in_ch) = (channels_at(i), channels_at((i + 1).min(n - 1)));
+        let layers = c.layers_per_block + 1;
+        let resnets = (0..layers)
+            .map(|j| {
+                let skip = if j == layers - 1 { in_ch } else { out_ch };
+                let cin = if j == 0 { prev_out } else { out_ch };
+                self.resnet(&vs / "resnets" / j, cin + skip, out_ch, 1.0)
+            })
+            .collect();
+        let attentions = if kind == BlockKind::CrossAttn {
+            (0..layers)
+                .map(|j| self.transformer(&vs / "attentions" / j, out_ch, n - 1 - i))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let upsampler = (i + 1 < n).then(|| Upsample2D::new(&vs / "upsamplers" / 0, out_ch));
+        UpBlock {
+            resnets,
+            attentions,
+            upsampler,
+        }
+    }
+}
+
 impl UNet2DConditionModel {
     pub fn new(vs: nn::Path, config: &UNetConfig) -> Result<Self> {
         config.validate()?;
         let c = config;
-        let n = c.block_out_channels.len();
-        let heads = c.heads()?;
-        let tlayers = c
-            .transformer_layers_per_block
-            .expand("transformer_layers_per_block", n)?;
+        let blocks = BlockBuilder::new(c)?;
         let ch0 = c.block_out_channels[0];
-        let temb = ch0 * 4;
-        let resnet = |vs: nn::Path, cin: i64, cout: i64, scale: f64| {
-            let rc = ResnetConfig {
-                in_channels: cin,
-                out_channels: cout,
-                temb_channels: Some(temb),
-                groups: c.norm_num_groups,
-                eps: c.norm_eps,
-                output_scale_factor: scale,
-            };
-            ResnetBlock2D::new(vs, &rc)
-        };
-        let transformer = |vs: nn::Path, ch: i64, block: usize| {
-            let tc = TransformerConfig {
-                channels: ch,
-                heads: heads[block],
-                head_dim: ch / heads[block],
-                layers: tlayers[block],
-                context_dim: c.cross_attention_dim,
-                groups: c.norm_num_groups,
-                linear_projection: c.use_linear_projection,
-            };
-            Transformer2DModel::new(vs, &tc)
-        };
-
+        let temb = blocks.temb;
+        // Built in diffusers' order: with random initialisation the order fixes the weights.
         let conv_in = Conv2d::new(&vs / "conv_in", c.in_channels, ch0, 3, 1, 1);
         let time_linear_1 = Linear::new(&vs / "time_embedding" / "linear_1", ch0, temb, true);
         let time_linear_2 = Linear::new(&vs / "time_embedding" / "linear_2", temb, temb, true);
-
         let mut down_blocks = Vec::new();
         let mut out_ch = ch0;
         for (i, kind) in c.down_block_kinds()?.into_iter().enumerate() {
-            let in_ch = out_ch;
+            down_blocks.push(blocks.down_block(&vs / "down_blocks" / i, i, kind, out_ch));
             out_ch = c.block_out_channels[i];
-            let bvs = &vs / "down_blocks" / i;
-            let resnets = (0..c.layers_per_block)
-                .map(|j| {
-                    resnet(
-                        &bvs / "resnets" / j,
-                        if j == 0 { in_ch } else { out_ch },
-                        out_ch,
-                        1.0,
-                    )
-                })
-                .collect();
-            let attentions = if kind == BlockKind::CrossAttn {
-                (0..c.layers_per_block)
-                    .map(|j| transformer(&bvs / "attentions" / j, out_ch, i))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let downsampler = (i + 1 < n).then(|| {
-                Downsample2D::new(&bvs / "downsamplers" / 0, out_ch, c.downsample_padding)
-            });
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsampler,
-            });
         }
-
-        let mid_ch = c.block_out_channels[n - 1];
-        let mvs = &vs / "mid_block";
-        let mid_block = MidBlock {
-            resnets: (0..2)
-                .map(|j| {
-                    resnet(
-                        &mvs / "resnets" / j,
-                        mid_ch,
-                        mid_ch,
-                        c.mid_block_scale_factor,
-                    )
-                })
-                .collect(),
-            attentions: vec![transformer(&mvs / "attentions" / 0, mid_ch, n - 1)],
-        };
-
+        let mid_block = blocks.mid_block(&vs / "mid_block");
         let mut up_blocks = Vec::new();
-        let reversed: Vec<i64> = c.block_out_channels.iter().rev().copied().collect();
-        let mut prev_out = reversed[0];
+        let mut prev_out = out_ch;
         for (i, kind) in c.up_block_kinds()?.into_iter().enumerate() {
-            let out_ch = reversed[i];
-            let in_ch = reversed[(i + 1).min(n - 1)];
-            let bvs = &vs / "up_blocks" / i;
-            let layers = c.layers_per_block + 1;
-            let resnets = (0..layers)
-                .map(|j| {
-                    let skip = if j == layers - 1 { in_ch } else { out_ch };
-                    let cin = if j == 0 { prev_out } else { out_ch };
-                    resnet(&bvs / "resnets" / j, cin + skip, out_ch, 1.0)
-                })
-                .collect();
-            let attentions = if kind == BlockKind::CrossAttn {
-                (0..layers)
-                    .map(|j| transformer(&bvs / "attentions" / j, out_ch, n - 1 - i))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let upsampler = (i + 1 < n).then(|| Upsample2D::new(&bvs / "upsamplers" / 0, out_ch));
-            up_blocks.push(UpBlock {
-                resnets,
-                attentions,
-                upsampler,
-            });
-            prev_out = out_ch;
+            up_blocks.push(blocks.up_block(&vs / "up_blocks" / i, i, kind, prev_out));
+            prev_out = c.block_out_channels[c.block_out_channels.len() - 1 - i];
         }
-
         Ok(Self {
             config: config.clone(),
             conv_in,
