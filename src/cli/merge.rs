@@ -17,8 +17,8 @@ pub struct MergeArgs {
     /// Weight variant of the base model (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
-    /// The adapter: a difftune adapter (.safetensors with its .json sidecar), a peft adapter
-    /// folder, a diffusers LoRA or a kohya LoRA file.
+    /// The adapter file: difftune's (.safetensors with its .json sidecar), a peft adapter folder,
+    /// a diffusers LoRA or a kohya LoRA file.
     #[arg(long)]
     pub adapter: PathBuf,
     /// Where to write the merged U-Net (diffusers names, f32), or the single file.
@@ -54,7 +54,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         save_unet(&vs, &args.out)?;
     }
     println!(
-        "merged `{}` adapter {} into {}",
+        "merged the `{}` adapter file {} into {}",
         adapter.meta.method,
         args.adapter.display(),
         args.out.display()

@@ -43,11 +43,11 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Convert between a diffusers folder and a single-file (LDM layout) checkpoint.
     Convert(convert::ConvertArgs),
-    /// Bake a LoRA, DoRA, BitFit or full fine-tune adapter into a complete U-Net safetensors.
+    /// Bake an adapter file (LoRA, DoRA, BitFit or full fine-tune) into a complete U-Net safetensors.
     Merge(merge::MergeArgs),
     /// FID (and KID) between two image folders or pytorch-fid .npz statistics, as pytorch-fid computes it.
     Fid(fid::FidArgs),
-    /// Generate images from prompts, with an optional adapter (PNGs with their parameters, a grid).
+    /// Generate images from prompts, with an optional adapter file (PNGs with their parameters, a grid).
     Sample(sample::SampleArgs),
     /// Check a multi-process launch (torchrun, srun): verify every collective on every rank and
     /// time all-reduces.

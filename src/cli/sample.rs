@@ -27,7 +27,7 @@ pub struct SampleArgs {
     /// Weight variant of the model (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
-    /// An adapter to apply to the U-Net (difftune, peft, diffusers or kohya format).
+    /// An adapter file to apply to the U-Net (difftune, peft, diffusers or kohya format).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// The prompt.
@@ -157,7 +157,7 @@ fn render(
     if let Some(path) = &args.adapter {
         let method = models.apply_adapter(path, &files)?;
         if show_progress {
-            eprintln!("applied the `{method}` adapter {}", path.display());
+            eprintln!("applied the `{method}` adapter file {}", path.display());
         }
     }
     let mut scheduler = args.scheduler.build(&load_scheduler_config(&files)?)?;

@@ -129,7 +129,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     match (&summary.adapter, &summary.checkpoint) {
         (Some(adapter), _) => println!(
-            "trained {} parameters for {} steps; adapter: {}",
+            "trained {} parameters for {} steps; adapter file: {}",
             summary.trainable_parameters,
             summary.step,
             adapter.display()

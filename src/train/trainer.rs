@@ -52,7 +52,7 @@ pub struct TrainOptions {
 pub struct TrainSummary {
     /// Optimizer steps done in total (including those of resumed runs).
     pub step: usize,
-    /// All configured steps are done and the adapter is saved.
+    /// All configured steps are done and the adapter file is saved.
     pub finished: bool,
     /// The adapter file, when finished.
     pub adapter: Option<PathBuf>,
