@@ -72,6 +72,42 @@ struct Side {
 /// Under a launcher (torchrun, srun) every rank extracts the features of its share of each
 /// folder; rank 0 alone writes and prints the results.
 pub fn run(args: FidArgs) -> Result<()> {
+    let inputs = check_inputs(&args)?;
+    // Statistics files are read before any image is processed.
+    let loaded: Vec<Option<Side>> = inputs
+        .iter()
+        .map(|p| is_npz(p).then(|| statistics_side(p, args.dims)).transpose())
+        .collect::<Result<_>>()?;
+    let (group, device) = launch::join(&args.dist, args.device.resolve()?)?;
+    let model = if loaded.iter().any(Option::is_none) {
+        let weights = resolve_weights(args.weights.as_deref())?;
+        Some(
+            FidModel::load(&weights, device, args.dims)?
+                .with_batch_size(args.batch)
+                .with_max_image_pixels(args.max_image_pixels),
+        )
+    } else {
+        None
+    };
+    let sides: Vec<Side> = inputs
+        .iter()
+        .zip(loaded)
+        .map(|(p, loaded)| match (loaded, &model) {
+            (Some(side), _) => Ok(side),
+            (None, Some(model)) => image_side(p, model, &group, args.json),
+            (None, None) => unreachable!("a model is loaded whenever an input is a folder"),
+        })
+        .collect::<Result<_>>()?;
+    let main = group.is_main();
+    group.shutdown()?;
+    if main {
+        report(&args, &sides)?;
+    }
+    Ok(())
+}
+
+/// The inputs (A, then B if given), refused before any work when the flags cannot apply to them.
+fn check_inputs(args: &FidArgs) -> Result<Vec<&Path>> {
     if args.b.is_none() && args.save_stats.is_none() {
         bail!("give two folders/.npz files to compare, or one folder with --save-stats OUT.npz");
     }
@@ -95,41 +131,17 @@ pub fn run(args: FidArgs) -> Result<()> {
     if args.bootstrap == 1 {
         bail!("--bootstrap needs at least 2 resamples");
     }
-    // Statistics files and folder paths are checked before any image is processed.
-    let loaded: Vec<Option<Side>> = inputs
-        .iter()
-        .map(|p| is_npz(p).then(|| statistics_side(p, args.dims)).transpose())
-        .collect::<Result<_>>()?;
     if let Some(p) = inputs.iter().find(|p| !is_npz(p) && !p.is_dir()) {
         bail!(
             "{} is neither an image folder nor a .npz statistics file",
             p.display()
         );
     }
-    let (group, device) = launch::join(&args.dist, args.device.resolve()?)?;
-    let model = if loaded.iter().any(Option::is_none) {
-        let weights = resolve_weights(args.weights.as_deref())?;
-        Some(
-            FidModel::load(&weights, device, args.dims)?
-                .with_batch_size(args.batch)
-                .with_max_image_pixels(args.max_image_pixels),
-        )
-    } else {
-        None
-    };
-    let sides: Vec<Side> = inputs
-        .iter()
-        .zip(loaded)
-        .map(|(p, loaded)| match (loaded, &model) {
-            (Some(side), _) => Ok(side),
-            (None, Some(model)) => image_side(p, model, &group, args.json),
-            (None, None) => unreachable!("a model is loaded whenever an input is a folder"),
-        })
-        .collect::<Result<_>>()?;
-    if !group.is_main() {
-        return group.shutdown();
-    }
-    group.shutdown()?;
+    Ok(inputs)
+}
+
+/// Saves the statistics asked for and prints the scores (text or JSON): the main rank's part.
+fn report(args: &FidArgs, sides: &[Side]) -> Result<()> {
     if let Some(out) = &args.save_stats {
         sides[0].stats.write_npz(out)?;
         if !args.json {
@@ -140,7 +152,7 @@ pub fn run(args: FidArgs) -> Result<()> {
             );
         }
     }
-    let [a, b] = sides.as_slice() else {
+    let [a, b] = sides else {
         if args.json {
             println!(
                 "{}",
@@ -151,7 +163,7 @@ pub fn run(args: FidArgs) -> Result<()> {
     };
     let fid = frechet_distance(&a.stats, &b.stats)?;
     let scores = match (&a.features, &b.features) {
-        (Some(fa), Some(fb)) => scores(&args, fa, fb)?,
+        (Some(fa), Some(fb)) => scores(args, fa, fb)?,
         _ => Scores::default(),
     };
     if args.json {

@@ -202,31 +202,8 @@ fn render(
         &mut || progress.inc(1),
     )?;
     progress.finish();
-
-    let adapter = args
-        .adapter
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
     for (row, i) in share.enumerate() {
-        let mut text = vec![
-            ("prompt", prompts[i].clone()),
-            ("seed", (args.seed + i as u64).to_string()),
-            ("steps", args.steps.to_string()),
-            ("guidance", args.guidance.to_string()),
-            ("scheduler", args.scheduler.to_string()),
-            ("model", args.model.clone()),
-            ("adapter", adapter.clone()),
-            ("width", width.to_string()),
-            ("height", height.to_string()),
-            (
-                "software",
-                format!("difftune {}", env!("CARGO_PKG_VERSION")),
-            ),
-        ];
-        if let Some(negative) = &args.negative_prompt {
-            text.push(("negative_prompt", negative.clone()));
-        }
+        let text = png_text(args, &prompts[i], i, width, height);
         write_png(
             &args.out.join(image_name(i)),
             &images.get(row as i64),
@@ -234,4 +211,38 @@ fn render(
         )?;
     }
     Ok(())
+}
+
+/// The parameters stored in image `index`'s PNG text chunks, enough to render it again.
+fn png_text(
+    args: &SampleArgs,
+    prompt: &str,
+    index: usize,
+    width: usize,
+    height: usize,
+) -> Vec<(&'static str, String)> {
+    let adapter = args
+        .adapter
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut text = vec![
+        ("prompt", prompt.to_string()),
+        ("seed", (args.seed + index as u64).to_string()),
+        ("steps", args.steps.to_string()),
+        ("guidance", args.guidance.to_string()),
+        ("scheduler", args.scheduler.to_string()),
+        ("model", args.model.clone()),
+        ("adapter", adapter),
+        ("width", width.to_string()),
+        ("height", height.to_string()),
+        (
+            "software",
+            format!("difftune {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ];
+    if let Some(negative) = &args.negative_prompt {
+        text.push(("negative_prompt", negative.clone()));
+    }
+    text
 }
