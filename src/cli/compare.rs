@@ -4,8 +4,6 @@ use crate::compare::runner::{run as run_compare, CompareOptions, Outcome, REPORT
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
@@ -63,15 +61,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         .out
         .unwrap_or_else(|| PathBuf::from(format!("runs/compare-{}", config.name)));
 
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("difftune compare: second interrupt, exiting now without saving");
-            std::process::exit(130);
-        }
-        eprintln!("difftune compare: interrupt received (SIGINT or SIGTERM), stopping at the next checkpoint (interrupt again to exit at once)");
-    })?;
+    let interrupt = super::interrupt::install("compare", "stopping at the next checkpoint")?;
     let outcome = run_compare(&CompareOptions {
         config,
         out: out.clone(),

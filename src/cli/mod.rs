@@ -10,6 +10,7 @@ mod dist_check;
 mod fid;
 mod init_tiny;
 mod inspect;
+mod interrupt;
 mod launch;
 mod merge;
 mod sample;

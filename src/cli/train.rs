@@ -1,12 +1,10 @@
 use super::dist_check::DistArgs;
 use crate::dist::ProcessGroup;
 use crate::train::config::RunConfig;
-use crate::train::{train_in, TrainOptions};
+use crate::train::{train_in, TrainOptions, TrainSummary};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -60,6 +58,35 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let config = run_config(&args)?;
+    // Under torchrun or SLURM: this process is one rank of a data-parallel run.
+    let group = ProcessGroup::from_env(config.train.device.resolve()?, args.dist.timeout())?;
+    let interrupt = super::interrupt::install("train", "saving a checkpoint after this step")?;
+    let summary = train_in(
+        &TrainOptions {
+            model: args.model,
+            data: args.data,
+            cache: args.cache,
+            out: args.out.clone(),
+            config,
+            resume: args.resume,
+            strict: args.strict,
+            stop_after: args.stop_after,
+            interrupt,
+            progress: true,
+        },
+        &group,
+    )?;
+    let main = group.is_main();
+    group.shutdown()?;
+    if !main && !summary.interrupted {
+        return Ok(());
+    }
+    report(&summary)
+}
+
+/// The run file (or defaults) with the method and the flags that override its settings.
+fn run_config(args: &TrainArgs) -> Result<RunConfig> {
     let mut config = match &args.config {
         Some(path) => RunConfig::load(path)?,
         None => RunConfig::default(),
@@ -94,39 +121,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let flags = toml::Table::from_iter([("train".to_string(), toml::Value::Table(flags))]);
     crate::peft::merge_tables(&mut overrides, flags);
     config.apply_overrides(overrides)?;
+    Ok(config)
+}
 
-    // Under torchrun or SLURM: this process is one rank of a data-parallel run.
-    let group = ProcessGroup::from_env(config.train.device.resolve()?, args.dist.timeout())?;
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            // A checkpoint being written stays a temp folder, which resume ignores.
-            eprintln!("difftune train: second interrupt, exiting now without saving");
-            std::process::exit(130);
-        }
-        eprintln!("difftune train: interrupt received (SIGINT or SIGTERM), saving a checkpoint after this step (interrupt again to exit at once)");
-    })?;
-    let summary = train_in(
-        &TrainOptions {
-            model: args.model,
-            data: args.data,
-            cache: args.cache,
-            out: args.out.clone(),
-            config,
-            resume: args.resume,
-            strict: args.strict,
-            stop_after: args.stop_after,
-            interrupt,
-            progress: true,
-        },
-        &group,
-    )?;
-    let main = group.is_main();
-    group.shutdown()?;
-    if !main && !summary.interrupted {
-        return Ok(());
-    }
+/// Where the run ended: the adapter file, or the checkpoint to resume from.
+fn report(summary: &TrainSummary) -> Result<()> {
     match (&summary.adapter, &summary.checkpoint) {
         (Some(adapter), _) => println!(
             "trained {} parameters for {} steps; adapter file: {}",
