@@ -3,21 +3,23 @@
 //! time limit on every run, children killed by PID when a test fails.
 #[path = "common/launch.rs"]
 mod common;
+#[path = "common/tiny_run.rs"]
+mod tiny_run;
 
 use common::{difftune, launch_with, Job, LIMIT};
-use difftune::data::cache::{build, CacheSettings};
-use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
-use difftune::model::source::ModelFiles;
+use difftune::data::cache::build;
 use difftune::train::checkpoint::CheckpointState;
 use difftune::train::metrics::StepMetrics;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tch::Tensor;
+use tiny_run::TinyRun;
 
 /// The tiny model and a latent cache of a 4-class, 4-images-per-class synthetic dataset.
 struct Fixture {
-    _dir: tempfile::TempDir,
+    /// Owns the temp folder.
+    _run: TinyRun,
     root: PathBuf,
     model: String,
     cache: String,
@@ -26,33 +28,14 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         tch::set_num_threads(1);
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let model = root.join("model");
-        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
-        let data = root.join("data");
-        let spec = SyntheticSpec {
-            classes: 4,
-            train_per_class: 4,
-            test_per_class: 1,
-            resolution: 64,
-            ..Default::default()
-        };
-        generate_food101_like(&data, &spec).unwrap();
-        let cache = root.join("cache");
-        let settings = CacheSettings {
-            resolution: 64,
-            shard_size: 8,
-            batch_size: 4,
-            ..CacheSettings::default()
-        };
-        let files = ModelFiles::resolve(&model.display().to_string(), None).unwrap();
-        build(&files, &data, &settings, &cache).unwrap();
+        let run = TinyRun::new(4, 4);
+        let cache = run.root.join("cache");
+        build(&run.files(), &run.data, &run.cache_settings(), &cache).unwrap();
         Self {
-            _dir: dir,
-            model: model.display().to_string(),
+            root: run.root.clone(),
+            model: run.model.display().to_string(),
             cache: cache.display().to_string(),
-            root,
+            _run: run,
         }
     }
 

@@ -1,37 +1,27 @@
 //! bf16 mixed precision on the CPU, through the code CUDA runs: torch's autocast entered by the
 //! shim, frozen weights stored in bf16, trained tensors and the loss in f32. Every registered
 //! method trains, resumes exactly, validates and stays within a stated bound of f32.
+#[path = "common/tiny_run.rs"]
+mod tiny_run;
 #[path = "common/tiny_step.rs"]
 mod tiny_step;
 
-use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
 use difftune::peft::METHODS;
-use difftune::train::config::{DeviceChoice, Precision, RunConfig};
+use difftune::train::config::{Precision, RunConfig};
 use difftune::train::metrics::MetricsLog;
 use difftune::train::optim::{AdamW, AdamWConfig};
 use difftune::train::precision::{autocast_kind, bf16_autocast};
 use difftune::train::trainer::{latest_trainable, METRICS_FILE};
 use difftune::train::{train, TrainOptions};
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
+use tiny_run::{serial, TinyRun};
 use tiny_step::{trainable, TinyStep};
 
 /// Relative L2 distance the bf16 U-Net output may keep from the f32 one. bf16 keeps 8 significant
 /// bits (a relative rounding error up to 2^-9 ≈ 2e-3 per value); over the tiny U-Net's dozens of
 /// rounded matmuls and convolutions the measured distance is 1.3e-2 to 1.5e-2 for every method.
 const BF16_OUTPUT_BOUND: f64 = 3e-2;
-
-/// Steps re-seed torch's process-wide generator; tests in parallel threads take turns.
-static TORCH_RNG: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(1);
-    guard
-}
 
 /// Fails if the shim's autocast setters stop resolving against the linked torch, or stop working.
 #[test]
@@ -126,65 +116,31 @@ fn a_bf16_step_keeps_every_method_s_frozen_weights_in_bf16() {
     }
 }
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
+/// The tiny model and a 2-class dataset of 8 training images per class at 64 px.
+fn fixture() -> TinyRun {
+    TinyRun::new(2, 8)
 }
 
-impl Fixture {
-    /// The tiny model and a 2-class dataset of 8 training images per class at 64 px.
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        difftune::model::tiny::write_tiny_model(&root.join("model"), 0).unwrap();
-        let spec = SyntheticSpec {
-            classes: 2,
-            train_per_class: 8,
-            test_per_class: 1,
-            resolution: 64,
-            ..Default::default()
-        };
-        generate_food101_like(&root.join("data"), &spec).unwrap();
-        Self { _dir: dir, root }
+/// A bf16 run of `method` for `steps` steps into `out`.
+fn bf16_options(fx: &TinyRun, method: &str, steps: usize, out: &str) -> TrainOptions {
+    let lr = RunConfig::for_method(method).train.learning_rate;
+    let mut config = fx.config(method, steps, lr);
+    config.train.precision = Precision::Bf16;
+    if method == "lora" {
+        // The default placement barely moves a random tiny model (see tests/train.rs).
+        let targets = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"];
+        config.method.settings =
+            toml::Table::from_iter([("targets".into(), toml::Value::from(targets.to_vec()))]);
     }
+    fx.options(config, out)
+}
 
-    fn options(&self, method: &str, steps: usize, out: &str) -> TrainOptions {
-        let mut config = RunConfig::for_method(method);
-        let t = &mut config.train;
-        t.precision = Precision::Bf16;
-        t.device = DeviceChoice::Cpu;
-        t.steps = steps;
-        t.batch_size = 4;
-        t.gradient_accumulation_steps = 1;
-        t.resolution = 64;
-        t.checkpoint_every = 0;
-        if method == "lora" {
-            // The default placement barely moves a random tiny model (see tests/train.rs).
-            let targets = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"];
-            config.method.settings =
-                toml::Table::from_iter([("targets".into(), toml::Value::from(targets.to_vec()))]);
-        }
-        TrainOptions {
-            model: self.root.join("model").display().to_string(),
-            data: self.root.join("data"),
-            cache: Some(self.root.join("cache")),
-            out: self.root.join(out),
-            config,
-            resume: false,
-            strict: false,
-            stop_after: None,
-            interrupt: Arc::new(AtomicBool::new(false)),
-            progress: false,
-        }
-    }
-
-    fn losses(&self, out: &str) -> Vec<f64> {
-        MetricsLog::read(&self.root.join(out).join(METRICS_FILE))
-            .unwrap()
-            .iter()
-            .map(|m| m.loss)
-            .collect()
-    }
+fn losses(fx: &TinyRun, out: &str) -> Vec<f64> {
+    MetricsLog::read(&fx.root.join(out).join(METRICS_FILE))
+        .unwrap()
+        .iter()
+        .map(|m| m.loss)
+        .collect()
 }
 
 fn mean(values: &[f64]) -> f64 {
@@ -194,14 +150,14 @@ fn mean(values: &[f64]) -> f64 {
 #[test]
 fn bf16_training_lowers_the_loss_for_every_method() {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let steps = 120;
     for method in METHODS.iter().map(|m| m.name) {
-        let mut opts = fx.options(method, steps, method);
+        let mut opts = bf16_options(&fx, method, steps, method);
         opts.config.train.learning_rate = if method == "full" { 1e-3 } else { 2e-2 };
         let summary = train(&opts).unwrap();
         assert!(summary.finished, "{method}");
-        let losses = fx.losses(method);
+        let losses = losses(&fx, method);
         assert!(losses.iter().all(|l| l.is_finite()), "{method}: {losses:?}");
         let fifth = steps / 5;
         let (first, last) = (mean(&losses[..fifth]), mean(&losses[steps - fifth..]));
@@ -216,13 +172,13 @@ fn bf16_training_lowers_the_loss_for_every_method() {
 #[test]
 fn a_resumed_bf16_run_is_bit_identical_to_an_uninterrupted_one() {
     let _guard = serial();
-    let fx = Fixture::new();
-    let whole = fx.options("bitfit", 6, "whole");
+    let fx = fixture();
+    let whole = bf16_options(&fx, "bitfit", 6, "whole");
     assert!(train(&whole).unwrap().finished);
-    let mut first = fx.options("bitfit", 6, "parts");
+    let mut first = bf16_options(&fx, "bitfit", 6, "parts");
     first.stop_after = Some(3);
     assert!(!train(&first).unwrap().finished);
-    let mut rest = fx.options("bitfit", 6, "parts");
+    let mut rest = bf16_options(&fx, "bitfit", 6, "parts");
     rest.resume = true;
     assert!(train(&rest).unwrap().finished);
     let bytes = |out: &str| -> Vec<(String, Vec<u8>)> {
@@ -241,14 +197,14 @@ fn a_resumed_bf16_run_is_bit_identical_to_an_uninterrupted_one() {
         bytes("whole") == bytes("parts"),
         "the resumed bf16 run differs"
     );
-    assert_eq!(fx.losses("whole"), fx.losses("parts"));
+    assert_eq!(losses(&fx, "whole"), losses(&fx, "parts"));
 }
 
 #[test]
 fn bf16_validation_samples_finite_images() {
     let _guard = serial();
-    let fx = Fixture::new();
-    let mut opts = fx.options("lora", 2, "validated");
+    let fx = fixture();
+    let mut opts = bf16_options(&fx, "lora", 2, "validated");
     opts.config.train.validation_every = 2;
     opts.config.train.validation_images = 2;
     opts.config.train.validation_steps = 2;

@@ -1,101 +1,23 @@
 //! Nothing lost, nothing silently wrong (issue 16): damaged checkpoints are never used and an
 //! intact older one is resumed instead; one run folder has one writer at a time; settings no
 //! user means are refused; no temp copy of a file outlives the write that made it.
-use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
+#[path = "common/tiny_run.rs"]
+mod tiny_run;
+
 use difftune::train::checkpoint;
-use difftune::train::config::{DeviceChoice, RunConfig};
+use difftune::train::config::RunConfig;
 use difftune::train::metrics::MetricsLog;
+use difftune::train::train;
 use difftune::train::trainer::{ADAPTER_FILE, CHECKPOINTS_DIR, METRICS_FILE};
-use difftune::train::{train, TrainOptions};
 use difftune::util::lock::DirLock;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-/// Training re-seeds torch's process-wide generator; tests that train in-process take turns.
-static TORCH_RNG: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(1);
-    guard
-}
+use tiny_run::{serial, TinyRun};
 
 /// The tiny model and a 4-class dataset of 8 training images per class (32 samples) at 64 px.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    data: PathBuf,
-}
-
-impl Fixture {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let model = root.join("model");
-        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
-        let data = root.join("data");
-        let spec = SyntheticSpec {
-            classes: 4,
-            train_per_class: 8,
-            test_per_class: 1,
-            resolution: 64,
-            ..Default::default()
-        };
-        generate_food101_like(&data, &spec).unwrap();
-        Self {
-            _dir: dir,
-            root,
-            model,
-            data,
-        }
-    }
-
-    fn config(&self, method: &str, steps: usize) -> RunConfig {
-        let mut config = RunConfig::for_method(method);
-        let t = &mut config.train;
-        t.steps = steps;
-        t.batch_size = 4;
-        t.learning_rate = 1e-3;
-        t.resolution = 64;
-        t.checkpoint_every = 0;
-        t.device = DeviceChoice::Cpu;
-        config
-    }
-
-    fn options(&self, config: RunConfig, out: &str) -> TrainOptions {
-        TrainOptions {
-            model: self.model.display().to_string(),
-            data: self.data.clone(),
-            cache: Some(self.root.join("cache")),
-            out: self.root.join(out),
-            config,
-            resume: false,
-            strict: false,
-            stop_after: None,
-            interrupt: Arc::new(AtomicBool::new(false)),
-            progress: false,
-        }
-    }
-
-    /// `difftune train` on this fixture with the config in `config_file`, into `out`.
-    fn cli(&self, config_file: &Path, out: &str) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_difftune"));
-        command
-            .arg("train")
-            .args(["--model", self.model.to_str().unwrap()])
-            .args(["--data", self.data.to_str().unwrap()])
-            .args(["--cache", self.root.join("cache").to_str().unwrap()])
-            .args(["--config", config_file.to_str().unwrap()])
-            .args(["--out", self.root.join(out).to_str().unwrap()])
-            .env("OMP_NUM_THREADS", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        command
-    }
+fn fixture() -> TinyRun {
+    TinyRun::new(4, 8)
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -126,8 +48,8 @@ fn step_dir(out: &Path, step: usize) -> PathBuf {
 #[test]
 fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
     let _guard = serial();
-    let fx = Fixture::new();
-    let mut config = fx.config("bitfit", 6);
+    let fx = fixture();
+    let mut config = fx.config("bitfit", 6, 1e-3);
     config.train.checkpoint_every = 2;
     let mut first = fx.options(config.clone(), "damaged");
     first.stop_after = Some(4);
@@ -176,8 +98,8 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
 #[test]
 fn resume_refuses_when_no_checkpoint_verifies() {
     let _guard = serial();
-    let fx = Fixture::new();
-    let mut config = fx.config("bitfit", 4);
+    let fx = fixture();
+    let mut config = fx.config("bitfit", 4, 1e-3);
     config.train.checkpoint_every = 1;
     let mut first = fx.options(config.clone(), "run");
     first.stop_after = Some(2);
@@ -215,8 +137,8 @@ fn wait_for_first_step(out: &Path, child: &mut std::process::Child) {
 #[test]
 fn a_second_train_on_one_folder_is_refused_and_a_killed_holder_taken_over() {
     let _guard = serial();
-    let fx = Fixture::new();
-    let mut config = fx.config("bitfit", 100_000);
+    let fx = fixture();
+    let mut config = fx.config("bitfit", 100_000, 1e-3);
     config.train.checkpoint_every = 1;
     let config_file = fx.root.join("config.toml");
     std::fs::write(&config_file, config.to_toml().unwrap()).unwrap();
@@ -259,8 +181,8 @@ fn a_second_train_on_one_folder_is_refused_and_a_killed_holder_taken_over() {
 #[test]
 fn no_temp_file_outlives_a_run() {
     let _guard = serial();
-    let fx = Fixture::new();
-    let config = fx.config("bitfit", 3);
+    let fx = fixture();
+    let config = fx.config("bitfit", 3, 1e-3);
     let mut first = fx.options(config.clone(), "run");
     first.stop_after = Some(2);
     train(&first).unwrap();
@@ -282,8 +204,8 @@ fn no_temp_file_outlives_a_run() {
 #[test]
 fn a_batch_larger_than_the_data_and_a_rank_larger_than_a_layer_are_refused() {
     let _guard = serial();
-    let fx = Fixture::new();
-    let mut config = fx.config("bitfit", 1);
+    let fx = fixture();
+    let mut config = fx.config("bitfit", 1, 1e-3);
     config.train.batch_size = 33;
     let err = format!("{:#}", train(&fx.options(config, "batch")).unwrap_err());
     assert!(
@@ -291,7 +213,7 @@ fn a_batch_larger_than_the_data_and_a_rank_larger_than_a_layer_are_refused() {
         "{err}"
     );
 
-    let mut config = fx.config("lora", 1);
+    let mut config = fx.config("lora", 1, 1e-3);
     config.method.settings = "rank = 100000".parse().unwrap();
     let err = format!("{:#}", train(&fx.options(config, "rank")).unwrap_err());
     assert!(
@@ -345,7 +267,7 @@ fn compare_refuses_a_folder_in_use() {
 fn a_cache_build_waits_for_the_process_building_its_folder() {
     let fx = {
         let _guard = serial();
-        Fixture::new()
+        fixture()
     };
     let cache = fx.root.join("shared-cache");
     let held = DirLock::acquire(&cache, "cache").unwrap();

@@ -1,103 +1,24 @@
 //! Training on the CPU with the built-in tiny model and a small synthetic Food101-layout dataset:
 //! the loss falls for every method, a resumed run is bit-identical to an uninterrupted one,
 //! frozen weights stay untouched, and the latent cache survives bad images and damaged shards.
+#[path = "common/tiny_run.rs"]
+mod tiny_run;
+
 use difftune::data::cache::{build, CacheSettings, LatentCache, Manifest};
-use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
 use difftune::model::source::ModelFiles;
-use difftune::train::config::{DeviceChoice, RunConfig};
+use difftune::train::config::RunConfig;
 use difftune::train::metrics::MetricsLog;
 use difftune::train::optim::AdamW;
 use difftune::train::step::{attach_method, forward_backward, Objective, StepInputs};
 use difftune::train::trainer::{latest_trainable, METRICS_FILE};
-use difftune::train::{train, TrainOptions, TrainSummary};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use difftune::train::{train, TrainSummary};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
+use tiny_run::{serial, TinyRun};
 
-/// Training re-seeds torch's process-wide generator before every forward pass; tests running in
-/// parallel threads would draw from it in between, so they take turns.
-static TORCH_RNG: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    // One intra-op thread: on a shared 2-core machine, OpenMP's spinning threads make the tiny
-    // model's steps up to 20x slower.
-    tch::set_num_threads(1);
-    guard
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    data: PathBuf,
-}
-
-impl Fixture {
-    /// The tiny model and a 4-class dataset of 8 training images per class at 64 px.
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let model = root.join("model");
-        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
-        let data = root.join("data");
-        let spec = SyntheticSpec {
-            classes: 4,
-            train_per_class: 8,
-            test_per_class: 1,
-            resolution: 64,
-            ..Default::default()
-        };
-        generate_food101_like(&data, &spec).unwrap();
-        Self {
-            _dir: dir,
-            root,
-            model,
-            data,
-        }
-    }
-
-    fn config(&self, method: &str, steps: usize, lr: f64) -> RunConfig {
-        let mut config = RunConfig::for_method(method);
-        let t = &mut config.train;
-        t.steps = steps;
-        t.batch_size = 4;
-        t.gradient_accumulation_steps = 1;
-        t.learning_rate = lr;
-        t.resolution = 64;
-        t.checkpoint_every = 0;
-        t.device = DeviceChoice::Cpu;
-        config
-    }
-
-    fn options(&self, config: RunConfig, out: &str) -> TrainOptions {
-        TrainOptions {
-            model: self.model.display().to_string(),
-            data: self.data.clone(),
-            cache: Some(self.root.join("cache")),
-            out: self.root.join(out),
-            config,
-            resume: false,
-            strict: false,
-            stop_after: None,
-            interrupt: Arc::new(AtomicBool::new(false)),
-            progress: false,
-        }
-    }
-
-    fn cache_settings(&self) -> CacheSettings {
-        CacheSettings {
-            resolution: 64,
-            shard_size: 8,
-            batch_size: 4,
-            ..CacheSettings::default()
-        }
-    }
-
-    fn files(&self) -> ModelFiles {
-        ModelFiles::resolve(&self.model.display().to_string(), None).unwrap()
-    }
+/// The tiny model and a 4-class dataset of 8 training images per class at 64 px.
+fn fixture() -> TinyRun {
+    TinyRun::new(4, 8)
 }
 
 fn mean(values: &[f64]) -> f64 {
@@ -111,7 +32,7 @@ fn loss_falls(method: &str, lr: f64) {
 
 fn loss_falls_with(method: &str, settings: toml::Table, lr: f64) {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let steps = 250;
     let mut config = fx.config(method, steps, lr);
     config.method.settings = settings;
@@ -183,7 +104,7 @@ fn checkpoint_bytes(out: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let mut config = fx.config("bitfit", 9, 1e-3);
     // 3 x 2 = 6 samples per step over 32 cached ones: the run crosses an epoch boundary.
     config.train.batch_size = 3;
@@ -248,7 +169,7 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 #[test]
 fn one_seed_gives_bit_identical_runs_for_every_method() {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     for method in difftune::peft::method_names() {
         let run = |name: &str, disturbance: i64| {
             tch::manual_seed(disturbance);
@@ -276,7 +197,7 @@ fn one_seed_gives_bit_identical_runs_for_every_method() {
 #[test]
 fn sigterm_saves_a_checkpoint_exits_non_zero_and_resumes_bit_identically() {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let steps = 150;
     let config_file = fx.root.join("config.toml");
     std::fs::write(
@@ -285,17 +206,7 @@ fn sigterm_saves_a_checkpoint_exits_non_zero_and_resumes_bit_identically() {
     )
     .unwrap();
     let cli = |out: &str, resume: bool| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"));
-        command
-            .arg("train")
-            .args(["--model", fx.model.to_str().unwrap()])
-            .args(["--data", fx.data.to_str().unwrap()])
-            .args(["--cache", fx.root.join("cache").to_str().unwrap()])
-            .args(["--config", config_file.to_str().unwrap()])
-            .args(["--out", fx.root.join(out).to_str().unwrap()])
-            .env("OMP_NUM_THREADS", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+        let mut command = fx.cli(&config_file, out);
         if resume {
             command.arg("--resume");
         }
@@ -345,7 +256,7 @@ fn sigterm_saves_a_checkpoint_exits_non_zero_and_resumes_bit_identically() {
 #[test]
 fn only_the_method_parameters_change() {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let files = fx.files();
     let (mut unet_vs, mut unet) =
         difftune::model::pipeline::load_unet(&files, Device::Cpu).unwrap();
@@ -402,7 +313,7 @@ fn only_the_method_parameters_change() {
 #[test]
 fn bad_images_are_reported_and_skipped_and_strict_mode_keeps_finished_shards() {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let files = fx.files();
     let listing = std::fs::read_to_string(fx.data.join("meta/train.txt")).unwrap();
     let entries: Vec<&str> = listing.lines().collect();
@@ -461,7 +372,7 @@ fn bad_images_are_reported_and_skipped_and_strict_mode_keeps_finished_shards() {
 #[test]
 fn damaged_or_stale_caches_are_rebuilt_never_used() {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let files = fx.files();
     let dir = fx.root.join("cache");
     let (manifest, _) = build(&files, &fx.data, &fx.cache_settings(), &dir).unwrap();
@@ -561,7 +472,7 @@ fn run_config_defaults_file_and_overrides() {
 
 #[test]
 fn tiny_model_loads_through_the_standard_path() {
-    let fx = Fixture::new();
+    let fx = fixture();
     let files = fx.files();
     let tokenizer = difftune::model::pipeline::load_tokenizer(&files).unwrap();
     let ids = tokenizer
@@ -610,7 +521,7 @@ fn adamw_matches_torch_on_a_first_step_and_clips() {
 #[test]
 fn validation_images_are_written_and_leave_training_unchanged() {
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let plain = fx.config("bitfit", 4, 1e-2);
     let mut validated = plain.clone();
     validated.train.validation_every = 2;
@@ -635,7 +546,7 @@ fn validation_images_are_written_and_leave_training_unchanged() {
 fn tensorboard_log_holds_every_step_once_after_a_resume_and_the_validation_images() {
     use difftune::train::tensorboard::{event_files, read_events, EventKind, ValueKind};
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let mut config = fx.config("lora", 5, 1e-3);
     config.train.validation_every = 4;
     config.train.validation_images = 1;
@@ -692,7 +603,7 @@ fn tensorboard_log_holds_every_step_once_after_a_resume_and_the_validation_image
 fn ema_is_the_average_of_the_steps_resumes_exactly_and_is_the_adapter() {
     use difftune::train::ema::{Ema, EmaSettings};
     let _guard = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let mut config = fx.config("bitfit", 4, 1e-2);
     let settings = EmaSettings {
         decay: 0.8,
