@@ -897,7 +897,13 @@ fn bucketed_images_are_resized_to_cover_and_centre_cropped() -> Result<()> {
     let sizes = buckets(64, 16)?;
     let loaded = images::load_bucketed(&[&source], &pre, &sizes);
     let (bucket, tensor) = loaded.into_iter().next().unwrap()?;
-    assert_eq!(sizes[bucket], Bucket { width: 80, height: 48 });
+    assert_eq!(
+        sizes[bucket],
+        Bucket {
+            width: 80,
+            height: 48
+        }
+    );
     assert_eq!((tensor.width, tensor.height), (80, 48));
     // Resized to 96x48 (the height fits), 8 columns cut on each side: the halves stay centred.
     let t = tensor.to_tensor();

@@ -1,12 +1,12 @@
 //! kohya-style captioned folders: listing, repeats, fallback captions, caption dropout and tag
 //! shuffling over seeded epochs; training from their cache with buckets, flips and caption
 //! variants, resumed exactly.
+use difftune::data::cache::{build, CacheSettings, LatentCache, Manifest};
 use difftune::data::captions::CaptionOptions;
 use difftune::data::epochs::{CaptionChoice, Draw, EpochPlan, PlanSample};
+use difftune::data::images::{load_bucketed, Preprocess};
 use difftune::data::kohya::KohyaFolder;
 use difftune::data::{Dataset, DatasetOptions, Layout};
-use difftune::data::cache::{build, CacheSettings, LatentCache, Manifest};
-use difftune::data::images::{load_bucketed, Preprocess};
 use difftune::model::pipeline::{load_text_encoder, load_vae};
 use difftune::model::source::ModelFiles;
 use difftune::model::tokenizer::ClipTokenizer;
@@ -134,7 +134,11 @@ fn caption_variants_are_the_caption_then_seeded_shuffles_keeping_the_first_tags(
     let variants = shuffle.variants(caption, "a.png");
     assert_eq!(variants.len(), 40);
     assert_eq!(variants[0], caption);
-    assert_eq!(variants, shuffle.variants(caption, "a.png"), "seeded by the id");
+    assert_eq!(
+        variants,
+        shuffle.variants(caption, "a.png"),
+        "seeded by the id"
+    );
     assert_ne!(variants, shuffle.variants(caption, "b.png"));
     for v in &variants {
         let tags: Vec<&str> = v.split(", ").collect();
@@ -144,7 +148,11 @@ fn caption_variants_are_the_caption_then_seeded_shuffles_keeping_the_first_tags(
         assert_eq!(sorted, ["tag1", "tag2", "tag3", "tag4", "tag5"]);
     }
     let distinct: HashSet<&String> = variants.iter().collect();
-    assert_eq!(distinct.len(), 6, "all orders of the three shuffled tags appear");
+    assert_eq!(
+        distinct.len(),
+        6,
+        "all orders of the three shuffled tags appear"
+    );
     let plain = CaptionOptions::default();
     assert_eq!(plain.variants(caption, "a.png"), [caption]);
     let bad = CaptionOptions {
@@ -191,7 +199,11 @@ impl Fixture {
         let sizes = [(96, 48), (48, 96), (64, 64)];
         for i in 0..9u32 {
             let (w, h) = sizes[i as usize % 3];
-            let folder = if i < 3 { data.join("2_thing") } else { data.clone() };
+            let folder = if i < 3 {
+                data.join("2_thing")
+            } else {
+                data.clone()
+            };
             std::fs::create_dir_all(&folder).unwrap();
             let image = image::RgbImage::from_fn(w, h, |x, y| {
                 image::Rgb([(x * 5 + i * 20) as u8, (y * 3) as u8, (i * 27) as u8])
@@ -256,7 +268,12 @@ fn the_cache_holds_every_caption_variant_bucket_and_flip_that_training_draws() {
         let bucket = buckets[cached.bucket];
         assert_eq!(
             mean.size(),
-            [1, 4, i64::from(bucket.height / 8), i64::from(bucket.width / 8)]
+            [
+                1,
+                4,
+                i64::from(bucket.height / 8),
+                i64::from(bucket.width / 8)
+            ]
         );
         let stem: u32 = sample.id.rsplit('/').next().unwrap()[..1].parse().unwrap();
         let expected = [(80, 48), (48, 80), (64, 64)][stem as usize % 3];

@@ -307,13 +307,22 @@ pub fn preprocess_to(
     }
     // Width matches when the image is at least as tall, relative to its width, as the output.
     let (new_w, new_h) = if u64::from(w) * u64::from(out_h) <= u64::from(h) * u64::from(out_w) {
-        (out_w, (u64::from(out_w) * u64::from(h) / u64::from(w)) as u32)
+        (
+            out_w,
+            (u64::from(out_w) * u64::from(h) / u64::from(w)) as u32,
+        )
     } else {
-        ((u64::from(out_h) * u64::from(w) / u64::from(h)) as u32, out_h)
+        (
+            (u64::from(out_h) * u64::from(w) / u64::from(h)) as u32,
+            out_h,
+        )
     };
     let resized = image::imageops::resize(rgb, new_w, new_h, pre.filter.filter_type());
     let (left, top) = match pre.crop {
-        Crop::Center => (half_round_even(new_w - out_w), half_round_even(new_h - out_h)),
+        Crop::Center => (
+            half_round_even(new_w - out_w),
+            half_round_even(new_h - out_h),
+        ),
         Crop::Random => (
             rng.random_range(0..=new_w - out_w),
             rng.random_range(0..=new_h - out_h),

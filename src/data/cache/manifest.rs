@@ -43,7 +43,11 @@ pub struct CacheKey {
 }
 
 impl CacheKey {
-    pub(super) fn new(model: &ModelFiles, dataset: &Dataset, settings: &CacheSettings) -> Result<Self> {
+    pub(super) fn new(
+        model: &ModelFiles,
+        dataset: &Dataset,
+        settings: &CacheSettings,
+    ) -> Result<Self> {
         Ok(Self {
             vae: vae_identity(model)?,
             text_encoder: text_identity(model)?,

@@ -18,7 +18,9 @@ mod prompts;
 mod ranks;
 mod reader;
 
-pub use manifest::{CacheFile, CacheKey, CachedSample, Manifest, Shard, SkippedImage, MANIFEST_FILE};
+pub use manifest::{
+    CacheFile, CacheKey, CachedSample, Manifest, Shard, SkippedImage, MANIFEST_FILE,
+};
 pub use reader::LatentCache;
 
 use super::buckets::{buckets, Bucket};

@@ -106,7 +106,10 @@ impl LatentCache {
                     .tensor(&name)
                     .with_context(|| format!("{file}: no `{name}`"))?;
                 let shape = view.shape();
-                let expected = self.shapes.entry(bucket).or_insert_with(|| shape[1..].to_vec());
+                let expected = self
+                    .shapes
+                    .entry(bucket)
+                    .or_insert_with(|| shape[1..].to_vec());
                 ensure!(
                     shape.len() == 4
                         && shape[0] == count
