@@ -3,10 +3,10 @@
 //!
 //! Every random draw is a function of (seed, position): what epoch `e` trains on (order, repeats,
 //! caption variants, flips, one bucket per global batch) is drawn from (seed, `e`) by
-//! [`crate::data::epochs`], and torch's generator is re-seeded from (seed, global sample position) before
-//! each sample's latent sample, noise and timestep are drawn. A run resumed from a checkpoint
-//! therefore repeats the uninterrupted run bit for bit (on the same device and thread count), and
-//! a data-parallel run draws for each sample what one process with the whole global batch draws:
+//! [`crate::data::epochs`], and torch's generator is re-seeded from (seed, global sample
+//! position) before each sample's latent sample, noise and timestep are drawn. A run resumed from
+//! a checkpoint therefore repeats the uninterrupted run bit for bit (on the same device and thread
+//! count), and a data-parallel run draws for each sample what one process with the whole global batch draws:
 //! forward pass `f` covers global positions `f * G .. (f + 1) * G` (`G` = world × batch) and rank
 //! `r` takes `f * G + r * batch ..` of them.
 use super::step::{Objective, StepInputs};

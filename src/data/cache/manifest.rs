@@ -166,7 +166,8 @@ impl Manifest {
         let manifest: Self = crate::util::fs::read_json(&path)?;
         ensure!(
             manifest.version == FORMAT_VERSION,
-            "{} has cache format {}, this difftune writes {FORMAT_VERSION}",
+            "{} has cache format {}, this difftune writes {FORMAT_VERSION}: build the cache again \
+             (`difftune cache`, or train on the dataset folder)",
             path.display(),
             manifest.version
         );
