@@ -6,9 +6,9 @@
 //! [`crate::data::epochs`], and torch's generator is re-seeded from (seed, global sample
 //! position) before each sample's latent sample, noise and timestep are drawn. A run resumed from
 //! a checkpoint therefore repeats the uninterrupted run bit for bit (on the same device and thread
-//! count), and a data-parallel run draws for each sample what one process with the whole global batch draws:
-//! forward pass `f` covers global positions `f * G .. (f + 1) * G` (`G` = world × batch) and rank
-//! `r` takes `f * G + r * batch ..` of them.
+//! count), and a data-parallel run draws for each sample what one process with the whole global
+//! batch draws: forward pass `f` covers global positions `f * G .. (f + 1) * G` (`G` = world ×
+//! batch) and rank `r` takes `f * G + r * batch ..` of them.
 use super::step::{Objective, StepInputs};
 use super::trainer::TrainOptions;
 use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
