@@ -838,3 +838,85 @@ fn jpegs_decode_to_pillows_exact_pixels() -> Result<()> {
     assert_eq!(max_pixel_difference(&rotated, &pillow), 0);
     Ok(())
 }
+
+#[test]
+fn buckets_keep_the_pixel_budget_and_images_go_to_the_nearest_aspect() -> Result<()> {
+    use difftune::data::buckets::{buckets, nearest, Bucket};
+    let sd = buckets(512, 64)?;
+    let sizes: Vec<(u32, u32)> = sd.iter().map(|b| (b.width, b.height)).collect();
+    assert_eq!(
+        sizes,
+        [
+            (256, 1024),
+            (320, 768),
+            (384, 640),
+            (448, 576),
+            (512, 512),
+            (576, 448),
+            (640, 384),
+            (768, 320),
+            (1024, 256)
+        ]
+    );
+    assert!(sd.iter().all(|b| b.width * b.height <= 512 * 512));
+    let bucket_of = |w: u32, h: u32| sd[nearest(&sd, w, h)];
+    let size = |width, height| Bucket { width, height };
+    assert_eq!(bucket_of(1000, 1000), size(512, 512));
+    assert_eq!(bucket_of(1920, 1080), size(640, 384)); // 16:9 -> 5:3
+    assert_eq!(bucket_of(1080, 1920), size(384, 640));
+    assert_eq!(bucket_of(4000, 3000), size(576, 448)); // 4:3 -> 9:7
+    assert_eq!(bucket_of(3000, 1000), size(768, 320)); // 3:1 -> 2.4:1
+    assert_eq!(bucket_of(10000, 100), size(1024, 256)); // beyond 4:1: the widest
+    assert_eq!(bucket_of(100, 10000), size(256, 1024));
+
+    let tiny = buckets(64, 16)?;
+    let sizes: Vec<(u32, u32)> = tiny.iter().map(|b| (b.width, b.height)).collect();
+    assert_eq!(sizes, [(32, 128), (48, 80), (64, 64), (80, 48), (128, 32)]);
+    assert!(format!("{:#}", buckets(512, 60).unwrap_err()).contains("multiple of 8"));
+    assert!(buckets(64, 128).is_err());
+    Ok(())
+}
+
+#[test]
+fn bucketed_images_are_resized_to_cover_and_centre_cropped() -> Result<()> {
+    use difftune::data::buckets::{buckets, Bucket};
+    let dir = tempfile::tempdir()?;
+    // A 200x100 image whose left half is black and right half white, a red column in the middle.
+    let image = image::RgbImage::from_fn(200, 100, |x, _| match x {
+        99..=100 => Rgb([255, 0, 0]),
+        x if x < 100 => Rgb([0, 0, 0]),
+        _ => Rgb([255, 255, 255]),
+    });
+    let path = dir.path().join("wide.png");
+    image.save(&path)?;
+    let source = ImageSource::File(path);
+    let pre = Preprocess {
+        resolution: 64,
+        ..Preprocess::default()
+    };
+    let sizes = buckets(64, 16)?;
+    let loaded = images::load_bucketed(&[&source], &pre, &sizes);
+    let (bucket, tensor) = loaded.into_iter().next().unwrap()?;
+    assert_eq!(
+        sizes[bucket],
+        Bucket {
+            width: 80,
+            height: 48
+        }
+    );
+    assert_eq!((tensor.width, tensor.height), (80, 48));
+    // Resized to 96x48 (the height fits), 8 columns cut on each side: the halves stay centred.
+    let t = tensor.to_tensor();
+    let at = |x: i64| t.get(0).get(24).get(x).double_value(&[]);
+    assert!(at(5) < -0.9 && at(74) > 0.9, "{} {}", at(5), at(74));
+    // The square path is the same function at resolution x resolution.
+    let square = images::preprocess_to(
+        &images::decode_rgb(&source, Alpha::Drop, &DecodeOptions::default())?,
+        &pre,
+        Bucket::square(64),
+        &mut rng(),
+    )?;
+    let plain = images::load(&source, &pre, &mut rng())?;
+    assert_eq!(square, plain);
+    Ok(())
+}

@@ -1,8 +1,24 @@
 //! kohya-style captioned folders: listing, repeats, fallback captions, caption dropout and tag
-//! shuffling over seeded epochs.
-use difftune::data::kohya::{CaptionOptions, KohyaFolder};
+//! shuffling over seeded epochs; training from their cache with buckets, flips and caption
+//! variants, resumed exactly.
+use difftune::data::cache::{build, CacheSettings, LatentCache, Manifest};
+use difftune::data::captions::CaptionOptions;
+use difftune::data::epochs::{CaptionChoice, Draw, EpochPlan, PlanSample};
+use difftune::data::images::{load_bucketed, Preprocess};
+use difftune::data::kohya::KohyaFolder;
 use difftune::data::{Dataset, DatasetOptions, Layout};
-use std::path::Path;
+use difftune::model::pipeline::{load_text_encoder, load_vae};
+use difftune::model::source::ModelFiles;
+use difftune::model::tokenizer::ClipTokenizer;
+use difftune::train::config::{DeviceChoice, RunConfig};
+use difftune::train::metrics::MetricsLog;
+use difftune::train::trainer::METRICS_FILE;
+use difftune::train::{train, TrainOptions, TrainSummary};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tch::{Device, Tensor};
 
 fn png(path: &Path) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -42,59 +58,108 @@ fn lists_repeats_and_fallback_captions() {
     let ds = Dataset::open(dir.path(), &DatasetOptions::default()).unwrap();
     assert_eq!(ds.layout, Layout::Kohya);
     assert_eq!(ds.samples[2].id, "3_red_dog/c.png");
+    assert_eq!(
+        ds.samples.iter().map(|s| s.repeats).collect::<Vec<_>>(),
+        [1, 3, 3]
+    );
+}
+
+/// The plan of the folder's three images as one bucket, with `dropout` and 4 caption variants.
+fn plan(f: &KohyaFolder, seed: u64, dropout: f64) -> EpochPlan {
+    EpochPlan {
+        samples: f
+            .items
+            .iter()
+            .map(|i| PlanSample {
+                bucket: 0,
+                repeats: i.repeats,
+                variants: 4,
+            })
+            .collect(),
+        seed,
+        dropout,
+        flip: false,
+        global_batch: 1,
+    }
 }
 
 #[test]
-fn epochs_follow_repeats_dropout_and_shuffle() {
+fn epochs_follow_repeats_dropout_and_caption_variants() {
     let dir = folder();
     let f = KohyaFolder::open(dir.path()).unwrap();
-    let plain = CaptionOptions::default();
-    let epoch = f.epoch(7, 0, &plain);
+    let plain = plan(&f, 7, 0.0);
+    let epoch = plain.epoch(0);
+    assert_eq!(plain.len(), 7);
     let mut counts = [0; 3];
-    epoch.iter().for_each(|(i, _)| counts[*i] += 1);
+    epoch.iter().for_each(|d| counts[d.sample] += 1);
     assert_eq!(counts, [1, 3, 3]);
-    assert_eq!(epoch, f.epoch(7, 0, &plain), "same seed, same epoch");
-    let orders: std::collections::HashSet<Vec<usize>> = (0..10)
-        .map(|e| f.epoch(7, e, &plain).into_iter().map(|(i, _)| i).collect())
+    assert_eq!(epoch, plain.epoch(0), "same seed, same epoch");
+    let orders: HashSet<Vec<usize>> = (0..10)
+        .map(|e| plain.epoch(e).into_iter().map(|d| d.sample).collect())
         .collect();
     assert!(orders.len() > 1, "epochs differ in order");
+    // Turning dropout on changes the captions drawn, not the order.
+    let with_dropout = plan(&f, 7, 0.3);
+    let order = |p: &EpochPlan| p.epoch(3).iter().map(|d| d.sample).collect::<Vec<_>>();
+    assert_eq!(order(&plain), order(&with_dropout));
 
-    let dropout = CaptionOptions {
-        dropout: 0.3,
-        ..Default::default()
-    };
-    let draws: Vec<String> = (0..300)
-        .flat_map(|e| f.epoch(1, e, &dropout))
-        .map(|(_, c)| c)
-        .collect();
-    let empty = draws.iter().filter(|c| c.is_empty()).count() as f64 / draws.len() as f64;
-    assert!((0.27..0.33).contains(&empty), "dropout rate {empty}");
+    let draws: Vec<Draw> = (0..300).flat_map(|e| with_dropout.epoch(e)).collect();
+    let dropped = draws
+        .iter()
+        .filter(|d| d.caption == CaptionChoice::Dropped)
+        .count() as f64
+        / draws.len() as f64;
+    assert!((0.27..0.33).contains(&dropped), "dropout rate {dropped}");
+    let mut variants = [0usize; 4];
+    for d in &draws {
+        if let CaptionChoice::Variant(k) = d.caption {
+            variants[k] += 1;
+        }
+    }
+    assert!(
+        variants.iter().all(|&n| n > 300),
+        "every variant is drawn: {variants:?}"
+    );
+}
 
+#[test]
+fn caption_variants_are_the_caption_then_seeded_shuffles_keeping_the_first_tags() {
     let shuffle = CaptionOptions {
         shuffle: true,
         keep_first: 2,
+        variants: 40,
         ..Default::default()
     };
-    let mut seen = std::collections::HashSet::new();
-    for e in 0..50 {
-        for (i, caption) in f.epoch(3, e, &shuffle) {
-            if i != 0 {
-                assert_eq!(caption, f.items[i].caption);
-                continue;
-            }
-            let tags: Vec<&str> = caption.split(", ").collect();
-            assert_eq!(&tags[..2], ["tag1", "tag2"]);
-            let mut sorted = tags.clone();
-            sorted.sort();
-            assert_eq!(sorted, ["tag1", "tag2", "tag3", "tag4", "tag5"]);
-            seen.insert(caption.clone());
-        }
-    }
+    let caption = "tag1, tag2, tag3, tag4, tag5";
+    let variants = shuffle.variants(caption, "a.png");
+    assert_eq!(variants.len(), 40);
+    assert_eq!(variants[0], caption);
     assert_eq!(
-        seen.len(),
+        variants,
+        shuffle.variants(caption, "a.png"),
+        "seeded by the id"
+    );
+    assert_ne!(variants, shuffle.variants(caption, "b.png"));
+    for v in &variants {
+        let tags: Vec<&str> = v.split(", ").collect();
+        assert_eq!(&tags[..2], ["tag1", "tag2"]);
+        let mut sorted = tags.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["tag1", "tag2", "tag3", "tag4", "tag5"]);
+    }
+    let distinct: HashSet<&String> = variants.iter().collect();
+    assert_eq!(
+        distinct.len(),
         6,
         "all orders of the three shuffled tags appear"
     );
+    let plain = CaptionOptions::default();
+    assert_eq!(plain.variants(caption, "a.png"), [caption]);
+    let bad = CaptionOptions {
+        dropout: 1.5,
+        ..Default::default()
+    };
+    assert!(format!("{:#}", bad.validate().unwrap_err()).contains("dropout"));
 }
 
 #[test]
@@ -104,4 +169,241 @@ fn a_caption_that_is_not_utf8_is_reported_with_its_path() {
     std::fs::write(dir.path().join("2_cat/d.txt"), b"caf\xe9").unwrap();
     let e = format!("{:#}", KohyaFolder::open(dir.path()).unwrap_err());
     assert!(e.contains("2_cat/d.txt") && e.contains("not UTF-8"), "{e}");
+}
+
+/// Training reseeds torch's process-wide generator; tests that train or encode take turns.
+static TORCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    let guard = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    tch::set_num_threads(1);
+    guard
+}
+
+/// A kohya folder of wide (2:1), tall (1:2) and square images, with tag captions and one
+/// `2_name` repeat folder, and the tiny model.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    data: PathBuf,
+    root: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let model = root.join("model");
+        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+        let data = root.join("data");
+        let sizes = [(96, 48), (48, 96), (64, 64)];
+        for i in 0..9u32 {
+            let (w, h) = sizes[i as usize % 3];
+            let folder = if i < 3 {
+                data.join("2_thing")
+            } else {
+                data.clone()
+            };
+            std::fs::create_dir_all(&folder).unwrap();
+            let image = image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x * 5 + i * 20) as u8, (y * 3) as u8, (i * 27) as u8])
+            });
+            image.save(folder.join(format!("{i}.png"))).unwrap();
+            let caption = format!("style{i}, red, round, small{}, shiny", i % 2);
+            std::fs::write(folder.join(format!("{i}.txt")), caption).unwrap();
+        }
+        Self {
+            _dir: dir,
+            model,
+            data,
+            root,
+        }
+    }
+
+    fn files(&self) -> ModelFiles {
+        ModelFiles::resolve(&self.model.display().to_string(), None).unwrap()
+    }
+}
+
+fn captions() -> CaptionOptions {
+    CaptionOptions {
+        dropout: 0.25,
+        shuffle: true,
+        keep_first: 1,
+        variants: 3,
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn the_cache_holds_every_caption_variant_bucket_and_flip_that_training_draws() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let files = fx.files();
+    let settings = CacheSettings {
+        resolution: 64,
+        captions: captions(),
+        bucket_step: Some(16),
+        flip: true,
+        shard_size: 4,
+        batch_size: 2,
+        ..CacheSettings::default()
+    };
+    let dir = fx.root.join("cache");
+    let (manifest, _) = build(&files, &fx.data, &settings, &dir).unwrap();
+    assert_eq!(manifest.len(), 9);
+    let dataset = Dataset::open(&fx.data, &DatasetOptions::default()).unwrap();
+    let cache = LatentCache::open(&dir).unwrap();
+    let buckets = settings.buckets().unwrap();
+
+    // Each image at its bucket's size: wide ones 80x48, tall 48x80, square 64x64.
+    for (i, sample) in dataset.samples.iter().enumerate() {
+        let cached = cache.sample(i).unwrap();
+        assert_eq!(cached.id, sample.id);
+        assert_eq!(cached.repeats, sample.repeats);
+        let (mean, _, _) = cache.batch(&[i]).unwrap();
+        let bucket = buckets[cached.bucket];
+        assert_eq!(
+            mean.size(),
+            [
+                1,
+                4,
+                i64::from(bucket.height / 8),
+                i64::from(bucket.width / 8)
+            ]
+        );
+        let stem: u32 = sample.id.rsplit('/').next().unwrap()[..1].parse().unwrap();
+        let expected = [(80, 48), (48, 80), (64, 64)][stem as usize % 3];
+        assert_eq!((bucket.width, bucket.height), expected, "{}", sample.id);
+    }
+
+    // Every batch of four of the first epochs comes from one bucket, and its captions are the
+    // text encoder's output for the caption each draw chose.
+    let plan = EpochPlan {
+        samples: cache.plan_samples(),
+        seed: 5,
+        dropout: 0.25,
+        flip: true,
+        global_batch: 4,
+    };
+    assert_eq!(plan.len() % 4, 0);
+    let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir).unwrap();
+    let encoder = load_text_encoder(&files, Device::Cpu).unwrap();
+    let (mut dropped, mut flipped, mut shuffled) = (0, 0, 0);
+    for epoch in 0..3 {
+        for batch in plan.epoch(epoch).chunks(4) {
+            let (mean, _, context) = cache.read(batch).unwrap();
+            let first = cache.sample(batch[0].sample).unwrap().bucket;
+            assert!(batch
+                .iter()
+                .all(|d| cache.sample(d.sample).unwrap().bucket == first));
+            assert_eq!(mean.size()[0], 4);
+            let texts: Vec<String> = batch
+                .iter()
+                .map(|d| {
+                    let sample = &dataset.samples[d.sample];
+                    flipped += usize::from(d.flipped);
+                    match d.caption {
+                        CaptionChoice::Dropped => {
+                            dropped += 1;
+                            String::new()
+                        }
+                        CaptionChoice::Variant(k) => {
+                            shuffled += usize::from(k > 0);
+                            captions().variants(&sample.caption, &sample.id)[k].clone()
+                        }
+                    }
+                })
+                .collect();
+            let direct = tch::no_grad(|| encoder.forward(&tokenizer.input_ids(&texts).unwrap()));
+            assert!(max_abs_diff(&context, &direct) < 1e-5, "{texts:?}");
+        }
+    }
+    assert!(dropped > 0 && flipped > 0 && shuffled > 0);
+
+    // The flipped latent is the VAE's encoding of the mirror image.
+    let vae = load_vae(&files, Device::Cpu).unwrap();
+    let pre = Preprocess {
+        resolution: 64,
+        ..Preprocess::default()
+    };
+    let (_, image) = load_bucketed(&[&dataset.samples[0].image], &pre, &buckets)
+        .remove(0)
+        .unwrap();
+    let mirror = image.to_tensor().flip([2]).unsqueeze(0);
+    let expected = tch::no_grad(|| vae.encode(&mirror)).mean;
+    let draw = |flipped| Draw {
+        sample: 0,
+        caption: CaptionChoice::Variant(0),
+        flipped,
+    };
+    let (mean, _, _) = cache.read(&[draw(true)]).unwrap();
+    assert!(max_abs_diff(&mean, &expected) < 1e-4);
+    let (unflipped, _, _) = cache.read(&[draw(false)]).unwrap();
+    assert!(max_abs_diff(&mean, &unflipped) > 1e-2);
+}
+
+#[test]
+fn training_with_buckets_flips_and_caption_variants_resumes_exactly() {
+    let _guard = serial();
+    let fx = Fixture::new();
+    let mut config = RunConfig::for_method("bitfit");
+    let t = &mut config.train;
+    t.steps = 6;
+    t.batch_size = 2;
+    t.gradient_accumulation_steps = 2;
+    t.learning_rate = 1e-3;
+    t.resolution = 64;
+    t.checkpoint_every = 0;
+    t.device = DeviceChoice::Cpu;
+    t.bucket = true;
+    t.bucket_step = 16;
+    t.random_flip = true;
+    t.caption_dropout_rate = 0.25;
+    t.shuffle_caption = true;
+    t.keep_tokens = 1;
+    t.caption_variants = 3;
+    let options = |out: &str| TrainOptions {
+        model: fx.model.display().to_string(),
+        data: fx.data.clone(),
+        cache: Some(fx.root.join("cache")),
+        out: fx.root.join(out),
+        config: config.clone(),
+        resume: false,
+        strict: false,
+        stop_after: None,
+        interrupt: Arc::new(AtomicBool::new(false)),
+        progress: false,
+    };
+    let whole = train(&options("whole")).unwrap();
+    assert!(whole.finished);
+    // 9 images, 3 of them twice: 12 appearances, 4 per bucket, in global batches of 2.
+    assert_eq!(whole.cached_samples, 9);
+    let manifest = Manifest::read(&fx.root.join("cache")).unwrap();
+    assert_eq!(manifest.key.bucket_step, Some(16));
+    assert!(manifest.key.flip && manifest.dropped_prompt.is_some());
+
+    let mut first = options("parts");
+    first.stop_after = Some(3);
+    assert_eq!(train(&first).unwrap().step, 3);
+    let mut rest = options("parts");
+    rest.resume = true;
+    let resumed = train(&rest).unwrap();
+    assert!(resumed.finished && resumed.step == 6);
+    let bytes = |s: &TrainSummary| std::fs::read(s.adapter.as_ref().unwrap()).unwrap();
+    assert!(
+        bytes(&whole) == bytes(&resumed),
+        "the resumed run's adapter differs"
+    );
+    let losses = |out: &str| -> Vec<f64> {
+        MetricsLog::read(&fx.root.join(out).join(METRICS_FILE))
+            .unwrap()
+            .iter()
+            .map(|m| m.loss)
+            .collect()
+    };
+    assert_eq!(losses("whole"), losses("parts"));
 }

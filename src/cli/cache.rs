@@ -1,5 +1,6 @@
 use super::dist_check::DistArgs;
 use crate::data::cache::{build_in, CacheSettings};
+use crate::data::captions::CaptionOptions;
 use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::data::{PromptTemplate, Split};
 use crate::model::source::ModelFiles;
@@ -13,7 +14,8 @@ pub struct CacheArgs {
     /// Diffusers model folder or hub id whose VAE and text encoder encode the data.
     #[arg(long)]
     pub model: String,
-    /// Dataset folder (Food101 layout, Hugging Face parquet, or image folder with metadata.jsonl).
+    /// Dataset folder (Food101 layout, Hugging Face parquet, image folder with metadata.jsonl, or
+    /// kohya-style captioned images).
     #[arg(long)]
     pub data: PathBuf,
     /// Cache folder to create or update.
@@ -46,6 +48,24 @@ pub struct CacheArgs {
     /// is Pillow's decompression-bomb limit.
     #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_PIXELS)]
     pub max_image_pixels: u64,
+    /// Probability of training an image on the empty prompt (the empty prompt is cached too).
+    #[arg(long, default_value_t = 0.0)]
+    pub caption_dropout_rate: f64,
+    /// Cache shuffles of each caption's comma-separated tags.
+    #[arg(long)]
+    pub shuffle_caption: bool,
+    /// Tags at the front kept in place when shuffling.
+    #[arg(long, default_value_t = 0)]
+    pub keep_tokens: usize,
+    /// Captions cached per image when shuffling (the written one and N-1 shuffles).
+    #[arg(long, default_value_t = 4)]
+    pub caption_variants: usize,
+    /// Aspect-ratio buckets with this side step (64 for SD); without it every image is square.
+    #[arg(long)]
+    pub bucket_step: Option<u32>,
+    /// Cache each image's mirror image too, for random flips in training.
+    #[arg(long)]
+    pub random_flip: bool,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -67,6 +87,14 @@ pub fn run(args: CacheArgs) -> Result<()> {
         resize_filter: args.resize_filter,
         prompt_template: PromptTemplate::new(&args.prompt_template)?,
         limit_per_class: args.limit_per_class,
+        captions: CaptionOptions {
+            dropout: args.caption_dropout_rate,
+            shuffle: args.shuffle_caption,
+            keep_first: args.keep_tokens,
+            variants: args.caption_variants,
+        },
+        bucket_step: args.bucket_step,
+        flip: args.random_flip,
         batch_size: args.batch_size,
         strict: args.strict,
         decode: DecodeOptions {

@@ -127,6 +127,7 @@ pub fn load(root: &Path, opts: &DatasetOptions) -> Result<Dataset> {
             caption: opts.prompt.render(&classes[label].label),
             label: Some(label),
             id: entry,
+            repeats: 1,
         });
     }
     Ok(Dataset {

@@ -64,6 +64,7 @@ pub fn load(path: &Path, opts: &DatasetOptions) -> Result<Dataset> {
             caption,
             label: None,
             id: file_name,
+            repeats: 1,
         });
     }
     Ok(Dataset {

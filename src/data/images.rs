@@ -12,6 +12,7 @@
 //! Decoding is bounded: an image whose header claims more than [`DecodeOptions::max_pixels`]
 //! pixels is refused before its pixels are allocated, and truncated or corrupt data is an error
 //! for that file (PIL raises for such files too), never a silently padded image.
+use super::buckets::{nearest, Bucket};
 use super::{jpeg, ImageSource};
 use anyhow::{anyhow, bail, Context, Result};
 use image::imageops::FilterType;
@@ -288,41 +289,62 @@ pub fn preprocess(
     pre: &Preprocess,
     rng: &mut ChaCha8Rng,
 ) -> Result<ImageTensor> {
+    preprocess_to(rgb, pre, Bucket::square(pre.resolution), rng)
+}
+
+/// [`preprocess`] to a `size.width × size.height` output: the image is resized to cover it (the
+/// side that fits tighter matches, the other is truncated) and cropped as `pre.crop` says.
+pub fn preprocess_to(
+    rgb: &Rgb32FImage,
+    pre: &Preprocess,
+    size: Bucket,
+    rng: &mut ChaCha8Rng,
+) -> Result<ImageTensor> {
     let (w, h) = rgb.dimensions();
-    let size = pre.resolution;
-    if size == 0 || w == 0 || h == 0 {
-        bail!("cannot resize a {w}x{h} image to {size}");
+    let (out_w, out_h) = (size.width, size.height);
+    if out_w == 0 || out_h == 0 || w == 0 || h == 0 {
+        bail!("cannot resize a {w}x{h} image to {out_w}x{out_h}");
     }
-    let (new_w, new_h) = if w <= h {
-        (size, (u64::from(size) * u64::from(h) / u64::from(w)) as u32)
+    // Width matches when the image is at least as tall, relative to its width, as the output.
+    let (new_w, new_h) = if u64::from(w) * u64::from(out_h) <= u64::from(h) * u64::from(out_w) {
+        (
+            out_w,
+            (u64::from(out_w) * u64::from(h) / u64::from(w)) as u32,
+        )
     } else {
-        ((u64::from(size) * u64::from(w) / u64::from(h)) as u32, size)
+        (
+            (u64::from(out_h) * u64::from(w) / u64::from(h)) as u32,
+            out_h,
+        )
     };
     let resized = image::imageops::resize(rgb, new_w, new_h, pre.filter.filter_type());
     let (left, top) = match pre.crop {
-        Crop::Center => (half_round_even(new_w - size), half_round_even(new_h - size)),
+        Crop::Center => (
+            half_round_even(new_w - out_w),
+            half_round_even(new_h - out_h),
+        ),
         Crop::Random => (
-            rng.random_range(0..=new_w - size),
-            rng.random_range(0..=new_h - size),
+            rng.random_range(0..=new_w - out_w),
+            rng.random_range(0..=new_h - out_h),
         ),
     };
     let flip = pre.random_flip && rng.random_bool(0.5);
-    let side = size as usize;
-    let mut data = vec![0f32; 3 * side * side];
-    for y in 0..size {
-        for x in 0..size {
-            let source_x = if flip { size - 1 - x } else { x };
+    let (width, height) = (out_w as usize, out_h as usize);
+    let mut data = vec![0f32; 3 * width * height];
+    for y in 0..out_h {
+        for x in 0..out_w {
+            let source_x = if flip { out_w - 1 - x } else { x };
             let pixel = resized.get_pixel(left + source_x, top + y).0;
             for (c, value) in pixel.iter().enumerate() {
-                data[(c * side + y as usize) * side + x as usize] =
+                data[(c * height + y as usize) * width + x as usize] =
                     value.clamp(0.0, 1.0) * 2.0 - 1.0;
             }
         }
     }
     Ok(ImageTensor {
         data,
-        height: side,
-        width: side,
+        height,
+        width,
     })
 }
 
@@ -347,6 +369,31 @@ pub fn load_all(sources: &[&ImageSource], pre: &Preprocess, seed: u64) -> Vec<Re
         .par_iter()
         .enumerate()
         .map(|(i, source)| load(source, pre, &mut item_rng(seed, i)))
+        .collect()
+}
+
+/// Decodes `sources` on all cores and preprocesses each to the bucket nearest its aspect ratio
+/// (centre crop, no flip); returns each image's bucket index with it.
+pub fn load_bucketed(
+    sources: &[&ImageSource],
+    pre: &Preprocess,
+    buckets: &[Bucket],
+) -> Vec<Result<(usize, ImageTensor)>> {
+    let centred = Preprocess {
+        crop: Crop::Center,
+        random_flip: false,
+        ..*pre
+    };
+    sources
+        .par_iter()
+        .enumerate()
+        .map(|(i, source)| {
+            let rgb = decode_rgb(source, pre.alpha, &pre.decode)?;
+            let bucket = nearest(buckets, rgb.width(), rgb.height());
+            let image = preprocess_to(&rgb, &centred, buckets[bucket], &mut item_rng(0, i))
+                .with_context(|| format!("preprocessing image {}", source.describe()))?;
+            Ok((bucket, image))
+        })
         .collect()
 }
 

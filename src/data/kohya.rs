@@ -2,14 +2,11 @@
 //! `image.ext` has its caption in `image.txt` (or `image.caption`) beside it; images directly in
 //! the root, or in `N_name` sub-folders whose images repeat N times per epoch. An image without a
 //! caption file is captioned with its folder's name (the `name` of `N_name`), and the listing says
-//! how many were. Caption variants per epoch (dropout to the empty prompt, shuffled tags with the
-//! first K kept) are drawn from a seeded generator, so an epoch is the same every time.
+//! how many were. The caption options (dropout, tag shuffling) are in [`super::captions`], the
+//! seeded epochs with their repeats in [`super::epochs`].
 use super::{Dataset, DatasetOptions, ImageSource, Layout, PerClassLimit, Sample};
 use crate::util::fs::sorted_entries;
 use anyhow::{bail, ensure, Context, Result};
-use rand::seq::SliceRandom;
-use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
@@ -116,24 +113,7 @@ impl KohyaFolder {
         self.items.iter().filter(|i| i.fallback).count()
     }
 
-    /// One epoch: every image `repeats` times, in a seeded order, each with its caption variant.
-    pub fn epoch(&self, seed: u64, epoch: u64, options: &CaptionOptions) -> Vec<(usize, String)> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(epoch);
-        let mut order: Vec<usize> = self
-            .items
-            .iter()
-            .enumerate()
-            .flat_map(|(i, item)| std::iter::repeat_n(i, item.repeats))
-            .collect();
-        order.shuffle(&mut rng);
-        order
-            .into_iter()
-            .map(|i| (i, options.variant(&self.items[i].caption, &mut rng)))
-            .collect()
-    }
-
-    /// The images as a [`Dataset`] (one sample per image, its caption as written).
+    /// The images as a [`Dataset`] (one sample per image with its repeats, its caption as written).
     pub fn to_dataset(&self, opts: &DatasetOptions) -> Dataset {
         let mut limit = PerClassLimit::new(opts.limit_per_class);
         let samples = self
@@ -150,6 +130,7 @@ impl KohyaFolder {
                     .unwrap_or(&item.image)
                     .display()
                     .to_string(),
+                repeats: item.repeats,
             })
             .collect();
         Dataset {
@@ -196,47 +177,4 @@ pub fn load(path: &Path, opts: &DatasetOptions) -> Result<Dataset> {
         );
     }
     Ok(folder.to_dataset(opts))
-}
-
-/// kohya's caption options.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CaptionOptions {
-    /// Probability of training on the empty prompt instead of the caption.
-    pub dropout: f64,
-    /// Shuffle the comma-separated tags.
-    pub shuffle: bool,
-    /// Tags at the front kept in place when shuffling (kohya's `keep_tokens`).
-    pub keep_first: usize,
-}
-
-impl CaptionOptions {
-    pub fn validate(&self) -> Result<()> {
-        ensure!(
-            (0.0..=1.0).contains(&self.dropout),
-            "caption dropout must be in [0, 1], got {}",
-            self.dropout
-        );
-        Ok(())
-    }
-
-    /// The caption as used for one appearance: empty with probability `dropout`, else with its
-    /// tags after the first `keep_first` shuffled.
-    pub fn variant(&self, caption: &str, rng: &mut ChaCha8Rng) -> String {
-        // Always draw, so a caption's draws do not shift the others' when dropout is 0.
-        let dropped = rng.random_bool(self.dropout.clamp(0.0, 1.0));
-        if dropped {
-            return String::new();
-        }
-        if !self.shuffle {
-            return caption.to_string();
-        }
-        let mut tags: Vec<&str> = caption
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .collect();
-        let keep = self.keep_first.min(tags.len());
-        tags[keep..].shuffle(rng);
-        tags.join(", ")
-    }
 }

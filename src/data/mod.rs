@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub mod buckets;
 pub mod cache;
+pub mod captions;
+pub mod epochs;
 pub mod food101;
 pub mod image_folder;
 pub mod images;
@@ -66,6 +69,8 @@ pub struct Sample {
     pub label: Option<usize>,
     /// Stable identifier, unique within the split (Food101: `apple_pie/1005649`).
     pub id: String,
+    /// Appearances per training epoch (a kohya `N_name` folder's `N`; 1 elsewhere).
+    pub repeats: usize,
 }
 
 /// A class of a labelled dataset.

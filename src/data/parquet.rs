@@ -334,6 +334,7 @@ impl Shard {
                 caption,
                 label,
                 id: format!("{stem}/{row_index}"),
+                repeats: 1,
             });
         }
         Ok(samples)

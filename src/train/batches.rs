@@ -1,24 +1,23 @@
 //! What a training run reads: the latent cache (built or reused), the seeded order of its samples
 //! in each epoch, and the batch of each forward pass.
 //!
-//! Every random draw is a function of (seed, position): the data order of epoch `e` is a seeded
-//! permutation, and torch's generator is re-seeded from (seed, global sample position) before
-//! each sample's latent sample, noise and timestep are drawn. A run resumed from a checkpoint
-//! therefore repeats the uninterrupted run bit for bit (on the same device and thread count), and
-//! a data-parallel run draws for each sample what one process with the whole global batch draws:
-//! forward pass `f` covers global positions `f * G .. (f + 1) * G` (`G` = world × batch) and rank
-//! `r` takes `f * G + r * batch ..` of them.
+//! Every random draw is a function of (seed, position): what epoch `e` trains on (order, repeats,
+//! caption variants, flips, one bucket per global batch) is drawn from (seed, `e`) by
+//! [`crate::data::epochs`], and torch's generator is re-seeded from (seed, global sample
+//! position) before each sample's latent sample, noise and timestep are drawn. A run resumed from
+//! a checkpoint therefore repeats the uninterrupted run bit for bit (on the same device and thread
+//! count), and a data-parallel run draws for each sample what one process with the whole global
+//! batch draws: forward pass `f` covers global positions `f * G .. (f + 1) * G` (`G` = world ×
+//! batch) and rank `r` takes `f * G + r * batch ..` of them.
 use super::step::{Objective, StepInputs};
 use super::trainer::TrainOptions;
 use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
+use crate::data::epochs::{Draw, EpochPlan};
 use crate::data::images::DecodeOptions;
 use crate::data::PromptTemplate;
 use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
 use anyhow::{ensure, Result};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -34,40 +33,30 @@ pub fn sample_seed(seed: u64, index: u64) -> i64 {
     (z ^ (z >> 31)) as i64 & i64::MAX
 }
 
-/// The seeded order of the cached samples in each epoch.
+/// The seeded epochs of the cached samples (see [`crate::data::epochs`]), the current one kept.
 struct DataOrder {
-    seed: u64,
-    len: usize,
+    plan: EpochPlan,
     epoch: usize,
-    order: Vec<usize>,
+    draws: Vec<Draw>,
 }
 
 impl DataOrder {
-    fn new(seed: u64, len: usize) -> Self {
-        let mut order = Self {
-            seed,
-            len,
-            epoch: usize::MAX,
-            order: Vec::new(),
-        };
-        order.set_epoch(0);
-        order
-    }
-
-    fn set_epoch(&mut self, epoch: usize) {
-        if epoch != self.epoch {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-            rng.set_stream(epoch as u64);
-            self.order = (0..self.len).collect();
-            self.order.shuffle(&mut rng);
-            self.epoch = epoch;
+    fn new(plan: EpochPlan) -> Self {
+        Self {
+            draws: plan.epoch(0),
+            plan,
+            epoch: 0,
         }
     }
 
-    /// The cached sample at overall position `position` (epochs back to back).
-    fn sample(&mut self, position: usize) -> usize {
-        self.set_epoch(position / self.len);
-        self.order[position % self.len]
+    /// What overall position `position` trains on (epochs back to back).
+    fn draw(&mut self, position: usize) -> Draw {
+        let epoch = position / self.draws.len();
+        if epoch != self.epoch {
+            self.draws = self.plan.epoch(epoch as u64);
+            self.epoch = epoch;
+        }
+        self.draws[position % self.draws.len()]
     }
 }
 
@@ -116,8 +105,15 @@ impl Batches {
             cache.len(),
             dir.display()
         );
+        let plan = EpochPlan {
+            samples: cache.plan_samples(),
+            seed,
+            dropout: cache.manifest.captions.dropout,
+            flip: cache.manifest.key.flip,
+            global_batch: batch_size * world_size,
+        };
         Ok(Self {
-            order: DataOrder::new(seed, cache.len()),
+            order: DataOrder::new(plan),
             cache,
             seed,
             batch_size,
@@ -131,21 +127,22 @@ impl Batches {
         &self.cache
     }
 
-    /// Samples in the cache (one epoch).
+    /// Samples per epoch: each cached sample its repeats times, and with buckets, each
+    /// bucket's filled up to whole global batches.
     pub fn len(&self) -> usize {
-        self.cache.len()
+        self.order.draws.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cache.is_empty()
+        self.order.draws.is_empty()
     }
 
     /// Reads this rank's share of the cached samples of global forward pass `forward_index`.
     pub fn read(&mut self, forward_index: usize) -> Result<CachedBatch> {
         let first = (forward_index * self.world_size + self.rank) * self.batch_size;
         let positions: Vec<usize> = (first..first + self.batch_size).collect();
-        let indices: Vec<usize> = positions.iter().map(|&p| self.order.sample(p)).collect();
-        let (mean, logvar, context) = self.cache.batch(&indices)?;
+        let draws: Vec<Draw> = positions.iter().map(|&p| self.order.draw(p)).collect();
+        let (mean, logvar, context) = self.cache.read(&draws)?;
         Ok(CachedBatch {
             positions,
             mean,
@@ -213,6 +210,9 @@ pub fn prepare_cache(
                 resize_filter: manifest.key.resize_filter,
                 prompt_template: PromptTemplate::new(&manifest.prompt_template)?,
                 limit_per_class: manifest.limit_per_class,
+                captions: manifest.captions.clone(),
+                bucket_step: manifest.key.bucket_step,
+                flip: manifest.key.flip,
                 batch_size: train.cache_batch_size,
                 shard_size: manifest.key.shard_size,
                 strict: opts.strict,
@@ -232,6 +232,9 @@ pub fn prepare_cache(
         resize_filter: train.resize_filter,
         prompt_template: PromptTemplate::new(&train.prompt_template)?,
         limit_per_class: (train.limit_per_class > 0).then_some(train.limit_per_class),
+        captions: train.captions(),
+        bucket_step: train.bucket_step(),
+        flip: train.random_flip,
         batch_size: train.cache_batch_size,
         strict: opts.strict,
         decode: DecodeOptions {

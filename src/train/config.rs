@@ -5,6 +5,7 @@
 //! (512 px, batch 1 with 4 accumulation steps, gradient-norm clipping at 1, constant schedule).
 use super::ema::EmaSettings;
 use super::optim::{AdamWConfig, LrSchedule};
+use crate::data::captions::CaptionOptions;
 use crate::data::images::{ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context, Result};
@@ -86,6 +87,26 @@ pub struct TrainConfig {
     pub limit_per_class: usize,
     /// Images encoded per VAE forward when building the latent cache. Default 8.
     pub cache_batch_size: usize,
+    /// Probability of training an image on the empty prompt (kohya's `caption_dropout_rate`).
+    /// Default 0.
+    pub caption_dropout_rate: f64,
+    /// Shuffle the comma-separated tags of each caption (kohya's `shuffle_caption`). Default
+    /// false.
+    pub shuffle_caption: bool,
+    /// Tags at the front of a caption kept in place when shuffling (kohya's `keep_tokens`).
+    /// Default 0.
+    pub keep_tokens: usize,
+    /// Captions cached per image when shuffling: the caption as written and this many minus one
+    /// seeded shuffles, one drawn per appearance. Default 4.
+    pub caption_variants: usize,
+    /// Aspect-ratio buckets: each image trains at the size nearest its aspect ratio within the
+    /// pixel budget `resolution²`, every batch from one bucket. Default false.
+    pub bucket: bool,
+    /// Side step of the buckets, a multiple of 8 (SD's U-Net needs 64). Default 64.
+    pub bucket_step: u32,
+    /// Train on each image or its mirror image by a seeded draw (both latents are cached).
+    /// Default false.
+    pub random_flip: bool,
     /// Save a checkpoint every this many optimizer steps; 0 saves only at the end. Default 500.
     pub checkpoint_every: usize,
     /// Checkpoints kept; older ones are deleted. Default 3.
@@ -139,6 +160,13 @@ impl Default for TrainConfig {
             prompt_template: crate::data::prompts::DEFAULT_TEMPLATE.into(),
             limit_per_class: 0,
             cache_batch_size: 8,
+            caption_dropout_rate: 0.0,
+            shuffle_caption: false,
+            keep_tokens: 0,
+            caption_variants: 4,
+            bucket: false,
+            bucket_step: 64,
+            random_flip: false,
             checkpoint_every: 500,
             keep_checkpoints: 3,
             device: DeviceChoice::Auto,
@@ -198,10 +226,29 @@ impl TrainConfig {
             }
         }
         crate::data::PromptTemplate::new(&self.prompt_template).context("train.prompt_template")?;
+        self.captions().validate().context("train.caption_*")?;
+        if let Some(step) = self.bucket_step() {
+            crate::data::buckets::buckets(self.resolution, step).context("train.bucket_step")?;
+        }
         if let Some(ema) = &self.ema {
             ema.validate()?;
         }
         Ok(())
+    }
+
+    /// The caption options of the latent cache.
+    pub fn captions(&self) -> CaptionOptions {
+        CaptionOptions {
+            dropout: self.caption_dropout_rate,
+            shuffle: self.shuffle_caption,
+            keep_first: self.keep_tokens,
+            variants: self.caption_variants,
+        }
+    }
+
+    /// The step of the aspect-ratio buckets, when they are on.
+    pub fn bucket_step(&self) -> Option<u32> {
+        self.bucket.then_some(self.bucket_step)
     }
 
     /// These settings with those a resumed run may change reset: they do not change what is

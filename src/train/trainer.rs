@@ -527,7 +527,7 @@ impl<'a> Trainer<'a> {
             adapter,
             checkpoint: self.last_saved.map(|(_, dir)| dir),
             trainable_parameters: self.tuned.trained.iter().map(|(_, t)| t.numel()).sum(),
-            cached_samples: self.batches.len(),
+            cached_samples: self.batches.cache().len(),
             interrupted: self.interrupted,
         }
     }
