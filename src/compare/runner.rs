@@ -6,10 +6,10 @@
 //! Under a launcher ([`run_in`] with a group of several ranks) every stage runs on every rank:
 //! rank 0 alone holds the lock, reads and writes the stage states (and broadcasts what it
 //! decided), generates the data, writes the tiny model and merges the base model, while the
-//! others wait; the training runs are data-parallel (the configured batch × accumulation is
-//! the global batch, shared evenly by the ranks), each rank samples a contiguous share of whole sampling batches
-//! and extracts the Inception features of a share of the images; rank 0 computes the scores and
-//! writes the outputs.
+//! others wait; the training runs are data-parallel (the configured batch × accumulation is the
+//! global batch, shared evenly by the ranks); each rank samples a contiguous share of whole
+//! sampling batches and extracts the Inception features of a share of the images; rank 0
+//! computes the scores and writes the outputs.
 use super::config::{CompareConfig, MethodEntry};
 use super::machine::{git_commit, MachineInfo};
 use super::prepare::{count_unet_parameters, PreparedData};
