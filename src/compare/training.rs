@@ -135,26 +135,6 @@ pub(super) fn rank_share(
     Ok((per_pass, share / per_pass))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::rank_share;
-
-    #[test]
-    fn ranks_share_the_global_batch() {
-        assert_eq!(rank_share(8, 1, 1).unwrap(), (8, 1));
-        assert_eq!(rank_share(4, 1, 2).unwrap(), (2, 1));
-        // The study's batch 1 x 4 accumulation steps on 2 and 4 ranks.
-        assert_eq!(rank_share(1, 4, 2).unwrap(), (1, 2));
-        assert_eq!(rank_share(1, 4, 4).unwrap(), (1, 1));
-        assert_eq!(rank_share(6, 2, 4).unwrap(), (3, 1));
-        assert_eq!(rank_share(4, 3, 3).unwrap(), (4, 1));
-        assert_eq!(rank_share(4, 3, 2).unwrap(), (3, 2));
-        let refused = rank_share(1, 4, 8).unwrap_err().to_string();
-        assert!(refused.contains("global batch of 4"), "{refused}");
-        assert!(rank_share(3, 1, 2).is_err());
-    }
-}
-
 /// The costs of a run of `steps` steps from its step metrics and its peak memory.
 fn measure(
     steps: usize,
@@ -185,4 +165,24 @@ fn measure(
 pub fn loss_points(adapter: &Path) -> Result<Vec<(f64, f64)>> {
     let metrics = MetricsLog::read(&adapter.with_file_name(METRICS_FILE))?;
     Ok(metrics.iter().map(|m| (m.step as f64, m.loss)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rank_share;
+
+    #[test]
+    fn ranks_share_the_global_batch() {
+        assert_eq!(rank_share(8, 1, 1).unwrap(), (8, 1));
+        assert_eq!(rank_share(4, 1, 2).unwrap(), (2, 1));
+        // The study's batch 1 x 4 accumulation steps on 2 and 4 ranks.
+        assert_eq!(rank_share(1, 4, 2).unwrap(), (1, 2));
+        assert_eq!(rank_share(1, 4, 4).unwrap(), (1, 1));
+        assert_eq!(rank_share(6, 2, 4).unwrap(), (3, 1));
+        assert_eq!(rank_share(4, 3, 3).unwrap(), (4, 1));
+        assert_eq!(rank_share(4, 3, 2).unwrap(), (3, 2));
+        let refused = rank_share(1, 4, 8).unwrap_err().to_string();
+        assert!(refused.contains("global batch of 4"), "{refused}");
+        assert!(rank_share(3, 1, 2).is_err());
+    }
 }
