@@ -68,6 +68,7 @@ fn finished(outcome: Outcome) -> StudyResults {
     match outcome {
         Outcome::Finished(results) => *results,
         Outcome::Interrupted => panic!("the comparison stopped early"),
+        Outcome::FinishedOnMainRank => panic!("a single process is rank 0"),
     }
 }
 

@@ -112,27 +112,3 @@ fn a_rank_that_never_arrives_fails_the_rendezvous() {
         );
     }
 }
-
-#[test]
-fn commands_not_yet_data_parallel_refuse_a_launch() {
-    let out = std::env::temp_dir().join(format!("difftune-refuse-{}", std::process::id()));
-    let out_arg = out.to_str().unwrap();
-    let runs: [&[&str]; 1] = [&["compare", "--out", out_arg]];
-    for args in runs {
-        let command = args[0];
-        let output = difftune(args)
-            .env("RANK", "0")
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", "29500")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{command}: {output:?}");
-        assert!(
-            stderr.contains(&format!("difftune {command} is not data-parallel yet")),
-            "{command}: {stderr}"
-        );
-        assert!(!out.exists(), "{command} wrote {}", out.display());
-    }
-}

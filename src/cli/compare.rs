@@ -1,6 +1,7 @@
+use super::dist_check::DistArgs;
 use crate::compare::config::CompareConfig;
 use crate::compare::presets::{preset, DEFAULT_PRESET};
-use crate::compare::runner::{run as run_compare, CompareOptions, Outcome, REPORT_MD};
+use crate::compare::runner::{run_in, CompareOptions, Outcome, REPORT_MD};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -31,10 +32,11 @@ pub struct CompareArgs {
     /// Print the resolved run file and exit.
     #[arg(long)]
     pub print_config: bool,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
-    super::launch::single_process_only("compare")?;
     let mut config = match &args.config {
         Some(path) => CompareConfig::load(path)?,
         None => preset(args.preset.as_deref().unwrap_or(DEFAULT_PRESET))?,
@@ -62,12 +64,18 @@ pub fn run(args: CompareArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("runs/compare-{}", config.name)));
 
     let interrupt = super::interrupt::install("compare", "stopping at the next checkpoint")?;
-    let outcome = run_compare(&CompareOptions {
-        config,
-        out: out.clone(),
-        progress: true,
-        interrupt,
-    })?;
+    // Under a launcher every rank runs every stage (see compare::runner); rank 0 reports.
+    let (group, _) = super::launch::join(&args.dist, config.train.device.resolve()?)?;
+    let outcome = run_in(
+        &CompareOptions {
+            config,
+            out: out.clone(),
+            progress: true,
+            interrupt,
+        },
+        &group,
+    )?;
+    group.shutdown()?;
     match outcome {
         Outcome::Finished(results) => {
             println!("Table 1. FID (lower is better)\n\n{}", results.table1());
@@ -84,6 +92,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             }
             println!("\nreport: {}", out.join(REPORT_MD).display());
         }
+        Outcome::FinishedOnMainRank => {}
         Outcome::Interrupted => bail!(
             "interrupted, resume with --resume: run the same command again to resume from {}",
             out.display()

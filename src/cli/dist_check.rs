@@ -58,7 +58,7 @@ pub fn run(args: DistCheckArgs) -> Result<()> {
     eprintln!("rank {}: collectives correct", group.rank());
     group.barrier()?;
     if group.is_main() {
-        println!("all_reduce_sum, broadcast_from_main, all_gather_rows (uneven), barrier: correct on every rank");
+        println!("all_reduce_sum, broadcast_from_main, all_gather_rows (uneven), broadcast_bytes_from_main, any, barrier: correct on every rank");
     }
     for &size in &args.sizes {
         time_all_reduce(&group, device, size, args.repeats)?;
@@ -122,6 +122,20 @@ fn check_collectives(group: &ProcessGroup, device: Device) -> Result<()> {
         0,
     );
     expect_equal("all_gather_rows", &gathered, &expected)?;
+
+    // Rank 0's message, whatever the others hold (their own are longer).
+    let message = format!("decided on rank {}", group.rank()).repeat(group.rank() + 1);
+    let received = group.broadcast_bytes_from_main(message.as_bytes())?;
+    if received != b"decided on rank 0" {
+        bail!(
+            "broadcast_bytes_from_main gave {:?}",
+            String::from_utf8_lossy(&received)
+        );
+    }
+    let last = group.rank() + 1 == group.world_size();
+    if !group.any(last)? || group.any(false)? {
+        bail!("any gave a wrong result");
+    }
     group.barrier().context("barrier")
 }
 

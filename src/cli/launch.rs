@@ -2,8 +2,8 @@
 //! shared `--dist-timeout` setting and the device the user asked for, and the device this rank
 //! computes on (`cuda:LOCAL_RANK` in CUDA jobs).
 use super::dist_check::DistArgs;
-use crate::dist::{Launch, ProcessGroup};
-use anyhow::{bail, Result};
+use crate::dist::ProcessGroup;
+use anyhow::Result;
 use tch::Device;
 
 /// This process's group and the device its tensors live on. Without launcher variables: a
@@ -12,17 +12,4 @@ pub fn join(dist: &DistArgs, requested: Device) -> Result<(ProcessGroup, Device)
     let group = ProcessGroup::from_env(requested, dist.timeout())?;
     let device = group.local_device(requested);
     Ok((group, device))
-}
-
-/// Refuses to run `command` under a launcher: it is not data-parallel yet, and every rank would
-/// write the same files.
-pub fn single_process_only(command: &str) -> Result<()> {
-    if let Some(launch) = Launch::from_env()? {
-        bail!(
-            "difftune {command} is not data-parallel yet: under this launch its {} ranks would \
-             write the same files; run it as one process, without torchrun or srun",
-            launch.world_size
-        );
-    }
-    Ok(())
 }

@@ -1,6 +1,8 @@
 //! The inputs every method shares: the datasets (generated synthetic domains or a folder the run
 //! file names) and the base model (the run file's, or the tiny model, optionally pre-trained on
-//! the synthetic source domain and merged).
+//! the synthetic source domain and merged). Generating data, writing the tiny model and merging
+//! are not data-parallel: rank 0 does them while the other ranks wait (see [`Study::on_main`]);
+//! pre-training is a data-parallel run.
 use super::config::{overlay, DataSource, ModelSource};
 use super::stage::{domain_name, Stage, PRETRAIN_RUN};
 use super::training::RunJob;
@@ -42,16 +44,19 @@ impl Study<'_> {
         let dir = self.layout.data(domain);
         let key = serde_json::to_value(&spec)?;
         let stage = Stage::Data(domain);
-        if self
-            .layout
-            .enter::<Value>(stage, Some(&dir), &key)?
-            .is_none()
-        {
-            remove_dir(&dir)?;
-            eprintln!("compare: generating the synthetic {name} domain");
-            generate_food101_like(&dir, &spec)?;
-            self.layout.finish(stage, &key, &Value::Null)?;
-        }
+        self.on_main(|| {
+            if self
+                .layout
+                .enter::<Value>(stage, Some(&dir), &key)?
+                .is_none()
+            {
+                remove_dir(&dir)?;
+                eprintln!("compare: generating the synthetic {name} domain");
+                generate_food101_like(&dir, &spec)?;
+                self.layout.finish(stage, &key, &Value::Null)?;
+            }
+            Ok(())
+        })?;
         Ok(PreparedData {
             path: dir,
             key: key.to_string(),
@@ -69,7 +74,7 @@ impl Study<'_> {
         let initial = match &self.config.model.source {
             ModelSource::Tiny => {
                 let datasets: Vec<&PreparedData> = std::iter::once(target).chain(source).collect();
-                self.prepare_tiny_model(&datasets)?
+                self.on_main(|| self.prepare_tiny_model(&datasets))?
             }
             ModelSource::Pretrained(spec) => spec.clone(),
         };
@@ -85,7 +90,9 @@ impl Study<'_> {
             },
         };
         let key = json!({ "base": initial_files.unet_identity()?, "data": source.key, "run": config.to_toml()? });
-        eprintln!("compare: pre-training the base model on the source domain");
+        if self.group.is_main() {
+            eprintln!("compare: pre-training the base model on the source domain");
+        }
         let job = RunJob {
             name: PRETRAIN_RUN,
             model: &initial,
@@ -97,14 +104,17 @@ impl Study<'_> {
             return Ok(None);
         };
         let base = self.layout.model("base");
-        if self
-            .layout
-            .enter::<Value>(Stage::BaseModel, Some(&base), &key)?
-            .is_none()
-        {
-            merge_into_model(&initial_files, &record.adapter, &base)?;
-            self.layout.finish(Stage::BaseModel, &key, &Value::Null)?;
-        }
+        self.on_main(|| {
+            if self
+                .layout
+                .enter::<Value>(Stage::BaseModel, Some(&base), &key)?
+                .is_none()
+            {
+                merge_into_model(&initial_files, &record.adapter, &base)?;
+                self.layout.finish(Stage::BaseModel, &key, &Value::Null)?;
+            }
+            Ok(())
+        })?;
         Ok(Some(base.display().to_string()))
     }
 

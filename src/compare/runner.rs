@@ -2,20 +2,32 @@
 //! prompts and seeds from every model, their scores, and the report. Each step is a resumable
 //! stage (see [`super::stage`]): an interrupted comparison picks up where it stopped, and
 //! editing, say, the sampling settings redoes only sampling and scoring.
+//!
+//! Under a launcher ([`run_in`] with a group of several ranks) every stage runs on every rank:
+//! rank 0 alone holds the lock, reads and writes the stage states (and broadcasts what it
+//! decided), generates the data, writes the tiny model and merges the base model, while the
+//! others wait; the training runs are data-parallel (the configured batch × accumulation is the
+//! global batch, shared evenly by the ranks); each rank samples a contiguous share of whole
+//! sampling batches and extracts the Inception features of a share of the images; rank 0
+//! computes the scores and writes the outputs.
 use super::config::{CompareConfig, MethodEntry};
 use super::machine::{git_commit, MachineInfo};
 use super::prepare::{count_unet_parameters, PreparedData};
 use super::report::{Check, Difference, MethodRow, StudyResults, BASE_ROW};
 use super::sampling::{sample_plan, SampleItem, SampleJob, SampleRecord};
-use super::score::{differences, Score, Scorer};
+use super::score::{differences, Score, Scorer, ScorerWeights};
 use super::stage::{Layout, Stage};
 use super::training::{RunJob, RunRecord};
 use crate::data::synthetic::Domain;
 use crate::data::{Dataset, DatasetOptions, Split};
+use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
+use crate::schedulers::SchedulerKind;
 use crate::train::config::{MethodConfig, RunConfig};
 use crate::util::fs::write_atomic_str;
-use anyhow::{Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +53,9 @@ pub struct CompareOptions {
 /// How a call of [`run`] ended.
 pub enum Outcome {
     Finished(Box<StudyResults>),
+    /// This rank's part of a data-parallel comparison is done; rank 0 holds the results and
+    /// wrote the outputs.
+    FinishedOnMainRank,
     /// Stopped by the interrupt flag; running again resumes.
     Interrupted,
 }
@@ -53,6 +68,8 @@ pub(crate) struct Study<'a> {
     pub device: Device,
     /// The resolved run file, as `compare.toml` holds it.
     pub settings_toml: String,
+    /// The ranks taking part (a group of one without a launcher).
+    pub group: &'a ProcessGroup,
 }
 
 /// A method's finished run with the stage key it was trained under.
@@ -92,19 +109,36 @@ macro_rules! or_interrupted {
     };
 }
 
-/// Runs (or resumes) a comparison. See the module documentation.
+/// Runs (or resumes) a comparison in this process alone. See the module documentation.
 pub fn run(opts: &CompareOptions) -> Result<Outcome> {
+    run_in(opts, &ProcessGroup::single())
+}
+
+/// Runs (or resumes) a comparison as this process's rank of `group` (see the module
+/// documentation); rank 0 gets the results, the others [`Outcome::FinishedOnMainRank`].
+pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
     let config = &opts.config;
     config.validate()?;
-    let _lock = crate::util::lock::DirLock::acquire(&opts.out, "compare")?;
+    check_world_size(config, group.world_size())?;
+    let main = group.is_main();
+    let _lock = match main {
+        true => Some(crate::util::lock::DirLock::acquire(&opts.out, "compare")?),
+        false => None,
+    };
     let study = Study {
         config,
         opts,
-        layout: Layout::create(&opts.out)?,
-        device: config.train.device.resolve()?,
+        layout: match main {
+            true => Layout::create(&opts.out)?,
+            false => Layout::open(&opts.out),
+        },
+        device: group.local_device(config.train.device.resolve()?),
         settings_toml: config.to_toml()?,
+        group,
     };
-    write_atomic_str(&study.layout.root.join(CONFIG_FILE), &study.settings_toml)?;
+    if main {
+        write_atomic_str(&study.layout.root.join(CONFIG_FILE), &study.settings_toml)?;
+    }
 
     let target = study.prepare_dataset(Domain::Target)?;
     let source = match config.pretrain {
@@ -130,13 +164,44 @@ pub fn run(opts: &CompareOptions) -> Result<Outcome> {
     let plan = sample_plan(config, &test)?;
     let rows = study_rows(&runs);
     let sampled = or_interrupted!(study.sample_rows(&base, &rows, &plan)?);
-    if opts.interrupt.load(Ordering::SeqCst) {
+    if group.any(opts.interrupt.load(Ordering::SeqCst))? {
         return Ok(Outcome::Interrupted);
     }
-    let results = study.score_rows(&base, &target, &test, &rows, &sampled, &plan)?;
+    let scored = study.score_rows(&base, &target, &test, &rows, &sampled, &plan)?;
+    let Some(results) = scored else {
+        return Ok(Outcome::FinishedOnMainRank);
+    };
     study.write_outputs(&results, &runs, &plan, &test)?;
     study.layout.save_clock()?;
     Ok(Outcome::Finished(Box::new(results)))
+}
+
+/// Refuses, before anything runs, a world size that cannot split the study's settings as one
+/// process runs them: every run's global batch must divide evenly over the ranks, and
+/// euler_ancestral sampling draws its noise from one generator through a whole row.
+fn check_world_size(config: &CompareConfig, world: usize) -> Result<()> {
+    if world == 1 {
+        return Ok(());
+    }
+    ensure!(
+        config.sample.scheduler != SchedulerKind::EulerAncestral,
+        "sample.scheduler euler_ancestral cannot be split across {world} ranks with the \
+         single-process images (its noise comes from one generator through a whole row): use \
+         another scheduler or one process"
+    );
+    let mut runs = Vec::new();
+    for method in &config.methods {
+        runs.push((method.name.clone(), method.train_config(&config.train)?));
+    }
+    if let Some(pretrain) = &config.pretrain {
+        let train = super::config::overlay(&config.train, pretrain)?;
+        runs.push((super::stage::PRETRAIN_RUN.to_string(), train));
+    }
+    for (name, train) in runs {
+        super::training::rank_share(train.batch_size, train.gradient_accumulation_steps, world)
+            .with_context(|| format!("run `{name}`"))?;
+    }
+    Ok(())
 }
 
 /// The study's rows: the base model, then each method's run.
@@ -164,7 +229,9 @@ impl<'a> Study<'a> {
         let methods = &self.config.methods;
         let mut runs = Vec::new();
         for (i, method) in methods.iter().enumerate() {
-            eprintln!("compare: [{}/{}] {}", i + 1, methods.len(), method.label());
+            if self.group.is_main() {
+                eprintln!("compare: [{}/{}] {}", i + 1, methods.len(), method.label());
+            }
             let config = RunConfig {
                 train: method.train_config(&self.config.train)?,
                 method: MethodConfig {
@@ -213,7 +280,9 @@ impl<'a> Study<'a> {
                 adapter: row.run.map(|r| r.record.adapter.as_path()),
                 key: json!({ "samples": samples_key, "run": row.run.map(|r| &r.key) }),
             };
-            eprintln!("compare: sampling {} images with {}", plan.len(), row.label);
+            if self.group.is_main() {
+                eprintln!("compare: sampling {} images with {}", plan.len(), row.label);
+            }
             let Some(record) = self.sample_row(&job, &base.files, plan)? else {
                 return Ok(None);
             };
@@ -225,7 +294,8 @@ impl<'a> Study<'a> {
         Ok(Some(sampled))
     }
 
-    /// Scores every row's samples against the test split.
+    /// Scores every row's samples against the test split: every rank extracts the features of
+    /// its share of the images, rank 0 computes the scores. `None` on the other ranks.
     fn score_rows(
         &self,
         base: &BaseModel,
@@ -234,17 +304,20 @@ impl<'a> Study<'a> {
         rows: &[StudyRow],
         sampled: &[SampledRow],
         plan: &[SampleItem],
-    ) -> Result<StudyResults> {
-        eprintln!("compare: scoring");
+    ) -> Result<Option<StudyResults>> {
+        if self.group.is_main() {
+            eprintln!("compare: scoring");
+        }
         let eval = &self.config.eval;
-        let scorer = Scorer::new(eval, self.device, &self.layout.eval())?;
+        let weights = self.on_main(|| ScorerWeights::choose(eval, &self.layout.eval()))?;
+        let scorer = Scorer::new(eval, self.device, weights)?;
         let reference_key = format!("{}|{}|test|{}", scorer.identity, target.key, test.len());
         let reference = scorer.reference(
             test,
             &self.layout.eval().join("reference-features.safetensors"),
             &reference_key,
+            self.group,
         )?;
-        let unet_params = count_unet_parameters(&base.files)?;
         let mut scores = Vec::new();
         for (row, sampled) in rows.iter().zip(sampled) {
             let key = json!({
@@ -255,19 +328,26 @@ impl<'a> Study<'a> {
                 "bootstrap": scorer.bootstrap(),
             });
             let stage = Stage::Score(&row.name);
-            let score: Score = match self.layout.enter(stage, None, &key)? {
-                Some(score) => score,
+            let done: Option<Score> = self.on_main(|| self.layout.enter(stage, None, &key))?;
+            let score = match done {
+                Some(score) => Some(score),
                 None => {
                     let paths = self.sample_paths(&row.name, plan);
                     let score = scorer
-                        .score(&reference, &paths)
+                        .score(reference.as_ref(), &paths, self.group)
                         .with_context(|| format!("scoring {}", row.label))?;
-                    self.layout.finish(stage, &key, &score)?;
+                    if let Some(score) = &score {
+                        self.layout.finish(stage, &key, score)?;
+                    }
                     score
                 }
             };
-            scores.push((row.name.clone(), score));
+            scores.extend(score.map(|score| (row.name.clone(), score)));
         }
+        if !self.group.is_main() {
+            return Ok(None);
+        }
+        let unet_params = count_unet_parameters(&base.files)?;
         let scored = rows
             .iter()
             .zip(sampled)
@@ -288,7 +368,42 @@ impl<'a> Study<'a> {
             })
             .collect();
         let differences = differences(&scores)?;
-        Ok(self.results(scored, differences, &scorer, target, test))
+        Ok(Some(self.results(
+            scored,
+            differences,
+            &scorer,
+            target,
+            test,
+        )))
+    }
+
+    /// What `decide` gives on rank 0, on every rank: the stage engine's decisions (is a stage
+    /// done, with what record) are taken by rank 0 alone, which alone reads and writes the
+    /// stage states and the files of the stages that are not data-parallel; the other ranks wait
+    /// here for it. An error on rank 0 becomes an error naming it on every rank.
+    pub(super) fn on_main<T: Serialize + DeserializeOwned>(
+        &self,
+        decide: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        if !self.group.is_distributed() {
+            return decide();
+        }
+        if self.group.is_main() {
+            let decided = decide();
+            let shared: Result<&T, String> = decided.as_ref().map_err(|e| format!("{e:#}"));
+            let bytes = serde_json::to_vec(&shared)?;
+            self.group
+                .broadcast_bytes_from_main(&bytes)
+                .context("sharing rank 0's stage decision")?;
+            return decided;
+        }
+        let bytes = self
+            .group
+            .broadcast_bytes_from_main(&[])
+            .context("waiting for rank 0's stage decision")?;
+        let shared: Result<T, String> =
+            serde_json::from_slice(&bytes).context("reading rank 0's stage decision")?;
+        shared.map_err(|e| anyhow!("rank 0 failed: {e}"))
     }
 
     /// The study's results from its scored rows.

@@ -1,9 +1,12 @@
 //! Scoring generated images against a reference split with FID and KID (pytorch-fid's
-//! InceptionV3). The reference's features are computed once per comparison and cached.
+//! InceptionV3). The reference's features are computed once per comparison and cached. Under a
+//! launcher every rank extracts the features of a share of whole batches (bitwise the features
+//! one process computes) and rank 0 gathers them and computes the scores.
 use super::config::{EvalSection, FeatureWeights};
 use super::report::{Difference, Metric, Uncertainty};
 use crate::data::images::{decode_rgb, Alpha, DecodeOptions};
 use crate::data::Dataset;
+use crate::dist::ProcessGroup;
 use crate::eval::bootstrap::difference;
 use crate::eval::{default_weights_path, Bootstrap, Estimate, FidModel};
 use crate::model::weights::{read_all, save_tensors};
@@ -14,6 +17,71 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
+
+/// Which Inception weights the scores use, and why: chosen (and, for the random ones, written)
+/// once, by rank 0 of a data-parallel comparison.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScorerWeights {
+    path: PathBuf,
+    description: String,
+    identity: String,
+}
+
+impl ScorerWeights {
+    /// The weights `eval` asks for; a random initialisation is written to `work_dir` first
+    /// (FidModel loads weights from a file).
+    pub fn choose(eval: &EvalSection, work_dir: &Path) -> Result<Self> {
+        let explicit = eval.weights.as_ref().map(PathBuf::from);
+        let real = explicit.clone().unwrap_or_else(default_weights_path);
+        let use_real = match eval.feature_weights {
+            FeatureWeights::PytorchFid => {
+                crate::eval::resolve_weights(explicit.as_deref())?;
+                true
+            }
+            FeatureWeights::Random => false,
+            FeatureWeights::Auto => real.is_file(),
+        };
+        let dims = eval.dims;
+        if use_real {
+            let description = format!(
+                "pytorch-fid's InceptionV3 weights (pt_inception-2015-12-05) from {}, {dims}-d features: \
+                 the standard FID, comparable with published values computed on as many images",
+                real.display()
+            );
+            return Ok(Self {
+                identity: format!("pytorch-fid:{}:{dims}", real.display()),
+                path: real,
+                description,
+            });
+        }
+        let path = work_dir.join(format!(
+            "inception-random-seed{}.safetensors",
+            eval.random_seed
+        ));
+        if !path.is_file() {
+            write_random_inception(&path, eval.random_seed)?;
+        }
+        let why = match eval.feature_weights {
+            FeatureWeights::Random => "the run file asks for it".to_string(),
+            _ => format!(
+                "pytorch-fid's weights were not found at {} and nothing is downloaded here",
+                real.display()
+            ),
+        };
+        let description = format!(
+            "a deterministic random initialisation (seed {}) of pytorch-fid's InceptionV3 \
+             (He-uniform convolutions, identity batch norms), {dims}-d features, because {why}. \
+             Random-feature FID still ranks how close two image distributions are, but its values \
+             are not comparable with published FIDs",
+            eval.random_seed
+        );
+        Ok(Self {
+            path,
+            description,
+            identity: format!("random:{}:{dims}", eval.random_seed),
+        })
+    }
+}
 
 /// The Inception network the scores are computed with, and how it was chosen.
 pub struct Scorer {
@@ -44,60 +112,14 @@ pub struct Reference {
 }
 
 impl Scorer {
-    /// Loads the Inception weights `eval` asks for; a random initialisation is written to
-    /// `work_dir` first (FidModel loads weights from a file).
-    pub fn new(eval: &EvalSection, device: Device, work_dir: &Path) -> Result<Self> {
-        let explicit = eval.weights.as_ref().map(PathBuf::from);
-        let real = explicit.clone().unwrap_or_else(default_weights_path);
-        let use_real = match eval.feature_weights {
-            FeatureWeights::PytorchFid => {
-                crate::eval::resolve_weights(explicit.as_deref())?;
-                true
-            }
-            FeatureWeights::Random => false,
-            FeatureWeights::Auto => real.is_file(),
-        };
-        let dims = eval.dims;
-        let (weights, description, identity) = if use_real {
-            let description = format!(
-                "pytorch-fid's InceptionV3 weights (pt_inception-2015-12-05) from {}, {dims}-d features: \
-                 the standard FID, comparable with published values computed on as many images",
-                real.display()
-            );
-            (
-                real.clone(),
-                description,
-                format!("pytorch-fid:{}:{dims}", real.display()),
-            )
-        } else {
-            let path = work_dir.join(format!(
-                "inception-random-seed{}.safetensors",
-                eval.random_seed
-            ));
-            if !path.is_file() {
-                write_random_inception(&path, eval.random_seed)?;
-            }
-            let why = match eval.feature_weights {
-                FeatureWeights::Random => "the run file asks for it".to_string(),
-                _ => format!(
-                    "pytorch-fid's weights were not found at {} and nothing is downloaded here",
-                    real.display()
-                ),
-            };
-            let description = format!(
-                "a deterministic random initialisation (seed {}) of pytorch-fid's InceptionV3 \
-                 (He-uniform convolutions, identity batch norms), {dims}-d features, because {why}. \
-                 Random-feature FID still ranks how close two image distributions are, but its values \
-                 are not comparable with published FIDs",
-                eval.random_seed
-            );
-            (
-                path,
-                description,
-                format!("random:{}:{dims}", eval.random_seed),
-            )
-        };
-        let model = FidModel::load(&weights, device, dims)?.with_batch_size(eval.batch_size);
+    /// Loads the Inception `weights` onto `device`, with `eval`'s settings.
+    pub fn new(eval: &EvalSection, device: Device, weights: ScorerWeights) -> Result<Self> {
+        let ScorerWeights {
+            path: weights,
+            description,
+            identity,
+        } = weights;
+        let model = FidModel::load(&weights, device, eval.dims)?.with_batch_size(eval.batch_size);
         Ok(Self {
             model,
             description,
@@ -113,32 +135,47 @@ impl Scorer {
     }
 
     /// The reference features of every image of `dataset`, cached in `cache` (safetensors,
-    /// recomputed when `key` changes).
-    pub fn reference(&self, dataset: &Dataset, cache: &Path, key: &str) -> Result<Reference> {
-        let features = match read_cached_features(cache, key)? {
-            Some(features) => features,
-            None => {
-                let features = self.features_of_dataset(dataset)?;
-                let tensor = matrix_to_tensor(&features);
-                let meta = [("key".to_string(), key.to_string())].into();
-                save_tensors(cache, &[("features".to_string(), tensor)], Some(meta))?;
-                features
-            }
+    /// recomputed when `key` changes): on rank 0 of `group`, which alone reads and writes the
+    /// cache; every rank extracts its share when it is computed. `None` on the other ranks.
+    pub fn reference(
+        &self,
+        dataset: &Dataset,
+        cache: &Path,
+        key: &str,
+        group: &ProcessGroup,
+    ) -> Result<Option<Reference>> {
+        let cached = match group.is_main() {
+            true => read_cached_features(cache, key)?,
+            false => None,
         };
-        Ok(Reference { features })
-    }
-
-    /// Features of a dataset's images, decoded as pytorch-fid decodes them (RGB, [0, 1]) and each
-    /// resized to the network's input in its own forward pass batch.
-    fn features_of_dataset(&self, dataset: &Dataset) -> Result<Mat<f64>> {
+        // Only rank 0 can say yes: this is its answer, on every rank.
+        if group.any(cached.is_some())? {
+            return Ok(cached.map(|features| Reference { features }));
+        }
         if dataset.is_empty() {
             bail!(
                 "the reference split of {} has no images",
                 dataset.root.display()
             );
         }
-        let mut rows: Vec<Mat<f64>> = Vec::new();
-        for chunk in dataset.samples.chunks(DECODE_CHUNK) {
+        let features = self.features_of_dataset(dataset, group)?;
+        if !group.is_main() {
+            return Ok(None);
+        }
+        let tensor = matrix_to_tensor(&features);
+        let meta = [("key".to_string(), key.to_string())].into();
+        save_tensors(cache, &[("features".to_string(), tensor)], Some(meta))?;
+        Ok(Some(Reference { features }))
+    }
+
+    /// Features of a dataset's images, decoded as pytorch-fid decodes them (RGB, [0, 1]) and each
+    /// resized to the network's input in its own forward pass batch. Each rank of `group`
+    /// extracts a contiguous share of the decode chunks (the same batches as one process);
+    /// every rank gets all the rows.
+    fn features_of_dataset(&self, dataset: &Dataset, group: &ProcessGroup) -> Result<Mat<f64>> {
+        let chunks: Vec<_> = dataset.samples.chunks(DECODE_CHUNK).collect();
+        let mut rows: Vec<Mat<f64>> = vec![Mat::zeros(0, self.model.dims())];
+        for chunk in &chunks[group.shard_range(chunks.len())] {
             let images: Vec<Tensor> = chunk
                 .iter()
                 .map(|s| -> Result<Tensor> {
@@ -160,13 +197,27 @@ impl Scorer {
                 .collect::<Result<_>>()?;
             rows.push(self.model.features_of_tensor(&Tensor::cat(&images, 0))?);
         }
-        Ok(stack_rows(&rows))
+        // The collective runs on the model's device: the CPU under Gloo, this rank's GPU under NCCL.
+        let share = matrix_to_tensor(&stack_rows(&rows)).to_device(self.model.device());
+        tensor_to_matrix(&group.all_gather_rows(&share)?)
     }
 
     /// FID and KID of the images at `paths` against `reference`, with their bootstrap
-    /// uncertainties (the same draws for every set of as many images, so rows are paired).
-    pub fn score(&self, reference: &Reference, paths: &[PathBuf]) -> Result<Score> {
-        let features = self.model.features_of_images(paths)?;
+    /// uncertainties (the same draws for every set of as many images, so rows are paired). Every
+    /// rank of `group` extracts the features of its share of the images; rank 0, which alone has
+    /// the `reference`, gets the score, the others `None`.
+    pub fn score(
+        &self,
+        reference: Option<&Reference>,
+        paths: &[PathBuf],
+        group: &ProcessGroup,
+    ) -> Result<Option<Score>> {
+        let features = self
+            .model
+            .features_of_images_sharded(paths, group, |_, _| {})?;
+        let Some(reference) = reference.filter(|_| group.is_main()) else {
+            return Ok(None);
+        };
         let (reference, generated) = (reference.features.as_ref(), features.as_ref());
         let fid = self.bootstrap.fid(reference, generated)?;
         let (subsets, kid) = self.bootstrap.kid(
@@ -176,12 +227,12 @@ impl Scorer {
             self.kid_subset_size,
             self.seed,
         )?;
-        Ok(Score {
+        Ok(Some(Score {
             fid,
             kid,
             kid_subset_std: subsets.std,
             images: paths.len(),
-        })
+        }))
     }
 
     /// The bootstrap's settings, for the report.

@@ -68,6 +68,15 @@ impl Layout {
         })
     }
 
+    /// The output folder `root` as the other ranks of a data-parallel comparison see it: rank 0
+    /// creates it, keeps the clock and writes the stage states.
+    pub fn open(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            clock: WallClock::start(&root.join(WALL_TIME_FILE)),
+        }
+    }
+
     pub fn data(&self, domain: Domain) -> PathBuf {
         self.root.join("data").join(domain_name(domain))
     }

@@ -276,6 +276,35 @@ impl ProcessGroup {
         c.collective_result("broadcast_from_main", result)
     }
 
+    /// Rank 0's `bytes` on every rank (the other ranks' `bytes` are ignored): how a decision taken
+    /// on rank 0 alone, serialized, reaches every rank.
+    pub fn broadcast_bytes_from_main(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let Some(c) = &self.connected else {
+            return Ok(bytes.to_vec());
+        };
+        let device = c.collective_device();
+        let mut len = Tensor::from_slice(&[bytes.len() as i64]).to_device(device);
+        self.broadcast_from_main(&mut len)?;
+        let len = len.to_device(Device::Cpu).int64_value(&[0]);
+        let mut payload = match self.is_main() {
+            true => Tensor::from_slice(bytes).to_device(device),
+            false => Tensor::zeros([len], (Kind::Uint8, device)),
+        };
+        self.broadcast_from_main(&mut payload)?;
+        Ok(Vec::<u8>::try_from(payload.to_device(Device::Cpu))?)
+    }
+
+    /// Whether `flag` is set on any rank (every rank gets the same answer; a collective).
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let Some(c) = &self.connected else {
+            return Ok(flag);
+        };
+        let mut count =
+            Tensor::from_slice(&[f32::from(u8::from(flag))]).to_device(c.collective_device());
+        self.all_reduce_sum(&mut count)?;
+        Ok(count.to_device(Device::Cpu).double_value(&[0]) > 0.0)
+    }
+
     /// Waits until every rank has reached this point.
     pub fn barrier(&self) -> Result<()> {
         let Some(c) = &self.connected else {
@@ -400,6 +429,14 @@ impl Connected {
             );
         }
         Ok(())
+    }
+
+    /// Where this rank's collective buffers live: the CPU for Gloo, this rank's GPU for NCCL.
+    fn collective_device(&self) -> Device {
+        match self.backend {
+            Backend::Gloo => Device::Cpu,
+            Backend::Nccl => Device::Cuda(self.launch.local_rank),
+        }
     }
 
     /// One same-shaped tensor per rank, gathered from `input` on every rank.
@@ -535,6 +572,8 @@ mod tests {
         group.broadcast_from_main(&mut t).unwrap();
         group.barrier().unwrap();
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.0, 2.0]);
+        assert_eq!(group.broadcast_bytes_from_main(b"abc").unwrap(), b"abc");
+        assert!(group.any(true).unwrap() && !group.any(false).unwrap());
         let rows = Tensor::from_slice(&[1i64, 2, 3, 4]).reshape([2, 2]);
         assert_eq!(group.all_gather_rows(&rows).unwrap().size(), [2, 2]);
         assert_eq!(group.shard(&[1, 2, 3]), &[1, 2, 3]);

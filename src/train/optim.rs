@@ -40,6 +40,10 @@ pub struct AdamW {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: i64,
+    /// The gradients of a data-parallel run, flat, with room for the values that ride along:
+    /// allocated by the first [`AdamW::flat_grads`], then every parameter's gradient is a view
+    /// of it.
+    grad_buffer: Option<Tensor>,
 }
 
 impl AdamW {
@@ -75,6 +79,7 @@ impl AdamW {
             exp_avg,
             exp_avg_sq,
             step: 0,
+            grad_buffer: None,
         })
     }
 
@@ -101,9 +106,11 @@ impl AdamW {
         &mut self.flat
     }
 
-    /// All gradients in one new flat f32 buffer (a parameter without one gets zeros now), with
-    /// the values of the 1-D tensor `extra` appended: what a data-parallel step all-reduces in
-    /// one call.
+    /// All gradients as one flat f32 buffer with the values of the 1-D tensor `extra` appended:
+    /// what a data-parallel step all-reduces in one call, in place. The buffer is allocated once
+    /// per run and every parameter's gradient is made a view of it (a parameter without a
+    /// gradient gets zeros first), so autograd accumulates into it and no step allocates or
+    /// copies gradients; what is written into the returned buffer is the gradients.
     pub fn flat_grads(&mut self, extra: &Tensor) -> Tensor {
         for p in &self.params {
             if !p.grad().defined() {
@@ -111,28 +118,34 @@ impl AdamW {
                 (p.sum(Kind::Float) * 0.0).backward();
             }
         }
-        tch::no_grad(|| {
-            let total = self.numel();
-            let extra = extra.to_kind(Kind::Float).to_device(self.flat.device());
-            let buffer = Tensor::zeros(
-                [total + extra.numel() as i64],
-                (Kind::Float, self.flat.device()),
-            );
-            self.gather_grads(&mut buffer.narrow(0, 0, total), 0, total, 1.0);
-            buffer.narrow(0, total, extra.numel() as i64).copy_(&extra);
-            buffer
-        })
-    }
-
-    /// Sets the gradients from a buffer laid out as [`AdamW::flat_grads`] makes it.
-    pub fn set_flat_grads(&mut self, buffer: &Tensor) {
+        let total = self.numel();
+        let extra_len = extra.numel() as i64;
+        let device = self.flat.device();
+        let buffer = self
+            .grad_buffer
+            .get_or_insert_with(|| Tensor::zeros([total + extra_len], (Kind::Float, device)))
+            .shallow_clone();
+        assert_eq!(
+            buffer.numel() as i64,
+            total + extra_len,
+            "the values riding along the gradients change size"
+        );
         tch::no_grad(|| {
             for (p, &offset) in self.params.iter().zip(&self.offsets) {
-                let mut g = p.grad();
-                let src = buffer.narrow(0, offset, p.numel() as i64).view_as(&g);
-                g.copy_(&src);
+                let mut grad = p.grad();
+                let mut view = buffer.narrow(0, offset, p.numel() as i64).view_as(&grad);
+                // Once per run (or again should autograd ever replace a gradient tensor): move
+                // the gradient into the buffer and point the parameter's gradient at it.
+                if grad.data_ptr() != view.data_ptr() || !grad.is_contiguous() {
+                    view.copy_(&grad);
+                    grad.set_data(&view);
+                }
             }
-        })
+            buffer
+                .narrow(0, total, extra_len)
+                .copy_(&extra.to_kind(Kind::Float).to_device(device));
+        });
+        buffer
     }
 
     /// The global L2 norm of all gradients (parameters without one count as zero), as a 0-d f32

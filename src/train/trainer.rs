@@ -369,12 +369,12 @@ impl<'a> Trainer<'a> {
             return Ok((loss_and_flag, None));
         }
         let started = Instant::now();
+        // The gradients are views of this buffer: reducing it in place reduces them.
         let mut buffer = self.optimizer.flat_grads(&loss_and_flag);
         self.group.all_reduce_sum(&mut buffer).with_context(|| {
             format!("all-reducing the gradients of step {}", self.steps_done + 1)
         })?;
         buffer /= self.group.world_size() as f64;
-        self.optimizer.set_flat_grads(&buffer);
         let n = buffer.numel() as i64;
         let all_reduce_s = started.elapsed().as_secs_f64();
         Ok((buffer.narrow(0, n - 2, 2), Some(all_reduce_s)))

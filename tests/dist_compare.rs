@@ -1,0 +1,229 @@
+//! `difftune compare` as 2 Gloo ranks on 127.0.0.1 (see tests/common/launch.rs) against one
+//! process, on the tiny preset at a budget of seconds: the same files, the same sample PNG bytes,
+//! the same numbers, and rank 0 alone reports; a batch the ranks cannot share is refused.
+#[path = "common/launch.rs"]
+mod common;
+
+use common::{difftune, launch, run_to_success, LIMIT};
+use difftune::compare::report::BASE_ROW;
+use difftune::compare::{preset, CompareConfig, StudyResults};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The tiny preset with the pre-training, LoRA and full runs at a budget of seconds. The study's
+/// batch of 4 is 2 per rank on 2 ranks; the 9 sampled images are 3 sampling batches (rank 0
+/// renders one, rank 1 two) and 3 feature batches (the same split). Pre-training runs (on both
+/// ranks, then rank 0 merges) at learning rate 0, which leaves the weights bit for bit as they
+/// were, so the base row cannot inherit the rounding differences of a data-parallel gradient
+/// and its samples and scores must be exactly those of one process.
+fn small_config() -> CompareConfig {
+    let mut config = preset("tiny").unwrap();
+    config
+        .methods
+        .retain(|m| m.name == "lora" || m.name == "full");
+    config
+        .apply_overrides(&[
+            "model.tiny_vae.steps=2".into(),
+            "data.synthetic.classes=3".into(),
+            "data.synthetic.train_per_class=4".into(),
+            "data.synthetic.test_per_class=4".into(),
+            "data.synthetic.resolution=32".into(),
+            "train.resolution=32".into(),
+            "train.batch_size=4".into(),
+            "train.steps=3".into(),
+            "train.checkpoint_every=0".into(),
+            "train.device=\"cpu\"".into(),
+            "pretrain.steps=3".into(),
+            "pretrain.learning_rate=0.0".into(),
+            "sample.per_class=3".into(),
+            "sample.steps=2".into(),
+            "sample.batch_size=3".into(),
+            "sample.grid_classes=2".into(),
+            "sample.grid_seeds=2".into(),
+            "eval.dims=64".into(),
+            "eval.batch_size=3".into(),
+            "eval.feature_weights=\"random\"".into(),
+            "eval.kid_subsets=5".into(),
+            "eval.bootstrap=20".into(),
+        ])
+        .unwrap();
+    config
+}
+
+fn write_config(dir: &Path, config: &CompareConfig) -> PathBuf {
+    let path = dir.join("study.toml");
+    std::fs::write(&path, config.to_toml().unwrap()).unwrap();
+    path
+}
+
+fn args(config: &Path, out: &Path) -> Vec<String> {
+    ["compare", "--config", config.to_str().unwrap()]
+        .into_iter()
+        .chain(["--out", out.to_str().unwrap()])
+        .map(String::from)
+        .collect()
+}
+
+/// Every file under `dir` (relative path → bytes), without the released folder locks. A
+/// TensorBoard event file's name holds its start time and process id: it is listed as
+/// `tfevents-N`, N counting them in its folder.
+fn files_under(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.file_name().unwrap() != difftune::util::lock::LOCK_FILE {
+                let bytes = std::fs::read(&path).unwrap();
+                let mut name = path.strip_prefix(dir).unwrap().to_path_buf();
+                if name.to_string_lossy().contains("tfevents") {
+                    let folder = name.parent().unwrap().to_path_buf();
+                    let n = (0..)
+                        .find(|n| !files.contains_key(&folder.join(format!("tfevents-{n}"))))
+                        .unwrap();
+                    name = folder.join(format!("tfevents-{n}"));
+                }
+                files.insert(name, bytes);
+            }
+        }
+    }
+    files
+}
+
+fn results(out: &Path) -> StudyResults {
+    let text = std::fs::read_to_string(out.join("results.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn assert_close(what: &str, one: f64, two: f64, relative: f64) {
+    let scale = one.abs().max(two.abs()).max(1e-12);
+    assert!(
+        (one - two).abs() <= relative * scale,
+        "{what}: {one} (1 process) against {two} (2 ranks)"
+    );
+}
+
+#[test]
+fn two_rank_compare_equals_one_process() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &small_config());
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let single = difftune(
+        &args(&config, &one)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .output()
+    .unwrap();
+    assert!(single.status.success(), "{single:?}");
+    let two_args = args(&config, &two);
+    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
+    eprintln!(
+        "1 process and 2 ranks in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Rank 0 prints the tables, rank 1 nothing.
+    let (stdout_0, _) = job.ranks[0].output();
+    assert!(stdout_0.contains("Table 1. FID"), "{stdout_0}");
+    let (stdout_1, _) = job.ranks[1].output();
+    assert!(stdout_1.is_empty(), "rank 1 printed {stdout_1}");
+
+    // The same files: nothing written twice under another name, no per-rank leftovers.
+    let (expected, got) = (files_under(&one), files_under(&two));
+    let names = |files: &BTreeMap<PathBuf, Vec<u8>>| files.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&got), names(&expected));
+
+    // The base model's samples do not depend on training: the same bytes. The tuned rows'
+    // adapters match one process to float rounding (the batch is split over ranks), so their
+    // 8-bit samples may differ by one level in a rare pixel.
+    let samples: Vec<&PathBuf> = expected
+        .keys()
+        .filter(|p| p.starts_with("samples"))
+        .collect();
+    assert_eq!(samples.len(), 27, "9 images for each of 3 rows");
+    let mut differing = Vec::new();
+    for path in samples {
+        let (a, b) = (&expected[path], &got[path]);
+        if path.starts_with(Path::new("samples").join(BASE_ROW)) {
+            assert!(a == b, "{} differs between 1 and 2 ranks", path.display());
+        } else if a != b {
+            let (a, b) = (
+                image::load_from_memory(a).unwrap().to_rgb8(),
+                image::load_from_memory(b).unwrap().to_rgb8(),
+            );
+            let most = a
+                .as_raw()
+                .iter()
+                .zip(b.as_raw())
+                .map(|(x, y)| x.abs_diff(*y))
+                .max()
+                .unwrap();
+            assert!(most <= 1, "{}: pixels differ by {most}", path.display());
+            differing.push(path);
+        }
+    }
+    eprintln!("tuned rows' samples differing by one level somewhere: {differing:?}");
+
+    let (a, b) = (results(&one), results(&two));
+    assert_eq!(a.rows.len(), 3);
+    for (x, y) in a.rows.iter().zip(&b.rows) {
+        assert_eq!((&x.method, x.images), (&y.method, y.images));
+        assert_eq!(x.trainable_params, y.trainable_params);
+        let row = &x.method;
+        let exact = row == BASE_ROW;
+        let tolerance = if exact { 0.0 } else { 1e-3 };
+        assert_close(&format!("{row} FID"), x.fid, y.fid, tolerance);
+        assert_close(&format!("{row} KID"), x.kid_mean, y.kid_mean, tolerance);
+        eprintln!(
+            "{row}: FID {} against {}, KID {} against {}",
+            x.fid, y.fid, x.kid_mean, y.kid_mean
+        );
+        if let (Some(tx), Some(ty)) = (&x.train, &y.train) {
+            assert_eq!(tx.steps, ty.steps);
+            assert_close(
+                &format!("{row} final loss"),
+                tx.final_loss.unwrap(),
+                ty.final_loss.unwrap(),
+                1e-4,
+            );
+        }
+    }
+    assert!(
+        started.elapsed() < 2 * LIMIT,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_batch_the_ranks_cannot_share_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config();
+    config
+        .apply_overrides(&["train.batch_size=3".into()])
+        .unwrap();
+    let config = write_config(dir.path(), &config);
+    let out = dir.path().join("out");
+    let args = args(&config, &out);
+    let mut job = launch(
+        2,
+        &[0, 1],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    for rank in &mut job.ranks {
+        let status = rank.wait(Instant::now() + LIMIT);
+        let (_, stderr) = rank.output();
+        assert!(!status.success(), "{stderr}");
+        assert!(
+            stderr.contains("global batch of 3 (batch_size 3 x gradient_accumulation_steps 1) cannot be shared evenly by 2 ranks"),
+            "{stderr}"
+        );
+    }
+    assert!(!out.exists(), "{} was written", out.display());
+}
