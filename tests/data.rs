@@ -680,7 +680,8 @@ fn synthetic_generation_is_deterministic_and_domains_differ() -> Result<()> {
     };
     assert_ne!(image("a"), image("seed"));
 
-    // The target domain is bluer (a blue gingham tablecloth) at about the same brightness.
+    // The target domain has other colours (a blue gingham tablecloth, yellow crockery, a warmer
+    // palette) but is not much darker: a dark target turns the latents around (see the module).
     generate_food101_like(
         &tmp.path().join("target"),
         &SyntheticSpec {
@@ -708,10 +709,9 @@ fn synthetic_generation_is_deterministic_and_domains_differ() -> Result<()> {
         std::array::from_fn(|c| channels.double_value(&[c as i64]))
     };
     let (source, target) = (mean("a"), mean("target"));
-    let blueness = |m: [f64; 3]| m[2] - m[0];
     let brightness = |m: [f64; 3]| m.iter().sum::<f64>() / 3.0;
     assert!(
-        blueness(target) > blueness(source) + 0.2
+        (0..3).all(|c| (source[c] - target[c]).abs() > 0.2)
             && (brightness(source) - brightness(target)).abs() < 0.3,
         "source {source:?}, target {target:?}"
     );
