@@ -1,5 +1,6 @@
 //! A built-in tiny model with Stable Diffusion v1's architecture and file layout: a two-level
-//! U-Net, a VAE with SD's 8x downsampling to 4 latent channels (or 2x/4x: fewer levels), a two-layer CLIP text encoder and a
+//! U-Net, a VAE with SD's 8x downsampling (or 2x/4x: fewer levels) to 4 latent channels, a
+//! two-layer CLIP text encoder and a
 //! CLIP-format BPE tokenizer whose vocabulary is generated here, all with seeded random weights,
 //! written as a diffusers folder. Every command loads it through the same path as a real model,
 //! and it trains and samples in seconds on a CPU.
