@@ -1,5 +1,6 @@
 //! The report's figures, drawn with plotters into memory and written atomically as PNG: FID
-//! against trainable parameters (log x), training time per method, and training-loss curves.
+//! against trainable parameters (log x, with each FID's bootstrap 95% interval), training time
+//! per method, and training-loss curves.
 use super::report::{StudyResults, BASE_ROW};
 use crate::util::fs::write_atomic;
 use anyhow::{anyhow, bail, Context, Result};
@@ -84,6 +85,8 @@ struct FidPoint<'a> {
     label: &'a str,
     params: f64,
     fid: f64,
+    /// The FID's 95% interval (the bootstrap's).
+    interval: (f64, f64),
 }
 
 /// The methods with a finite FID and a parameter count.
@@ -99,10 +102,20 @@ fn fid_points(results: &StudyResults) -> Vec<FidPoint<'_>> {
                 label: &r.label,
                 params: n.max(1) as f64,
                 fid: r.fid,
+                interval: interval_or_point(r.fid, r.fid_uncertainty.low, r.fid_uncertainty.high),
             })
         })
         .filter(|p| p.fid.is_finite())
         .collect()
+}
+
+/// The interval `[low, high]` around `value`, or the point itself when the interval is not
+/// finite (a score without a bootstrap).
+fn interval_or_point(value: f64, low: f64, high: f64) -> (f64, f64) {
+    match low.is_finite() && high.is_finite() {
+        true => (low.min(value), high.max(value)),
+        false => (value, value),
+    }
 }
 
 /// The smallest and largest of `values`.
@@ -110,16 +123,28 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
     values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)))
 }
 
-/// FID of each method against its trainable parameters on a log axis; the base model (nothing
-/// trained) is a dashed horizontal line.
+/// FID of each method against its trainable parameters on a log axis, with its 95% interval as
+/// an error bar; the base model (nothing trained) is a dashed horizontal line in a grey band of
+/// its interval.
 pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
     let points = fid_points(results);
     if points.is_empty() {
         bail!("no method has a finite FID and a parameter count to plot");
     }
-    let base_fid = results.base().map(|b| b.fid).filter(|f| f.is_finite());
+    let base = results.base().filter(|b| b.fid.is_finite()).map(|b| {
+        (
+            b.fid,
+            interval_or_point(b.fid, b.fid_uncertainty.low, b.fid_uncertainty.high),
+        )
+    });
+    let base_fid = base.map(|(fid, _)| fid);
     let (x_lo, x_hi) = span(points.iter().map(|p| p.params));
-    let (y_lo, y_hi) = span(points.iter().map(|p| p.fid).chain(base_fid));
+    let (y_lo, y_hi) = span(
+        points
+            .iter()
+            .flat_map(|p| [p.interval.0, p.interval.1])
+            .chain(base.iter().flat_map(|(_, (lo, hi))| [*lo, *hi])),
+    );
     let y_pad = ((y_hi - y_lo) * 0.15).max(y_hi.abs() * 0.05).max(1e-3);
     render_png(path, |root| {
         let mut chart = ChartBuilder::on(root)
@@ -141,6 +166,13 @@ pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
             .axis_desc_style((FONT, 18))
             .draw()
             .map_err(plot_error)?;
+        if let Some((_, (lo, hi))) = base {
+            let band = Rectangle::new(
+                [(x_lo / 3.0, lo), (x_hi * 3.0, hi)],
+                BLACK.mix(0.08).filled(),
+            );
+            chart.draw_series([band]).map_err(plot_error)?;
+        }
         if let Some(base) = base_fid {
             let line = DashedLineSeries::new(
                 [(x_lo / 3.0, base), (x_hi * 3.0, base)],
@@ -166,6 +198,14 @@ pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
             } else {
                 (12, HPos::Left)
             };
+            let (lo, hi) = point.interval;
+            let stroke = color.stroke_width(2);
+            let bar = PathElement::new([(x, lo), (x, hi)], stroke);
+            chart.draw_series([bar]).map_err(plot_error)?;
+            let caps = [lo, hi].map(|end| {
+                EmptyElement::at((x, end)) + PathElement::new([(-8, 0), (8, 0)], stroke)
+            });
+            chart.draw_series(caps).map_err(plot_error)?;
             let style = TextStyle::from((FONT, 18).into_font())
                 .color(&color)
                 .pos(Pos::new(anchor, VPos::Center));
@@ -394,6 +434,26 @@ mod tests {
                 "{name}: {share} of the pixels are drawn"
             );
         }
+    }
+
+    #[test]
+    fn fid_plot_draws_each_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut results = study();
+        let mut drawn = |half_width: f64, name: &str| {
+            for row in &mut results.rows {
+                row.fid_uncertainty.low = row.fid - half_width;
+                row.fid_uncertainty.high = row.fid + half_width;
+            }
+            let path = dir.path().join(name);
+            fid_vs_params(&results, &path).unwrap();
+            ink(&decode(&path))
+        };
+        let (points, bars) = (drawn(0.0, "points.png"), drawn(5.0, "bars.png"));
+        assert!(
+            bars > points,
+            "error bars add no ink: {bars} against {points}"
+        );
     }
 
     #[test]

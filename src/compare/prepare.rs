@@ -135,7 +135,11 @@ impl Study<'_> {
             .is_none()
         {
             remove_dir(&dir)?;
-            crate::model::tiny::write_tiny_model(&dir, model.tiny_seed)?;
+            crate::model::tiny::write_tiny_model_with(
+                &dir,
+                model.tiny_seed,
+                model.tiny_vae.downsampling,
+            )?;
             // Training and sampling both read what the U-Net predicts from here.
             crate::util::fs::set_json_field(
                 &dir.join("scheduler").join("scheduler_config.json"),
@@ -157,8 +161,8 @@ impl Study<'_> {
                     self.opts.progress,
                 )?;
                 eprintln!(
-                    "compare: tiny VAE reconstruction MSE {:.4}, scaling factor {:.4}",
-                    report.reconstruction_mse, report.scaling_factor
+                    "compare: tiny VAE reconstruction MSE {:.4} on the training crops, {:.4} on the test images; scaling factor {:.4}",
+                    report.training_mse, report.test_mse, report.scaling_factor
                 );
             }
             self.layout.finish(Stage::TinyModel, &key, &Value::Null)?;

@@ -18,10 +18,13 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
-/// How the tiny model's VAE is trained (`[model.tiny_vae]`).
+/// How the tiny model's VAE is shaped and trained (`[model.tiny_vae]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TinyVaeTraining {
+    /// Downsampling factor, 2, 4 or 8 (SD's): how many pixels a latent covers on a side.
+    /// Default 8.
+    pub downsampling: u32,
     /// Optimizer steps; 0 keeps the random VAE. Default 300.
     pub steps: usize,
     /// Default 2e-3.
@@ -39,6 +42,7 @@ pub struct TinyVaeTraining {
 impl Default for TinyVaeTraining {
     fn default() -> Self {
         Self {
+            downsampling: crate::model::tiny::SD_VAE_DOWNSAMPLING,
             steps: 300,
             learning_rate: 2e-3,
             batch_size: 16,
@@ -52,8 +56,11 @@ impl Default for TinyVaeTraining {
 /// What the training achieved, for the log.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct TinyVaeReport {
-    /// Mean squared reconstruction error (images in [-1, 1]) over the last tenth of the steps.
-    pub reconstruction_mse: f64,
+    /// Mean squared reconstruction error (images in [-1, 1]) of the training crops over the last
+    /// tenth of the steps.
+    pub training_mse: f64,
+    /// Mean squared error of the whole held-out test images decoded from their latents' means.
+    pub test_mse: f64,
     pub scaling_factor: f64,
 }
 
@@ -78,7 +85,7 @@ pub fn train_tiny_vae(
         c if c % 8 == 0 => (c as i64).min(side),
         c => bail!("model.tiny_vae.crop {c} is not a multiple of 8"),
     };
-    let images = training_images(datasets, resolution, settings.seed)?.to_device(device);
+    let images = split_images(datasets, Split::Train, resolution, settings.seed)?.to_device(device);
     let config_path = model.join("vae").join("config.json");
     let weights_path = model
         .join("vae")
@@ -90,17 +97,37 @@ pub fn train_tiny_vae(
 
     let losses = fit(&vae, &vs, &images, crop, settings, progress)?;
     let tail = &losses[losses.len() - (losses.len() / 10).max(1).min(losses.len())..];
-    let reconstruction_mse = if tail.is_empty() {
+    let training_mse = if tail.is_empty() {
         f64::NAN
     } else {
         tail.iter().sum::<f64>() / tail.len() as f64
     };
+    let test = split_images(datasets, Split::Test, resolution, settings.seed)?.to_device(device);
+    let test_mse = reconstruction_mse(&vae, &test);
     let scaling_factor = 1.0 / latent_std(&vae, &images)?;
     save_vae_weights(&vs, &weights_path)?;
     crate::util::fs::set_json_field(&config_path, "scaling_factor", scaling_factor)?;
     Ok(TinyVaeReport {
-        reconstruction_mse,
+        training_mse,
+        test_mse,
         scaling_factor,
+    })
+}
+
+/// The mean squared error of `images` decoded from their latents' means (no sampling noise).
+pub fn reconstruction_mse(vae: &AutoencoderKL, images: &Tensor) -> f64 {
+    tch::no_grad(|| {
+        let squared: f64 = images
+            .split(64, 0)
+            .iter()
+            .map(|x| {
+                (vae.decode(&vae.encode(x).mean) - x)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum();
+        squared / images.numel() as f64
     })
 }
 
@@ -223,14 +250,19 @@ fn save_vae_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
     )
 }
 
-/// Every training image of `datasets`, `[n, 3, resolution, resolution]` in [-1, 1].
-fn training_images(datasets: &[&Path], resolution: u32, seed: u64) -> Result<Tensor> {
+/// Every image of `split` of `datasets`, `[n, 3, resolution, resolution]` in [-1, 1].
+pub fn split_images(
+    datasets: &[&Path],
+    split: Split,
+    resolution: u32,
+    seed: u64,
+) -> Result<Tensor> {
     let mut parts = Vec::new();
     for path in datasets {
         let dataset = Dataset::open(
             path,
             &DatasetOptions {
-                split: Split::Train,
+                split,
                 ..Default::default()
             },
         )?;

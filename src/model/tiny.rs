@@ -1,5 +1,6 @@
 //! A built-in tiny model with Stable Diffusion v1's architecture and file layout: a two-level
-//! U-Net, a VAE with SD's 8x downsampling to 4 latent channels, a two-layer CLIP text encoder and a
+//! U-Net, a VAE with SD's 8x downsampling (or 2x/4x: fewer levels) to 4 latent channels, a
+//! two-layer CLIP text encoder and a
 //! CLIP-format BPE tokenizer whose vocabulary is generated here, all with seeded random weights,
 //! written as a diffusers folder. Every command loads it through the same path as a real model,
 //! and it trains and samples in seconds on a CPU.
@@ -20,7 +21,19 @@ const END_OF_WORD: &str = "</w>";
 /// CLIP's context length, kept so prompts are shaped as for SD.
 const MAX_LENGTH: i64 = 77;
 
+/// SD's VAE downsampling factor, the tiny model's default.
+pub const SD_VAE_DOWNSAMPLING: u32 = 8;
+/// The side of the images the tiny model is made for; the U-Net's `sample_size` is this over the
+/// VAE's downsampling factor, so sampling defaults to it.
+const IMAGE_SIZE: u32 = 64;
+
+/// The tiny U-Net's config for SD's 8x VAE.
 pub fn unet_config() -> serde_json::Value {
+    unet_config_for(SD_VAE_DOWNSAMPLING)
+}
+
+/// The tiny U-Net's config for a VAE downsampling by `downsampling`.
+fn unet_config_for(downsampling: u32) -> serde_json::Value {
     json!({
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -39,18 +52,25 @@ pub fn unet_config() -> serde_json::Value {
         "norm_eps": 1e-05,
         "norm_num_groups": 32,
         "out_channels": 4,
-        "sample_size": 8,
+        "sample_size": IMAGE_SIZE / downsampling,
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]
     })
 }
 
-pub fn vae_config() -> serde_json::Value {
-    json!({
+/// The tiny VAE's config downsampling by `downsampling` (2, 4 or 8): one level per factor of
+/// two plus the full-resolution one, as diffusers counts them (`2^(levels-1)`).
+pub fn vae_config_for(downsampling: u32) -> Result<serde_json::Value> {
+    if !matches!(downsampling, 2 | 4 | 8) {
+        bail!("the tiny VAE downsamples by 2, 4 or 8, not {downsampling}");
+    }
+    let levels = downsampling.trailing_zeros() as usize + 1;
+    let widths = &[16, 32, 32, 32][..levels];
+    Ok(json!({
         "_class_name": "AutoencoderKL",
         "_diffusers_version": DIFFUSERS_VERSION,
         "act_fn": "silu",
-        "block_out_channels": [16, 32, 32, 32],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "block_out_channels": widths,
+        "down_block_types": vec!["DownEncoderBlock2D"; levels],
         "in_channels": 3,
         "latent_channels": 4,
         "layers_per_block": 1,
@@ -58,8 +78,8 @@ pub fn vae_config() -> serde_json::Value {
         "out_channels": 3,
         "sample_size": 64,
         "scaling_factor": 0.18215,
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
-    })
+        "up_block_types": vec!["UpDecoderBlock2D"; levels]
+    }))
 }
 
 fn text_encoder_config(vocab_size: usize, bos_id: usize, eos_id: usize) -> serde_json::Value {
@@ -202,8 +222,17 @@ fn save_random<M>(path: &Path, build: impl FnOnce(nn::Path) -> Result<M>) -> Res
     )
 }
 
-/// Writes the tiny model as a diffusers folder at `out` (which must be absent or empty).
+/// Writes the tiny model with SD's 8x VAE as a diffusers folder at `out` (which must be absent
+/// or empty).
 pub fn write_tiny_model(out: &Path, seed: u64) -> Result<()> {
+    write_tiny_model_with(out, seed, SD_VAE_DOWNSAMPLING)
+}
+
+/// Writes the tiny model with a VAE downsampling by `vae_downsampling` (2, 4 or 8) and a U-Net
+/// sized for its latents as a diffusers folder at `out` (which must be absent or empty).
+pub fn write_tiny_model_with(out: &Path, seed: u64, vae_downsampling: u32) -> Result<()> {
+    let vae_config = vae_config_for(vae_downsampling)?;
+    let unet_config = unet_config_for(vae_downsampling);
     if out.exists()
         && std::fs::read_dir(out)
             .with_context(|| format!("reading {}", out.display()))?
@@ -239,19 +268,19 @@ pub fn write_tiny_model(out: &Path, seed: u64) -> Result<()> {
         &out.join("scheduler/scheduler_config.json"),
         &scheduler_config(),
     )?;
-    write_json(&out.join("unet/config.json"), &unet_config())?;
-    write_json(&out.join("vae/config.json"), &vae_config())?;
+    write_json(&out.join("unet/config.json"), &unet_config)?;
+    write_json(&out.join("vae/config.json"), &vae_config)?;
     write_json(&out.join("text_encoder/config.json"), &text_config)?;
 
     // One seed per component, so each is the same whatever the others are.
     tch::manual_seed(seed as i64);
-    let unet: UNetConfig = serde_json::from_value(unet_config())?;
+    let unet: UNetConfig = serde_json::from_value(unet_config)?;
     save_random(
         &out.join("unet/diffusion_pytorch_model.safetensors"),
         |vs| UNet2DConditionModel::new(vs, &unet),
     )?;
     tch::manual_seed(seed.wrapping_add(1) as i64);
-    let vae: VaeConfig = serde_json::from_value(vae_config())?;
+    let vae: VaeConfig = serde_json::from_value(vae_config)?;
     save_random(&out.join("vae/diffusion_pytorch_model.safetensors"), |vs| {
         AutoencoderKL::new(vs, &vae)
     })?;
