@@ -10,7 +10,8 @@ use std::path::Path;
 /// Space between tiles and around the grid.
 const GAP: u32 = 4;
 const HEADER_HEIGHT: u32 = 28;
-const LABEL_WIDTH: u32 = 190;
+/// Wide enough for the longest row label, "No fine-tuning (base model)".
+const LABEL_WIDTH: u32 = 240;
 const FONT_SIZE: u32 = 15;
 
 /// One captioned row of tiles.
