@@ -8,6 +8,7 @@ use super::config::{Precision, RunConfig};
 use super::ema::Ema;
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
+use super::prefetch::{prefetched_batches, PrefetchedBatches};
 use super::step::{attach_method, forward_backward, Objective};
 use super::tensorboard::TensorBoardLog;
 use super::validation::{TrainedUnet, Validation};
@@ -120,7 +121,8 @@ fn open_run_folder(
 ///   [`Trainer::save`], [`Trainer::validate`] and the adapter file;
 /// - EMA weights: updated in [`Trainer::step`] after the optimizer, saved by [`Trainer::save`];
 /// - prefetching: [`Batches::read`] is the CPU part of a forward pass's input (no random draw),
-///   so a background thread can read the next one while [`Trainer::step`] computes;
+///   so a background thread reads the next one while [`Trainer::step`] computes
+///   ([`super::prefetch`]);
 /// - signals: whatever sets [`TrainOptions::interrupt`] (the CLI's handler) stops the loop.
 pub struct Trainer<'a> {
     opts: &'a TrainOptions,
@@ -129,7 +131,9 @@ pub struct Trainer<'a> {
     autocast: bool,
     base_unet: String,
     config_text: String,
-    batches: Batches,
+    batches: PrefetchedBatches,
+    /// Samples in the cache (one epoch).
+    cached_samples: usize,
     objective: Objective,
     model: TrainedUnet,
     /// The method and the parameters it added (kept alive here) and trains.
@@ -204,7 +208,8 @@ impl<'a> Trainer<'a> {
             autocast,
             base_unet,
             config_text,
-            batches,
+            cached_samples: batches.len(),
+            batches: prefetched_batches(batches, device),
             objective,
             model,
             tuned,
@@ -291,10 +296,13 @@ impl<'a> Trainer<'a> {
         self.optimizer.zero_grad();
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         for micro in 0..accum {
-            let batch = self.batches.read(self.steps_done * accum + micro)?;
-            let inputs = self
-                .batches
-                .seeded_inputs(batch, &self.objective, self.device)?;
+            let index = self.steps_done * accum + micro;
+            let batch = self.batches.take(index)?;
+            let inputs =
+                self.batches
+                    .get_mut()?
+                    .seeded_inputs(batch, &self.objective, self.device)?;
+            self.batches.start(index + 1)?;
             let unet = self.model.unet();
             let loss = forward_backward(
                 unet,
@@ -337,7 +345,7 @@ impl<'a> Trainer<'a> {
             grad_norm,
             step_time_s: started.elapsed().as_secs_f64(),
             peak_rss_bytes: peak_rss_bytes(),
-            epoch: (samples_seen - 1) / self.batches.len(),
+            epoch: (samples_seen - 1) / self.cached_samples,
             global_batch: self.global_batch(),
             all_reduce_s,
         })
@@ -430,7 +438,7 @@ impl<'a> Trainer<'a> {
         CheckpointState {
             step,
             samples_seen,
-            epoch: samples_seen / self.batches.len(),
+            epoch: samples_seen / self.cached_samples,
             seed: train.seed,
             method: self.opts.config.method.name.clone(),
             base_unet: self.base_unet.clone(),
@@ -527,7 +535,7 @@ impl<'a> Trainer<'a> {
             adapter,
             checkpoint: self.last_saved.map(|(_, dir)| dir),
             trainable_parameters: self.tuned.trained.iter().map(|(_, t)| t.numel()).sum(),
-            cached_samples: self.batches.len(),
+            cached_samples: self.cached_samples,
             interrupted: self.interrupted,
         }
     }
