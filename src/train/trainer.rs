@@ -169,12 +169,20 @@ impl<'a> Trainer<'a> {
         group
             .barrier()
             .context("waiting for the main rank's latent cache")?;
-        let scaling = crate::model::vae::VaeConfig::from_file(&files.vae.config)?.scaling_factor;
+        let vae = crate::model::vae::VaeConfig::from_file(&files.vae.config)?;
+        let scaling = vae.scaling_factor;
         let shard = (train.batch_size, group.rank(), group.world_size());
         let batches = Batches::open(&cache_dir, train.seed, shard, scaling)?;
 
         let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(&files, device)?;
         unet.gradient_checkpointing = train.gradient_checkpointing;
+        if device.is_cuda() && group.is_main() {
+            let factor = crate::sample::LatentGeometry::of_vae(&vae).scale_factor;
+            let (batch, latent) = (train.batch_size as i64, train.resolution as i64 / factor);
+            let kernels =
+                crate::bench::sdpa::describe(&unet.config, batch, latent, device, autocast)?;
+            eprintln!("difftune train: scaled dot-product attention: {kernels}");
+        }
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
         let objective = Objective::new(&scheduler, train)?;
         let tuned = attach_method(&mut unet, &mut unet_vs, &config.method, train.seed)?;
