@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 /// Two parameters (one without a gradient at odd steps) trained for 5 steps; returns them.
 fn train(fused: bool) -> Vec<Tensor> {
     tch::manual_seed(3);
-    let params = vec![
+    let params = [
         Tensor::randn([3, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true),
         Tensor::randn([7], (Kind::Float, Device::Cpu)).set_requires_grad(true),
     ];
