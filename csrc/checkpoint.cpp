@@ -3,7 +3,7 @@
 // keeps only its inputs; the backward re-runs it with grad enabled on detached copies of those
 // inputs, under the autocast state of the forward, and back-propagates through the recomputed
 // graph (parameters the closure reads get their .grad accumulated there). No C++ exception
-// crosses into Rust: entry points return NULL or a malloc'd message freed by dt_ckpt_free_error.
+// crosses into Rust: entry points return NULL or a malloc'd message freed by dt_free_message.
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
@@ -147,7 +147,8 @@ struct Checkpoint : torch::autograd::Function<Checkpoint> {
 
 extern "C" {
 
-void dt_ckpt_free_error(char* message) { std::free(message); }
+// Frees a message returned by any of difftune's shims (see shim_error.h).
+void dt_free_message(char* message) { std::free(message); }
 
 int dt_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
 

@@ -1,6 +1,6 @@
 // difftune's bridge to PyTorch's c10d (TCPStore, PrefixStore, ProcessGroupGloo and, when built
 // with NCCL headers, ProcessGroupNCCL). Every entry point returns NULL on success or a malloc'd
-// error message the caller frees with dt_free_error; no C++ exception crosses into Rust.
+// error message the caller frees with dt_free_message (csrc/checkpoint.cpp); no C++ exception crosses into Rust.
 // Tied to the exact torch version the crate pins (class layouts are seen through its headers).
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -89,10 +89,6 @@ int dt_has_nccl() {
 #else
   return 0;
 #endif
-}
-
-void dt_free_error(char* message) {
-  std::free(message);
 }
 
 // Connects to (or, when listen_fd >= 0, hosts on that already-bound socket) the TCPStore at

@@ -88,3 +88,84 @@ fn bench_rejects_a_resolution_the_vae_cannot_produce() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("multiple of 8"), "{stderr}");
 }
+
+#[test]
+fn bench_reports_times_attention_kernels_and_writes_profiles_channels_last() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_configs(dir.path());
+    let traces = dir.path().join("traces");
+    let out = bench(
+        dir.path(),
+        &[
+            "--methods",
+            "lora",
+            "--batch",
+            "2",
+            "--resolution",
+            "64",
+            "--channels-last",
+            "--profile",
+            traces.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: BenchReport = serde_json::from_slice(&out.stdout).unwrap();
+    // On the CPU in f32 torch picks its CPU flash kernel (or the math one): never a CUDA kernel.
+    assert!(
+        report.sdpa.starts_with("self-attention "),
+        "{}",
+        report.sdpa
+    );
+    assert!(
+        !report.sdpa.contains("memory-efficient") && !report.sdpa.contains("cuDNN"),
+        "{}",
+        report.sdpa
+    );
+    let r = &report.results[0];
+    assert!(r.channels_last && !r.fused_adamw);
+    assert_eq!(r.step_times_s.len(), 1);
+    let mut times = r.step_times_s.clone();
+    assert_eq!(difftune::util::stats::median(&mut times), r.median_step_s);
+    // The profile is torch's Chrome trace of one step: the U-Net's convolutions are in it.
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(traces.join("difftune-lora-b2.json")).unwrap())
+            .unwrap();
+    let names: Vec<&str> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"aten::convolution"),
+        "{:?}",
+        &names[..names.len().min(20)]
+    );
+}
+
+#[test]
+fn fused_adamw_is_a_cuda_option() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_configs(dir.path());
+    let out = bench(dir.path(), &["--methods", "bitfit", "--fused-adamw"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CUDA option"), "{stderr}");
+}
+
+/// Channels-last changes the layout, never the values, and convolutions keep it.
+#[test]
+fn channels_last_keeps_values_and_convolutions_keep_the_layout() {
+    use difftune::bench::memory_format::{channels_last, is_channels_last};
+    tch::manual_seed(0);
+    let x = tch::Tensor::randn([2, 4, 8, 8], (tch::Kind::Float, tch::Device::Cpu));
+    let weight = tch::Tensor::randn([6, 4, 3, 3], (tch::Kind::Float, tch::Device::Cpu));
+    let (xl, wl) = (channels_last(&x), channels_last(&weight));
+    assert!(!is_channels_last(&x) && is_channels_last(&xl));
+    assert!(x.equal(&xl));
+    let y = xl.conv2d(&wl, None::<tch::Tensor>, [1, 1], [1, 1], [1, 1], 1);
+    assert!(is_channels_last(&y));
+    let reference = x.conv2d(&weight, None::<tch::Tensor>, [1, 1], [1, 1], [1, 1], 1);
+    assert!(y.allclose(&reference, 1e-5, 1e-5, false));
+}

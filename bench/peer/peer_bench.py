@@ -15,7 +15,11 @@ Methods, placed as difftune places them by default:
   bitfit   the biases inside the transformer blocks
 
 On CUDA: bf16 autocast, frozen weights in bf16 for the PEFT methods (fp32 for full fine-tuning),
-SDPA attention, fused AdamW; `--compile` wraps the U-Net in torch.compile.
+SDPA attention, fused AdamW; `--compile` wraps the U-Net in torch.compile. `--channels-last` lays
+the U-Net and its input out NHWC. `--profile DIR` runs one more step per method and batch under
+torch.profiler and writes DIR/peer-<method>-b<batch>.json (a Chrome trace, as difftune's
+`bench --profile`; bench/profile_summary.py summarises both). Every timed step's time is in the
+JSON (`step_times_s`), for bench/run.sh's interleaved rounds.
 
 Usage: python bench/peer/peer_bench.py --config-dir ../shared/reference/sd-v1-4 --methods all
          --batch 1,8 --resolution 512 [--device cuda] [--compile] --json
@@ -147,9 +151,13 @@ def bench_one(args, method: str, batch: int) -> dict:
         p.data = p.data.float()
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=cuda)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
     model = torch.compile(unet) if args.compile else unet
     latent = args.resolution // 8
     x = torch.randn(batch, 4, latent, latent, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     ctx = torch.randn(batch, 77, config["cross_attention_dim"], device=device)
     scheduler = DDPMScheduler.from_config(
         DDPMScheduler.load_config(os.path.join(args.config_dir, "scheduler_config.json")))
@@ -182,8 +190,15 @@ def bench_one(args, method: str, batch: int) -> dict:
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            step()
+        prof.export_chrome_trace(os.path.join(args.profile, f"peer-{method}-b{batch}.json"))
     return dict(method=method, batch=batch, resolution=args.resolution, median_step_s=median,
-                samples_per_s=batch / median, peak_memory_bytes=peak, trainable_params=trainable)
+                samples_per_s=batch / median, peak_memory_bytes=peak, trainable_params=trainable,
+                step_times_s=times, channels_last=args.channels_last)
 
 
 def main() -> None:
@@ -196,6 +211,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--profile", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     methods = METHODS if args.methods == "all" else args.methods.split(",")

@@ -2,7 +2,12 @@
 //! random weights and random cached-latent-shaped inputs (nothing is downloaded). The step is the
 //! trainer's own: the method registry attaches the method, `train::step::forward_backward` runs
 //! the forward, loss and backward, the flat AdamW updates. `bench/peer/peer_bench.py` runs the same
-//! step with diffusers + peft and prints the same JSON.
+//! step with diffusers + peft and prints the same JSON, with every timed step's time, so that
+//! `bench/run.sh` can interleave the two tools and state the ratio with its spread.
+pub mod memory_format;
+pub mod profiler;
+pub mod sdpa;
+
 use crate::compare::machine::{MachineInfo, PeakMemory};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::VaeConfig;
@@ -39,6 +44,13 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Also measure every method and batch with activation checkpointing.
     pub gradient_checkpointing: bool,
+    /// Lay the U-Net's convolution weights and inputs out channels-last (NHWC).
+    pub channels_last: bool,
+    /// Update with torch's fused AdamW kernel ([`AdamW::use_fused`]).
+    pub fused_adamw: bool,
+    /// Profile one more step per measurement with torch's profiler, writing
+    /// `difftune-<method>-b<batch>.json` (a Chrome trace) into this folder.
+    pub profile: Option<PathBuf>,
 }
 
 /// One method at one batch size.
@@ -55,6 +67,13 @@ pub struct BenchResult {
     /// Whether the U-Net recomputed its blocks in the backward pass (absent from the peer's JSON).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Every timed step's time, in order.
+    #[serde(default)]
+    pub step_times_s: Vec<f64>,
+    #[serde(default)]
+    pub channels_last: bool,
+    #[serde(default)]
+    pub fused_adamw: bool,
 }
 
 /// What `difftune bench --json` prints (and the peer script too).
@@ -66,6 +85,9 @@ pub struct BenchReport {
     pub threads: i64,
     /// What `peak_memory_bytes` measures.
     pub memory: String,
+    /// The scaled-dot-product-attention kernels torch picks for the first batch size's step.
+    #[serde(default)]
+    pub sdpa: String,
     pub results: Vec<BenchResult>,
 }
 
@@ -91,6 +113,18 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         SchedulerConfig::stable_diffusion_v1()
     };
     let objective = Objective::new(&scheduler, &TrainConfig::default())?;
+    if let Some(dir) = &opts.profile {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let latent = opts.resolution / scale_factor;
+    let first_batch = opts.batches.first().copied().unwrap_or(1);
+    let sdpa = sdpa::describe(
+        &config,
+        first_batch,
+        latent,
+        opts.device,
+        opts.device.is_cuda(),
+    )?;
     let mut results = Vec::new();
     let mut memory_kind = None;
     let checkpointing: &[bool] = if opts.gradient_checkpointing {
@@ -132,6 +166,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             machine.gpus.join(", ")
         },
         threads: tch::get_num_threads() as i64,
+        sdpa,
         memory: memory_kind
             .map(|k| k.describe().to_string())
             .unwrap_or_default(),
@@ -181,12 +216,23 @@ fn bench_one(
     if autocast {
         freeze_to_bf16(&unet_vs, &tensors);
     }
+    if opts.channels_last {
+        // Before the optimizer takes the trainable tensors into its flat buffer: full
+        // fine-tuning's weights become contiguous views of it again, the frozen ones stay NHWC.
+        memory_format::to_channels_last(&unet_vs);
+    }
     let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
+    if opts.fused_adamw {
+        optimizer.use_fused()?;
+    }
     let latent = opts.resolution / scale_factor;
-    let latents = Tensor::randn(
+    let mut latents = Tensor::randn(
         [batch, config.in_channels, latent, latent],
         (Kind::Float, device),
     );
+    if opts.channels_last {
+        latents = memory_format::channels_last(&latents);
+    }
     let (noise, timesteps) = objective.draw(&latents)?;
     let inputs = StepInputs {
         latents,
@@ -218,6 +264,11 @@ fn bench_one(
         times.push(started.elapsed().as_secs_f64());
     }
     let (kind, peak_memory_bytes) = probe.finish();
+    if let Some(dir) = &opts.profile {
+        let trace = dir.join(format!("difftune-{method}-b{batch}.json"));
+        profiler::profile(&trace, &mut step)?;
+    }
+    let step_times_s = times.clone();
     let median_step_s = crate::util::stats::median(&mut times);
     Ok((
         BenchResult {
@@ -229,6 +280,9 @@ fn bench_one(
             peak_memory_bytes,
             trainable_params,
             gradient_checkpointing,
+            step_times_s,
+            channels_last: opts.channels_last,
+            fused_adamw: opts.fused_adamw,
         },
         kind,
     ))

@@ -1,6 +1,6 @@
 use crate::bench::{BenchOptions, BenchReport};
 use crate::util::device::DeviceChoice;
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -32,6 +32,16 @@ pub struct BenchArgs {
     /// train.gradient_checkpointing).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Lay the U-Net's convolution weights and inputs out channels-last (NHWC).
+    #[arg(long)]
+    pub channels_last: bool,
+    /// Update with torch's fused AdamW kernel (CUDA only until it is measured faster there).
+    #[arg(long)]
+    pub fused_adamw: bool,
+    /// Profile one more step per method and batch with torch's profiler; writes
+    /// difftune-<method>-b<batch>.json (Chrome traces, see bench/profile_summary.py) here.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -47,6 +57,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .collect()
     };
     let device = args.device.resolve()?;
+    ensure!(
+        !args.fused_adamw || device.is_cuda(),
+        "--fused-adamw is a CUDA option (torch's fused kernel is only worth measuring there)"
+    );
     let report = crate::bench::run(&BenchOptions {
         config_dir: args.config_dir,
         methods,
@@ -56,6 +70,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         warmup: args.warmup,
         steps: args.steps,
         gradient_checkpointing: args.gradient_checkpointing,
+        channels_last: args.channels_last,
+        fused_adamw: args.fused_adamw,
+        profile: args.profile,
     })?;
     if args.json {
         println!(
@@ -73,6 +90,7 @@ fn print_table(report: &BenchReport) {
         "{} on {} ({} threads); memory: {}",
         report.tool, report.device, report.threads, report.memory
     );
+    println!("scaled dot-product attention: {}", report.sdpa);
     println!(
         "{:8} {:>5} {:>5} {:>12} {:>10} {:>12} {:>14}",
         "method", "batch", "ckpt", "step ms", "samples/s", "peak MiB", "trainable"

@@ -1,11 +1,10 @@
 //! The C entry points of csrc/dist.cpp and a safe call wrapper for their error convention
 //! (NULL on success, else a malloc'd message that [`check`] copies and frees).
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use torch_sys::C_tensor;
 
 extern "C" {
     pub fn dt_has_nccl() -> c_int;
-    pub fn dt_free_error(message: *mut c_char);
     #[allow(clippy::too_many_arguments)]
     pub fn dt_group_new(
         backend: c_int,
@@ -44,15 +43,4 @@ extern "C" {
     pub fn dt_group_free(group: *mut c_void);
 }
 
-/// Turns a shim return value into a `Result`, freeing the message.
-///
-/// # Safety
-/// `message` must be NULL or a pointer returned by a `dt_*` function, not yet freed.
-pub unsafe fn check(message: *mut c_char) -> Result<(), String> {
-    if message.is_null() {
-        return Ok(());
-    }
-    let text = CStr::from_ptr(message).to_string_lossy().into_owned();
-    dt_free_error(message);
-    Err(text)
-}
+pub use crate::util::shim::check;

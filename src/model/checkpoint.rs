@@ -11,7 +11,7 @@
 //! As with [`std::thread::scope`], closures live in a [`Scope`]: they may borrow what outlives
 //! the scope (the model), and when the scope ends they are dropped, so a backward pass run after
 //! it fails with an error instead of calling into freed memory.
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -37,7 +37,6 @@ extern "C" {
         n: c_int,
         output: *mut *mut C_tensor,
     ) -> *mut c_char;
-    fn dt_ckpt_free_error(message: *mut c_char);
     fn dt_grad_enabled() -> c_int;
 }
 
@@ -126,12 +125,8 @@ impl<'env> Scope<'_, 'env> {
                 &mut output,
             )
         };
-        if !error.is_null() {
-            // SAFETY: a message from dt_ckpt_apply, freed once.
-            let message = unsafe { CStr::from_ptr(error) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { dt_ckpt_free_error(error) };
+        // SAFETY: a message from dt_ckpt_apply, freed once.
+        if let Err(message) = unsafe { crate::util::shim::check(error) } {
             // As tch does for a failed op: the forward signatures are infallible.
             panic!("{message}");
         }

@@ -70,6 +70,20 @@ pub struct CachedBatch {
     context: Tensor,
 }
 
+impl CachedBatch {
+    /// The batch in pinned (page-locked) host memory, whose copy to a CUDA device does not block
+    /// the host (CUDA builds only: pinning needs the CUDA host allocator).
+    pub fn pinned(self) -> Self {
+        let pin = |t: Tensor| t.pin_memory(Device::Cuda(0));
+        Self {
+            positions: self.positions,
+            mean: pin(self.mean),
+            logvar: pin(self.logvar),
+            context: pin(self.context),
+        }
+    }
+}
+
 /// The latent cache of a run and the seeded order in which it is read.
 pub struct Batches {
     cache: LatentCache,
@@ -159,7 +173,10 @@ impl Batches {
         objective: &Objective,
         device: Device,
     ) -> Result<StepInputs> {
-        let (mean, logvar) = (batch.mean.to_device(device), batch.logvar.to_device(device));
+        // Non-blocking: from pinned memory (see [`CachedBatch::pinned`]) the copy runs in order on
+        // the device's stream without stalling the host; otherwise it is an ordinary copy.
+        let to_device = |t: &Tensor| t.to_device_(device, t.kind(), true, false);
+        let (mean, logvar) = (to_device(&batch.mean), to_device(&batch.logvar));
         let std = (logvar * 0.5).exp();
         let (mut latents, mut noise, mut timesteps) = (Vec::new(), Vec::new(), Vec::new());
         for (i, &position) in batch.positions.iter().enumerate() {
@@ -173,7 +190,7 @@ impl Batches {
         }
         Ok(StepInputs {
             latents: Tensor::cat(&latents, 0),
-            context: batch.context.to_device(device).to_kind(Kind::Float),
+            context: to_device(&batch.context).to_kind(Kind::Float),
             noise: Tensor::cat(&noise, 0),
             timesteps: Tensor::cat(&timesteps, 0),
         })

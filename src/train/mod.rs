@@ -7,6 +7,7 @@ pub mod ema;
 pub mod metrics;
 pub mod optim;
 pub mod precision;
+pub mod prefetch;
 pub mod step;
 pub mod tensorboard;
 pub mod trainer;

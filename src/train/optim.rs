@@ -2,9 +2,28 @@
 //! contiguous f32 master tensor, so the update and state checkpointing are a handful of kernels
 //! per chunk of the buffer regardless of how many tensors a method trains (the effect of torch's
 //! fused/foreach AdamW, which tch does not expose), with temporaries bounded by the chunk size.
-use anyhow::{bail, Result};
+use crate::util::shim;
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::ffi::c_char;
 use tch::{Kind, Tensor};
+
+// csrc/fused_adamw.cpp: torch's fused AdamW kernel (`at::_fused_adamw_`) on one slice.
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn dt_fused_adamw(
+        param: *mut torch_sys::C_tensor,
+        grad: *mut torch_sys::C_tensor,
+        exp_avg: *mut torch_sys::C_tensor,
+        exp_avg_sq: *mut torch_sys::C_tensor,
+        step: *mut torch_sys::C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -44,6 +63,16 @@ pub struct AdamW {
     /// allocated by the first [`AdamW::flat_grads`], then every parameter's gradient is a view
     /// of it.
     grad_buffer: Option<Tensor>,
+    /// Update with torch's fused AdamW kernel instead of the chunked one ([`AdamW::use_fused`]).
+    fused: bool,
+}
+
+/// The moments and parameters of one chunk of the flat buffers, updated in place.
+struct Slices {
+    param: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
 }
 
 impl AdamW {
@@ -80,7 +109,22 @@ impl AdamW {
             exp_avg_sq,
             step: 0,
             grad_buffer: None,
+            fused: false,
         })
+    }
+
+    /// Updates with torch's fused AdamW kernel (`_fused_adamw_`, as `torch.optim.AdamW(fused=True)`)
+    /// instead of the chunked update below; the same update up to float rounding. An opt-in for
+    /// CUDA until it measures faster there; errors if the kernel does not run on this device.
+    pub fn use_fused(&mut self) -> Result<()> {
+        let probe = |t: &Tensor| t.narrow(0, 0, 1).zeros_like();
+        let (mut p, mut g) = (probe(&self.flat), probe(&self.flat));
+        let (mut m, mut v) = (probe(&self.flat), probe(&self.flat));
+        let mut step = Tensor::ones([], (Kind::Float, self.flat.device()));
+        fused_adamw(&mut p, &mut g, &mut m, &mut v, &mut step, 0.0, &self.config)
+            .context("torch's fused AdamW kernel does not run here")?;
+        self.fused = true;
+        Ok(())
     }
 
     pub fn numel(&self) -> i64 {
@@ -215,25 +259,18 @@ impl AdamW {
                 let len = CHUNK.min(total - start);
                 let mut grad = buffer.narrow(0, 0, len);
                 self.gather_grads(&mut grad, start, len, scale);
-                let mut param = self.flat.narrow(0, start, len);
-                let mut m = self.exp_avg.narrow(0, start, len);
-                let mut v = self.exp_avg_sq.narrow(0, start, len);
-                if c.weight_decay != 0.0 {
-                    param *= 1.0 - lr * c.weight_decay;
-                }
-                let _ = m.lerp_(&grad, 1.0 - c.beta1);
-                // v = beta2 v + (1 - beta2) g², with g pre-scaled so no temporary is needed.
-                grad *= (1.0 - c.beta2).sqrt();
-                v *= c.beta2;
-                let _ = v.addcmul_(&grad, &grad);
-                if lr > 0.0 {
-                    // p -= lr / bias1 * m / (sqrt(v / bias2) + eps), the denominator built in `grad`.
-                    grad.copy_(&v);
-                    let _ = grad.sqrt_();
-                    grad *= 1.0 / bias2.sqrt();
-                    grad += c.eps;
-                    grad *= -bias1 / lr;
-                    let _ = param.addcdiv_(&m, &grad);
+                let slices = Slices {
+                    param: self.flat.narrow(0, start, len),
+                    grad,
+                    m: self.exp_avg.narrow(0, start, len),
+                    v: self.exp_avg_sq.narrow(0, start, len),
+                };
+                match self.fused {
+                    true => {
+                        let step = self.step as f64;
+                        update_fused(slices, lr, step, &c).expect("probed by use_fused");
+                    }
+                    false => update_chunk(slices, lr, (bias1, bias2), &c),
                 }
                 start += len;
             }
@@ -273,6 +310,73 @@ impl AdamW {
         self.step = get("optimizer.step")?.int64_value(&[]);
         Ok(())
     }
+}
+
+/// The chunked AdamW update of one slice, with the step's bias corrections `(bias1, bias2)`.
+fn update_chunk(s: Slices, lr: f64, (bias1, bias2): (f64, f64), c: &AdamWConfig) {
+    let Slices {
+        mut param,
+        mut grad,
+        mut m,
+        mut v,
+    } = s;
+    if c.weight_decay != 0.0 {
+        param *= 1.0 - lr * c.weight_decay;
+    }
+    let _ = m.lerp_(&grad, 1.0 - c.beta1);
+    // v = beta2 v + (1 - beta2) g², with g pre-scaled so no temporary is needed.
+    grad *= (1.0 - c.beta2).sqrt();
+    v *= c.beta2;
+    let _ = v.addcmul_(&grad, &grad);
+    if lr > 0.0 {
+        // p -= lr / bias1 * m / (sqrt(v / bias2) + eps), the denominator built in `grad`.
+        grad.copy_(&v);
+        let _ = grad.sqrt_();
+        grad *= 1.0 / bias2.sqrt();
+        grad += c.eps;
+        grad *= -bias1 / lr;
+        let _ = param.addcdiv_(&m, &grad);
+    }
+}
+
+/// The same update of one slice by torch's fused kernel, at (1-based) step `step`.
+fn update_fused(s: Slices, lr: f64, step: f64, c: &AdamWConfig) -> Result<()> {
+    let Slices {
+        mut param,
+        mut grad,
+        mut m,
+        mut v,
+    } = s;
+    let mut step = Tensor::from(step as f32).to_device(param.device());
+    fused_adamw(&mut param, &mut grad, &mut m, &mut v, &mut step, lr, c)
+}
+
+fn fused_adamw(
+    param: &mut Tensor,
+    grad: &mut Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    step: &mut Tensor,
+    lr: f64,
+    c: &AdamWConfig,
+) -> Result<()> {
+    // SAFETY: every pointer is a live tensor for the call; the result goes straight to `check`.
+    unsafe {
+        shim::check(dt_fused_adamw(
+            param.as_mut_ptr(),
+            grad.as_mut_ptr(),
+            m.as_mut_ptr(),
+            v.as_mut_ptr(),
+            step.as_mut_ptr(),
+            lr,
+            c.beta1,
+            c.beta2,
+            c.weight_decay,
+            c.eps,
+        ))
+    }
+    .map_err(|e| anyhow::anyhow!("_fused_adamw_: {e}"))?;
+    Ok(())
 }
 
 /// Learning-rate schedules, as diffusers' `get_scheduler` names and computes them.

@@ -8,6 +8,7 @@ use super::config::{Precision, RunConfig};
 use super::ema::Ema;
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
+use super::prefetch::{prefetched_batches, PrefetchedBatches};
 use super::step::{attach_method, forward_backward, Objective};
 use super::tensorboard::TensorBoardLog;
 use super::validation::{TrainedUnet, Validation};
@@ -120,7 +121,8 @@ fn open_run_folder(
 ///   [`Trainer::save`], [`Trainer::validate`] and the adapter file;
 /// - EMA weights: updated in [`Trainer::step`] after the optimizer, saved by [`Trainer::save`];
 /// - prefetching: [`Batches::read`] is the CPU part of a forward pass's input (no random draw),
-///   so a background thread can read the next one while [`Trainer::step`] computes;
+///   so a background thread reads the next one while [`Trainer::step`] computes
+///   ([`super::prefetch`]);
 /// - signals: whatever sets [`TrainOptions::interrupt`] (the CLI's handler) stops the loop.
 pub struct Trainer<'a> {
     opts: &'a TrainOptions,
@@ -129,7 +131,11 @@ pub struct Trainer<'a> {
     autocast: bool,
     base_unet: String,
     config_text: String,
-    batches: Batches,
+    batches: PrefetchedBatches,
+    /// Samples in the cache.
+    cached_samples: usize,
+    /// Samples per epoch (repeats and bucket padding included).
+    epoch_len: usize,
     objective: Objective,
     model: TrainedUnet,
     /// The method and the parameters it added (kept alive here) and trains.
@@ -165,12 +171,20 @@ impl<'a> Trainer<'a> {
         group
             .barrier()
             .context("waiting for the main rank's latent cache")?;
-        let scaling = crate::model::vae::VaeConfig::from_file(&files.vae.config)?.scaling_factor;
+        let vae = crate::model::vae::VaeConfig::from_file(&files.vae.config)?;
+        let scaling = vae.scaling_factor;
         let shard = (train.batch_size, group.rank(), group.world_size());
         let batches = Batches::open(&cache_dir, train.seed, shard, scaling)?;
 
         let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(&files, device)?;
         unet.gradient_checkpointing = train.gradient_checkpointing;
+        if device.is_cuda() && group.is_main() {
+            let factor = crate::sample::LatentGeometry::of_vae(&vae).scale_factor;
+            let (batch, latent) = (train.batch_size as i64, train.resolution as i64 / factor);
+            let kernels =
+                crate::bench::sdpa::describe(&unet.config, batch, latent, device, autocast)?;
+            eprintln!("difftune train: scaled dot-product attention: {kernels}");
+        }
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
         let objective = Objective::new(&scheduler, train)?;
         let tuned = attach_method(&mut unet, &mut unet_vs, &config.method, train.seed)?;
@@ -204,7 +218,9 @@ impl<'a> Trainer<'a> {
             autocast,
             base_unet,
             config_text,
-            batches,
+            cached_samples: batches.cache().len(),
+            epoch_len: batches.len(),
+            batches: prefetched_batches(batches, device),
             objective,
             model,
             tuned,
@@ -291,10 +307,13 @@ impl<'a> Trainer<'a> {
         self.optimizer.zero_grad();
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         for micro in 0..accum {
-            let batch = self.batches.read(self.steps_done * accum + micro)?;
-            let inputs = self
-                .batches
-                .seeded_inputs(batch, &self.objective, self.device)?;
+            let index = self.steps_done * accum + micro;
+            let batch = self.batches.take(index)?;
+            let inputs =
+                self.batches
+                    .get_mut()?
+                    .seeded_inputs(batch, &self.objective, self.device)?;
+            self.batches.start(index + 1)?;
             let unet = self.model.unet();
             let loss = forward_backward(
                 unet,
@@ -337,7 +356,7 @@ impl<'a> Trainer<'a> {
             grad_norm,
             step_time_s: started.elapsed().as_secs_f64(),
             peak_rss_bytes: peak_rss_bytes(),
-            epoch: (samples_seen - 1) / self.batches.len(),
+            epoch: (samples_seen - 1) / self.epoch_len,
             global_batch: self.global_batch(),
             all_reduce_s,
         })
@@ -430,7 +449,7 @@ impl<'a> Trainer<'a> {
         CheckpointState {
             step,
             samples_seen,
-            epoch: samples_seen / self.batches.len(),
+            epoch: samples_seen / self.epoch_len,
             seed: train.seed,
             method: self.opts.config.method.name.clone(),
             base_unet: self.base_unet.clone(),
@@ -527,7 +546,7 @@ impl<'a> Trainer<'a> {
             adapter,
             checkpoint: self.last_saved.map(|(_, dir)| dir),
             trainable_parameters: self.tuned.trained.iter().map(|(_, t)| t.numel()).sum(),
-            cached_samples: self.batches.cache().len(),
+            cached_samples: self.cached_samples,
             interrupted: self.interrupted,
         }
     }

@@ -2,5 +2,6 @@
 pub mod device;
 pub mod fs;
 pub mod lock;
+pub mod shim;
 pub mod stats;
 pub mod tensor;

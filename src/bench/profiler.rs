@@ -1,0 +1,25 @@
+//! torch's own profiler around part of a benchmark (csrc/profiler.cpp): every op the step runs,
+//! written as the Chrome trace torch.profiler writes for the Python peer, so that
+//! `bench/profile_summary.py` summarises both tools alike.
+use crate::util::shim;
+use anyhow::{anyhow, Result};
+use std::ffi::{c_char, CString};
+use std::path::Path;
+
+extern "C" {
+    fn dt_profiler_start() -> *mut c_char;
+    fn dt_profiler_stop(path: *const c_char) -> *mut c_char;
+}
+
+/// Runs `f` under torch's profiler (CPU ops of this thread) and writes the trace to `trace`.
+pub fn profile<T>(trace: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let path = CString::new(trace.to_string_lossy().as_bytes())?;
+    // SAFETY: the shim's return value goes straight to `check`.
+    unsafe { shim::check(dt_profiler_start()) }
+        .map_err(|e| anyhow!("starting torch's profiler: {e}"))?;
+    let result = f();
+    // SAFETY: `path` is NUL-terminated and outlives the call.
+    unsafe { shim::check(dt_profiler_stop(path.as_ptr())) }
+        .map_err(|e| anyhow!("writing the profile {}: {e}", trace.display()))?;
+    result
+}
