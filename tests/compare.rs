@@ -1,6 +1,9 @@
 //! `difftune compare` end to end on the tiny preset with a very small budget: every artefact is
 //! written, the numbers agree with each other and with the peft module, an interrupted comparison
 //! resumes, and a finished one is reused.
+#[path = "common/tiny_run.rs"]
+mod tiny_run;
+
 use difftune::compare::config::MethodEntry;
 use difftune::compare::report::Metric;
 use difftune::compare::runner::{REPORT_MD, RESULTS_CSV, RESULTS_JSON};
@@ -10,6 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use tiny_run::serial;
 
 /// Every registered method, in the study's order.
 fn methods() -> Vec<&'static str> {
@@ -90,6 +94,7 @@ fn modified(path: &Path) -> std::time::SystemTime {
 
 #[test]
 fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
+    let _guard = serial();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("compare");
     let config = small_tiny();
@@ -295,6 +300,9 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
 /// the preset used before).
 #[test]
 fn tiny_preset_vae_reconstructs_the_test_images() {
+    // The VAE's training draws from torch's global generator: the other test must not draw in
+    // between, or the weights (and the MSE) change.
+    let _guard = serial();
     use difftune::compare::tiny_vae::train_tiny_vae;
     use difftune::data::synthetic::{generate_food101_like, Domain, SyntheticSpec};
     let config = preset("tiny").unwrap();

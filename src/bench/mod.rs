@@ -11,6 +11,7 @@ pub mod sdpa;
 use crate::compare::machine::{MachineInfo, PeakMemory};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::VaeConfig;
+use crate::peft::Tuned;
 use crate::sample::LatentGeometry;
 use crate::schedulers::SchedulerConfig;
 use crate::train::config::{MethodConfig, TrainConfig};
@@ -183,103 +184,144 @@ struct StepSetup<'a> {
     gradient_checkpointing: bool,
 }
 
-fn bench_one(
+/// One method's training step on a random-weight U-Net and random inputs, ready to time.
+struct BenchedStep<'a> {
+    objective: &'a Objective,
+    unet: UNet2DConditionModel,
+    /// The U-Net's and the method's variables, kept alive while the step runs.
+    _vars: (nn::VarStore, Tuned),
+    optimizer: AdamW,
+    inputs: StepInputs,
+    autocast: bool,
+    device: Device,
+    trainable_params: i64,
+}
+
+impl<'a> BenchedStep<'a> {
+    fn new(
+        opts: &BenchOptions,
+        config: &UNetConfig,
+        objective: &'a Objective,
+        setup: &StepSetup,
+    ) -> Result<Self> {
+        let device = opts.device;
+        // bf16 autocast with frozen weights in bf16 on CUDA, as the trainer's `precision = "auto"`.
+        let autocast = device.is_cuda();
+        tch::manual_seed(0);
+        let mut unet_vs = nn::VarStore::new(device);
+        let mut unet = UNet2DConditionModel::new(unet_vs.root(), config)?;
+        unet.gradient_checkpointing = setup.gradient_checkpointing;
+        let method_config = MethodConfig {
+            name: setup.method.to_string(),
+            settings: toml::Table::new(),
+        };
+        let tuned = attach_method(&mut unet, &mut unet_vs, &method_config, 0)?;
+        let tensors: Vec<Tensor> = tuned
+            .trained
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let trainable_params = tensors.iter().map(|t| t.numel() as i64).sum();
+        if autocast {
+            freeze_to_bf16(&unet_vs, &tensors);
+        }
+        if opts.channels_last {
+            // Before the optimizer takes the trainable tensors into its flat buffer: full
+            // fine-tuning's weights become contiguous views of it again, the frozen ones stay NHWC.
+            memory_format::to_channels_last(&unet_vs);
+        }
+        let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
+        if opts.fused_adamw {
+            optimizer.use_fused()?;
+        }
+        let inputs = random_inputs(opts, config, objective, setup)?;
+        Ok(Self {
+            objective,
+            unet,
+            _vars: (unet_vs, tuned),
+            optimizer,
+            inputs,
+            autocast,
+            device,
+            trainable_params,
+        })
+    }
+
+    fn step(&mut self) -> Result<()> {
+        self.optimizer.zero_grad();
+        let _loss = forward_backward(&self.unet, self.objective, &self.inputs, self.autocast, 1.0)?;
+        self.optimizer.step(LEARNING_RATE, Some(1.0))?;
+        // CUDA kernels run asynchronously: wait for the update so the step is fully timed.
+        if let Device::Cuda(index) = self.device {
+            tch::Cuda::synchronize(index as i64);
+        }
+        Ok(())
+    }
+}
+
+/// Random latents (channels-last when asked) and text context, with the objective's noise and
+/// timesteps.
+fn random_inputs(
     opts: &BenchOptions,
     config: &UNetConfig,
     objective: &Objective,
     setup: &StepSetup,
-) -> Result<(BenchResult, crate::compare::machine::MemoryKind)> {
-    let StepSetup {
-        method,
-        batch,
-        scale_factor,
-        gradient_checkpointing,
-    } = *setup;
+) -> Result<StepInputs> {
     let device = opts.device;
-    // bf16 autocast with frozen weights in bf16 on CUDA, as the trainer's `precision = "auto"`.
-    let autocast = device.is_cuda();
-    tch::manual_seed(0);
-    let mut unet_vs = nn::VarStore::new(device);
-    let mut unet = UNet2DConditionModel::new(unet_vs.root(), config)?;
-    unet.gradient_checkpointing = gradient_checkpointing;
-    let method_config = MethodConfig {
-        name: method.to_string(),
-        settings: toml::Table::new(),
-    };
-    let tuned = attach_method(&mut unet, &mut unet_vs, &method_config, 0)?;
-    let tensors: Vec<Tensor> = tuned
-        .trained
-        .iter()
-        .map(|(_, t)| t.shallow_clone())
-        .collect();
-    let trainable_params = tensors.iter().map(|t| t.numel() as i64).sum();
-    if autocast {
-        freeze_to_bf16(&unet_vs, &tensors);
-    }
-    if opts.channels_last {
-        // Before the optimizer takes the trainable tensors into its flat buffer: full
-        // fine-tuning's weights become contiguous views of it again, the frozen ones stay NHWC.
-        memory_format::to_channels_last(&unet_vs);
-    }
-    let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
-    if opts.fused_adamw {
-        optimizer.use_fused()?;
-    }
-    let latent = opts.resolution / scale_factor;
+    let latent = opts.resolution / setup.scale_factor;
     let mut latents = Tensor::randn(
-        [batch, config.in_channels, latent, latent],
+        [setup.batch, config.in_channels, latent, latent],
         (Kind::Float, device),
     );
     if opts.channels_last {
         latents = memory_format::channels_last(&latents);
     }
     let (noise, timesteps) = objective.draw(&latents)?;
-    let inputs = StepInputs {
+    Ok(StepInputs {
         latents,
         context: Tensor::randn(
-            [batch, CONTEXT_TOKENS, config.cross_attention_dim],
+            [setup.batch, CONTEXT_TOKENS, config.cross_attention_dim],
             (Kind::Float, device),
         ),
         noise,
         timesteps,
-    };
-    let mut step = || -> Result<()> {
-        optimizer.zero_grad();
-        let _loss = forward_backward(&unet, objective, &inputs, autocast, 1.0)?;
-        optimizer.step(LEARNING_RATE, Some(1.0))?;
-        // CUDA kernels run asynchronously: wait for the update so the step is fully timed.
-        if let Device::Cuda(index) = device {
-            tch::Cuda::synchronize(index as i64);
-        }
-        Ok(())
-    };
+    })
+}
+
+fn bench_one(
+    opts: &BenchOptions,
+    config: &UNetConfig,
+    objective: &Objective,
+    setup: &StepSetup,
+) -> Result<(BenchResult, crate::compare::machine::MemoryKind)> {
+    let mut bench = BenchedStep::new(opts, config, objective, setup)?;
     for _ in 0..opts.warmup {
-        step()?;
+        bench.step()?;
     }
-    let probe = PeakMemory::start(device);
+    let probe = PeakMemory::start(opts.device);
     let mut times = Vec::with_capacity(opts.steps);
     for _ in 0..opts.steps {
         let started = Instant::now();
-        step()?;
+        bench.step()?;
         times.push(started.elapsed().as_secs_f64());
     }
     let (kind, peak_memory_bytes) = probe.finish();
     if let Some(dir) = &opts.profile {
-        let trace = dir.join(format!("difftune-{method}-b{batch}.json"));
-        profiler::profile(&trace, &mut step)?;
+        let trace = dir.join(format!("difftune-{}-b{}.json", setup.method, setup.batch));
+        profiler::profile(&trace, || bench.step())?;
     }
     let step_times_s = times.clone();
     let median_step_s = crate::util::stats::median(&mut times);
     Ok((
         BenchResult {
-            method: method.to_string(),
-            batch,
+            method: setup.method.to_string(),
+            batch: setup.batch,
             resolution: opts.resolution,
             median_step_s,
-            samples_per_s: batch as f64 / median_step_s,
+            samples_per_s: setup.batch as f64 / median_step_s,
             peak_memory_bytes,
-            trainable_params,
-            gradient_checkpointing,
+            trainable_params: bench.trainable_params,
+            gradient_checkpointing: setup.gradient_checkpointing,
             step_times_s,
             channels_last: opts.channels_last,
             fused_adamw: opts.fused_adamw,

@@ -405,6 +405,27 @@ impl StudyResults {
             "Fine-tuning the U-Net with five methods on the same data and budget, after \
              Kim, Ahn & Jung, *Comparative Study of Efficient Parameter Tuning Techniques in Diffusion Models*.\n"
         )?;
+        self.write_table1(&mut md)?;
+        self.write_table2(&mut md)?;
+        if !self.checks.is_empty() {
+            writeln!(md, "## Checks\n")?;
+            for check in &self.checks {
+                let mark = if check.passed { "PASS" } else { "FAIL" };
+                writeln!(md, "- **{mark}**: {}", check.statement)?;
+            }
+            md.push('\n');
+        }
+        writeln!(md, "## Measurements\n")?;
+        md.push_str(&self.details_table());
+        md.push('\n');
+        write_figures(&mut md, "Plots", plots)?;
+        write_figures(&mut md, "Samples", grids)?;
+        self.write_setup(&mut md)?;
+        Ok(md)
+    }
+
+    /// Table 1 with its note on uncertainties and the paired differences.
+    fn write_table1(&self, md: &mut String) -> Result<()> {
         writeln!(
             md,
             "## Table 1. FID against the {} (lower is better)\n",
@@ -428,6 +449,11 @@ impl StudyResults {
             md.push_str(&self.differences_table());
             md.push('\n');
         }
+        Ok(())
+    }
+
+    /// Table 2 with its note on what the columns measure.
+    fn write_table2(&self, md: &mut String) -> Result<()> {
         writeln!(
             md,
             "## Table 2. Trained parameters and training time relative to full fine-tuning\n"
@@ -453,19 +479,10 @@ impl StudyResults {
              time × steps, which load on the machine barely moves; wall time: the training loop's wall time \
              (both relative to full fine-tuning's). Peak memory: {memory_note}.\n"
         )?;
-        if !self.checks.is_empty() {
-            writeln!(md, "## Checks\n")?;
-            for check in &self.checks {
-                let mark = if check.passed { "PASS" } else { "FAIL" };
-                writeln!(md, "- **{mark}**: {}", check.statement)?;
-            }
-            md.push('\n');
-        }
-        writeln!(md, "## Measurements\n")?;
-        md.push_str(&self.details_table());
-        md.push('\n');
-        write_figures(&mut md, "Plots", plots)?;
-        write_figures(&mut md, "Samples", grids)?;
+        Ok(())
+    }
+
+    fn write_setup(&self, md: &mut String) -> Result<()> {
         writeln!(md, "## Setup\n")?;
         writeln!(md, "- Machine: {}", self.machine.describe())?;
         writeln!(md, "- Commit: {}", self.git_commit)?;
@@ -482,7 +499,7 @@ impl StudyResults {
             "Settings (the resolved run file):\n\n```toml\n{}```",
             self.settings_toml
         )?;
-        Ok(md)
+        Ok(())
     }
 }
 

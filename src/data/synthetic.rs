@@ -480,33 +480,7 @@ fn encode_jpeg(image: &RgbImage, quality: u8) -> Result<Vec<u8>> {
 /// `meta/{train,test}.json` and `meta/synthetic.json` (the spec). Classes are listed
 /// alphabetically, as in Food101.
 pub fn generate_food101_like(out: &Path, spec: &SyntheticSpec) -> Result<()> {
-    if spec.classes == 0 || spec.classes > DISHES.len() {
-        bail!(
-            "synthetic datasets have 1 to {} classes, not {}",
-            DISHES.len(),
-            spec.classes
-        );
-    }
-    if spec.resolution < 8 {
-        bail!(
-            "synthetic resolution {} is below the minimum of 8",
-            spec.resolution
-        );
-    }
-    if !(1..=100).contains(&spec.jpeg_quality) {
-        bail!("JPEG quality {} is outside 1..=100", spec.jpeg_quality);
-    }
-    if out.exists()
-        && std::fs::read_dir(out)
-            .with_context(|| format!("reading {}", out.display()))?
-            .next()
-            .is_some()
-    {
-        bail!(
-            "{} already exists and is not empty; remove it or choose another output folder",
-            out.display()
-        );
-    }
+    check_spec(out, spec)?;
     let style = style(spec.domain);
     let mut dishes: Vec<(usize, &Dish)> = DISHES.iter().take(spec.classes).enumerate().collect();
     dishes.sort_by_key(|(_, d)| d.name);
@@ -544,6 +518,49 @@ pub fn generate_food101_like(out: &Path, spec: &SyntheticSpec) -> Result<()> {
             )
         })?;
 
+    write_meta(out, spec, &dishes, listings)
+}
+
+/// Refuses a spec the generator cannot draw, or an output folder that holds anything.
+fn check_spec(out: &Path, spec: &SyntheticSpec) -> Result<()> {
+    if spec.classes == 0 || spec.classes > DISHES.len() {
+        bail!(
+            "synthetic datasets have 1 to {} classes, not {}",
+            DISHES.len(),
+            spec.classes
+        );
+    }
+    if spec.resolution < 8 {
+        bail!(
+            "synthetic resolution {} is below the minimum of 8",
+            spec.resolution
+        );
+    }
+    if !(1..=100).contains(&spec.jpeg_quality) {
+        bail!("JPEG quality {} is outside 1..=100", spec.jpeg_quality);
+    }
+    if out.exists()
+        && std::fs::read_dir(out)
+            .with_context(|| format!("reading {}", out.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} already exists and is not empty; remove it or choose another output folder",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Food101's `meta/` folder: class names and labels, each split's listing (text and JSON), and
+/// the spec that drew the images.
+fn write_meta(
+    out: &Path,
+    spec: &SyntheticSpec,
+    dishes: &[(usize, &Dish)],
+    mut listings: BTreeMap<Split, BTreeMap<&str, Vec<String>>>,
+) -> Result<()> {
     let meta = out.join("meta");
     let lines = |items: Vec<&str>| items.iter().map(|l| format!("{l}\n")).collect::<String>();
     write_atomic_str(
