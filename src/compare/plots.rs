@@ -4,6 +4,7 @@
 use super::report::{StudyResults, BASE_ROW};
 use crate::util::fs::write_atomic;
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
@@ -190,32 +191,41 @@ pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
             chart.draw_series([caption]).map_err(plot_error)?;
         }
         for point in &points {
-            let (x, y, label) = (point.params, point.fid, point.label);
-            let color = method_color(point.index, point.method);
-            // Labels go right of their point, except at the right edge where they would be cut.
-            let (dx, anchor) = if x >= x_hi {
-                (-12, HPos::Right)
-            } else {
-                (12, HPos::Left)
-            };
-            let (lo, hi) = point.interval;
-            let stroke = color.stroke_width(2);
-            let bar = PathElement::new([(x, lo), (x, hi)], stroke);
-            chart.draw_series([bar]).map_err(plot_error)?;
-            let caps = [lo, hi].map(|end| {
-                EmptyElement::at((x, end)) + PathElement::new([(-8, 0), (8, 0)], stroke)
-            });
-            chart.draw_series(caps).map_err(plot_error)?;
-            let style = TextStyle::from((FONT, 18).into_font())
-                .color(&color)
-                .pos(Pos::new(anchor, VPos::Center));
-            let mark = EmptyElement::at((x, y))
-                + Circle::new((0, 0), 7, color.filled())
-                + Text::new(label.to_string(), (dx, 0), style);
-            chart.draw_series([mark]).map_err(plot_error)?;
+            draw_fid_point(&mut chart, point, x_hi)?;
         }
         Ok(())
     })
+}
+
+/// One method's FID with its 95% interval as an error bar, and its label beside it (left of the
+/// point at the right edge, where the label would be cut).
+fn draw_fid_point(
+    chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<LogCoord<f64>, RangedCoordf64>>,
+    point: &FidPoint,
+    x_hi: f64,
+) -> Result<()> {
+    let (x, y, label) = (point.params, point.fid, point.label);
+    let color = method_color(point.index, point.method);
+    let (dx, anchor) = if x >= x_hi {
+        (-12, HPos::Right)
+    } else {
+        (12, HPos::Left)
+    };
+    let (lo, hi) = point.interval;
+    let stroke = color.stroke_width(2);
+    let bar = PathElement::new([(x, lo), (x, hi)], stroke);
+    chart.draw_series([bar]).map_err(plot_error)?;
+    let caps = [lo, hi]
+        .map(|end| EmptyElement::at((x, end)) + PathElement::new([(-8, 0), (8, 0)], stroke));
+    chart.draw_series(caps).map_err(plot_error)?;
+    let style = TextStyle::from((FONT, 18).into_font())
+        .color(&color)
+        .pos(Pos::new(anchor, VPos::Center));
+    let mark = EmptyElement::at((x, y))
+        + Circle::new((0, 0), 7, color.filled())
+        + Text::new(label.to_string(), (dx, 0), style);
+    chart.draw_series([mark]).map_err(plot_error)?;
+    Ok(())
 }
 
 /// Training wall time per method, as bars labelled with the share of full fine-tuning's time.

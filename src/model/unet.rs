@@ -4,7 +4,7 @@ use super::layers::{Conv2d, GroupNorm, Linear};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerConfig};
 use super::visit::{ModuleMut, VisitModules};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
@@ -132,24 +132,17 @@ pub struct UNetConfig {
 
 impl UNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::util::fs::read_json(path).context("U-Net config")?;
-        config
-            .validate()
-            .with_context(|| format!("U-Net config {}", path.display()))?;
-        Ok(config)
+        super::read_config(path, "U-Net config", Self::validate)
     }
 
     /// Refuses configs for architectures this U-Net does not implement, instead of building a
     /// silently different model.
     pub fn validate(&self) -> Result<()> {
-        let n = self.block_out_channels.len();
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            bail!(
-                "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same, non-zero length",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            );
-        }
+        super::check_block_lists(
+            self.block_out_channels.len(),
+            self.down_block_types.len(),
+            self.up_block_types.len(),
+        )?;
         self.down_block_kinds()?;
         self.up_block_kinds()?;
         match self.mid_block_type.as_deref() {
@@ -181,8 +174,10 @@ impl UNetConfig {
             bail!("only_cross_attention is not supported");
         }
         self.heads()?;
-        self.transformer_layers_per_block
-            .expand("transformer_layers_per_block", n)?;
+        self.transformer_layers_per_block.expand(
+            "transformer_layers_per_block",
+            self.block_out_channels.len(),
+        )?;
         for (&c, &h) in self.block_out_channels.iter().zip(&self.heads()?) {
             if h <= 0 || c % h != 0 {
                 bail!("block width {c} is not divisible by its {h} attention heads");

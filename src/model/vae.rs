@@ -6,7 +6,7 @@ use super::attention::Attention;
 use super::layers::{Conv2d, GroupNorm};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::weights::{load_into, LoadOptions};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{nn, Tensor};
@@ -87,24 +87,17 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::util::fs::read_json(path).context("VAE config")?;
-        config
-            .validate()
-            .with_context(|| format!("VAE config {}", path.display()))?;
-        Ok(config)
+        super::read_config(path, "VAE config", Self::validate)
     }
 
     /// Refuses configs for architectures this VAE does not implement, instead of building a
     /// silently different model.
     pub fn validate(&self) -> Result<()> {
-        let n = self.block_out_channels.len();
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            bail!(
-                "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same, non-zero length",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            );
-        }
+        super::check_block_lists(
+            self.block_out_channels.len(),
+            self.down_block_types.len(),
+            self.up_block_types.len(),
+        )?;
         if let Some(t) = self
             .down_block_types
             .iter()
