@@ -239,8 +239,11 @@ fn settings_come_from_toml_and_set_pairs() {
     assert!(err("lora", "rank = 0").contains("rank 0 must be at least 1"));
     assert!(err("lora", "alpha = -1").contains("alpha -1 must be a finite number above 0"));
     assert!(err("lora", "alpha = 0").contains("must be a finite number above 0"));
-    assert!(err("loha", "")
-        .contains("unknown tuning method `loha` (known: full, adapter, lora, prefix, bitfit)"));
+    let known: Vec<&str> = difftune::peft::method_names().collect();
+    assert!(err("loha", "").contains(&format!(
+        "unknown tuning method `loha` (known: {})",
+        known.join(", ")
+    )));
     assert!(err("adapter", "input = 'ff_out'\noutput = 'attn2_out'")
         .contains("comes before input site"));
     assert!(err("bitfit", "scope = 'some'").contains("unknown variant `some`"));
