@@ -304,7 +304,7 @@ fn tiny_preset_vae_reconstructs_the_test_images() {
     // between, or the weights (and the MSE) change.
     let _guard = serial();
     use difftune::compare::tiny_vae::train_tiny_vae;
-    use difftune::data::synthetic::{generate_food101_like, Domain, SyntheticSpec};
+    use difftune::data::synthetic::{generate_food101_like, Domain};
     let config = preset("tiny").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let s = &config.data.synthetic;
@@ -312,15 +312,7 @@ fn tiny_preset_vae_reconstructs_the_test_images() {
         .into_iter()
         .map(|domain| {
             let path = dir.path().join(format!("{domain:?}"));
-            let spec = SyntheticSpec {
-                classes: s.classes,
-                train_per_class: s.train_per_class,
-                test_per_class: s.test_per_class,
-                resolution: s.resolution,
-                domain,
-                seed: s.seed,
-                ..SyntheticSpec::default()
-            };
+            let spec = s.spec(domain);
             generate_food101_like(&path, &spec).unwrap();
             path
         })

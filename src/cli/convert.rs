@@ -55,12 +55,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     if !matches!(args.precision, PrecisionArg::Keep) {
         bail!("--precision applies to single files; a diffusers folder keeps the stored precision");
     }
-    if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
-        bail!(
-            "{} exists and is not empty; choose another --out",
-            args.out.display()
-        );
-    }
+    crate::util::fs::ensure_absent_or_empty(&args.out, "choose another --out")?;
     single.convert_to_folder(&args.out)?;
     println!("wrote the diffusers folder {}", args.out.display());
     Ok(())

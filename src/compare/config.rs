@@ -2,6 +2,7 @@
 //! shares, the methods with their own settings, how images are sampled and how they are scored.
 //! Presets (presets/*.toml) are run files; `--set key=value` overrides any setting.
 use super::tiny_vae::TinyVaeTraining;
+use crate::data::synthetic::{Domain, SyntheticSpec};
 use crate::schedulers::config::PredictionType;
 use crate::schedulers::SchedulerKind;
 use crate::train::config::TrainConfig;
@@ -142,6 +143,21 @@ pub struct SyntheticSettings {
     pub test_per_class: usize,
     pub resolution: u32,
     pub seed: u64,
+}
+
+impl SyntheticSettings {
+    /// What the generator draws for `domain` with these settings.
+    pub fn spec(&self, domain: Domain) -> SyntheticSpec {
+        SyntheticSpec {
+            classes: self.classes,
+            train_per_class: self.train_per_class,
+            test_per_class: self.test_per_class,
+            resolution: self.resolution,
+            domain,
+            seed: self.seed,
+            ..SyntheticSpec::default()
+        }
+    }
 }
 
 impl Default for SyntheticSettings {

@@ -7,7 +7,7 @@ use super::config::{overlay, DataSource, ModelSource};
 use super::stage::{domain_name, Stage, PRETRAIN_RUN};
 use super::training::RunJob;
 use super::Study;
-use crate::data::synthetic::{generate_food101_like, Domain, SyntheticSpec};
+use crate::data::synthetic::{generate_food101_like, Domain};
 use crate::model::source::ModelFiles;
 use crate::train::config::{MethodConfig, RunConfig};
 use anyhow::{bail, Context, Result};
@@ -30,16 +30,7 @@ impl Study<'_> {
         if let DataSource::Folder(path) = &self.config.data.source {
             return dataset_folder(path);
         }
-        let s = &self.config.data.synthetic;
-        let spec = SyntheticSpec {
-            classes: s.classes,
-            train_per_class: s.train_per_class,
-            test_per_class: s.test_per_class,
-            resolution: s.resolution,
-            domain,
-            seed: s.seed,
-            ..SyntheticSpec::default()
-        };
+        let spec = self.config.data.synthetic.spec(domain);
         let name = domain_name(domain);
         let dir = self.layout.data(domain);
         let key = serde_json::to_value(&spec)?;

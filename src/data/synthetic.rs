@@ -539,17 +539,7 @@ fn check_spec(out: &Path, spec: &SyntheticSpec) -> Result<()> {
     if !(1..=100).contains(&spec.jpeg_quality) {
         bail!("JPEG quality {} is outside 1..=100", spec.jpeg_quality);
     }
-    if out.exists()
-        && std::fs::read_dir(out)
-            .with_context(|| format!("reading {}", out.display()))?
-            .next()
-            .is_some()
-    {
-        bail!(
-            "{} already exists and is not empty; remove it or choose another output folder",
-            out.display()
-        );
-    }
+    crate::util::fs::ensure_absent_or_empty(out, "remove it or choose another output folder")?;
     Ok(())
 }
 

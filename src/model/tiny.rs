@@ -8,7 +8,7 @@ use super::clip::{ClipTextConfig, ClipTextModel};
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
 use crate::util::fs::{write_atomic_str, write_json};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -233,17 +233,7 @@ pub fn write_tiny_model(out: &Path, seed: u64) -> Result<()> {
 pub fn write_tiny_model_with(out: &Path, seed: u64, vae_downsampling: u32) -> Result<()> {
     let vae_config = vae_config_for(vae_downsampling)?;
     let unet_config = unet_config_for(vae_downsampling);
-    if out.exists()
-        && std::fs::read_dir(out)
-            .with_context(|| format!("reading {}", out.display()))?
-            .next()
-            .is_some()
-    {
-        bail!(
-            "{} already exists and is not empty; choose another --out",
-            out.display()
-        );
-    }
+    crate::util::fs::ensure_absent_or_empty(out, "choose another --out")?;
     let (vocab, merges) = tokenizer_files();
     let (bos_id, eos_id) = (vocab[BOS], vocab[EOS]);
     let text_config = text_encoder_config(vocab.len(), bos_id, eos_id);

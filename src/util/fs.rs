@@ -139,6 +139,20 @@ fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
 
+/// Refuses an output folder that exists and holds anything (`hint` says what to do instead), so
+/// that writing into it cannot mix with or overwrite what is there.
+pub fn ensure_absent_or_empty(dir: &Path, hint: &str) -> Result<()> {
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .next()
+            .is_some()
+    {
+        anyhow::bail!("{} already exists and is not empty; {hint}", dir.display());
+    }
+    Ok(())
+}
+
 /// The entries of `dir` (not recursive), sorted by path.
 pub fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
