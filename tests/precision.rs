@@ -23,6 +23,9 @@ use tiny_step::{trainable, TinyStep};
 /// rounded matmuls and convolutions the measured distance is 1.3e-2 to 1.5e-2 for every method.
 const BF16_OUTPUT_BOUND: f64 = 3e-2;
 
+/// Optimizer steps on the fixed batch of the loss test.
+const FIXED_BATCH_STEPS: usize = 40;
+
 /// Fails if the shim's autocast setters stop resolving against the linked torch, or stop working.
 #[test]
 fn the_autocast_setters_resolve_and_cast_cpu_matmuls_to_bf16() {
@@ -143,29 +146,27 @@ fn losses(fx: &TinyRun, out: &str) -> Vec<f64> {
         .collect()
 }
 
-fn mean(values: &[f64]) -> f64 {
-    values.iter().sum::<f64>() / values.len() as f64
-}
-
+/// bf16 training lowers every method's loss: AdamW steps on one fixed batch (fixed latents, noise
+/// and timesteps: the loss is deterministic, so any fall is training) through the step the trainer
+/// runs in bf16. The trainer's own bf16 loop is exercised by the resume and validation tests.
 #[test]
-fn bf16_training_lowers_the_loss_for_every_method() {
+fn bf16_training_lowers_every_method_s_loss_on_a_fixed_batch() {
     let _guard = serial();
-    let fx = fixture();
-    let steps = 120;
     for method in METHODS.iter().map(|m| m.name) {
-        let mut opts = bf16_options(&fx, method, steps, method);
-        opts.config.train.learning_rate = if method == "full" { 1e-3 } else { 2e-2 };
-        let summary = train(&opts).unwrap();
-        assert!(summary.finished, "{method}");
-        let losses = losses(&fx, method);
-        assert!(losses.iter().all(|l| l.is_finite()), "{method}: {losses:?}");
-        let fifth = steps / 5;
-        let (first, last) = (mean(&losses[..fifth]), mean(&losses[steps - fifth..]));
-        println!("{method} (bf16): mean loss {first:.4} -> {last:.4}");
-        assert!(
-            last < 0.9 * first,
-            "{method}: mean loss went from {first:.4} to {last:.4}"
-        );
+        let step = TinyStep::new(method, true);
+        let mut optimizer = AdamW::new(trainable(&step.tuned), AdamWConfig::default()).unwrap();
+        let lr = if method == "full" { 1e-3 } else { 2e-2 };
+        let mut losses = vec![];
+        for _ in 0..=FIXED_BATCH_STEPS {
+            let (loss, _) = step.loss_and_grads();
+            let loss = loss.double_value(&[]);
+            assert!(loss.is_finite(), "{method}: loss {loss}");
+            losses.push(loss);
+            optimizer.step(lr, Some(1.0)).unwrap();
+        }
+        let (first, last) = (losses[0], losses[FIXED_BATCH_STEPS]);
+        println!("{method} (bf16): loss {first:.4} -> {last:.4}");
+        assert!(last < 0.9 * first, "{method}: loss went {losses:?}");
     }
 }
 
