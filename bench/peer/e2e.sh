@@ -61,7 +61,7 @@ threads="$(python -c 'import torch; print(torch.get_num_threads())')"
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 start=$(date +%s.%N)
 "$DIFFTUNE_BIN" train --method lora --model "$work/model" --data "$work/data" --out "$work/difftune" \
-  --steps "$STEPS" --batch "$BATCH" --lr 1e-4 --seed 0 \
+  --steps "$STEPS" --batch "$BATCH" --lr 1e-4 --seed 0 --set train.gradient_accumulation_steps=1 \
   --set "train.resolution=$RESOLUTION" --set train.device='"cpu"' --set train.precision='"fp32"' \
   --set train.checkpoint_every=0 --set train.validation_every=0 \
   --set 'method.targets=["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"]' >&2
