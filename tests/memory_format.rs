@@ -40,9 +40,17 @@ fn losses(fx: &TinyRun, run: &str) -> Vec<f64> {
 /// The difference of two sets of tensors, relative: `‖a - b‖ / ‖b‖` over all their values.
 fn relative_difference(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    let squares = |t: Tensor| t.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+    let squares = |t: Tensor| {
+        t.to_kind(Kind::Double)
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[])
+    };
     let (difference, norm) = a.iter().fold((0.0, 0.0), |(d, n), (name, t)| {
-        (d + squares(t - &b[name]), n + squares(b[name].shallow_clone()))
+        (
+            d + squares(t - &b[name]),
+            n + squares(b[name].shallow_clone()),
+        )
     });
     (difference / norm).sqrt()
 }
@@ -89,9 +97,16 @@ fn channels_last_trains_as_the_standard_layout() {
     std::fs::write(&file, config.to_toml().unwrap()).unwrap();
     let out = fx.cli(&file, "lora-nhwc").arg("--channels-last").output();
     let out = out.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let recorded = RunConfig::load(&fx.root.join("lora-nhwc/run.toml")).unwrap();
-    assert!(recorded.train.channels_last, "--channels-last did not set train.channels_last");
+    assert!(
+        recorded.train.channels_last,
+        "--channels-last did not set train.channels_last"
+    );
     let (loss, weights) = runs_differ_by(&fx, "lora-nchw", "lora-nhwc");
     println!("lora: channels-last differs by {loss:.1e} (losses), {weights:.1e} (weights)");
     assert!(loss <= LOSS_TOLERANCE && weights <= WEIGHT_TOLERANCE);
@@ -139,7 +154,9 @@ fn channels_last_resumes_exactly_and_its_checkpoints_resume_without_it() {
     train(&fx.options(config.clone(), "nchw")).unwrap();
     in_two_parts(&fx, "switched", nhwc, 2, config);
     let (loss, weights) = runs_differ_by(&fx, "nchw", "switched");
-    println!("resumed without channels-last: differs by {loss:.1e} (losses), {weights:.1e} (weights)");
+    println!(
+        "resumed without channels-last: differs by {loss:.1e} (losses), {weights:.1e} (weights)"
+    );
     assert!(loss <= LOSS_TOLERANCE && weights <= WEIGHT_TOLERANCE);
 }
 
@@ -188,7 +205,10 @@ fn channels_last_runs_write_standard_files() {
         .into_iter()
         .filter_map(|(n, t)| n.strip_prefix("ema.").map(|n| (n.to_string(), t)))
         .collect();
-    assert!(relative_difference(&ema, &in_memory) <= 1e-6, "checkpoint: EMA");
+    assert!(
+        relative_difference(&ema, &in_memory) <= 1e-6,
+        "checkpoint: EMA"
+    );
     let adapter = trainer.finish().unwrap().adapter.unwrap();
     assert!(relative_difference(&read_all(&adapter).unwrap(), &in_memory) <= 1e-6);
 }

@@ -69,7 +69,10 @@ fn channels_last_weights_stay_channels_last_views_of_the_flat_buffer() {
     let mut optimizer = AdamW::new(params, AdamWConfig::default()).unwrap();
     assert!(relaid(&weight) && weight.equal(&before));
     let _ = tch::no_grad(|| optimizer.flat_params_mut().g_add_scalar_(1.0));
-    assert!(weight.equal(&(&before + 1.0)), "the weight is not a view of the flat buffer");
+    assert!(
+        weight.equal(&(&before + 1.0)),
+        "the weight is not a view of the flat buffer"
+    );
 
     let input = channels_last(&randn(&[2, 3, 5, 5]));
     let step = |optimizer: &mut AdamW| {
@@ -88,7 +91,11 @@ fn channels_last_weights_stay_channels_last_views_of_the_flat_buffer() {
     );
     let pointer = weight.grad().data_ptr();
     let _ = step(&mut optimizer);
-    assert_eq!(weight.grad().data_ptr(), pointer, "a later step moved the gradient");
+    assert_eq!(
+        weight.grad().data_ptr(),
+        pointer,
+        "a later step moved the gradient"
+    );
     assert!(relaid(&weight.grad()));
 
     // The first update's moment is (1 - beta1) g, checkpointed in the standard order.
@@ -97,13 +104,19 @@ fn channels_last_weights_stay_channels_last_views_of_the_flat_buffer() {
     let expected = Tensor::cat(&[standard(&bias.grad()), standard(&weight.grad())], 0) * 0.1;
     let state: std::collections::BTreeMap<String, Tensor> = optimizer.state().into_iter().collect();
     let exp_avg = &state["optimizer.exp_avg"];
-    assert!(exp_avg.allclose(&expected, 1e-6, 1e-7, false), "exp_avg is not in the standard order");
+    assert!(
+        exp_avg.allclose(&expected, 1e-6, 1e-7, false),
+        "exp_avg is not in the standard order"
+    );
     for layout in [channels_last as fn(&Tensor) -> Tensor, Tensor::contiguous] {
         let params = vec![bias.detach().copy(), layout(&weight.detach())];
         let mut reloaded = AdamW::new(params, AdamWConfig::default()).unwrap();
         reloaded.load_state(&state).unwrap();
         for (name, t) in reloaded.state() {
-            assert!(t.equal(&state[&name]), "{name} changed through a load and a save");
+            assert!(
+                t.equal(&state[&name]),
+                "{name} changed through a load and a save"
+            );
         }
     }
 }

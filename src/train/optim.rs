@@ -116,8 +116,11 @@ impl Slot {
 
     /// This slot's slice of the flat buffer `flat`, viewed with the parameter's layout.
     fn view(&self, flat: &Tensor) -> Tensor {
-        flat.narrow(0, self.offset, self.numel())
-            .as_strided(self.size.as_slice(), self.stride.as_slice(), None)
+        flat.narrow(0, self.offset, self.numel()).as_strided(
+            self.size.as_slice(),
+            self.stride.as_slice(),
+            None,
+        )
     }
 
     /// The values of `t` (the parameter's shape) flat, in the order the slot stores them: a view
@@ -359,7 +362,10 @@ impl AdamW {
     /// each parameter's values in the standard (row-major) order, whatever its layout here.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         vec![
-            ("optimizer.exp_avg".into(), self.standard_order(&self.exp_avg)),
+            (
+                "optimizer.exp_avg".into(),
+                self.standard_order(&self.exp_avg),
+            ),
             (
                 "optimizer.exp_avg_sq".into(),
                 self.standard_order(&self.exp_avg_sq),
