@@ -1,5 +1,6 @@
 //! torch's fused AdamW kernel, as `AdamW::use_fused` runs it, against the chunked update: the same
-//! parameters and moments after several clipped steps with weight decay, up to float rounding.
+//! parameters and moments after several clipped steps with weight decay, up to float rounding; and
+//! channels-last weights in the flat buffer.
 use difftune::train::optim::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};
 

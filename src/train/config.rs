@@ -67,8 +67,8 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// Lay the U-Net's 4-D weights (convolutions) and the latents out channels-last (NHWC), so
     /// that torch runs its NHWC convolution kernels: the same result up to float rounding, and
-    /// files are written in the standard order. Faster on the CPU for SD-sized U-Nets (see the
-    /// README), not for tiny ones. Default false.
+    /// files are written in the standard order. Faster on the CPU for LoRA on an SD-sized U-Net,
+    /// not measurably for full fine-tuning nor for tiny models (see the README). Default false.
     pub channels_last: bool,
     /// Default `scheduler`: follow the model's scheduler config.
     pub prediction_type: PredictionTarget,
@@ -259,8 +259,8 @@ impl TrainConfig {
 
     /// These settings with those a resumed run may change reset: they do not change what is
     /// trained (how long it runs, how often it saves, how many checkpoints it keeps, the device,
-    /// the memory layout, validation), or they set how fast it moves, which a run that diverged resumes with
-    /// changed (learning rate, its schedule and warm-up, gradient clipping).
+    /// the memory layout, validation), or they set how fast it moves, which a run that diverged
+    /// resumes with changed (learning rate, its schedule and warm-up, gradient clipping).
     pub fn trajectory(&self) -> Self {
         let defaults = Self::default();
         Self {
