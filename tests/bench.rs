@@ -157,7 +157,7 @@ fn fused_adamw_is_a_cuda_option() {
 /// Channels-last changes the layout, never the values, and convolutions keep it.
 #[test]
 fn channels_last_keeps_values_and_convolutions_keep_the_layout() {
-    use difftune::bench::memory_format::{channels_last, is_channels_last};
+    use difftune::model::memory_format::{channels_last, is_channels_last};
     tch::manual_seed(0);
     let x = tch::Tensor::randn([2, 4, 8, 8], (tch::Kind::Float, tch::Device::Cpu));
     let weight = tch::Tensor::randn([6, 4, 3, 3], (tch::Kind::Float, tch::Device::Cpu));

@@ -4,11 +4,11 @@
 //! the forward, loss and backward, the flat AdamW updates. `bench/peer/peer_bench.py` runs the same
 //! step with diffusers + peft and prints the same JSON, with every timed step's time, so that
 //! `bench/run.sh` can interleave the two tools and state the ratio with its spread.
-pub mod memory_format;
 pub mod profiler;
 pub mod sdpa;
 
 use crate::compare::machine::{MachineInfo, PeakMemory};
+use crate::model::memory_format::to_channels_last;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::VaeConfig;
 use crate::peft::Tuned;
@@ -226,9 +226,10 @@ impl<'a> BenchedStep<'a> {
             freeze_to_bf16(&unet_vs, &tensors);
         }
         if opts.channels_last {
-            // Before the optimizer takes the trainable tensors into its flat buffer: full
-            // fine-tuning's weights become contiguous views of it again, the frozen ones stay NHWC.
-            memory_format::to_channels_last(&unet_vs);
+            // As the trainer does with `train.channels_last`: before the optimizer takes the
+            // trained tensors into its flat buffer, which keeps their layout.
+            to_channels_last(&unet_vs);
+            to_channels_last(&tuned.params);
         }
         let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
         if opts.fused_adamw {
@@ -269,15 +270,12 @@ fn random_inputs(
 ) -> Result<StepInputs> {
     let device = opts.device;
     let latent = opts.resolution / setup.scale_factor;
-    let mut latents = Tensor::randn(
+    let latents = Tensor::randn(
         [setup.batch, config.in_channels, latent, latent],
         (Kind::Float, device),
     );
-    if opts.channels_last {
-        latents = memory_format::channels_last(&latents);
-    }
     let (noise, timesteps) = objective.draw(&latents)?;
-    Ok(StepInputs {
+    let inputs = StepInputs {
         latents,
         context: Tensor::randn(
             [setup.batch, CONTEXT_TOKENS, config.cross_attention_dim],
@@ -285,6 +283,10 @@ fn random_inputs(
         ),
         noise,
         timesteps,
+    };
+    Ok(match opts.channels_last {
+        true => inputs.into_channels_last(),
+        false => inputs,
     })
 }
 

@@ -47,6 +47,9 @@ pub struct TrainArgs {
     /// Recompute U-Net blocks in the backward pass to save memory (train.gradient_checkpointing).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Lay the U-Net's convolutions and latents out channels-last, NHWC (train.channels_last).
+    #[arg(long)]
+    pub channels_last: bool,
     /// Fail on an unreadable image instead of skipping it.
     #[arg(long)]
     pub strict: bool,
@@ -112,6 +115,10 @@ fn run_config(args: &TrainArgs) -> Result<RunConfig> {
             "gradient_checkpointing",
             args.gradient_checkpointing
                 .then_some(toml::Value::Boolean(true)),
+        ),
+        (
+            "channels_last",
+            args.channels_last.then_some(toml::Value::Boolean(true)),
         ),
     ];
     let flags: toml::Table = flags

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod clip_vocab;
 pub mod layers;
 pub mod ldm;
+pub mod memory_format;
 pub mod pipeline;
 pub mod resnet;
 pub mod single_file;

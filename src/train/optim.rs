@@ -2,6 +2,9 @@
 //! contiguous f32 master tensor, so the update and state checkpointing are a handful of kernels
 //! per chunk of the buffer regardless of how many tensors a method trains (the effect of torch's
 //! fused/foreach AdamW, which tch does not expose), with temporaries bounded by the chunk size.
+//! Each tensor keeps its memory layout as a view (channels-last convolution weights stay
+//! channels-last: their slice holds the values in NHWC order), while the optimizer state it
+//! hands to checkpoints is in the standard order, so a checkpoint does not depend on the layout.
 use crate::util::shim;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -53,8 +56,8 @@ const CHUNK: i64 = 1 << 24;
 pub struct AdamW {
     pub config: AdamWConfig,
     params: Vec<Tensor>,
-    /// Each parameter's offset in the flat buffers.
-    offsets: Vec<i64>,
+    /// Where and how each parameter lies in the flat buffers.
+    slots: Vec<Slot>,
     flat: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -67,6 +70,79 @@ pub struct AdamW {
     fused: bool,
 }
 
+/// A parameter's place in the flat buffers: its offset and its layout (sizes and strides, as the
+/// parameter had them), so that its slice, viewed with that layout, is the parameter.
+struct Slot {
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+    /// The dimensions from the outermost in memory to the innermost (`[0, 2, 3, 1]` for NHWC).
+    order: Vec<i64>,
+}
+
+impl Slot {
+    /// The slot of `p` at `offset`: its own layout when it is dense (every element once, no gaps,
+    /// as a contiguous or channels-last tensor is), else the standard contiguous one.
+    fn new(p: &Tensor, offset: i64) -> Self {
+        let size = p.size();
+        let mut stride = p.stride();
+        let mut order: Vec<i64> = (0..size.len() as i64).collect();
+        // Outermost first; a stable sort keeps the standard order among equal strides.
+        order.sort_by_key(|&d| std::cmp::Reverse(stride[d as usize]));
+        let mut expected = 1;
+        let mut dense = true;
+        for &d in order.iter().rev() {
+            let d = d as usize;
+            if size[d] != 1 {
+                dense &= stride[d] == expected;
+                expected *= size[d];
+            }
+        }
+        if !dense {
+            stride = contiguous_strides(&size);
+            order = (0..size.len() as i64).collect();
+        }
+        Self {
+            offset,
+            size,
+            stride,
+            order,
+        }
+    }
+
+    fn numel(&self) -> i64 {
+        self.size.iter().product()
+    }
+
+    /// This slot's slice of the flat buffer `flat`, viewed with the parameter's layout.
+    fn view(&self, flat: &Tensor) -> Tensor {
+        flat.narrow(0, self.offset, self.numel()).as_strided(
+            self.size.as_slice(),
+            self.stride.as_slice(),
+            None,
+        )
+    }
+
+    /// The values of `t` (the parameter's shape) flat, in the order the slot stores them: a view
+    /// when `t` has the parameter's layout.
+    fn storage_order(&self, t: &Tensor) -> Tensor {
+        t.permute(self.order.as_slice()).reshape([-1])
+    }
+
+    /// Whether the slot stores its values in the standard (row-major) order.
+    fn is_standard(&self) -> bool {
+        self.order.iter().enumerate().all(|(i, &d)| i as i64 == d)
+    }
+}
+
+fn contiguous_strides(size: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1; size.len()];
+    for d in (0..size.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * size[d + 1].max(1);
+    }
+    strides
+}
+
 /// The moments and parameters of one chunk of the flat buffers, updated in place.
 struct Slices {
     param: Tensor,
@@ -77,7 +153,8 @@ struct Slices {
 
 impl AdamW {
     /// Takes ownership of the trainable tensors' storage: after this call each tensor (and every
-    /// shallow clone of it held by the model) is a view into the optimizer's flat f32 buffer.
+    /// shallow clone of it held by the model) is a view into the optimizer's flat f32 buffer,
+    /// with the memory layout it had (a channels-last weight stays channels-last).
     pub fn new(params: Vec<Tensor>, config: AdamWConfig) -> Result<Self> {
         if params.is_empty() {
             bail!("nothing to optimise: the tuning method made no parameter trainable");
@@ -85,17 +162,17 @@ impl AdamW {
         let device = params[0].device();
         let total: i64 = params.iter().map(|p| p.numel() as i64).sum();
         let flat = Tensor::zeros([total], (Kind::Float, device));
-        let mut offsets = Vec::with_capacity(params.len());
+        let mut slots = Vec::with_capacity(params.len());
         let mut offset = 0;
         tch::no_grad(|| {
             for p in &params {
-                let n = p.numel() as i64;
+                let slot = Slot::new(p, offset);
                 let mut p = p.shallow_clone();
-                let mut view = flat.narrow(0, offset, n).view(p.size().as_slice());
+                let mut view = slot.view(&flat);
                 view.copy_(&p.detach());
                 p.set_data(&view);
-                offsets.push(offset);
-                offset += n;
+                offset += slot.numel();
+                slots.push(slot);
             }
         });
         let exp_avg = flat.zeros_like();
@@ -103,7 +180,7 @@ impl AdamW {
         Ok(Self {
             config,
             params,
-            offsets,
+            slots,
             flat,
             exp_avg,
             exp_avg_sq,
@@ -175,12 +252,13 @@ impl AdamW {
             "the values riding along the gradients change size"
         );
         tch::no_grad(|| {
-            for (p, &offset) in self.params.iter().zip(&self.offsets) {
+            for (p, slot) in self.params.iter().zip(&self.slots) {
                 let mut grad = p.grad();
-                let mut view = buffer.narrow(0, offset, p.numel() as i64).view_as(&grad);
+                let mut view = slot.view(&buffer);
                 // Once per run (or again should autograd ever replace a gradient tensor): move
-                // the gradient into the buffer and point the parameter's gradient at it.
-                if grad.data_ptr() != view.data_ptr() || !grad.is_contiguous() {
+                // the gradient into the buffer, in the parameter's layout, and point the
+                // parameter's gradient at it.
+                if grad.data_ptr() != view.data_ptr() || grad.stride() != view.stride() {
                     view.copy_(&grad);
                     grad.set_data(&view);
                 }
@@ -209,18 +287,21 @@ impl AdamW {
     }
 
     /// Copies the gradients of the parameters in flat range `start..start + len` into `buffer`
-    /// (zeros where a parameter got none), scaled by `scale`.
+    /// (zeros where a parameter got none), in the order the flat buffer stores each parameter,
+    /// scaled by `scale`.
     fn gather_grads(&self, buffer: &mut Tensor, start: i64, len: i64, scale: f64) {
         let _ = buffer.zero_();
-        for (p, &offset) in self.params.iter().zip(&self.offsets) {
-            let n = p.numel() as i64;
-            let (lo, hi) = (offset.max(start), (offset + n).min(start + len));
+        for (p, slot) in self.params.iter().zip(&self.slots) {
+            let offset = slot.offset;
+            let (lo, hi) = (offset.max(start), (offset + slot.numel()).min(start + len));
             if lo >= hi {
                 continue;
             }
             let g = p.grad();
             if g.defined() {
-                let src = g.detach().flatten(0, -1).narrow(0, lo - offset, hi - lo);
+                let src = slot
+                    .storage_order(&g.detach())
+                    .narrow(0, lo - offset, hi - lo);
                 buffer.narrow(0, lo - start, hi - lo).copy_(&src);
             }
         }
@@ -277,16 +358,43 @@ impl AdamW {
         })
     }
 
-    /// The optimizer state for checkpoints: moments and step count.
+    /// The optimizer state for checkpoints: moments and step count. The moments are flat with
+    /// each parameter's values in the standard (row-major) order, whatever its layout here.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         vec![
-            ("optimizer.exp_avg".into(), self.exp_avg.shallow_clone()),
+            (
+                "optimizer.exp_avg".into(),
+                self.standard_order(&self.exp_avg),
+            ),
             (
                 "optimizer.exp_avg_sq".into(),
-                self.exp_avg_sq.shallow_clone(),
+                self.standard_order(&self.exp_avg_sq),
             ),
             ("optimizer.step".into(), Tensor::from(self.step)),
         ]
+    }
+
+    /// The flat buffer `flat` with each parameter's values in the standard order (`flat` itself
+    /// when every parameter is stored so).
+    fn standard_order(&self, flat: &Tensor) -> Tensor {
+        if self.slots.iter().all(Slot::is_standard) {
+            return flat.shallow_clone();
+        }
+        let parts: Vec<Tensor> = self
+            .slots
+            .iter()
+            .map(|slot| slot.view(flat).contiguous().reshape([-1]))
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Copies `standard` (a flat buffer in the standard order of [`AdamW::state`]) into the flat
+    /// buffer `flat`, each parameter's values in the layout it has here.
+    fn copy_from_standard(&self, flat: &mut Tensor, standard: &Tensor) {
+        for slot in &self.slots {
+            let values = standard.narrow(0, slot.offset, slot.numel());
+            slot.view(flat).copy_(&values.view(slot.size.as_slice()));
+        }
     }
 
     pub fn load_state(&mut self, state: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
@@ -304,8 +412,12 @@ impl AdamW {
             );
         }
         tch::no_grad(|| {
-            self.exp_avg.copy_(m);
-            self.exp_avg_sq.copy_(v);
+            let (mut exp_avg, mut exp_avg_sq) = (
+                self.exp_avg.shallow_clone(),
+                self.exp_avg_sq.shallow_clone(),
+            );
+            self.copy_from_standard(&mut exp_avg, m);
+            self.copy_from_standard(&mut exp_avg_sq, v);
         });
         self.step = get("optimizer.step")?.int64_value(&[]);
         Ok(())

@@ -86,6 +86,19 @@ pub struct StepInputs {
     pub timesteps: Tensor,
 }
 
+impl StepInputs {
+    /// These inputs with the latents and the noise laid out channels-last (the same values; the
+    /// noised latents, elementwise from both, follow), for a U-Net whose weights are.
+    pub fn into_channels_last(self) -> Self {
+        use crate::model::memory_format::channels_last;
+        Self {
+            latents: channels_last(&self.latents),
+            noise: channels_last(&self.noise),
+            ..self
+        }
+    }
+}
+
 /// Runs the U-Net on the noised latents — under bf16 autocast when `autocast` — and returns the
 /// loss (an f32 scalar) after back-propagating `loss * loss_scale` (`1 / accumulation steps`).
 pub fn forward_backward(

@@ -196,6 +196,12 @@ impl<'a> Trainer<'a> {
         if autocast {
             super::precision::freeze_to_bf16(&unet_vs, &tensors);
         }
+        if train.channels_last {
+            // Before the optimizer takes the trained tensors into its flat buffer, which keeps
+            // their layout.
+            crate::model::memory_format::to_channels_last(&unet_vs);
+            crate::model::memory_format::to_channels_last(&tuned.params);
+        }
         let optimizer = AdamW::new(tensors, train.optimizer.clone())?;
         let ema = train.ema.map(|settings| Ema::new(settings, &tuned.trained));
         let validation = match train.validation_every {
@@ -291,6 +297,11 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// The tensors the method trains, by name, as they are in memory now.
+    pub fn trained(&self) -> &[(String, Tensor)] {
+        &self.tuned.trained
+    }
+
     /// Optimizer steps done (including those of resumed runs).
     pub fn steps_done(&self) -> usize {
         self.steps_done
@@ -309,10 +320,14 @@ impl<'a> Trainer<'a> {
         for micro in 0..accum {
             let index = self.steps_done * accum + micro;
             let batch = self.batches.take(index)?;
-            let inputs =
+            let mut inputs =
                 self.batches
                     .get_mut()?
                     .seeded_inputs(batch, &self.objective, self.device)?;
+            if train.channels_last {
+                // After the draws, which then give the same noise in either layout.
+                inputs = inputs.into_channels_last();
+            }
             self.batches.start(index + 1)?;
             let unet = self.model.unet();
             let loss = forward_backward(

@@ -1,6 +1,8 @@
 //! Channels-last (NHWC) layout for the U-Net's convolutions (csrc/memory_format.cpp; tch has no
-//! memory-format API): every 4-D weight of the model and the input latents are re-laid out, and
-//! torch's convolutions keep their outputs in that layout.
+//! memory-format API): the same values with strides ordered so that torch's convolutions pick
+//! their NHWC kernels and keep their outputs in that layout. Training (`train.channels_last`) and
+//! `bench --channels-last` re-lay out every 4-D variable and the input latents with it; files are
+//! always written in the standard (NCHW) order ([`crate::model::weights::save_tensors`]).
 use tch::{nn, Tensor};
 
 extern "C" {
@@ -8,7 +10,7 @@ extern "C" {
     fn dt_is_channels_last(t: *const torch_sys::C_tensor) -> i32;
 }
 
-/// A channels-last copy of the 4-D tensor `t`.
+/// A channels-last copy of the 4-D tensor `t` (`t` itself, shared, when it already is).
 pub fn channels_last(t: &Tensor) -> Tensor {
     // SAFETY: `t` is a live tensor; the shim returns a new one that the result owns.
     unsafe { Tensor::from_ptr(dt_channels_last(t.as_ptr())) }
@@ -19,7 +21,8 @@ pub fn is_channels_last(t: &Tensor) -> bool {
     unsafe { dt_is_channels_last(t.as_ptr()) != 0 }
 }
 
-/// Re-lays out every 4-D variable of `vs` (the convolution weights) channels-last, in place.
+/// Re-lays out every 4-D variable of `vs` (the convolution weights) channels-last, in place: the
+/// model's handles share the variables, so they see the new layout.
 pub fn to_channels_last(vs: &nn::VarStore) {
     tch::no_grad(|| {
         for (_, mut t) in vs.variables() {
