@@ -156,6 +156,7 @@ pub const DISHES: [Dish; 12] = [
         "Lemon tart",
         Vessel::Plate,
         [0.98, 0.88, 0.25],
+        // Darker than the base, so that the rings keep their contrast through the tiny VAE.
         [0.80, 0.50, 0.20],
         Texture::Rings,
     ),
