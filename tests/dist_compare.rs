@@ -25,6 +25,7 @@ fn small_config() -> CompareConfig {
     config
         .apply_overrides(&[
             "model.tiny_vae.steps=2".into(),
+            "eval.must_improve=[\"full\"]".into(),
             "data.synthetic.classes=3".into(),
             "data.synthetic.train_per_class=4".into(),
             "data.synthetic.test_per_class=4".into(),
