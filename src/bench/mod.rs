@@ -8,7 +8,6 @@ pub mod profiler;
 pub mod sdpa;
 
 use crate::compare::machine::{MachineInfo, PeakMemory};
-use crate::model::memory_format::to_channels_last;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::VaeConfig;
 use crate::peft::Tuned;
@@ -16,8 +15,9 @@ use crate::sample::LatentGeometry;
 use crate::schedulers::SchedulerConfig;
 use crate::train::config::{MethodConfig, TrainConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::precision::freeze_to_bf16;
-use crate::train::step::{attach_method, forward_backward, Objective, StepInputs};
+use crate::train::step::{
+    attach_method, forward_backward, lay_out_for_training, Objective, StepInputs,
+};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -216,21 +216,8 @@ impl<'a> BenchedStep<'a> {
             settings: toml::Table::new(),
         };
         let tuned = attach_method(&mut unet, &mut unet_vs, &method_config, 0)?;
-        let tensors: Vec<Tensor> = tuned
-            .trained
-            .iter()
-            .map(|(_, t)| t.shallow_clone())
-            .collect();
+        let tensors = lay_out_for_training(&unet_vs, &tuned, autocast, opts.channels_last);
         let trainable_params = tensors.iter().map(|t| t.numel() as i64).sum();
-        if autocast {
-            freeze_to_bf16(&unet_vs, &tensors);
-        }
-        if opts.channels_last {
-            // As the trainer does with `train.channels_last`: before the optimizer takes the
-            // trained tensors into its flat buffer, which keeps their layout.
-            to_channels_last(&unet_vs);
-            to_channels_last(&tuned.params);
-        }
         let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
         if opts.fused_adamw {
             optimizer.use_fused()?;

@@ -33,6 +33,32 @@ pub fn attach_method(
     Ok(tuned)
 }
 
+/// Lays the model out for training once the method is attached, and returns the tensors the
+/// optimizer trains: the frozen weights stored in bf16 when the step runs under `autocast`, every
+/// 4-D weight (the U-Net's and the method's) channels-last when `channels_last`. Call it before
+/// [`AdamW::new`](super::optim::AdamW::new), whose flat buffer keeps each tensor's layout as it
+/// finds it.
+pub fn lay_out_for_training(
+    unet_vs: &nn::VarStore,
+    tuned: &Tuned,
+    autocast: bool,
+    channels_last: bool,
+) -> Vec<Tensor> {
+    let tensors: Vec<Tensor> = tuned
+        .trained
+        .iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
+    if autocast {
+        super::precision::freeze_to_bf16(unet_vs, &tensors);
+    }
+    if channels_last {
+        crate::model::memory_format::to_channels_last(unet_vs);
+        crate::model::memory_format::to_channels_last(&tuned.params);
+    }
+    tensors
+}
+
 /// What the U-Net is trained on, given clean latents.
 pub struct Objective {
     pub schedule: NoiseSchedule,

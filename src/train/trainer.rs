@@ -9,7 +9,7 @@ use super::ema::Ema;
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
 use super::prefetch::{prefetched_batches, PrefetchedBatches};
-use super::step::{attach_method, forward_backward, Objective};
+use super::step::{attach_method, forward_backward, lay_out_for_training, Objective};
 use super::tensorboard::TensorBoardLog;
 use super::validation::{TrainedUnet, Validation};
 use crate::dist::ProcessGroup;
@@ -188,20 +188,7 @@ impl<'a> Trainer<'a> {
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
         let objective = Objective::new(&scheduler, train)?;
         let tuned = attach_method(&mut unet, &mut unet_vs, &config.method, train.seed)?;
-        let tensors: Vec<Tensor> = tuned
-            .trained
-            .iter()
-            .map(|(_, t)| t.shallow_clone())
-            .collect();
-        if autocast {
-            super::precision::freeze_to_bf16(&unet_vs, &tensors);
-        }
-        if train.channels_last {
-            // Before the optimizer takes the trained tensors into its flat buffer, which keeps
-            // their layout.
-            crate::model::memory_format::to_channels_last(&unet_vs);
-            crate::model::memory_format::to_channels_last(&tuned.params);
-        }
+        let tensors = lay_out_for_training(&unet_vs, &tuned, autocast, train.channels_last);
         let optimizer = AdamW::new(tensors, train.optimizer.clone())?;
         let ema = train.ema.map(|settings| Ema::new(settings, &tuned.trained));
         let validation = match train.validation_every {

@@ -5,8 +5,9 @@ use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
 use difftune::peft::Tuned;
 use difftune::schedulers::SchedulerConfig;
 use difftune::train::config::{MethodConfig, TrainConfig};
-use difftune::train::precision::freeze_to_bf16;
-use difftune::train::step::{attach_method, forward_backward, Objective, StepInputs};
+use difftune::train::step::{
+    attach_method, forward_backward, lay_out_for_training, Objective, StepInputs,
+};
 use tch::{nn, Device, Kind, Tensor};
 
 pub struct TinyStep {
@@ -41,9 +42,8 @@ impl TinyStep {
                 }
             }
         });
-        if bf16 {
-            freeze_to_bf16(&vs, &trainable(&tuned));
-        }
+        // As a bf16 training run lays the model out (the standard memory layout).
+        lay_out_for_training(&vs, &tuned, bf16, false);
         let scheduler = SchedulerConfig::from_json(&tiny::scheduler_config().to_string()).unwrap();
         let objective = Objective::new(&scheduler, &TrainConfig::default()).unwrap();
         let latents = Tensor::randn([2, config.in_channels, 8, 8], (Kind::Float, Device::Cpu));
@@ -87,6 +87,7 @@ impl TinyStep {
     }
 }
 
+#[allow(dead_code)] // used by the precision tests only
 pub fn trainable(tuned: &Tuned) -> Vec<Tensor> {
     tuned
         .trained
