@@ -201,8 +201,12 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
     .unwrap();
     assert_eq!(scheduler["prediction_type"], "v_prediction");
 
-    // Trainable parameters as the peft module counts them on the same base U-Net.
+    // The base model samples, by default, at the size it was trained at.
     let files = ModelFiles::resolve(&out.join("model/base").display().to_string(), None).unwrap();
+    let models = difftune::sample::pipeline::SdModels::load(&files, tch::Device::Cpu).unwrap();
+    assert_eq!(models.default_size(), config.train.resolution as usize);
+
+    // Trainable parameters as the peft module counts them on the same base U-Net.
     let (vs, mut unet) = difftune::model::pipeline::load_unet(&files, tch::Device::Cpu).unwrap();
     let unet_params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     for (entry, row) in config.methods.iter().zip(results.methods()) {
