@@ -325,8 +325,13 @@ fn tiny_preset_vae_reconstructs_the_test_images() {
         .collect();
     let model = dir.path().join("model");
     let vae = &config.model.tiny_vae;
-    difftune::model::tiny::write_tiny_model_with(&model, config.model.tiny_seed, vae.downsampling)
-        .unwrap();
+    difftune::model::tiny::write_tiny_model_with(
+        &model,
+        config.model.tiny_seed,
+        vae.downsampling,
+        &config.model.tiny_unet,
+    )
+    .unwrap();
     let paths: Vec<&Path> = domains.iter().map(|p| p.as_path()).collect();
     let started = Instant::now();
     let report = train_tiny_vae(

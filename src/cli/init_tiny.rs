@@ -16,7 +16,12 @@ pub struct InitTinyArgs {
 }
 
 pub fn run(args: InitTinyArgs) -> Result<()> {
-    crate::model::tiny::write_tiny_model_with(&args.out, args.seed, args.vae_downsampling)?;
+    crate::model::tiny::write_tiny_model_with(
+        &args.out,
+        args.seed,
+        args.vae_downsampling,
+        &Default::default(),
+    )?;
     println!("wrote the tiny model to {}", args.out.display());
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! Presets (presets/*.toml) are run files; `--set key=value` overrides any setting.
 use super::tiny_vae::TinyVaeTraining;
 use crate::data::synthetic::{Domain, SyntheticSpec};
+use crate::model::tiny::TinyUnetShape;
 use crate::schedulers::config::PredictionType;
 use crate::schedulers::SchedulerKind;
 use crate::train::config::TrainConfig;
@@ -46,6 +47,8 @@ pub struct ModelSection {
     pub tiny_seed: u64,
     /// How the tiny model's VAE is made a working codec (see [`TinyVaeTraining`]).
     pub tiny_vae: TinyVaeTraining,
+    /// The tiny model's U-Net size (see [`TinyUnetShape`]).
+    pub tiny_unet: TinyUnetShape,
     /// What the tiny model's U-Net is trained to predict (written into its scheduler config, so
     /// training and sampling agree). Default `epsilon`, as SD v1.
     pub tiny_prediction_type: PredictionType,
@@ -57,6 +60,7 @@ impl Default for ModelSection {
             source: ModelSource::Tiny,
             tiny_seed: 0,
             tiny_vae: TinyVaeTraining::default(),
+            tiny_unet: TinyUnetShape::default(),
             tiny_prediction_type: PredictionType::Epsilon,
         }
     }

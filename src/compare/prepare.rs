@@ -116,6 +116,7 @@ impl Study<'_> {
         let key = json!({
             "tiny_seed": model.tiny_seed,
             "tiny_vae": model.tiny_vae,
+            "tiny_unet": model.tiny_unet,
             "tiny_prediction_type": model.tiny_prediction_type,
             "resolution": self.config.train.resolution,
             "data": datasets.iter().map(|d| &d.key).collect::<Vec<_>>(),
@@ -130,6 +131,7 @@ impl Study<'_> {
                 &dir,
                 model.tiny_seed,
                 model.tiny_vae.downsampling,
+                &model.tiny_unet,
             )?;
             // Training and sampling both read what the U-Net predicts from here.
             crate::util::fs::set_json_field(
@@ -168,15 +170,11 @@ impl Study<'_> {
     fn size_tiny_model_for_training(&self, dir: &Path) -> Result<()> {
         let resolution = self.config.train.resolution;
         let downsampling = self.config.model.tiny_vae.downsampling;
-        if resolution % downsampling != 0 {
+        if !resolution.is_multiple_of(downsampling) {
             bail!("train.resolution {resolution} is not a multiple of the tiny VAE's downsampling factor {downsampling}");
         }
         let config = |part: &str| dir.join(part).join("config.json");
-        crate::util::fs::set_json_field(
-            &config("unet"),
-            "sample_size",
-            resolution / downsampling,
-        )?;
+        crate::util::fs::set_json_field(&config("unet"), "sample_size", resolution / downsampling)?;
         crate::util::fs::set_json_field(&config("vae"), "sample_size", resolution)
     }
 }

@@ -27,33 +27,75 @@ pub const SD_VAE_DOWNSAMPLING: u32 = 8;
 /// VAE's downsampling factor, so sampling defaults to it.
 const IMAGE_SIZE: u32 = 64;
 
-/// The tiny U-Net's config for SD's 8x VAE.
-pub fn unet_config() -> serde_json::Value {
-    unet_config_for(SD_VAE_DOWNSAMPLING)
+/// The tiny U-Net's size (`[model.tiny_unet]` in a run file): SD v1's block types on fewer, narrower
+/// levels.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TinyUnetShape {
+    /// Channels of each level, from the top; every level but the last has cross-attention, as in
+    /// SD. Multiples of 32 (the group norm's group count). Default `[32, 64]`.
+    pub block_out_channels: Vec<i64>,
+    /// Resnets (and attention blocks) per level. Default 1.
+    pub layers_per_block: i64,
 }
 
-/// The tiny U-Net's config for a VAE downsampling by `downsampling`.
-fn unet_config_for(downsampling: u32) -> serde_json::Value {
+impl Default for TinyUnetShape {
+    fn default() -> Self {
+        Self {
+            block_out_channels: vec![32, 64],
+            layers_per_block: 1,
+        }
+    }
+}
+
+impl TinyUnetShape {
+    fn validate(&self) -> Result<()> {
+        let channels = &self.block_out_channels;
+        if channels.len() < 2 || channels.iter().any(|&c| c <= 0 || c % 32 != 0) {
+            bail!("the tiny U-Net needs at least two levels of channels that are positive multiples of 32, not {channels:?}");
+        }
+        if self.layers_per_block < 1 {
+            bail!(
+                "the tiny U-Net needs at least one layer per block, not {}",
+                self.layers_per_block
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The tiny U-Net's config for SD's 8x VAE.
+pub fn unet_config() -> serde_json::Value {
+    unet_config_for(SD_VAE_DOWNSAMPLING, &TinyUnetShape::default())
+}
+
+/// The tiny U-Net's config of size `shape` for a VAE downsampling by `downsampling`.
+fn unet_config_for(downsampling: u32, shape: &TinyUnetShape) -> serde_json::Value {
+    let levels = shape.block_out_channels.len();
+    let mut down_blocks = vec!["CrossAttnDownBlock2D"; levels - 1];
+    down_blocks.push("DownBlock2D");
+    let mut up_blocks = vec!["CrossAttnUpBlock2D"; levels - 1];
+    up_blocks.insert(0, "UpBlock2D");
     json!({
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
         "act_fn": "silu",
         "attention_head_dim": 4,
-        "block_out_channels": [32, 64],
+        "block_out_channels": shape.block_out_channels,
         "center_input_sample": false,
         "cross_attention_dim": 32,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "down_block_types": down_blocks,
         "downsample_padding": 1,
         "flip_sin_to_cos": true,
         "freq_shift": 0,
         "in_channels": 4,
-        "layers_per_block": 1,
+        "layers_per_block": shape.layers_per_block,
         "mid_block_scale_factor": 1,
         "norm_eps": 1e-05,
         "norm_num_groups": 32,
         "out_channels": 4,
         "sample_size": IMAGE_SIZE / downsampling,
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]
+        "up_block_types": up_blocks
     })
 }
 
@@ -225,14 +267,20 @@ fn save_random<M>(path: &Path, build: impl FnOnce(nn::Path) -> Result<M>) -> Res
 /// Writes the tiny model with SD's 8x VAE as a diffusers folder at `out` (which must be absent
 /// or empty).
 pub fn write_tiny_model(out: &Path, seed: u64) -> Result<()> {
-    write_tiny_model_with(out, seed, SD_VAE_DOWNSAMPLING)
+    write_tiny_model_with(out, seed, SD_VAE_DOWNSAMPLING, &TinyUnetShape::default())
 }
 
-/// Writes the tiny model with a VAE downsampling by `vae_downsampling` (2, 4 or 8) and a U-Net
-/// sized for its latents as a diffusers folder at `out` (which must be absent or empty).
-pub fn write_tiny_model_with(out: &Path, seed: u64, vae_downsampling: u32) -> Result<()> {
+/// Writes the tiny model with a VAE downsampling by `vae_downsampling` (2, 4 or 8) and a U-Net of
+/// size `unet` for its latents as a diffusers folder at `out` (which must be absent or empty).
+pub fn write_tiny_model_with(
+    out: &Path,
+    seed: u64,
+    vae_downsampling: u32,
+    unet: &TinyUnetShape,
+) -> Result<()> {
+    unet.validate()?;
     let vae_config = vae_config_for(vae_downsampling)?;
-    let unet_config = unet_config_for(vae_downsampling);
+    let unet_config = unet_config_for(vae_downsampling, unet);
     crate::util::fs::ensure_absent_or_empty(out, "choose another --out")?;
     let (vocab, merges) = tokenizer_files();
     let (bos_id, eos_id) = (vocab[BOS], vocab[EOS]);
@@ -280,4 +328,40 @@ pub fn write_tiny_model_with(out: &Path, seed: u64, vae_downsampling: u32) -> Re
         ClipTextModel::new(vs, &text)
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn unet_shapes_build_and_bad_ones_are_refused() {
+        let shape = TinyUnetShape {
+            block_out_channels: vec![32, 64, 64],
+            layers_per_block: 2,
+        };
+        shape.validate().unwrap();
+        let config: UNetConfig = serde_json::from_value(unet_config_for(4, &shape)).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();
+        let latents = Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let context = Tensor::zeros([1, MAX_LENGTH, 32], (Kind::Float, Device::Cpu));
+        let output = tch::no_grad(|| unet.forward(&latents, &Tensor::from(10.0), &context));
+        assert_eq!(output.size(), [1, 4, 8, 8]);
+
+        let refused = |block_out_channels: Vec<i64>, layers_per_block| {
+            TinyUnetShape {
+                block_out_channels,
+                layers_per_block,
+            }
+            .validate()
+            .is_err()
+        };
+        assert!(refused(vec![32], 1), "one level");
+        assert!(refused(vec![32, 48], 1), "not a multiple of 32");
+        assert!(refused(vec![0, 64], 1), "no channels");
+        assert!(refused(vec![32, 64], 0), "no layers");
+        assert!(!refused(vec![32, 64], 1));
+    }
 }
