@@ -1,8 +1,8 @@
-//! A built-in tiny model with Stable Diffusion v1's architecture and file layout: a two-level
-//! U-Net, a VAE with SD's 8x downsampling (or 2x/4x: fewer levels) to 4 latent channels, a
-//! two-layer CLIP text encoder and a
-//! CLIP-format BPE tokenizer whose vocabulary is generated here, all with seeded random weights,
-//! written as a diffusers folder. Every command loads it through the same path as a real model,
+//! A built-in tiny model with Stable Diffusion v1's architecture and file layout: a U-Net of two
+//! narrow levels (by default; see [`TinyUnetShape`]), a VAE with SD's 8x downsampling (or 2x/4x:
+//! fewer levels) to 4 latent channels, a two-layer CLIP text encoder and a CLIP-format BPE
+//! tokenizer whose vocabulary is generated here, all with seeded random weights, written as a
+//! diffusers folder. Every command loads it through the same path as a real model,
 //! and it trains and samples in seconds on a CPU.
 use super::clip::{ClipTextConfig, ClipTextModel};
 use super::unet::{UNet2DConditionModel, UNetConfig};
