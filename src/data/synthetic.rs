@@ -274,10 +274,10 @@ struct Jitter {
 
 impl Jitter {
     /// Pose varies within bounds a small model can learn in minutes: turns of +-20 degrees, a
-    /// shift of 8% of the image, a texture phase of 0.3 of a cell. With any orientation and
-    /// phase, the tiny preset's base model drew the average dish (a blob in the dish's colours)
-    /// after 1500 or 3000 pre-training steps, with a 4x wider batch or a 2x wider U-Net alike;
-    /// with these bounds it draws wedges, swirls and rings.
+    /// shift of 8% of the image, a texture phase below 0.3 (up to 0.6 of a dot or check cell).
+    /// With any orientation and phase, the tiny preset's base model drew the average dish (a blob
+    /// in the dish's colours) after 1500 or 3000 pre-training steps, with a 4x larger batch or a
+    /// 2x wider U-Net alike; with these bounds it draws wedges, swirls and rings.
     fn draw(rng: &mut ChaCha8Rng) -> Self {
         let mut uniform = |lo: f32, hi: f32| rng.random_range(lo..hi);
         Self {
