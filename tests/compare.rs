@@ -328,6 +328,7 @@ fn tiny_preset_vae_reconstructs_the_test_images() {
     difftune::model::tiny::write_tiny_model_with(
         &model,
         config.model.tiny_seed,
+        config.train.resolution,
         vae.downsampling,
         &config.model.tiny_unet,
     )

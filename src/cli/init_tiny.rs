@@ -19,6 +19,7 @@ pub fn run(args: InitTinyArgs) -> Result<()> {
     crate::model::tiny::write_tiny_model_with(
         &args.out,
         args.seed,
+        crate::model::tiny::DEFAULT_IMAGE_SIZE,
         args.vae_downsampling,
         &Default::default(),
     )?;

@@ -130,6 +130,9 @@ impl Study<'_> {
             crate::model::tiny::write_tiny_model_with(
                 &dir,
                 model.tiny_seed,
+                // Its native size, so that sampling the models this run writes (by `difftune
+                // sample` or diffusers) defaults to the size they were trained at.
+                self.config.train.resolution,
                 model.tiny_vae.downsampling,
                 &model.tiny_unet,
             )?;
@@ -139,7 +142,6 @@ impl Study<'_> {
                 "prediction_type",
                 model.tiny_prediction_type,
             )?;
-            self.size_tiny_model_for_training(&dir)?;
             if model.tiny_vae.steps > 0 {
                 eprintln!(
                     "compare: training the tiny model's VAE ({} steps)",
@@ -162,20 +164,6 @@ impl Study<'_> {
             self.layout.finish(Stage::TinyModel, &key, &Value::Null)?;
         }
         Ok(dir.display().to_string())
-    }
-
-    /// Records the training resolution as the tiny model's native size (the U-Net's and the VAE's
-    /// `sample_size`), so that sampling the models this run writes, by `difftune sample` or
-    /// diffusers, defaults to the size they were trained at.
-    fn size_tiny_model_for_training(&self, dir: &Path) -> Result<()> {
-        let resolution = self.config.train.resolution;
-        let downsampling = self.config.model.tiny_vae.downsampling;
-        if !resolution.is_multiple_of(downsampling) {
-            bail!("train.resolution {resolution} is not a multiple of the tiny VAE's downsampling factor {downsampling}");
-        }
-        let config = |part: &str| dir.join(part).join("config.json");
-        crate::util::fs::set_json_field(&config("unet"), "sample_size", resolution / downsampling)?;
-        crate::util::fs::set_json_field(&config("vae"), "sample_size", resolution)
     }
 }
 

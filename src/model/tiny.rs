@@ -23,9 +23,9 @@ const MAX_LENGTH: i64 = 77;
 
 /// SD's VAE downsampling factor, the tiny model's default.
 pub const SD_VAE_DOWNSAMPLING: u32 = 8;
-/// The side of the images the tiny model is made for; the U-Net's `sample_size` is this over the
-/// VAE's downsampling factor, so sampling defaults to it.
-const IMAGE_SIZE: u32 = 64;
+/// The side of the images the tiny model is made for unless told otherwise. The U-Net's
+/// `sample_size` is the image side over the VAE's downsampling factor, so sampling defaults to it.
+pub const DEFAULT_IMAGE_SIZE: u32 = 64;
 
 /// The tiny U-Net's size (`[model.tiny_unet]` in a run file): SD v1's block types on fewer, narrower
 /// levels.
@@ -66,11 +66,16 @@ impl TinyUnetShape {
 
 /// The tiny U-Net's config for SD's 8x VAE.
 pub fn unet_config() -> serde_json::Value {
-    unet_config_for(SD_VAE_DOWNSAMPLING, &TinyUnetShape::default())
+    unet_config_for(
+        DEFAULT_IMAGE_SIZE,
+        SD_VAE_DOWNSAMPLING,
+        &TinyUnetShape::default(),
+    )
 }
 
-/// The tiny U-Net's config of size `shape` for a VAE downsampling by `downsampling`.
-fn unet_config_for(downsampling: u32, shape: &TinyUnetShape) -> serde_json::Value {
+/// The tiny U-Net's config of size `shape` for `image_size` px images through a VAE downsampling
+/// by `downsampling`.
+fn unet_config_for(image_size: u32, downsampling: u32, shape: &TinyUnetShape) -> serde_json::Value {
     let levels = shape.block_out_channels.len();
     let mut down_blocks = vec!["CrossAttnDownBlock2D"; levels - 1];
     down_blocks.push("DownBlock2D");
@@ -94,14 +99,15 @@ fn unet_config_for(downsampling: u32, shape: &TinyUnetShape) -> serde_json::Valu
         "norm_eps": 1e-05,
         "norm_num_groups": 32,
         "out_channels": 4,
-        "sample_size": IMAGE_SIZE / downsampling,
+        "sample_size": image_size / downsampling,
         "up_block_types": up_blocks
     })
 }
 
-/// The tiny VAE's config downsampling by `downsampling` (2, 4 or 8): one level per factor of
-/// two plus the full-resolution one, as diffusers counts them (`2^(levels-1)`).
-pub fn vae_config_for(downsampling: u32) -> Result<serde_json::Value> {
+/// The tiny VAE's config for `image_size` px images, downsampling by `downsampling` (2, 4 or 8):
+/// one level per factor of two plus the full-resolution one, as diffusers counts them
+/// (`2^(levels-1)`).
+pub fn vae_config_for(image_size: u32, downsampling: u32) -> Result<serde_json::Value> {
     if !matches!(downsampling, 2 | 4 | 8) {
         bail!("the tiny VAE downsamples by 2, 4 or 8, not {downsampling}");
     }
@@ -118,7 +124,7 @@ pub fn vae_config_for(downsampling: u32) -> Result<serde_json::Value> {
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "out_channels": 3,
-        "sample_size": 64,
+        "sample_size": image_size,
         "scaling_factor": 0.18215,
         "up_block_types": vec!["UpDecoderBlock2D"; levels]
     }))
@@ -267,20 +273,31 @@ fn save_random<M>(path: &Path, build: impl FnOnce(nn::Path) -> Result<M>) -> Res
 /// Writes the tiny model with SD's 8x VAE as a diffusers folder at `out` (which must be absent
 /// or empty).
 pub fn write_tiny_model(out: &Path, seed: u64) -> Result<()> {
-    write_tiny_model_with(out, seed, SD_VAE_DOWNSAMPLING, &TinyUnetShape::default())
+    write_tiny_model_with(
+        out,
+        seed,
+        DEFAULT_IMAGE_SIZE,
+        SD_VAE_DOWNSAMPLING,
+        &TinyUnetShape::default(),
+    )
 }
 
-/// Writes the tiny model with a VAE downsampling by `vae_downsampling` (2, 4 or 8) and a U-Net of
-/// size `unet` for its latents as a diffusers folder at `out` (which must be absent or empty).
+/// Writes the tiny model for `image_size` px images (its native size: what sampling defaults to),
+/// with a VAE downsampling by `vae_downsampling` (2, 4 or 8) and a U-Net of size `unet` for its
+/// latents, as a diffusers folder at `out` (which must be absent or empty).
 pub fn write_tiny_model_with(
     out: &Path,
     seed: u64,
+    image_size: u32,
     vae_downsampling: u32,
     unet: &TinyUnetShape,
 ) -> Result<()> {
     unet.validate()?;
-    let vae_config = vae_config_for(vae_downsampling)?;
-    let unet_config = unet_config_for(vae_downsampling, unet);
+    if image_size == 0 || !image_size.is_multiple_of(vae_downsampling) {
+        bail!("the tiny model's image size {image_size} is not a positive multiple of its VAE's downsampling factor {vae_downsampling}");
+    }
+    let vae_config = vae_config_for(image_size, vae_downsampling)?;
+    let unet_config = unet_config_for(image_size, vae_downsampling, unet);
     crate::util::fs::ensure_absent_or_empty(out, "choose another --out")?;
     let (vocab, merges) = tokenizer_files();
     let (bos_id, eos_id) = (vocab[BOS], vocab[EOS]);
@@ -336,13 +353,13 @@ mod tests {
     use tch::Kind;
 
     #[test]
-    fn unet_shapes_build_and_bad_ones_are_refused() {
+    fn unet_shapes_and_image_sizes_build_and_bad_ones_are_refused() {
         let shape = TinyUnetShape {
             block_out_channels: vec![32, 64, 64],
             layers_per_block: 2,
         };
         shape.validate().unwrap();
-        let config: UNetConfig = serde_json::from_value(unet_config_for(4, &shape)).unwrap();
+        let config: UNetConfig = serde_json::from_value(unet_config_for(32, 4, &shape)).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
         let unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();
         let latents = Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu));
@@ -363,5 +380,10 @@ mod tests {
         assert!(refused(vec![0, 64], 1), "no channels");
         assert!(refused(vec![32, 64], 0), "no layers");
         assert!(!refused(vec![32, 64], 1));
+
+        let out = tempfile::tempdir().unwrap();
+        let unet = TinyUnetShape::default();
+        let err = write_tiny_model_with(out.path(), 0, 30, 4, &unet).unwrap_err();
+        assert!(err.to_string().contains("not a positive multiple"), "{err}");
     }
 }
