@@ -172,6 +172,7 @@ fn two_rank_compare_equals_one_process() {
     eprintln!("tuned rows' samples differing by one level somewhere: {differing:?}");
 
     let (a, b) = (results(&one), results(&two));
+    assert_eq!((a.world_size, b.world_size), (1, 2));
     assert_eq!(a.rows.len(), 3);
     for (x, y) in a.rows.iter().zip(&b.rows) {
         assert_eq!((&x.method, x.images), (&y.method, y.images));
@@ -200,6 +201,25 @@ fn two_rank_compare_equals_one_process() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn print_config_prints_once_under_a_launcher() {
+    let printed = |rank: &str| {
+        let output = difftune(&["compare", "--preset", "tiny", "--print-config"])
+            .envs([
+                ("RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", "29500"),
+            ])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert!(printed("0").contains("name = \"tiny\""));
+    assert_eq!(printed("1"), "");
 }
 
 #[test]

@@ -2,6 +2,7 @@ use super::dist_check::DistArgs;
 use crate::compare::config::CompareConfig;
 use crate::compare::presets::{preset, DEFAULT_PRESET};
 use crate::compare::runner::{run_in, CompareOptions, Outcome, REPORT_MD};
+use crate::dist::Launch;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ pub struct CompareArgs {
     /// methods.lora.settings.rank=8 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Print the resolved run file and exit.
+    /// Print the resolved run file and exit (under a launcher, rank 0 prints).
     #[arg(long)]
     pub print_config: bool,
     #[command(flatten)]
@@ -56,7 +57,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
     }
     config.apply_overrides(&overrides)?;
     if args.print_config {
-        print!("{}", config.to_toml()?);
+        // Under a launcher every rank resolves the same run file: rank 0 prints it.
+        if Launch::from_env()?.is_none_or(|launch| launch.rank == 0) {
+            print!("{}", config.to_toml()?);
+        }
         return Ok(());
     }
     let out = args

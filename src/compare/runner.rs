@@ -428,6 +428,7 @@ impl<'a> Study<'a> {
             name: self.config.name.clone(),
             git_commit: git_commit(Path::new(env!("CARGO_MANIFEST_DIR"))),
             machine: MachineInfo::detect(self.device),
+            world_size: self.group.world_size(),
             fid_features: scorer.description.clone(),
             reference: format!(
                 "test split of {} ({} images)",
