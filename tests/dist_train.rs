@@ -1,5 +1,6 @@
 //! Data-parallel training: the real binary as 2 Gloo ranks on 127.0.0.1 against one process with
-//! the doubled batch, resume of a 2-rank run, and a killed rank. Tiny model, few steps, a hard
+//! the doubled batch (from a dataset, a cache, and aspect-ratio buckets), resume of a 2-rank run,
+//! and a killed rank. Tiny model, few steps, a hard
 //! time limit on every run, children killed by PID when a test fails.
 #[path = "common/launch.rs"]
 mod common;
@@ -7,10 +8,10 @@ mod common;
 mod tiny_run;
 
 use common::{difftune, launch_with, Job, LIMIT};
-use difftune::data::cache::build;
+use difftune::data::cache::{build, LatentCache};
 use difftune::train::checkpoint::CheckpointState;
 use difftune::train::metrics::StepMetrics;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tch::Tensor;
@@ -246,6 +247,61 @@ fn two_ranks_train_as_one_process_with_the_doubled_batch_and_resume_exactly() {
         stderr.contains("written by a run on 2 rank(s), this one has 1"),
         "{stderr}"
     );
+}
+
+/// A captioned folder of 12 images, 4 wide (2:1), 4 tall (1:2) and 4 square: with buckets on at
+/// 64 px and a step of 16, three buckets (80x48, 48x80, 64x64) of four images each.
+fn write_bucketed_folder(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..12u32 {
+        let (w, h) = [(96, 48), (48, 96), (64, 64)][i as usize % 3];
+        let image = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 5 + i * 20) as u8, (y * 3) as u8, (i * 21) as u8])
+        });
+        image.save(dir.join(format!("{i:02}.png"))).unwrap();
+        std::fs::write(dir.join(format!("{i:02}.txt")), format!("thing{i}, red")).unwrap();
+    }
+}
+
+#[test]
+fn two_ranks_with_buckets_train_as_one_process_with_the_doubled_batch() {
+    let fx = Fixture::new();
+    let data = fx.root.join("bucketed");
+    write_bucketed_folder(&data);
+    let args = |out: &Path, cache: &Path, batch: usize| {
+        let mut args = fx.args(out, batch, 3, &LINEAR_UPDATE);
+        let at = args.iter().position(|a| a == "--data").unwrap() + 1;
+        args[at] = data.display().to_string();
+        args.extend(["--cache".into(), cache.display().to_string()]);
+        for setting in ["bucket=true", "bucket_step=16", "cache_batch_size=4"] {
+            args.extend(["--set".into(), setting.into()]);
+        }
+        args
+    };
+    let (single, single_cache) = (fx.root.join("b-single"), fx.root.join("b-cache-1"));
+    let output = fx.train_single(&args(&single, &single_cache, 4));
+    assert!(output.status.success(), "{output:?}");
+    let (dist, dist_cache) = (fx.root.join("b-dist"), fx.root.join("b-cache-2"));
+    let mut job = launch_with(2, &[0, 1], |_| args(&dist, &dist_cache, 2));
+    all_succeed(&mut job);
+
+    let cache = LatentCache::open(&dist_cache).unwrap();
+    let buckets: BTreeSet<usize> = cache.plan_samples().iter().map(|s| s.bucket).collect();
+    assert_eq!(buckets.len(), 3, "the folder's images fall in three buckets");
+    // Each rank's half of a global batch comes from that batch's bucket: the same losses and
+    // gradients as one process drawing the whole batch (a rank on another bucket's images
+    // would change both by far more than rounding).
+    let (one, two) = (metrics(&single), metrics(&dist));
+    assert_eq!((one.len(), two.len()), (3, 3));
+    for (one, two) in one.iter().zip(&two) {
+        assert!(relative(one.loss, two.loss) <= 1e-6, "{one:?} vs {two:?}");
+        assert!(
+            relative(one.grad_norm, two.grad_norm) <= 1e-6,
+            "{one:?} vs {two:?}"
+        );
+    }
+    let end = max_relative_difference(&trainable_at(&single, 3), &trainable_at(&dist, 3));
+    assert!(end.0 <= 1e-5, "weights after 3 steps: {end:?}");
 }
 
 #[test]
