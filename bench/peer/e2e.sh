@@ -84,7 +84,7 @@ cat >"$out.tmp" <<MD
 # End-to-end LoRA training: difftune vs diffusers' train_text_to_image_lora.py
 
 - model: $MODEL ($( [[ $MODEL == tiny ]] && echo "difftune init-tiny" || echo "SD v1.4 configs, random weights")), $IMAGES raw images at ${RESOLUTION} px, $STEPS steps of batch $BATCH, LoRA rank 4 on to_q/to_k/to_v/to_out.0, fp32, CPU
-- machine: $(hostname -s), $cpu, $(getconf _NPROCESSORS_ONLN) cores, $threads torch threads; a shared VM: load average (1/5/15 min) before difftune $load_before, before the peer $load_between, after $load_after
+- machine: $(hostname -s), $cpu, $(getconf _NPROCESSORS_ONLN) cores, torch threads: $threads; load average (1/5/15 min) before difftune $load_before, before the peer $load_between, after $load_after
 - commit $(git rev-parse HEAD); peer script: diffusers commit 58eb52c0 (bench/peer/ORIGIN.md), diffusers $("$PEER_PYTHON" -c 'import diffusers; print(diffusers.__version__)'), datasets $("$PEER_PYTHON" -c 'import datasets; print(datasets.__version__)')
 - wall time of each whole command (process start to exit; difftune's includes building its latent cache)
 
