@@ -287,7 +287,11 @@ fn two_ranks_with_buckets_train_as_one_process_with_the_doubled_batch() {
 
     let cache = LatentCache::open(&dist_cache).unwrap();
     let buckets: BTreeSet<usize> = cache.plan_samples().iter().map(|s| s.bucket).collect();
-    assert_eq!(buckets.len(), 3, "the folder's images fall in three buckets");
+    assert_eq!(
+        buckets.len(),
+        3,
+        "the folder's images fall in three buckets"
+    );
     // Each rank's half of a global batch comes from that batch's bucket: the same losses and
     // gradients as one process drawing the whole batch (a rank on another bucket's images
     // would change both by far more than rounding).
