@@ -170,17 +170,18 @@ impl PeakMemory {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 handle.join().ok().flatten()
             }
-            None => vm_hwm_bytes(),
+            None => status_bytes("VmHWM"),
         };
         (self.kind, peak)
     }
 }
 
-fn vm_hwm_bytes() -> Option<u64> {
+/// A memory figure of /proc/self/status (`VmHWM`, `VmRSS`, ...) in bytes.
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line
-        .trim_start_matches("VmHWM:")
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line[field.len()..]
+        .trim_start_matches(':')
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -203,26 +204,14 @@ mod tests {
         assert!(peak.unwrap() >= 64 << 20, "peak {peak:?}");
     }
 
-    fn vm_rss_bytes() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        let kib: u64 = line[6..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .unwrap();
-        kib * 1024
-    }
-
     /// Every other 64 KiB block of 512 MiB freed: 256 MiB of holes between live blocks, which
-    /// the heap keeps resident (nothing can shrink it), yet it is not this phase's memory.
+    /// stay resident (a heap shrinks only at its end), yet are not this phase's memory.
     #[test]
     fn cpu_peak_memory_leaves_out_what_an_earlier_phase_freed() {
         let mut blocks: Vec<Option<Vec<u8>>> =
             (0..8192).map(|_| Some(vec![1u8; 64 << 10])).collect();
         blocks.iter_mut().step_by(2).for_each(|b| *b = None);
-        let resident = vm_rss_bytes();
+        let resident = status_bytes("VmRSS").unwrap();
         let probe = PeakMemory::start(tch::Device::Cpu);
         let (_, peak) = probe.finish();
         std::hint::black_box(&blocks);
