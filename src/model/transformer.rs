@@ -103,9 +103,12 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
         if self.extensions.is_empty() {
-            let x = x + self.attn1.forward(&self.norm1.forward(x), None);
-            let x = &x + self.attn2.forward(&self.norm2.forward(&x), Some(context));
-            return &x + self.ff.forward(&self.norm3.forward(&x));
+            // Each sum puts the branch first, as diffusers does: a sum takes its first operand's
+            // layout, and the block's input is a transposed view of the image, which would make
+            // every later layer norm copy its input (here and in the path below).
+            let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
+            let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x;
+            return self.ff.forward(&self.norm3.forward(&x)) + &x;
         }
         let mut taps: Vec<Option<Tensor>> = (0..self.extensions.len()).map(|_| None).collect();
         let mut site = |s: BlockSite, mut t: Tensor| -> Tensor {
@@ -128,11 +131,11 @@ impl BasicTransformerBlock {
             t
         };
         let h = site(BlockSite::Attn1In, self.norm1.forward(x));
-        let x = x + site(BlockSite::Attn1Out, self.attn1.forward(&h, None));
+        let x = site(BlockSite::Attn1Out, self.attn1.forward(&h, None)) + x;
         let h = site(BlockSite::Attn2In, self.norm2.forward(&x));
-        let x = &x + site(BlockSite::Attn2Out, self.attn2.forward(&h, Some(context)));
+        let x = site(BlockSite::Attn2Out, self.attn2.forward(&h, Some(context))) + &x;
         let h = site(BlockSite::FfIn, self.norm3.forward(&x));
-        &x + site(BlockSite::FfOut, self.ff.forward(&h))
+        site(BlockSite::FfOut, self.ff.forward(&h)) + &x
     }
 }
 
