@@ -1,7 +1,7 @@
 //! Data-parallel training: the real binary as 2 Gloo ranks on 127.0.0.1 against one process with
 //! the doubled batch (from a dataset, a cache, and aspect-ratio buckets), resume of a 2-rank run,
-//! and a killed rank. Tiny model, few steps, a hard
-//! time limit on every run, children killed by PID when a test fails.
+//! and a killed rank. Tiny model, few steps, a hard time limit on every run, children killed by
+//! PID when a test fails.
 #[path = "common/launch.rs"]
 mod common;
 #[path = "common/tiny_run.rs"]
