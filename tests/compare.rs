@@ -325,14 +325,10 @@ fn tiny_preset_vae_reconstructs_the_test_images() {
         .collect();
     let model = dir.path().join("model");
     let vae = &config.model.tiny_vae;
-    difftune::model::tiny::write_tiny_model_with(
-        &model,
-        config.model.tiny_seed,
-        config.train.resolution,
-        vae.downsampling,
-        &config.model.tiny_unet,
-    )
-    .unwrap();
+    config
+        .model
+        .write_tiny_model(&model, config.train.resolution)
+        .unwrap();
     let paths: Vec<&Path> = domains.iter().map(|p| p.as_path()).collect();
     let started = Instant::now();
     let report = train_tiny_vae(

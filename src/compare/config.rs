@@ -54,6 +54,21 @@ pub struct ModelSection {
     pub tiny_prediction_type: PredictionType,
 }
 
+impl ModelSection {
+    /// Writes the tiny model this section describes at `dir`, native to `image_size` px images
+    /// (the run's training resolution, so that sampling the models a run writes, by `difftune
+    /// sample` or diffusers, defaults to the size they were trained at).
+    pub fn write_tiny_model(&self, dir: &Path, image_size: u32) -> Result<()> {
+        crate::model::tiny::write_tiny_model_with(
+            dir,
+            self.tiny_seed,
+            image_size,
+            self.tiny_vae.downsampling,
+            &self.tiny_unet,
+        )
+    }
+}
+
 impl Default for ModelSection {
     fn default() -> Self {
         Self {

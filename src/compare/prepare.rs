@@ -127,15 +127,7 @@ impl Study<'_> {
             .is_none()
         {
             remove_dir(&dir)?;
-            crate::model::tiny::write_tiny_model_with(
-                &dir,
-                model.tiny_seed,
-                // Its native size, so that sampling the models this run writes (by `difftune
-                // sample` or diffusers) defaults to the size they were trained at.
-                self.config.train.resolution,
-                model.tiny_vae.downsampling,
-                &model.tiny_unet,
-            )?;
+            model.write_tiny_model(&dir, self.config.train.resolution)?;
             // Training and sampling both read what the U-Net predicts from here.
             crate::util::fs::set_json_field(
                 &dir.join("scheduler").join("scheduler_config.json"),
