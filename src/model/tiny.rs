@@ -293,10 +293,11 @@ pub fn write_tiny_model_with(
     unet: &TinyUnetShape,
 ) -> Result<()> {
     unet.validate()?;
+    // First: it refuses a factor other than 2, 4 or 8, which the size is then checked against.
+    let vae_config = vae_config_for(image_size, vae_downsampling)?;
     if image_size == 0 || !image_size.is_multiple_of(vae_downsampling) {
         bail!("the tiny model's image size {image_size} is not a positive multiple of its VAE's downsampling factor {vae_downsampling}");
     }
-    let vae_config = vae_config_for(image_size, vae_downsampling)?;
     let unet_config = unet_config_for(image_size, vae_downsampling, unet);
     crate::util::fs::ensure_absent_or_empty(out, "choose another --out")?;
     let (vocab, merges) = tokenizer_files();
