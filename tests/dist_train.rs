@@ -70,6 +70,24 @@ impl Fixture {
         args
     }
 
+    /// [`Fixture::args`] training from the image folder `data`, cached into `cache` first (the
+    /// encoding shared by the ranks in batches of 4).
+    fn folder_args(
+        &self,
+        (data, cache): (&Path, &Path),
+        out: &Path,
+        batch: usize,
+        steps: usize,
+        extra: &[&str],
+    ) -> Vec<String> {
+        let mut args = self.args(out, batch, steps, extra);
+        let at = args.iter().position(|a| a == "--data").unwrap() + 1;
+        args[at] = data.display().to_string();
+        args.extend(["--cache".into(), cache.display().to_string()]);
+        args.extend(["--set".into(), "cache_batch_size=4".into()]);
+        args
+    }
+
     /// Runs `train` in one process (no launcher variables).
     fn train_single(&self, args: &[String]) -> std::process::Output {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -179,14 +197,10 @@ fn two_ranks_train_as_one_process_with_the_doubled_batch_and_resume_exactly() {
     let elsewhere = fx.root.join("rank1-out");
     // From the dataset: the ranks build the run's cache (the same latents) first.
     let dist_cache = fx.root.join("dist-cache");
+    let data = fx.root.join("data");
     let mut job = launch_with(2, &[0, 1], |rank| {
         let out = if rank == 0 { &dist } else { &elsewhere };
-        let mut args = fx.args(out, 2, 3, &LINEAR_UPDATE);
-        let data = args.iter().position(|a| a == "--data").unwrap() + 1;
-        args[data] = fx.root.join("data").display().to_string();
-        args.extend(["--cache".into(), dist_cache.display().to_string()]);
-        args.extend(["--set".into(), "cache_batch_size=4".into()]);
-        args
+        fx.folder_args((&data, &dist_cache), out, 2, 3, &LINEAR_UPDATE)
     });
     all_succeed(&mut job);
     let (stdout, stderr) = job.ranks[0].output();
@@ -268,15 +282,10 @@ fn two_ranks_with_buckets_train_as_one_process_with_the_doubled_batch() {
     let fx = Fixture::new();
     let data = fx.root.join("bucketed");
     write_bucketed_folder(&data);
+    let buckets = ["--set", "bucket=true", "--set", "bucket_step=16"];
+    let extra = [&LINEAR_UPDATE[..], &buckets[..]].concat();
     let args = |out: &Path, cache: &Path, batch: usize| {
-        let mut args = fx.args(out, batch, 3, &LINEAR_UPDATE);
-        let at = args.iter().position(|a| a == "--data").unwrap() + 1;
-        args[at] = data.display().to_string();
-        args.extend(["--cache".into(), cache.display().to_string()]);
-        for setting in ["bucket=true", "bucket_step=16", "cache_batch_size=4"] {
-            args.extend(["--set".into(), setting.into()]);
-        }
-        args
+        fx.folder_args((&data, cache), out, batch, 3, &extra)
     };
     let (single, single_cache) = (fx.root.join("b-single"), fx.root.join("b-cache-1"));
     let output = fx.train_single(&args(&single, &single_cache, 4));
