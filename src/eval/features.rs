@@ -20,26 +20,9 @@ pub const WEIGHTS_FILE_NAME: &str = "pt_inception-2015-12-05-6726825d.safetensor
 /// Images per forward pass unless set otherwise (pytorch-fid's default).
 pub const DEFAULT_BATCH_SIZE: usize = 50;
 
-/// difftune's cache folder: `$DIFFTUNE_CACHE`, else `$XDG_CACHE_HOME/difftune`, else
-/// `~/.cache/difftune` (the same rule as scripts/env.sh).
-pub fn cache_dir() -> PathBuf {
-    let var = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(dir) = var("DIFFTUNE_CACHE") {
-        return dir;
-    }
-    let base = var("XDG_CACHE_HOME")
-        .or_else(|| var("HOME").map(|home| home.join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("difftune")
-}
-
 /// The converted FID Inception weights in the cache folder.
 pub fn default_weights_path() -> PathBuf {
-    cache_dir().join(WEIGHTS_FILE_NAME)
+    crate::util::fs::cache_dir().join(WEIGHTS_FILE_NAME)
 }
 
 /// `explicit` if given, else the cache path; either way it must exist, and when it does not the

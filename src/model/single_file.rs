@@ -78,7 +78,7 @@ impl SingleFileSpec {
             key.push_str(&fingerprint(present)?);
         }
         let digest = sha256_hex(key.as_bytes());
-        let root = crate::eval::features::cache_dir().join("single-file");
+        let root = crate::util::fs::cache_dir().join("single-file");
         let dir = root.join(&digest[..32]);
         if dir.join("model_index.json").is_file() {
             return Ok(dir);

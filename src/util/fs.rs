@@ -1,5 +1,6 @@
-//! Crash-safe file writes: everything difftune writes goes to a temp file in the same directory and
-//! is renamed into place, so a kill or a full disk never leaves a half-written output.
+//! File helpers: crash-safe writes (everything difftune writes goes to a temp file in the same
+//! directory and is renamed into place, so a kill or a full disk never leaves a half-written output),
+//! JSON I/O, hashes, and difftune's cache folder.
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -89,6 +90,23 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buffer[..n]);
     }
+}
+
+/// difftune's cache folder: `$DIFFTUNE_CACHE`, else `$XDG_CACHE_HOME/difftune`, else
+/// `~/.cache/difftune` (the same rule as scripts/env.sh).
+pub fn cache_dir() -> PathBuf {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = var("DIFFTUNE_CACHE") {
+        return dir;
+    }
+    let base = var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|home| home.join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("difftune")
 }
 
 /// Lower-case hex of `bytes`.
