@@ -5,7 +5,6 @@
 //! step with diffusers + peft and prints the same JSON, with every timed step's time, so that
 //! `bench/run.sh` can interleave the two tools and state the ratio with its spread.
 pub mod profiler;
-pub mod sdpa;
 
 use crate::compare::machine::{MachineInfo, PeakMemory};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
@@ -25,7 +24,7 @@ use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
 
 /// Length of the text context the U-Net cross-attends to (CLIP's 77 tokens).
-pub const CONTEXT_TOKENS: i64 = 77;
+pub const CONTEXT_TOKENS: i64 = crate::model::tokenizer::DEFAULT_MAX_LENGTH as i64;
 /// Learning rate of the measured steps (its value does not change the work done).
 const LEARNING_RATE: f64 = 1e-5;
 
@@ -119,7 +118,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     }
     let latent = opts.resolution / scale_factor;
     let first_batch = opts.batches.first().copied().unwrap_or(1);
-    let sdpa = sdpa::describe(
+    let sdpa = crate::model::sdpa::describe(
         &config,
         first_batch,
         latent,

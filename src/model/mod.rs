@@ -8,6 +8,7 @@ pub mod ldm;
 pub mod memory_format;
 pub mod pipeline;
 pub mod resnet;
+pub mod sdpa;
 pub mod single_file;
 pub mod source;
 pub mod tiny;

@@ -24,7 +24,7 @@ use tokenizers::{
 const DEFAULT_BOS: &str = "<|startoftext|>";
 const DEFAULT_EOS: &str = "<|endoftext|>";
 /// CLIP's context length, used when the folder does not set `model_max_length`.
-const DEFAULT_MAX_LENGTH: usize = 77;
+pub const DEFAULT_MAX_LENGTH: usize = 77;
 /// transformers writes a huge sentinel (`VERY_LARGE_INTEGER`) as `model_max_length` when none is
 /// set; anything above this bound means "unset".
 const MAX_SENSIBLE_LENGTH: u64 = 1 << 20;

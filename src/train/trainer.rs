@@ -182,7 +182,7 @@ impl<'a> Trainer<'a> {
             let factor = crate::sample::LatentGeometry::of_vae(&vae).scale_factor;
             let (batch, latent) = (train.batch_size as i64, train.resolution as i64 / factor);
             let kernels =
-                crate::bench::sdpa::describe(&unet.config, batch, latent, device, autocast)?;
+                crate::model::sdpa::describe(&unet.config, batch, latent, device, autocast)?;
             eprintln!("difftune train: scaled dot-product attention: {kernels}");
         }
         let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;

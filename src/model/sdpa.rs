@@ -1,6 +1,8 @@
 //! Which kernel torch's scaled_dot_product_attention picks for the U-Net's attention, as torch's
-//! own dispatcher (`_fused_sdp_choice`) decides it for the shapes and dtype a step runs with.
-use crate::model::unet::UNetConfig;
+//! own dispatcher (`_fused_sdp_choice`) decides it for the shapes and dtype a step runs with:
+//! what `train` logs on CUDA and `bench` reports.
+use super::tokenizer::DEFAULT_MAX_LENGTH;
+use super::unet::UNetConfig;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
@@ -43,7 +45,7 @@ pub fn describe(
         )
     };
     let own = choice(&query)?;
-    let cross = choice(&shaped(super::CONTEXT_TOKENS))?;
+    let cross = choice(&shaped(DEFAULT_MAX_LENGTH as i64))?;
     Ok(format!(
         "self-attention {}, cross-attention {}",
         backend_name(own, device),
