@@ -53,7 +53,8 @@ fn bombs_and_truncated_images_are_named_and_skipped_and_the_cache_completes() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let model = root.join("model");
-    difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+    difftune::model::tiny::write_tiny_model(&model, 0, &difftune::data::synthetic::captions())
+        .unwrap();
     let data = root.join("data");
     let spec = SyntheticSpec {
         classes: 2,

@@ -38,7 +38,8 @@ fn lay_out_snapshot(model: &Path, repo: &Path, relative: &Path) {
 fn hub_ids_and_revisions_resolve_offline_from_the_hf_cache() {
     let home = tempfile::tempdir().unwrap();
     let model = home.path().join("tiny");
-    difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+    difftune::model::tiny::write_tiny_model(&model, 0, &difftune::data::synthetic::captions())
+        .unwrap();
     for stem in WEIGHTS {
         std::fs::copy(
             model.join(format!("{stem}.safetensors")),

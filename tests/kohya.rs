@@ -194,7 +194,8 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let model = root.join("model");
-        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+        difftune::model::tiny::write_tiny_model(&model, 0, &difftune::data::synthetic::captions())
+            .unwrap();
         let data = root.join("data");
         let sizes = [(96, 48), (48, 96), (64, 64)];
         for i in 0..9u32 {

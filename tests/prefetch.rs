@@ -79,7 +79,8 @@ fn prefetched_batches_equal_direct_reads() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+    difftune::model::tiny::write_tiny_model(&model, 0, &difftune::data::synthetic::captions())
+        .unwrap();
     let data = dir.path().join("data");
     let spec = SyntheticSpec {
         classes: 3,

@@ -415,7 +415,8 @@ fn damaged_or_stale_caches_are_rebuilt_never_used() {
 
     // Another model's VAE and text encoder make the whole cache stale.
     let other = fx.root.join("other-model");
-    difftune::model::tiny::write_tiny_model(&other, 7).unwrap();
+    difftune::model::tiny::write_tiny_model(&other, 7, &difftune::data::synthetic::captions())
+        .unwrap();
     let other_files = ModelFiles::resolve(&other.display().to_string(), None).unwrap();
     let (_, report) = build(&other_files, &fx.data, &fx.cache_settings(), &dir).unwrap();
     assert!(

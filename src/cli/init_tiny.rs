@@ -22,6 +22,7 @@ pub fn run(args: InitTinyArgs) -> Result<()> {
         crate::model::tiny::DEFAULT_IMAGE_SIZE,
         args.vae_downsampling,
         &Default::default(),
+        &crate::data::synthetic::captions(),
     )?;
     println!("wrote the tiny model to {}", args.out.display());
     Ok(())

@@ -65,6 +65,7 @@ impl ModelSection {
             image_size,
             self.tiny_vae.downsampling,
             &self.tiny_unet,
+            &crate::data::synthetic::captions(),
         )
     }
 }

@@ -125,6 +125,16 @@ const fn dish(
     }
 }
 
+/// Every dish's caption as a dataset of them is captioned (the default prompt template filled with
+/// its label): the texts whose words the tiny model's tokenizer gives whole-word tokens.
+pub fn captions() -> Vec<String> {
+    let template = super::PromptTemplate::default();
+    DISHES
+        .iter()
+        .map(|dish| template.render(&super::prompts::human_label(dish.label)))
+        .collect()
+}
+
 /// The dishes, in the order classes are taken; no two share vessel, colours and texture.
 pub const DISHES: [Dish; 12] = [
     dish(

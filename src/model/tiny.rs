@@ -204,13 +204,10 @@ pub(crate) fn byte_symbols() -> Vec<char> {
     symbols
 }
 
-/// The words of the synthetic dataset's captions (the default prompt template filled with each
-/// dish's label), which get whole-word tokens; everything else is spelt from byte symbols.
-fn caption_words() -> BTreeSet<String> {
-    let template = crate::data::PromptTemplate::default();
-    crate::data::synthetic::DISHES
+/// The words of `captions` (runs of ASCII letters), which get whole-word tokens.
+fn caption_words(captions: &[String]) -> BTreeSet<String> {
+    captions
         .iter()
-        .map(|dish| template.render(&crate::data::prompts::human_label(dish.label)))
         .flat_map(|caption| {
             caption
                 .split(|c: char| !c.is_ascii_alphabetic())
@@ -222,15 +219,16 @@ fn caption_words() -> BTreeSet<String> {
 }
 
 /// A CLIP-format vocabulary (`vocab.json` as token -> id) and merge list: the 256 byte symbols,
-/// their end-of-word forms, one token per merge (building each caption word left to right), and
-/// the two special tokens last, as in CLIP's own files.
-pub fn tokenizer_files() -> (BTreeMap<String, usize>, Vec<(String, String)>) {
+/// their end-of-word forms, one token per merge (building each word of `captions` left to right,
+/// in sorted order, so the vocabulary does not depend on the captions' order), and the two
+/// special tokens last, as in CLIP's own files.
+pub fn tokenizer_files(captions: &[String]) -> (BTreeMap<String, usize>, Vec<(String, String)>) {
     let symbols = byte_symbols();
     let mut tokens: Vec<String> = symbols.iter().map(char::to_string).collect();
     tokens.extend(symbols.iter().map(|s| format!("{s}{END_OF_WORD}")));
     let mut merges: Vec<(String, String)> = Vec::new();
     let mut known: BTreeSet<String> = tokens.iter().cloned().collect();
-    for word in caption_words() {
+    for word in caption_words(captions) {
         let chars: Vec<char> = word.chars().collect();
         let Some((&last, init)) = chars.split_last() else {
             continue;
@@ -271,26 +269,30 @@ fn save_random<M>(path: &Path, build: impl FnOnce(nn::Path) -> Result<M>) -> Res
 }
 
 /// Writes the tiny model with SD's 8x VAE as a diffusers folder at `out` (which must be absent
-/// or empty).
-pub fn write_tiny_model(out: &Path, seed: u64) -> Result<()> {
+/// or empty), its tokenizer spelling the words of `captions` as whole words (e.g.
+/// [`crate::data::synthetic::captions`]).
+pub fn write_tiny_model(out: &Path, seed: u64, captions: &[String]) -> Result<()> {
     write_tiny_model_with(
         out,
         seed,
         DEFAULT_IMAGE_SIZE,
         SD_VAE_DOWNSAMPLING,
         &TinyUnetShape::default(),
+        captions,
     )
 }
 
 /// Writes the tiny model for `image_size` px images (its native size: what sampling defaults to),
 /// with a VAE downsampling by `vae_downsampling` (2, 4 or 8) and a U-Net of size `unet` for its
-/// latents, as a diffusers folder at `out` (which must be absent or empty).
+/// latents, as a diffusers folder at `out` (which must be absent or empty); its tokenizer spells
+/// the words of `captions` as whole words (see [`tokenizer_files`]).
 pub fn write_tiny_model_with(
     out: &Path,
     seed: u64,
     image_size: u32,
     vae_downsampling: u32,
     unet: &TinyUnetShape,
+    captions: &[String],
 ) -> Result<()> {
     unet.validate()?;
     // First: it refuses a factor other than 2, 4 or 8, which the size is then checked against.
@@ -300,7 +302,7 @@ pub fn write_tiny_model_with(
     }
     let unet_config = unet_config_for(image_size, vae_downsampling, unet);
     crate::util::fs::ensure_absent_or_empty(out, "choose another --out")?;
-    let (vocab, merges) = tokenizer_files();
+    let (vocab, merges) = tokenizer_files(captions);
     let (bos_id, eos_id) = (vocab[BOS], vocab[EOS]);
     let text_config = text_encoder_config(vocab.len(), bos_id, eos_id);
 
@@ -384,7 +386,7 @@ mod tests {
 
         let out = tempfile::tempdir().unwrap();
         let unet = TinyUnetShape::default();
-        let err = write_tiny_model_with(out.path(), 0, 30, 4, &unet).unwrap_err();
+        let err = write_tiny_model_with(out.path(), 0, 30, 4, &unet, &[]).unwrap_err();
         assert!(err.to_string().contains("not a positive multiple"), "{err}");
     }
 }

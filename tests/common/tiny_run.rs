@@ -42,7 +42,8 @@ impl TinyRun {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let model = root.join("model");
-        difftune::model::tiny::write_tiny_model(&model, 0).unwrap();
+        difftune::model::tiny::write_tiny_model(&model, 0, &difftune::data::synthetic::captions())
+            .unwrap();
         let data = root.join("data");
         let spec = SyntheticSpec {
             classes,
