@@ -87,7 +87,7 @@ impl Study<'_> {
         let job = RunJob {
             name: PRETRAIN_RUN,
             model: &initial,
-            data: source,
+            data: &source.path,
             config,
             key: key.clone(),
         };

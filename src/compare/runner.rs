@@ -244,7 +244,7 @@ impl<'a> Study<'a> {
             let job = RunJob {
                 name: &method.name,
                 model: &base.spec,
-                data: target,
+                data: &target.path,
                 config,
                 key: key.clone(),
             };

@@ -4,7 +4,6 @@
 //! [`rank_share`]), so the run computes what one process computes (the learning rate is the run
 //! file's, whatever W).
 use super::machine::{MemoryKind, PeakMemory};
-use super::prepare::PreparedData;
 use super::report::TrainMeasure;
 use super::stage::Stage;
 use super::Study;
@@ -24,11 +23,11 @@ pub struct RunRecord {
     pub train: TrainMeasure,
 }
 
-/// A training run to do: `runs/NAME`, trained from `model` on `data`.
+/// A training run to do: `runs/NAME`, trained from `model` on the dataset folder `data`.
 pub struct RunJob<'a> {
     pub name: &'a str,
     pub model: &'a str,
-    pub data: &'a PreparedData,
+    pub data: &'a Path,
     pub config: RunConfig,
     /// The stage key: what the run is computed from.
     pub key: Value,
@@ -61,7 +60,7 @@ impl Study<'_> {
         let probe = PeakMemory::start(self.device);
         let options = crate::train::TrainOptions {
             model: job.model.to_string(),
-            data: job.data.path.clone(),
+            data: job.data.to_path_buf(),
             cache: Some(self.cache_dir(job.data)),
             out: dir.clone(),
             config,
@@ -94,10 +93,11 @@ impl Study<'_> {
         Ok(Some(record))
     }
 
-    /// The latent cache of `data`: one per generated domain, one for an outside dataset.
-    fn cache_dir(&self, data: &PreparedData) -> PathBuf {
-        let domain = match data.path.starts_with(&self.layout.root) {
-            true => data.path.file_name(),
+    /// The latent cache of the dataset folder `data`: one per generated domain, one for an
+    /// outside dataset.
+    fn cache_dir(&self, data: &Path) -> PathBuf {
+        let domain = match data.starts_with(&self.layout.root) {
+            true => data.file_name(),
             false => None,
         };
         self.layout.cache(
