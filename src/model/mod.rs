@@ -3,6 +3,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod clip;
 pub mod clip_vocab;
+pub mod files;
 pub mod layers;
 pub mod ldm;
 pub mod memory_format;

@@ -10,8 +10,8 @@
 //! for architectures other than SD v1.x/v2.x).
 use super::clip::ClipTextConfig;
 use super::clip_vocab::{write_tokenizer_folder, Padding};
+use super::files::{fingerprint, ModelFiles};
 use super::ldm::{self, UnetLayout, VaeLayout};
-use super::source::{fingerprint, ModelFiles};
 use super::unet::UNetConfig;
 use super::vae::VaeConfig;
 use super::weights::{read_all, save_tensors};

@@ -3,31 +3,13 @@
 //! the hf-hub cache (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only), `owner/name@revision`
 //! for a branch, tag or commit other than `main`, or a single-file checkpoint (see
 //! [`super::single_file`]), read through its converted folder.
+use super::files::ComponentFiles;
+// What a source resolves to lives in `files`, below both this module and `single_file` (which
+// this module calls to convert single files, and which writes models from their files).
+pub use super::files::{fingerprint, ModelFiles};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-
-/// One model component: its config and its weight files (several when sharded).
-#[derive(Debug, Clone)]
-pub struct ComponentFiles {
-    pub config: PathBuf,
-    pub weights: Vec<PathBuf>,
-}
-
-/// The files of a diffusers Stable Diffusion model.
-#[derive(Debug, Clone)]
-pub struct ModelFiles {
-    /// What the user named: a folder or a hub id.
-    pub spec: String,
-    pub unet: ComponentFiles,
-    pub vae: ComponentFiles,
-    pub text_encoder: ComponentFiles,
-    /// Folder holding `vocab.json` and `merges.txt`.
-    pub tokenizer_dir: PathBuf,
-    pub scheduler_config: PathBuf,
-}
 
 /// Where a component's files come from.
 trait FileSource {
@@ -191,12 +173,6 @@ impl ModelFiles {
             scheduler_config: need("scheduler/scheduler_config.json")?,
         })
     }
-
-    /// A fingerprint of the base U-Net (its config and weights), recorded with adapters and
-    /// checkpoints so they are never applied to a different base.
-    pub fn unet_identity(&self) -> Result<String> {
-        fingerprint(std::iter::once(&self.unet.config).chain(&self.unet.weights))
-    }
 }
 
 #[derive(Deserialize)]
@@ -243,32 +219,4 @@ fn weight_files(
             ""
         }
     )
-}
-
-/// SHA-256 over each file's size, its first and last MiB (for safetensors, the first MiB holds the
-/// header with every tensor's name, shape and offset) — cheap even for multi-GB weights.
-pub fn fingerprint<'a>(files: impl IntoIterator<Item = &'a PathBuf>) -> Result<String> {
-    const CHUNK: u64 = 1 << 20;
-    let mut hasher = Sha256::new();
-    for path in files {
-        let mut f =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let len = f.metadata()?.len();
-        hasher.update(len.to_le_bytes());
-        let mut buf = Vec::new();
-        (&mut f).take(CHUNK).read_to_end(&mut buf)?;
-        if len > 2 * CHUNK {
-            use std::io::Seek;
-            f.seek(std::io::SeekFrom::Start(len - CHUNK))?;
-            f.take(CHUNK).read_to_end(&mut buf)?;
-        } else {
-            f.read_to_end(&mut buf)?;
-        }
-        hasher.update(&buf);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
