@@ -5,6 +5,7 @@
 use difftune::data::cache::{build, CacheSettings};
 use difftune::data::images::{self, DecodeOptions};
 use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
+use difftune::data::ImageSource;
 use difftune::eval::images::load_image;
 use difftune::model::source::ModelFiles;
 use std::path::{Path, PathBuf};
@@ -109,7 +110,11 @@ fn bombs_and_truncated_images_are_named_and_skipped_and_the_cache_completes() {
     for path in [&bomb, &truncated, &png] {
         let err = format!(
             "{:#}",
-            load_image(path, &DecodeOptions::PILLOW_OPEN).unwrap_err()
+            load_image(
+                &ImageSource::File(path.to_path_buf()),
+                &DecodeOptions::PILLOW_OPEN
+            )
+            .unwrap_err()
         );
         assert!(err.contains(&path.display().to_string()), "{err}");
     }

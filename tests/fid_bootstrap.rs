@@ -2,7 +2,7 @@
 //! On two copies of one folder FID is 0 (within 1e-4 of its spread: eigenvalue rounding) and its
 //! interval is centred on 0 (the midpoint within a quarter of the width of 0, with 0 inside); the
 //! same seed gives the same interval, another seed another.
-use difftune::compare::score::write_random_inception;
+use difftune::eval::inception::write_random_weights;
 use std::path::{Path, PathBuf};
 
 /// 16 seeded images: a colour gradient whose direction, hue and brightness vary.
@@ -39,7 +39,7 @@ fn bootstrap_on_identical_folders_is_centred_on_zero_and_seeded() {
     let dir = tempfile::tempdir().unwrap();
     let folder = image_folder(dir.path());
     let weights = dir.path().join("inception.safetensors");
-    write_random_inception(&weights, 0).unwrap();
+    write_random_weights(&weights, 0).unwrap();
     let (folder, weights) = (folder.to_str().unwrap(), weights.to_str().unwrap());
     let run = |seed: &str| {
         fid_json(&[

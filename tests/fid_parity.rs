@@ -5,6 +5,7 @@
 //! tools/make_fid_fixtures.py, BatchNorm tensors from the fixture, plus `num_batches_tracked` and
 //! `fc.*` as in the real weights file, written once per run under the cargo target tmp dir.
 use difftune::data::images::DecodeOptions;
+use difftune::data::ImageSource;
 use difftune::eval::fid::trace_sqrt_product;
 use difftune::eval::images::list_images;
 use difftune::eval::images::load_image;
@@ -172,7 +173,7 @@ fn unfolded_network_is_pytorch_fid_op_for_op_and_folding_keeps_it() {
         .iter()
         .map(|p| {
             preprocess(
-                &load_image(p, &DecodeOptions::PILLOW_OPEN)
+                &load_image(&ImageSource::File(p.clone()), &DecodeOptions::PILLOW_OPEN)
                     .unwrap()
                     .unsqueeze(0),
             )
@@ -206,7 +207,7 @@ fn tensor_input_matches_the_file_pipeline() {
     let files = list_images(&fixture("a")).unwrap();
     let images: Vec<Tensor> = files[..2]
         .iter()
-        .map(|p| load_image(p, &DecodeOptions::PILLOW_OPEN).unwrap())
+        .map(|p| load_image(&ImageSource::File(p.clone()), &DecodeOptions::PILLOW_OPEN).unwrap())
         .collect();
     let ours = model
         .features_of_tensor(&Tensor::stack(&images, 0))

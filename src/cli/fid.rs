@@ -306,7 +306,7 @@ fn image_side(dir: &Path, model: &FidModel, group: &ProcessGroup, quiet: bool) -
     };
     bar.set_message(dir.display().to_string());
     let start = std::time::Instant::now();
-    let features = model.features_of_images_sharded(&files, group, |done, share| {
+    let features = model.features(&images::image_files(&files), group, |done, share| {
         bar.set_length(share as u64);
         bar.set_position(done as u64)
     })?;

@@ -1,22 +1,21 @@
 //! Scoring generated images against a reference split with FID and KID (pytorch-fid's
-//! InceptionV3). The reference's features are computed once per comparison and cached. Under a
-//! launcher every rank extracts the features of a share of whole batches (bitwise the features
-//! one process computes) and rank 0 gathers them and computes the scores.
+//! InceptionV3). The features come from [`FidModel::features`], shared among the ranks (bitwise
+//! the features one process computes); the reference's are computed once per comparison and
+//! cached, and rank 0 computes the scores from the two feature matrices.
 use super::config::{EvalSection, FeatureWeights};
 use super::report::{Difference, Metric, Uncertainty};
-use crate::data::images::{decode_rgb, Alpha, DecodeOptions};
-use crate::data::Dataset;
+use crate::data::{Dataset, ImageSource};
 use crate::dist::ProcessGroup;
 use crate::eval::bootstrap::difference;
+use crate::eval::features::{read_features, save_features};
+use crate::eval::images::image_files;
+use crate::eval::inception::write_random_weights;
 use crate::eval::{default_weights_path, Bootstrap, Estimate, FidModel};
-use crate::model::weights::{read_all, save_tensors};
 use anyhow::{bail, Context, Result};
 use faer::Mat;
-use rand::{RngExt, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind, Tensor};
+use tch::Device;
 
 /// Which Inception weights the scores use, and why: chosen (and, for the random ones, written)
 /// once, by rank 0 of a data-parallel comparison.
@@ -59,7 +58,7 @@ impl ScorerWeights {
             eval.random_seed
         ));
         if !path.is_file() {
-            write_random_inception(&path, eval.random_seed)?;
+            write_random_weights(&path, eval.random_seed)?;
         }
         let why = match eval.feature_weights {
             FeatureWeights::Random => "the run file asks for it".to_string(),
@@ -145,7 +144,7 @@ impl Scorer {
         group: &ProcessGroup,
     ) -> Result<Option<Reference>> {
         let cached = match group.is_main() {
-            true => read_cached_features(cache, key)?,
+            true => read_features(cache, key)?,
             false => None,
         };
         // Only rank 0 can say yes: this is its answer, on every rank.
@@ -158,48 +157,13 @@ impl Scorer {
                 dataset.root.display()
             );
         }
-        let features = self.features_of_dataset(dataset, group)?;
+        let images: Vec<ImageSource> = dataset.samples.iter().map(|s| s.image.clone()).collect();
+        let features = self.model.features(&images, group, |_, _| {})?;
         if !group.is_main() {
             return Ok(None);
         }
-        let tensor = matrix_to_tensor(&features);
-        let meta = [("key".to_string(), key.to_string())].into();
-        save_tensors(cache, &[("features".to_string(), tensor)], Some(meta))?;
+        save_features(cache, &features, key)?;
         Ok(Some(Reference { features }))
-    }
-
-    /// Features of a dataset's images, decoded as pytorch-fid decodes them (RGB, [0, 1]) and each
-    /// resized to the network's input in its own forward pass batch. Each rank of `group`
-    /// extracts a contiguous share of the decode chunks (the same batches as one process);
-    /// every rank gets all the rows.
-    fn features_of_dataset(&self, dataset: &Dataset, group: &ProcessGroup) -> Result<Mat<f64>> {
-        let chunks: Vec<_> = dataset.samples.chunks(DECODE_CHUNK).collect();
-        let mut rows: Vec<Mat<f64>> = vec![Mat::zeros(0, self.model.dims())];
-        for chunk in &chunks[group.shard_range(chunks.len())] {
-            let images: Vec<Tensor> = chunk
-                .iter()
-                .map(|s| -> Result<Tensor> {
-                    let rgb = decode_rgb(&s.image, Alpha::Drop, &DecodeOptions::PILLOW_OPEN)?;
-                    let (w, h) = rgb.dimensions();
-                    let nchw = Tensor::from_slice(rgb.as_raw())
-                        .view([1, h as i64, w as i64, 3])
-                        .permute([0, 3, 1, 2]);
-                    // The network's own resize (bilinear, no antialiasing) to its 299 px input,
-                    // done here so differently sized images can share a batch; resizing 299 px
-                    // to 299 px again inside the model is the identity.
-                    Ok(nchw.upsample_bilinear2d(
-                        [INCEPTION_INPUT, INCEPTION_INPUT],
-                        false,
-                        None,
-                        None,
-                    ))
-                })
-                .collect::<Result<_>>()?;
-            rows.push(self.model.features_of_tensor(&Tensor::cat(&images, 0))?);
-        }
-        // The collective runs on the model's device: the CPU under Gloo, this rank's GPU under NCCL.
-        let share = matrix_to_tensor(&stack_rows(&rows)).to_device(self.model.device());
-        tensor_to_matrix(&group.all_gather_rows(&share)?)
     }
 
     /// FID and KID of the images at `paths` against `reference`, with their bootstrap
@@ -212,13 +176,18 @@ impl Scorer {
         paths: &[PathBuf],
         group: &ProcessGroup,
     ) -> Result<Option<Score>> {
-        let features = self
-            .model
-            .features_of_images_sharded(paths, group, |_, _| {})?;
-        let Some(reference) = reference.filter(|_| group.is_main()) else {
-            return Ok(None);
-        };
-        let (reference, generated) = (reference.features.as_ref(), features.as_ref());
+        let generated = self.model.features(&image_files(paths), group, |_, _| {})?;
+        match reference.filter(|_| group.is_main()) {
+            Some(reference) => self
+                .score_features(&reference.features, &generated)
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// FID and KID of the `generated` features against the `reference` ones (rows are images).
+    fn score_features(&self, reference: &Mat<f64>, generated: &Mat<f64>) -> Result<Score> {
+        let (reference, generated) = (reference.as_ref(), generated.as_ref());
         let fid = self.bootstrap.fid(reference, generated)?;
         let (subsets, kid) = self.bootstrap.kid(
             reference,
@@ -227,95 +196,18 @@ impl Scorer {
             self.kid_subset_size,
             self.seed,
         )?;
-        Ok(Some(Score {
+        Ok(Score {
             fid,
             kid,
             kid_subset_std: subsets.std,
-            images: paths.len(),
-        }))
+            images: generated.nrows(),
+        })
     }
 
     /// The bootstrap's settings, for the report.
     pub fn bootstrap(&self) -> Bootstrap {
         self.bootstrap
     }
-}
-
-/// Side of the FID Inception's input.
-const INCEPTION_INPUT: i64 = 299;
-/// Images decoded at a time for the reference features.
-const DECODE_CHUNK: usize = 50;
-
-fn read_cached_features(path: &Path, key: &str) -> Result<Option<Mat<f64>>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let meta = crate::model::weights::read_metadata(path)?;
-    if meta.get("key").map(String::as_str) != Some(key) {
-        return Ok(None);
-    }
-    let tensors = read_all(path)?;
-    let features = tensors
-        .get("features")
-        .with_context(|| format!("{} has no `features`", path.display()))?;
-    Ok(Some(tensor_to_matrix(features)?))
-}
-
-fn matrix_to_tensor(m: &Mat<f64>) -> Tensor {
-    let values: Vec<f64> = (0..m.nrows())
-        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
-        .collect();
-    Tensor::from_slice(&values).view([m.nrows() as i64, m.ncols() as i64])
-}
-
-fn tensor_to_matrix(t: &Tensor) -> Result<Mat<f64>> {
-    let (rows, cols) = t.size2().context("cached features must be a matrix")?;
-    let values = Vec::<f64>::try_from(t.to_kind(Kind::Double).contiguous().view([-1]))?;
-    Ok(Mat::from_fn(rows as usize, cols as usize, |i, j| {
-        values[i * cols as usize + j]
-    }))
-}
-
-fn stack_rows(parts: &[Mat<f64>]) -> Mat<f64> {
-    let cols = parts.first().map_or(0, |m| m.ncols());
-    let rows: usize = parts.iter().map(|m| m.nrows()).sum();
-    let mut out = Mat::zeros(rows, cols);
-    let mut at = 0;
-    for part in parts {
-        for i in 0..part.nrows() {
-            for j in 0..cols {
-                out[(at + i, j)] = part[(i, j)];
-            }
-        }
-        at += part.nrows();
-    }
-    out
-}
-
-/// Writes a seeded random initialisation of the FID InceptionV3: every convolution He-uniform
-/// (variance 2 / fan-in, which keeps activations at unit scale through the ReLUs), batch norms
-/// the identity. Each tensor draws from its own stream, so values do not depend on listing order.
-pub fn write_random_inception(path: &Path, seed: u64) -> Result<()> {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let _net = crate::eval::inception::InceptionV3::new(vs.root());
-    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    for (index, (name, tensor)) in tensors.iter_mut().enumerate() {
-        if !name.ends_with("conv.weight") {
-            continue;
-        }
-        let size = tensor.size();
-        let fan_in: i64 = size[1..].iter().product();
-        let bound = (6.0 / fan_in as f64).sqrt() as f32;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(index as u64);
-        let values: Vec<f32> = (0..tensor.numel())
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
-        *tensor = Tensor::from_slice(&values).view(size.as_slice());
-    }
-    save_tensors(path, &tensors, None)
-        .with_context(|| format!("writing random Inception weights {}", path.display()))
 }
 
 /// The paired differences the report judges: every method against the base row (`method −

@@ -1,10 +1,15 @@
 //! Inception features of images, computed as pytorch-fid's `get_activations` computes them: the
 //! FID InceptionV3 with the ported TensorFlow weights, each image resized to 299x299 inside the
-//! pipeline, one feature row (float64) per image.
-use super::images::load_image;
+//! pipeline, one feature row (float64) per image. [`FidModel::features`] is the one extraction
+//! path, for image folders (`fid`) and datasets (`compare`'s reference) alike, shared among the
+//! ranks of a process group; every score (FID, KID, their bootstrap) takes the feature matrix it
+//! returns, and [`save_features`] / [`read_features`] keep such a matrix on disk.
+use super::images::{image_files, load_image};
 use super::inception::{preprocess, FeatureDims, InceptionV3};
 use crate::data::images::DecodeOptions;
+use crate::data::ImageSource;
 use crate::dist::ProcessGroup;
+use crate::model::weights::{read_all, read_metadata, save_tensors};
 use anyhow::{anyhow, bail, Context, Result};
 use faer::Mat;
 use rayon::prelude::*;
@@ -129,30 +134,53 @@ impl FidModel {
                 })
                 .collect()
         });
-        to_matrix(&rows, self.dims())
+        match rows.is_empty() {
+            true => Ok(Mat::zeros(0, self.dims())),
+            false => tensor_to_matrix(&Tensor::cat(&rows, 0)),
+        }
     }
 
-    /// Features `[N, dims]` of image files (any sizes), in the order given. An unreadable image is
-    /// an error naming its path.
-    pub fn features_of_images(&self, paths: &[PathBuf]) -> Result<Mat<f64>> {
-        self.features_of_images_with_progress(paths, |_| {})
-    }
-
-    /// [`Self::features_of_images`], calling `progress(images_done)` after each batch. The next
-    /// batch is decoded (in parallel) while the network runs on the current one.
-    pub fn features_of_images_with_progress(
+    /// Features `[N, dims]` of `images` (files, or a dataset's samples; any sizes), in the order
+    /// given, decoded as pytorch-fid decodes them (RGB, no EXIF rotation, unless the pixel limit is
+    /// set otherwise). Shared among the ranks of `group`: each rank runs a contiguous share of
+    /// whole batches (so every image runs in the same batch as in one process, and its features
+    /// are bitwise the same), then every rank gets all the rows in the original order.
+    /// `progress(done, share)` counts this rank's images. An unreadable image is an error naming
+    /// it.
+    pub fn features(
         &self,
-        paths: &[PathBuf],
-        progress: impl FnMut(usize),
+        images: &[ImageSource],
+        group: &ProcessGroup,
+        mut progress: impl FnMut(usize, usize),
     ) -> Result<Mat<f64>> {
-        rows_to_matrix(&self.feature_rows(paths, progress)?, self.dims())
+        let batches = images.len().div_ceil(self.batch_size);
+        let share = group.shard_range(batches);
+        let first = (share.start * self.batch_size).min(images.len());
+        let end = (share.end * self.batch_size).min(images.len());
+        let rows = self.feature_rows(&images[first..end], |done| progress(done, end - first))?;
+        if !group.is_distributed() {
+            return tensor_to_matrix(&rows);
+        }
+        // The collective runs on the model's device: the CPU under Gloo, this rank's GPU under NCCL.
+        tensor_to_matrix(&group.all_gather_rows(&rows.to_device(self.device))?)
     }
 
-    /// The features of `paths` as one float64 CPU tensor `[N, dims]`.
-    fn feature_rows(&self, paths: &[PathBuf], mut progress: impl FnMut(usize)) -> Result<Tensor> {
-        let batches: Vec<&[PathBuf]> = paths.chunks(self.batch_size).collect();
+    /// [`Self::features`] of image files, in one process.
+    pub fn features_of_images(&self, paths: &[PathBuf]) -> Result<Mat<f64>> {
+        self.features(&image_files(paths), &ProcessGroup::single(), |_, _| {})
+    }
+
+    /// The features of `images` as one float64 CPU tensor `[N, dims]`, calling
+    /// `progress(images_done)` after each batch. The next batch is decoded (in parallel) while
+    /// the network runs on the current one.
+    fn feature_rows(
+        &self,
+        images: &[ImageSource],
+        mut progress: impl FnMut(usize),
+    ) -> Result<Tensor> {
+        let batches: Vec<&[ImageSource]> = images.chunks(self.batch_size).collect();
         let options = self.decode;
-        let decode = move |batch: &[PathBuf]| -> Result<Vec<Tensor>> {
+        let decode = move |batch: &[ImageSource]| -> Result<Vec<Tensor>> {
             batch.par_iter().map(|p| load_image(p, &options)).collect()
         };
         let rows = std::thread::scope(|scope| -> Result<Vec<Tensor>> {
@@ -187,27 +215,6 @@ impl FidModel {
             .to_kind(Kind::Double))
     }
 
-    /// [`Self::features_of_images_with_progress`] shared among the ranks of `group`: each rank
-    /// runs a contiguous share of the batches (whole batches, so every image runs in the same
-    /// batch as in a single process and its features are bitwise the same), then the rows are
-    /// gathered in the original order on every rank. `progress(done, share)` counts this rank's
-    /// images.
-    pub fn features_of_images_sharded(
-        &self,
-        paths: &[PathBuf],
-        group: &ProcessGroup,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Result<Mat<f64>> {
-        let batches = paths.len().div_ceil(self.batch_size);
-        let share = group.shard_range(batches);
-        let first = (share.start * self.batch_size).min(paths.len());
-        let end = (share.end * self.batch_size).min(paths.len());
-        let rows = self.feature_rows(&paths[first..end], |done| progress(done, end - first))?;
-        // The collective runs on the model's device: the CPU under Gloo, this rank's GPU under NCCL.
-        let rows = rows.to_device(self.device);
-        rows_to_matrix(&group.all_gather_rows(&rows)?, self.dims())
-    }
-
     /// Features of decoded `[3, H, W]` images of possibly different sizes: each is resized on the
     /// device (as pytorch-fid resizes inside the model), then they run as one batch.
     fn features_of_decoded(&self, images: &[Tensor]) -> Tensor {
@@ -233,21 +240,41 @@ impl FidModel {
     }
 }
 
-/// Stacks per-batch feature tensors into one float64 matrix (rows are images).
-fn to_matrix(rows: &[Tensor], dims: usize) -> Result<Mat<f64>> {
-    if rows.is_empty() {
-        return Ok(Mat::zeros(0, dims));
-    }
-    rows_to_matrix(&Tensor::cat(rows, 0), dims)
+/// Saves `features` (float64 `features` `[N, dims]`, rows are images) to `path` atomically, with
+/// `key` (what they were computed from) in its metadata.
+pub fn save_features(path: &Path, features: &Mat<f64>, key: &str) -> Result<()> {
+    let values: Vec<f64> = (0..features.nrows())
+        .flat_map(|i| (0..features.ncols()).map(move |j| features[(i, j)]))
+        .collect();
+    let tensor =
+        Tensor::from_slice(&values).view([features.nrows() as i64, features.ncols() as i64]);
+    let meta = [("key".to_string(), key.to_string())].into();
+    save_tensors(path, &[("features".to_string(), tensor)], Some(meta))
 }
 
-/// A `[N, dims]` tensor as a float64 matrix (rows are images).
-fn rows_to_matrix(rows: &Tensor, dims: usize) -> Result<Mat<f64>> {
+/// The features [`save_features`] saved at `path`; `None` when there is no file or it was saved
+/// under another key.
+pub fn read_features(path: &Path, key: &str) -> Result<Option<Mat<f64>>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    if read_metadata(path)?.get("key").map(String::as_str) != Some(key) {
+        return Ok(None);
+    }
+    let features = read_all(path)?
+        .remove("features")
+        .with_context(|| format!("{} has no `features`", path.display()))?;
+    tensor_to_matrix(&features).map(Some)
+}
+
+/// A `[N, dims]` tensor (any float kind, any device) as a float64 matrix (rows are images).
+fn tensor_to_matrix(rows: &Tensor) -> Result<Mat<f64>> {
+    let (n, dims) = rows.size2().context("features must be a matrix")?;
+    let (n, dims) = (n as usize, dims as usize);
     let all = rows
         .to_device(Device::Cpu)
         .to_kind(Kind::Double)
         .contiguous();
     let values = Vec::<f64>::try_from(all.view([-1]))?;
-    let n = all.size()[0] as usize;
     Ok(Mat::from_fn(n, dims, |i, j| values[i * dims + j]))
 }

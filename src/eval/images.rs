@@ -1,11 +1,13 @@
-//! Image folders read the way pytorch-fid reads them: the files directly in the folder whose
-//! extension is one of pytorch-fid's (lower case, as its glob is case-sensitive), decoded to RGB
-//! uint8 and turned into float [0, 1] like torchvision's `ToTensor`.
+//! Images read the way pytorch-fid reads them: a folder's images are the files directly in it
+//! whose extension is one of pytorch-fid's (lower case, as its glob is case-sensitive); each image
+//! (such a file, or a dataset's sample) is decoded to RGB uint8 and turned into float [0, 1] like
+//! torchvision's `ToTensor`.
 //!
 //! Pixel values match Pillow's exactly: PNG is lossless, and JPEGs are decoded by libjpeg-turbo
 //! set up as Pillow sets it up (see [`crate::data::jpeg`]), without EXIF rotation as
 //! `Image.open` does.
 use crate::data::images::{decode, DecodeOptions};
+use crate::data::ImageSource;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -47,13 +49,18 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(images)
 }
 
-/// Decodes an image file to a `[3, H, W]` float tensor in [0, 1] (grey and alpha images become
-/// RGB as PIL's `convert('RGB')` makes them: grey replicated, alpha dropped).
-/// [`DecodeOptions::PILLOW_OPEN`] reads it as pytorch-fid does.
-pub fn load_image(path: &Path, options: &DecodeOptions) -> Result<Tensor> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+/// Image files as the images [`crate::eval::FidModel::features`] reads.
+pub fn image_files(paths: &[PathBuf]) -> Vec<ImageSource> {
+    paths.iter().cloned().map(ImageSource::File).collect()
+}
+
+/// Decodes an image (a file, or a dataset's encoded bytes) to a `[3, H, W]` float tensor in [0, 1]
+/// (grey and alpha images become RGB as PIL's `convert('RGB')` makes them: grey replicated, alpha
+/// dropped). [`DecodeOptions::PILLOW_OPEN`] reads it as pytorch-fid does.
+pub fn load_image(source: &ImageSource, options: &DecodeOptions) -> Result<Tensor> {
+    let bytes = source.read()?;
     let image = decode(&bytes, options)
-        .with_context(|| format!("decoding image {}", path.display()))?
+        .with_context(|| format!("decoding image {}", source.describe()))?
         .to_rgb8();
     let (width, height) = image.dimensions();
     let hwc = Tensor::from_slice(image.as_raw()).view([height as i64, width as i64, 3]);

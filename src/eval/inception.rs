@@ -3,8 +3,10 @@
 //! (`FIDInceptionA`/`FIDInceptionC`/`FIDInceptionE_1` average-pool without counting the zero
 //! padding, `FIDInceptionE_2` max-pools). Parameter names are those of the ported weights file
 //! `pt_inception-2015-12-05-6726825d.pth` (`Mixed_5b.branch1x1.conv.weight`, ...).
-use crate::model::weights::{load_into, LoadOptions, MappedSafetensors};
+use crate::model::weights::{load_into, save_tensors, LoadOptions, MappedSafetensors};
 use anyhow::{bail, Context, Result};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -547,6 +549,32 @@ impl InceptionV3 {
         }
         h.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
     }
+}
+
+/// Writes a seeded random initialisation of the FID InceptionV3 (safetensors, loadable like the
+/// converted weights): every convolution He-uniform (variance 2 / fan-in, which keeps activations
+/// at unit scale through the ReLUs), batch norms the identity. Each tensor draws from its own stream, so values do not depend on listing order.
+pub fn write_random_weights(path: &Path, seed: u64) -> Result<()> {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = InceptionV3::new(vs.root());
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (index, (name, tensor)) in tensors.iter_mut().enumerate() {
+        if !name.ends_with("conv.weight") {
+            continue;
+        }
+        let size = tensor.size();
+        let fan_in: i64 = size[1..].iter().product();
+        let bound = (6.0 / fan_in as f64).sqrt() as f32;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(index as u64);
+        let values: Vec<f32> = (0..tensor.numel())
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        *tensor = Tensor::from_slice(&values).view(size.as_slice());
+    }
+    save_tensors(path, &tensors, None)
+        .with_context(|| format!("writing random Inception weights {}", path.display()))
 }
 
 /// pytorch-fid's input transform: images `[N, 3, H, W]` in [0, 1] (float) are resized to 299x299
