@@ -301,9 +301,9 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
 }
 
 /// The tiny preset's VAE, trained as the preset trains it on the preset's two domains,
-/// reconstructs the held-out test images within the bound the README states: mean squared error
-/// below 0.05 (images in [-1, 1]; 0.031 measured, against 0.125 for the 8x VAE of 64 px images
-/// the preset used before).
+/// reconstructs the held-out test images within the bound docs/tiny-preset.md states: mean
+/// squared error below 0.05 (images in [-1, 1]; 0.031 measured, against 0.125 for the 8x VAE of
+/// 64 px images the preset used before).
 #[test]
 fn tiny_preset_vae_reconstructs_the_test_images() {
     // The VAE's training draws from torch's global generator: the other test must not draw in
