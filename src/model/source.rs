@@ -3,6 +3,7 @@
 //! the hf-hub cache (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only), `owner/name@revision`
 //! for a branch, tag or commit other than `main`, or a single-file checkpoint (see
 //! [`super::single_file`]), read through its converted folder.
+use crate::error::SettingsError;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -190,6 +191,27 @@ impl ModelFiles {
                 .to_path_buf(),
             scheduler_config: need("scheduler/scheduler_config.json")?,
         })
+    }
+
+    /// Reads every component's config and the header of every weight file (each tensor's name,
+    /// type, shape and offsets), not their data: a damaged or truncated file, or one whose
+    /// offsets lie, is refused in milliseconds rather than after the work that loads it. Errors
+    /// are [`SettingsError`]s for the model.
+    pub fn check(&self) -> Result<()> {
+        let check = || -> Result<()> {
+            super::unet::UNetConfig::from_file(&self.unet.config)?;
+            super::vae::VaeConfig::from_file(&self.vae.config)?;
+            super::clip::ClipTextConfig::from_file(&self.text_encoder.config)?;
+            crate::schedulers::SchedulerConfig::load(&self.scheduler_config)?;
+            let weights = [&self.unet, &self.vae, &self.text_encoder]
+                .into_iter()
+                .flat_map(|c| &c.weights);
+            for path in weights {
+                super::weights::MappedSafetensors::open(path)?;
+            }
+            Ok(())
+        };
+        check().map_err(|e| SettingsError::invalid(format!("model {}", self.spec), e).into())
     }
 
     /// A fingerprint of the base U-Net (its config and weights), recorded with adapters and
