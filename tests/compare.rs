@@ -4,11 +4,12 @@
 #[path = "common/tiny_run.rs"]
 mod tiny_run;
 
-use difftune::compare::config::MethodEntry;
+use difftune::compare::presets::preset_text;
 use difftune::compare::report::Metric;
 use difftune::compare::runner::{REPORT_MD, RESULTS_CSV, RESULTS_JSON};
-use difftune::compare::{preset, run, CompareConfig, CompareOptions, Outcome, StudyResults};
+use difftune::compare::{run, CompareConfig, CompareOptions, Outcome, StudyResults};
 use difftune::model::source::ModelFiles;
+use difftune::settings::compare::{compare_config, preset};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,42 +24,35 @@ fn methods() -> Vec<&'static str> {
 /// The tiny preset cut down to seconds per stage, with every registered method (those the preset
 /// does not name with their default settings).
 fn small_tiny() -> CompareConfig {
-    let mut config = preset("tiny").unwrap();
+    let mut text = preset_text("tiny").unwrap().to_string();
+    let listed = preset("tiny", &[]).unwrap().methods;
     for name in methods() {
-        if !config.methods.iter().any(|m| m.name == name) {
-            config.methods.push(MethodEntry {
-                name: name.into(),
-                label: None,
-                settings: Default::default(),
-                train: Default::default(),
-            });
+        if !listed.iter().any(|m| m.name() == name) {
+            text += &format!("\n[[methods]]\nname = \"{name}\"\n");
         }
     }
-    config
-        .apply_overrides(&[
-            "data.synthetic.classes=3".into(),
-            "data.synthetic.train_per_class=4".into(),
-            "data.synthetic.test_per_class=4".into(),
-            "data.synthetic.resolution=32".into(),
-            // The VAE's quality has its own test below; here its training need only run.
-            "model.tiny_vae.steps=10".into(),
-            "train.resolution=32".into(),
-            "train.batch_size=4".into(),
-            "train.steps=3".into(),
-            "train.checkpoint_every=0".into(),
-            "train.device=\"cpu\"".into(),
-            "pretrain.steps=3".into(),
-            "sample.per_class=3".into(),
-            "sample.steps=2".into(),
-            "sample.grid_classes=2".into(),
-            "sample.grid_seeds=2".into(),
-            "eval.dims=64".into(),
-            "eval.feature_weights=\"random\"".into(),
-            "eval.kid_subsets=5".into(),
-            "eval.bootstrap=20".into(),
-        ])
-        .unwrap();
-    config
+    let overrides = [
+        "data.synthetic.classes=3",
+        "data.synthetic.train_per_class=4",
+        "data.synthetic.test_per_class=4",
+        "data.synthetic.resolution=32",
+        // The VAE's quality has its own test below; here its training need only run.
+        "model.tiny_vae.steps=10",
+        "train.resolution=32",
+        "train.batch_size=4",
+        "train.steps=3",
+        "train.device=\"cpu\"",
+        "pretrain.steps=3",
+        "sample.per_class=3",
+        "sample.steps=2",
+        "sample.grid_classes=2",
+        "sample.grid_seeds=2",
+        "eval.dims=64",
+        "eval.feature_weights=\"random\"",
+        "eval.kid_subsets=5",
+        "eval.bootstrap=20",
+    ];
+    compare_config(&text, &overrides.map(String::from)).unwrap()
 }
 
 fn options(config: &CompareConfig, out: &Path) -> CompareOptions {
@@ -210,18 +204,13 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
     let (vs, mut unet) = difftune::model::pipeline::load_unet(&files, tch::Device::Cpu).unwrap();
     let unet_params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     for (entry, row) in config.methods.iter().zip(results.methods()) {
-        let method = difftune::peft::method_from_settings(
-            &entry.name,
-            &toml::Value::Table(entry.settings.clone()),
-        )
-        .unwrap();
-        let expected =
-            difftune::peft::trainable_parameter_count(method.as_ref(), &mut unet, &vs).unwrap();
+        let method = entry.run.method.method();
+        let expected = difftune::peft::trainable_parameter_count(method, &mut unet, &vs).unwrap();
         assert_eq!(
             row.trainable_params,
             Some(expected as u64),
             "{}",
-            entry.name
+            entry.name()
         );
         assert_eq!(row.unet_params, unet_params as u64);
     }
@@ -311,7 +300,7 @@ fn tiny_preset_vae_reconstructs_the_test_images() {
     let _guard = serial();
     use difftune::compare::tiny_vae::train_tiny_vae;
     use difftune::data::synthetic::{generate_food101_like, Domain};
-    let config = preset("tiny").unwrap();
+    let config = preset("tiny", &[]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let s = &config.data.synthetic;
     let domains: Vec<_> = [Domain::Target, Domain::Source]

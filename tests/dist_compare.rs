@@ -6,7 +6,8 @@ mod common;
 
 use common::{difftune, launch, run_to_success, LIMIT};
 use difftune::compare::report::BASE_ROW;
-use difftune::compare::{preset, CompareConfig, StudyResults};
+use difftune::compare::{CompareConfig, StudyResults};
+use difftune::settings::compare::preset;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,37 +19,40 @@ use std::time::Instant;
 /// were, so the base row cannot inherit the rounding differences of a data-parallel gradient
 /// and its samples and scores must be exactly those of one process.
 fn small_config() -> CompareConfig {
-    let mut config = preset("tiny").unwrap();
+    small_config_with(&[])
+}
+
+/// [`small_config`] with the `set` pairs.
+fn small_config_with(set: &[&str]) -> CompareConfig {
+    let overrides = [
+        "model.tiny_vae.steps=2",
+        "eval.must_improve=[\"full\"]",
+        "data.synthetic.classes=3",
+        "data.synthetic.train_per_class=4",
+        "data.synthetic.test_per_class=4",
+        "data.synthetic.resolution=32",
+        "train.resolution=32",
+        "train.batch_size=4",
+        "train.steps=3",
+        "train.device=\"cpu\"",
+        "pretrain.steps=3",
+        "pretrain.learning_rate=0.0",
+        "sample.per_class=3",
+        "sample.steps=2",
+        "sample.batch_size=3",
+        "sample.grid_classes=2",
+        "sample.grid_seeds=2",
+        "eval.dims=64",
+        "eval.batch_size=3",
+        "eval.feature_weights=\"random\"",
+        "eval.kid_subsets=5",
+        "eval.bootstrap=20",
+    ];
+    let overrides: Vec<String> = overrides.iter().chain(set).map(|s| s.to_string()).collect();
+    let mut config = preset("tiny", &overrides).unwrap();
     config
         .methods
-        .retain(|m| m.name == "lora" || m.name == "full");
-    config
-        .apply_overrides(&[
-            "model.tiny_vae.steps=2".into(),
-            "eval.must_improve=[\"full\"]".into(),
-            "data.synthetic.classes=3".into(),
-            "data.synthetic.train_per_class=4".into(),
-            "data.synthetic.test_per_class=4".into(),
-            "data.synthetic.resolution=32".into(),
-            "train.resolution=32".into(),
-            "train.batch_size=4".into(),
-            "train.steps=3".into(),
-            "train.checkpoint_every=0".into(),
-            "train.device=\"cpu\"".into(),
-            "pretrain.steps=3".into(),
-            "pretrain.learning_rate=0.0".into(),
-            "sample.per_class=3".into(),
-            "sample.steps=2".into(),
-            "sample.batch_size=3".into(),
-            "sample.grid_classes=2".into(),
-            "sample.grid_seeds=2".into(),
-            "eval.dims=64".into(),
-            "eval.batch_size=3".into(),
-            "eval.feature_weights=\"random\"".into(),
-            "eval.kid_subsets=5".into(),
-            "eval.bootstrap=20".into(),
-        ])
-        .unwrap();
+        .retain(|m| m.name() == "lora" || m.name() == "full");
     config
 }
 
@@ -225,10 +229,7 @@ fn print_config_prints_once_under_a_launcher() {
 #[test]
 fn a_batch_the_ranks_cannot_share_is_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = small_config();
-    config
-        .apply_overrides(&["train.batch_size=3".into()])
-        .unwrap();
+    let config = small_config_with(&["train.batch_size=3"]);
     let config = write_config(dir.path(), &config);
     let out = dir.path().join("out");
     let args = args(&config, &out);

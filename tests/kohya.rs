@@ -351,14 +351,14 @@ fn the_cache_holds_every_caption_variant_bucket_and_flip_that_training_draws() {
 fn training_with_buckets_flips_and_caption_variants_resumes_exactly() {
     let _guard = serial();
     let fx = Fixture::new();
-    let mut config = RunConfig::for_method("bitfit");
+    let mut config = RunConfig::for_method("bitfit").unwrap();
     let t = &mut config.train;
     t.steps = 6;
     t.batch_size = 2;
     t.gradient_accumulation_steps = 2;
     t.learning_rate = 1e-3;
     t.resolution = 64;
-    t.checkpoint_every = 0;
+    t.checkpoint_every = t.steps;
     t.device = DeviceChoice::Cpu;
     t.bucket = true;
     t.bucket_step = 16;

@@ -8,6 +8,7 @@ mod tiny_run;
 use difftune::dist::ProcessGroup;
 use difftune::model::memory_format::is_channels_last;
 use difftune::model::weights::read_all;
+use difftune::peft::MethodSettings;
 use difftune::train::config::RunConfig;
 use difftune::train::metrics::MetricsLog;
 use difftune::train::trainer::{latest_trainable, Trainer, METRICS_FILE};
@@ -90,8 +91,9 @@ fn channels_last_trains_as_the_standard_layout() {
     // LoRA on every convolution and attention projection, the channels-last run by the CLI.
     let mut config = fx.config("lora", 3, 1e-2);
     let targets = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "*conv*"];
-    config.method.settings =
+    let settings =
         toml::Table::from_iter([("targets".to_string(), toml::Value::from(targets.to_vec()))]);
+    config.method = MethodSettings::new("lora", settings).unwrap();
     train(&fx.options(config.clone(), "lora-nchw")).unwrap();
     let file = fx.root.join("lora.toml");
     std::fs::write(&file, config.to_toml().unwrap()).unwrap();
@@ -175,7 +177,8 @@ fn channels_last_runs_write_standard_files() {
     });
     let opts = fx.options(config, "run");
     let group = ProcessGroup::single();
-    let mut trainer = Trainer::setup(&opts, &group).unwrap();
+    let files = opts.check().unwrap();
+    let mut trainer = Trainer::setup(&opts, &files, &group).unwrap();
     trainer.restore().unwrap();
     for _ in 0..2 {
         trainer.step().unwrap();

@@ -1,6 +1,7 @@
 //! The tuning methods: parameter counts on SD v1.4, the invariants every method must keep on a tiny
 //! U-Net (output unchanged at init, gradients only where trained, frozen weights untouched),
 //! settings, adapter files, LoRA formats and merging.
+use difftune::error::SettingsError;
 use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
 use difftune::model::weights::{load_into, read_all, LoadOptions};
 use difftune::peft::file::{random_init_identity, save_adapter, AdapterFile};
@@ -8,9 +9,9 @@ use difftune::peft::formats::{export_lora, load_adapter, read_adapter, LoraForma
 use difftune::peft::merge::{merge_adapter, save_unet};
 use difftune::peft::InitSeed;
 use difftune::peft::{
-    freeze, has_extensions, method_from_settings, parse_set_pairs, trainable_parameter_count,
-    TuningMethod, METHODS,
+    freeze, has_extensions, trainable_parameter_count, MethodSettings, TuningMethod, METHODS,
 };
+use difftune::settings::parse_set_pairs;
 use difftune::util::tensor::relative_l2;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -64,7 +65,7 @@ impl Tiny {
 }
 
 fn method(name: &str, settings: &str) -> Box<dyn TuningMethod> {
-    method_from_settings(name, &toml::from_str::<toml::Value>(settings).unwrap()).unwrap()
+    MethodSettings::parse(name, settings).unwrap().build()
 }
 
 /// Moves every trained tensor off its initial value, as training would.
@@ -220,33 +221,53 @@ fn settings_come_from_toml_and_set_pairs() {
         "rank_pattern.'*.to_q'=2".into(),
     ])
     .unwrap();
-    let lora = method_from_settings("lora", &toml::Value::Table(table)).unwrap();
-    let settings = lora.settings();
+    let lora = MethodSettings::new("lora", table).unwrap();
+    let settings = lora.method().settings();
     assert_eq!(settings["rank"], 8);
     assert_eq!(settings["targets"], serde_json::json!(["*.attn2.to_q"]));
     assert_eq!(settings["dora"], true);
     assert_eq!(settings["rank_pattern"]["*.to_q"], 2);
 
     let table = parse_set_pairs(&["input=attn2_out".into(), "output=ff_in".into()]).unwrap();
-    let adapter = method_from_settings("adapter", &toml::Value::Table(table)).unwrap();
-    assert_eq!(adapter.settings()["input"], "attn2_out");
+    let adapter = MethodSettings::new("adapter", table).unwrap();
+    assert_eq!(adapter.method().settings()["input"], "attn2_out");
 
-    let err = |name: &str, settings: &str| {
-        let value = toml::from_str::<toml::Value>(settings).unwrap();
-        format!("{:#}", method_from_settings(name, &value).unwrap_err())
+    // Each refusal is a settings error of the method, its reason naming what is wrong.
+    let refused = |name: &str, settings: &str, needle: &str| {
+        let err = MethodSettings::parse(name, settings).unwrap_err();
+        match err.downcast_ref::<SettingsError>() {
+            Some(SettingsError::Method { method, reason }) => {
+                assert_eq!(method, name);
+                assert!(reason.contains(needle), "{reason}");
+            }
+            _ => panic!("not a settings error of method `{name}`: {err:#}"),
+        }
     };
-    assert!(err("lora", "rnak = 3").contains("unknown field `rnak`"));
-    assert!(err("lora", "rank = 0").contains("rank 0 must be at least 1"));
-    assert!(err("lora", "alpha = -1").contains("alpha -1 must be a finite number above 0"));
-    assert!(err("lora", "alpha = 0").contains("must be a finite number above 0"));
+    refused("lora", "rnak = 3", "unknown field `rnak`");
+    refused("lora", "rank = 0", "rank 0 must be at least 1");
+    refused(
+        "lora",
+        "alpha = -1",
+        "alpha -1 must be a finite number above 0",
+    );
+    refused("lora", "alpha = 0", "must be a finite number above 0");
+    refused("lora", "dora = 'maybe'", "expected a boolean");
+    refused(
+        "adapter",
+        "input = 'ff_out'\noutput = 'attn2_out'",
+        "comes before input site",
+    );
+    refused("bitfit", "scope = 'some'", "unknown variant `some`");
+    let err = MethodSettings::defaults("loha").unwrap_err();
     let known: Vec<&str> = difftune::peft::method_names().collect();
-    assert!(err("loha", "").contains(&format!(
-        "unknown tuning method `loha` (known: {})",
-        known.join(", ")
-    )));
-    assert!(err("adapter", "input = 'ff_out'\noutput = 'attn2_out'")
-        .contains("comes before input site"));
-    assert!(err("bitfit", "scope = 'some'").contains("unknown variant `some`"));
+    assert!(
+        matches!(
+            err.downcast_ref::<SettingsError>(),
+            Some(SettingsError::UnknownMethod { name, known: listed })
+                if name == "loha" && *listed == known.join(", ")
+        ),
+        "{err:#}"
+    );
 }
 
 #[test]

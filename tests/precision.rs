@@ -6,7 +6,7 @@ mod tiny_run;
 #[path = "common/tiny_step.rs"]
 mod tiny_step;
 
-use difftune::peft::METHODS;
+use difftune::peft::{MethodSettings, METHODS};
 use difftune::train::config::{Precision, RunConfig};
 use difftune::train::metrics::MetricsLog;
 use difftune::train::optim::{AdamW, AdamWConfig};
@@ -126,14 +126,15 @@ fn fixture() -> TinyRun {
 
 /// A bf16 run of `method` for `steps` steps into `out`.
 fn bf16_options(fx: &TinyRun, method: &str, steps: usize, out: &str) -> TrainOptions {
-    let lr = RunConfig::for_method(method).train.learning_rate;
+    let lr = RunConfig::for_method(method).unwrap().train.learning_rate;
     let mut config = fx.config(method, steps, lr);
     config.train.precision = Precision::Bf16;
     if method == "lora" {
         // The default placement barely moves a random tiny model (see tests/train.rs).
         let targets = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"];
-        config.method.settings =
+        let settings =
             toml::Table::from_iter([("targets".into(), toml::Value::from(targets.to_vec()))]);
+        config.method = MethodSettings::new(method, settings).unwrap();
     }
     fx.options(config, out)
 }

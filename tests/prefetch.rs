@@ -99,7 +99,7 @@ fn prefetched_batches_equal_direct_reads() {
     };
     let cache = dir.path().join("cache");
     build(&files, &data, &settings, &cache).unwrap();
-    let config = RunConfig::for_method("lora");
+    let config = RunConfig::for_method("lora").unwrap();
     let scheduler = difftune::model::pipeline::load_scheduler_config(&files).unwrap();
     let objective = Objective::new(&scheduler, &config.train).unwrap();
 

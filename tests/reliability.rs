@@ -4,6 +4,8 @@
 #[path = "common/tiny_run.rs"]
 mod tiny_run;
 
+use difftune::error::CheckpointError;
+use difftune::peft::MethodSettings;
 use difftune::train::checkpoint;
 use difftune::train::config::RunConfig;
 use difftune::train::metrics::MetricsLog;
@@ -62,12 +64,12 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
     let scan = checkpoint::scan(&damaged.join(CHECKPOINTS_DIR)).unwrap();
     assert_eq!(scan.newest.unwrap().state.step, 2);
     assert_eq!(scan.rejected.len(), 1);
-    assert!(
-        scan.rejected[0]
-            .reason
-            .contains("trainable.safetensors does not match its checksum"),
-        "{:?}",
-        scan.rejected
+    assert_eq!(
+        refusal(&step_dir(&damaged, 4)),
+        CheckpointError::Damaged {
+            file: "trainable.safetensors".into()
+        }
+        .to_string()
     );
 
     for out in ["damaged", "clean"] {
@@ -110,15 +112,34 @@ fn resume_refuses_when_no_checkpoint_verifies() {
 
     let mut rest = fx.options(config, "run");
     rest.resume = true;
-    let err = format!("{:#}", train(&rest).unwrap_err());
-    assert!(err.contains("no checkpoint in"), "{err}");
-    assert!(
-        err.contains("state.json does not match its checksum"),
-        "{err}"
+    let err = train(&rest).unwrap_err();
+    let Some(CheckpointError::NoneTrusted { rejected, .. }) = err.downcast_ref() else {
+        panic!("not a refusal of every checkpoint: {err:#}");
+    };
+    let dirs: Vec<&PathBuf> = rejected.iter().map(|(dir, _)| dir).collect();
+    assert_eq!(dirs, [&step_dir(&out, 2), &step_dir(&out, 1)]);
+    assert_eq!(
+        refusal(&step_dir(&out, 2)),
+        CheckpointError::Damaged {
+            file: "state.json".into()
+        }
+        .to_string()
     );
-    assert!(err.contains("it has no SHA256SUMS"), "{err}");
-    assert!(err.contains("sha256sum trainable.safetensors"), "{err}");
+    let err = checkpoint::Checkpoint::open_verified(&step_dir(&out, 1)).unwrap_err();
+    let Some(CheckpointError::Unverified { files, .. }) = err.downcast_ref() else {
+        panic!("not refused for want of checksums: {err:#}");
+    };
+    assert!(files.contains("trainable.safetensors"), "{files}");
     assert!(step_dir(&out, 2).is_dir() && step_dir(&out, 1).is_dir());
+}
+
+/// Why the checkpoint in `dir` is refused, as a [`CheckpointError`] (its message).
+fn refusal(dir: &Path) -> String {
+    let err = checkpoint::Checkpoint::open_verified(dir).unwrap_err();
+    match err.downcast_ref::<CheckpointError>() {
+        Some(typed) => typed.to_string(),
+        None => panic!("not a checkpoint error: {err:#}"),
+    }
 }
 
 /// Waits until the run in `out` has logged a step (so it holds its folder's lock).
@@ -214,7 +235,7 @@ fn a_batch_larger_than_the_data_and_a_rank_larger_than_a_layer_are_refused() {
     );
 
     let mut config = fx.config("lora", 1, 1e-3);
-    config.method.settings = "rank = 100000".parse().unwrap();
+    config.method = MethodSettings::parse("lora", "rank = 100000").unwrap();
     let err = format!("{:#}", train(&fx.options(config, "rank")).unwrap_err());
     assert!(
         err.contains("LoRA rank 100000 is larger than layer"),
@@ -237,7 +258,7 @@ fn seeds_beyond_a_toml_integer_are_refused_clearly() {
         stderr.contains("9223372036854775808 is not in 0..=9223372036854775807"),
         "{stderr}"
     );
-    let mut config = RunConfig::for_method("lora");
+    let mut config = RunConfig::for_method("lora").unwrap();
     config.train.seed = i64::MAX as u64;
     let back = RunConfig::from_toml(&config.to_toml().unwrap()).unwrap();
     assert_eq!(back.train.seed, i64::MAX as u64);
@@ -297,4 +318,151 @@ fn a_cache_build_waits_for_the_process_building_its_folder() {
     drop(held);
     assert!(child.wait().unwrap().success());
     assert!(cache.join("manifest.json").is_file());
+}
+
+/// Runs `difftune ARGS` and returns its output and how long it took.
+fn timed_difftune(args: &[&str]) -> (std::process::Output, Duration) {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args(args)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    (output, started.elapsed())
+}
+
+/// Runs `difftune ARGS`, which must fail naming `needle`, with `out` not created, within a
+/// second of starting: `startup`, the time the process takes to start at all (loading libtorch:
+/// 0.5 s on an idle 2-core VM, over 1 s on a busy one), is not counted.
+fn refused_at_once(args: &[&str], out: &Path, needle: &str, startup: Duration) -> Duration {
+    let (output, elapsed) = timed_difftune(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} ran: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    let own = elapsed.saturating_sub(startup);
+    assert!(own < Duration::from_secs(1), "{args:?} took {elapsed:?}");
+    own
+}
+
+/// Rewrites the safetensors file `path` so that its first tensor claims a byte more than it has:
+/// a header whose offsets lie about the data.
+fn lie_about_offsets(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    let (_, first) = header
+        .iter_mut()
+        .find(|(name, _)| *name != "__metadata__")
+        .unwrap();
+    let end = &mut first["data_offsets"][1];
+    *end = (end.as_u64().unwrap() + 1).into();
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut lying = (header.len() as u64).to_le_bytes().to_vec();
+    lying.extend(header);
+    lying.extend(&bytes[8 + length..]);
+    std::fs::write(path, lying).unwrap();
+}
+
+/// Every bad setting of issue 24 — a method's, a training setting, a model file whose header
+/// lies — fails within a second, before a cache, run.toml or output folder exists; the same for
+/// `cache`, `compare`, `sample` and `merge`.
+#[test]
+fn bad_settings_fail_at_once_and_write_nothing() {
+    let fx = {
+        let _guard = serial();
+        TinyRun::new(2, 2)
+    };
+    let (model, data) = (fx.model.to_str().unwrap(), fx.data.to_str().unwrap());
+    let out = fx.root.join("out");
+    let out_arg = out.to_str().unwrap();
+    let (_, startup) = timed_difftune(&["--version"]);
+    let train = ["train", "--model", model, "--data", data, "--out", out_arg];
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["--method", "lora", "--set", "rnak=8"],
+            "unknown field `rnak`",
+        ),
+        (
+            &["--method", "lora", "--set", "rank=0"],
+            "rank 0 must be at least 1",
+        ),
+        (
+            &["--method", "lora", "--set", "rank=-1"],
+            "rank -1 must be at least 1",
+        ),
+        (
+            &["--method", "lora", "--set", "dora=maybe"],
+            "expected a boolean",
+        ),
+        (&["--method", "lorax"], "unknown tuning method `lorax`"),
+        (
+            &["--method", "adapter", "--set", "widht=8"],
+            "unknown field `widht`",
+        ),
+        (
+            &["--method", "prefix", "--set", "length=0"],
+            "length 0 must be at least 1",
+        ),
+        (
+            &["--method", "bitfit", "--set", "checkpoint_every=0"],
+            "checkpoint_every",
+        ),
+    ];
+    let mut slowest = Duration::ZERO;
+    for (args, needle) in cases {
+        let args: Vec<&str> = train.iter().chain(args).copied().collect();
+        slowest = slowest.max(refused_at_once(&args, &out, needle, startup));
+    }
+
+    let lying = fx.root.join("lying-model");
+    copy_tree(&fx.model, &lying);
+    lie_about_offsets(&lying.join("unet/diffusion_pytorch_model.safetensors"));
+    let lying = lying.to_str().unwrap();
+    let not_safetensors = "is not a valid safetensors file";
+    let train = [
+        "train", "--method", "lora", "--model", lying, "--data", data,
+    ];
+    let cache = [
+        "cache",
+        "--model",
+        lying,
+        "--data",
+        data,
+        "--resolution",
+        "64",
+    ];
+    let adapter = fx.root.join("adapter.safetensors");
+    std::fs::write(fx.root.join("adapter.json"), r#"{"format": "difftune-adapter", "method": "lora", "settings": {"rank": 0}, "base_model": null, "difftune_version": "0"}"#).unwrap();
+    std::fs::write(&adapter, b"").unwrap();
+    let adapter = adapter.to_str().unwrap();
+    let sample = [
+        "sample",
+        "--model",
+        model,
+        "--prompt",
+        "soup",
+        "--adapter",
+        adapter,
+    ];
+    let cases: [(Vec<&str>, &str); 6] = [
+        (train.to_vec(), not_safetensors),
+        (cache.to_vec(), not_safetensors),
+        (
+            vec!["compare", "--set", "train.checkpoint_every=0"],
+            "checkpoint_every",
+        ),
+        (vec!["compare", "--model", lying], not_safetensors),
+        (sample.to_vec(), "rank 0 must be at least 1"),
+        (
+            vec!["merge", "--model", model, "--adapter", adapter],
+            "rank 0 must be at least 1",
+        ),
+    ];
+    for (mut args, needle) in cases {
+        args.extend(["--out", out_arg]);
+        slowest = slowest.max(refused_at_once(&args, &out, needle, startup));
+    }
+    println!("slowest refusal: {slowest:?} after starting the process ({startup:?})");
 }

@@ -300,7 +300,7 @@ fn a_non_finite_guidance_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
-        stderr.contains("--guidance NaN must be a finite number"),
+        stderr.contains("--guidance: NaN must be a finite number"),
         "{stderr}"
     );
 }

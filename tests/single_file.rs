@@ -358,7 +358,7 @@ fn open_clip_names_round_trip() {
 
 #[test]
 fn merge_writes_a_single_file_that_computes_what_the_adapter_computes() {
-    use difftune::peft::{file::save_adapter, freeze, method_from_settings, InitSeed};
+    use difftune::peft::{file::save_adapter, freeze, InitSeed, MethodSettings};
     cache();
     let dir = tempfile::tempdir().unwrap();
     let files = ModelFiles::resolve(MODEL, None).unwrap();
@@ -372,8 +372,7 @@ fn merge_writes_a_single_file_that_computes_what_the_adapter_computes() {
     // A LoRA moved off its initial value, as training would, saved as an adapter file.
     let (vs, mut unet) = load_unet(&files, Device::Cpu).unwrap();
     freeze(&vs);
-    let settings = toml::from_str::<toml::Value>("alpha = 8").unwrap();
-    let lora = method_from_settings("lora", &settings).unwrap();
+    let lora = MethodSettings::parse("lora", "alpha = 8").unwrap().build();
     let params = tch::nn::VarStore::new(Device::Cpu);
     let trained = lora
         .apply(&mut unet, &vs, params.root(), &InitSeed::new(0, "test"))

@@ -6,7 +6,7 @@ mod tiny_run;
 
 use difftune::data::cache::{build, CacheSettings, LatentCache, Manifest};
 use difftune::model::source::ModelFiles;
-use difftune::train::config::RunConfig;
+use difftune::peft::MethodSettings;
 use difftune::train::metrics::MetricsLog;
 use difftune::train::optim::AdamW;
 use difftune::train::step::{attach_method, forward_backward, Objective, StepInputs};
@@ -35,7 +35,7 @@ fn loss_falls_with(method: &str, settings: toml::Table, lr: f64) {
     let fx = fixture();
     let steps = 250;
     let mut config = fx.config(method, steps, lr);
-    config.method.settings = settings;
+    config.method = MethodSettings::new(method, settings).unwrap();
     let summary = train(&fx.options(config, "run")).unwrap();
     assert!(summary.finished && summary.adapter.as_ref().is_some_and(|p| p.is_file()));
     let losses: Vec<f64> = MetricsLog::read(&fx.root.join("run").join(METRICS_FILE))
@@ -434,44 +434,6 @@ fn damaged_or_stale_caches_are_rebuilt_never_used() {
 }
 
 #[test]
-fn run_config_defaults_file_and_overrides() {
-    let config = RunConfig::from_toml("[method]\nname = \"lora\"\nrank = 8\n").unwrap();
-    assert_eq!(config.train, difftune::train::TrainConfig::default());
-    assert_eq!(
-        (config.train.steps, config.train.learning_rate),
-        (10_000, 1e-5)
-    );
-    let mut config = config;
-    let overrides = difftune::peft::parse_set_pairs(&[
-        "lr_schedule=cosine".into(),
-        "train.learning_rate=1e-4".into(),
-        "rank=16".into(),
-        "method.alpha=4".into(),
-        "optimizer.beta2=0.99".into(),
-    ])
-    .unwrap();
-    config.apply_overrides(overrides).unwrap();
-    assert_eq!(
-        config.train.lr_schedule,
-        difftune::train::optim::LrSchedule::Cosine
-    );
-    assert_eq!(config.train.learning_rate, 1e-4);
-    assert_eq!(config.train.optimizer.beta2, 0.99);
-    assert_eq!(config.method.name, "lora");
-    assert_eq!(config.method.settings["rank"].as_integer(), Some(16));
-    assert_eq!(config.method.settings["alpha"].as_integer(), Some(4));
-    let round_trip = RunConfig::from_toml(&config.to_toml().unwrap()).unwrap();
-    assert_eq!(round_trip, config);
-    let err = RunConfig::from_toml("[train]\nlearning_rat = 1.0\n").unwrap_err();
-    assert!(format!("{err:#}").contains("learning_rat"), "{err:#}");
-    let bad = difftune::peft::parse_set_pairs(&["train.batch_size=0".into()]).unwrap();
-    let err = RunConfig::for_method("lora")
-        .apply_overrides(bad)
-        .unwrap_err();
-    assert!(format!("{err:#}").contains("batch_size"), "{err:#}");
-}
-
-#[test]
 fn tiny_model_loads_through_the_standard_path() {
     let fx = fixture();
     let files = fx.files();
@@ -638,11 +600,9 @@ fn ema_is_the_average_of_the_steps_resumes_exactly_and_is_the_adapter() {
     for k in 1..=4 {
         replay.update(&step(k));
     }
-    let method =
-        difftune::peft::method_from_settings("bitfit", &toml::Value::Table(toml::Table::new()))
-            .unwrap();
+    let method = MethodSettings::defaults("bitfit").unwrap();
     let expected = fx.root.join("expected.safetensors");
-    difftune::peft::file::save_adapter(&expected, method.as_ref(), replay.tensors(), "base")
+    difftune::peft::file::save_adapter(&expected, method.method(), replay.tensors(), "base")
         .unwrap();
     let read = |p: &Path| difftune::model::weights::read_all(p).unwrap();
     let (got, want) = (

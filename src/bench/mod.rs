@@ -9,10 +9,10 @@ pub mod profiler;
 use crate::compare::machine::{MachineInfo, PeakMemory};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::VaeConfig;
-use crate::peft::Tuned;
+use crate::peft::{MethodSettings, Tuned};
 use crate::sample::LatentGeometry;
 use crate::schedulers::SchedulerConfig;
-use crate::train::config::{MethodConfig, TrainConfig};
+use crate::train::config::TrainConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::step::{
     attach_method, forward_backward, lay_out_for_training, Objective, StepInputs,
@@ -210,11 +210,8 @@ impl<'a> BenchedStep<'a> {
         let mut unet_vs = nn::VarStore::new(device);
         let mut unet = UNet2DConditionModel::new(unet_vs.root(), config)?;
         unet.gradient_checkpointing = setup.gradient_checkpointing;
-        let method_config = MethodConfig {
-            name: setup.method.to_string(),
-            settings: toml::Table::new(),
-        };
-        let tuned = attach_method(&mut unet, &mut unet_vs, &method_config, 0)?;
+        let method = MethodSettings::defaults(setup.method)?;
+        let tuned = attach_method(&mut unet, &mut unet_vs, &method, 0)?;
         let tensors = lay_out_for_training(&unet_vs, &tuned, autocast, opts.channels_last);
         let trainable_params = tensors.iter().map(|t| t.numel() as i64).sum();
         let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;

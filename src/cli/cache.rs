@@ -3,7 +3,7 @@ use crate::data::cache::{build_in, CacheSettings};
 use crate::data::captions::CaptionOptions;
 use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::data::{PromptTemplate, Split};
-use crate::model::source::ModelFiles;
+use crate::error::SettingsError;
 use crate::util::device::DeviceChoice;
 use anyhow::Result;
 use clap::Args;
@@ -78,14 +78,47 @@ pub struct CacheArgs {
 }
 
 pub fn run(args: CacheArgs) -> Result<()> {
+    // Every setting and the model are checked before any rank starts or anything is written.
+    let device = args.device.resolve()?;
+    let settings = cache_settings(&args, device)?;
+    settings
+        .validate()
+        .map_err(|e| SettingsError::invalid("cache", e))?;
+    if !args.data.exists() {
+        let reason = format!("{} does not exist", args.data.display());
+        return Err(SettingsError::invalid("--data", reason).into());
+    }
+    let files = crate::settings::check_model(&args.model, None)?;
     // Under torchrun or SLURM: this process encodes its share of a multi-process build.
-    let (group, device) = super::launch::join(&args.dist, args.device.resolve()?)?;
-    let files = ModelFiles::resolve(&args.model, None)?;
-    let settings = CacheSettings {
+    let (group, device) = super::launch::join(&args.dist, device)?;
+    let settings = CacheSettings { device, ..settings };
+    let (manifest, report) = build_in(&files, &args.data, &settings, &args.out, &group)?;
+    let main = group.is_main();
+    group.shutdown()?;
+    if !main {
+        return Ok(());
+    }
+    println!(
+        "{}: {} samples, {} prompts ({} file(s) encoded, {} reused, {} image(s) skipped)",
+        args.out.display(),
+        manifest.len(),
+        manifest.prompts.len(),
+        report.written_files,
+        report.reused_files,
+        manifest.skipped.len()
+    );
+    Ok(())
+}
+
+/// The cache the flags describe, encoded on `device`.
+fn cache_settings(args: &CacheArgs, device: tch::Device) -> Result<CacheSettings> {
+    let prompt_template = PromptTemplate::new(&args.prompt_template)
+        .map_err(|e| SettingsError::invalid("--prompt-template", e))?;
+    Ok(CacheSettings {
         split: args.split,
         resolution: args.resolution,
         resize_filter: args.resize_filter,
-        prompt_template: PromptTemplate::new(&args.prompt_template)?,
+        prompt_template,
         limit_per_class: args.limit_per_class,
         captions: CaptionOptions {
             dropout: args.caption_dropout_rate,
@@ -103,21 +136,5 @@ pub fn run(args: CacheArgs) -> Result<()> {
         },
         shard_size: args.shard_size,
         device,
-    };
-    let (manifest, report) = build_in(&files, &args.data, &settings, &args.out, &group)?;
-    let main = group.is_main();
-    group.shutdown()?;
-    if !main {
-        return Ok(());
-    }
-    println!(
-        "{}: {} samples, {} prompts ({} file(s) encoded, {} reused, {} image(s) skipped)",
-        args.out.display(),
-        manifest.len(),
-        manifest.prompts.len(),
-        report.written_files,
-        report.reused_files,
-        manifest.skipped.len()
-    );
-    Ok(())
+    })
 }

@@ -1,11 +1,13 @@
 use super::dist_check::DistArgs;
 use crate::compare::config::CompareConfig;
-use crate::compare::presets::{preset, DEFAULT_PRESET};
-use crate::compare::runner::{run_in, CompareOptions, Outcome, REPORT_MD};
+use crate::compare::presets::DEFAULT_PRESET;
+use crate::compare::runner::{check_world_size, run_in, CompareOptions, Outcome, REPORT_MD};
+use crate::compare::StudyResults;
 use crate::dist::Launch;
-use anyhow::{bail, Result};
+use crate::error::Interrupted;
+use anyhow::Result;
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
@@ -38,30 +40,17 @@ pub struct CompareArgs {
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
-    let mut config = match &args.config {
-        Some(path) => CompareConfig::load(path)?,
-        None => preset(args.preset.as_deref().unwrap_or(DEFAULT_PRESET))?,
-    };
-    let mut overrides = args.set.clone();
-    if let Some(model) = &args.model {
-        overrides.push(format!(
-            "model.source={}",
-            toml::Value::String(model.clone())
-        ));
-    }
-    if let Some(data) = &args.data {
-        overrides.push(format!(
-            "data.source={}",
-            toml::Value::String(data.display().to_string())
-        ));
-    }
-    config.apply_overrides(&overrides)?;
+    let config = compare_config(&args)?;
+    let launch = Launch::from_env()?;
     if args.print_config {
         // Under a launcher every rank resolves the same run file: rank 0 prints it.
-        if Launch::from_env()?.is_none_or(|launch| launch.rank == 0) {
+        if launch.is_none_or(|launch| launch.rank == 0) {
             print!("{}", config.to_toml()?);
         }
         return Ok(());
+    }
+    if let Some(launch) = &launch {
+        check_world_size(&config, launch.world_size)?;
     }
     let out = args
         .out
@@ -81,26 +70,59 @@ pub fn run(args: CompareArgs) -> Result<()> {
     )?;
     group.shutdown()?;
     match outcome {
-        Outcome::Finished(results) => {
-            println!("Table 1. FID (lower is better)\n\n{}", results.table1());
-            println!(
-                "Table 2. Trained parameters and training time relative to full fine-tuning\n\n{}",
-                results.table2()
-            );
-            for check in &results.checks {
-                println!(
-                    "{}: {}",
-                    if check.passed { "PASS" } else { "FAIL" },
-                    check.statement
-                );
-            }
-            println!("\nreport: {}", out.join(REPORT_MD).display());
-        }
+        Outcome::Finished(results) => print_results(&results, &out),
         Outcome::FinishedOnMainRank => {}
-        Outcome::Interrupted => bail!(
-            "interrupted, resume with --resume: run the same command again to resume from {}",
-            out.display()
-        ),
+        Outcome::Interrupted => {
+            return Err(Interrupted {
+                command: "compare",
+                resume: format!(
+                    "resume with --resume: run the same command again to resume from {}",
+                    out.display()
+                ),
+            }
+            .into())
+        }
     }
     Ok(())
+}
+
+/// The run file or preset with `--set`, `--model` and `--data` merged in, checked.
+fn compare_config(args: &CompareArgs) -> Result<CompareConfig> {
+    let mut overrides = args.set.clone();
+    if let Some(model) = &args.model {
+        overrides.push(format!(
+            "model.source={}",
+            toml::Value::String(model.clone())
+        ));
+    }
+    if let Some(data) = &args.data {
+        overrides.push(format!(
+            "data.source={}",
+            toml::Value::String(data.display().to_string())
+        ));
+    }
+    match &args.config {
+        Some(path) => crate::settings::compare::load(path, &overrides),
+        None => crate::settings::compare::preset(
+            args.preset.as_deref().unwrap_or(DEFAULT_PRESET),
+            &overrides,
+        ),
+    }
+}
+
+/// Prints the study's tables and checks.
+fn print_results(results: &StudyResults, out: &Path) {
+    println!("Table 1. FID (lower is better)\n\n{}", results.table1());
+    println!(
+        "Table 2. Trained parameters and training time relative to full fine-tuning\n\n{}",
+        results.table2()
+    );
+    for check in &results.checks {
+        println!(
+            "{}: {}",
+            if check.passed { "PASS" } else { "FAIL" },
+            check.statement
+        );
+    }
+    println!("\nreport: {}", out.join(REPORT_MD).display());
 }

@@ -139,9 +139,8 @@ fn method_counts(
     unet: &mut UNet2DConditionModel,
     vs: &nn::VarStore,
 ) -> Result<Vec<(String, i64)>> {
-    use crate::peft::{
-        method_from_settings, method_names, parse_set_pairs, trainable_parameter_count,
-    };
+    use crate::peft::{method_names, trainable_parameter_count, MethodSettings};
+    use crate::settings::parse_set_pairs;
     let names: Vec<String> = if names.iter().any(|n| n == "all") {
         method_names().map(str::to_string).collect()
     } else {
@@ -153,12 +152,12 @@ fn method_counts(
             names.len()
         );
     }
-    let settings = toml::Value::Table(parse_set_pairs(set)?);
+    let settings = parse_set_pairs(set)?;
     names
         .into_iter()
         .map(|name| {
-            let method = method_from_settings(&name, &settings)?;
-            Ok((name, trainable_parameter_count(method.as_ref(), unet, vs)?))
+            let method = MethodSettings::new(&name, settings.clone())?;
+            Ok((name, trainable_parameter_count(method.method(), unet, vs)?))
         })
         .collect()
 }

@@ -1,6 +1,5 @@
 use super::convert::PrecisionArg;
 use crate::model::single_file::write_single_file;
-use crate::model::source::ModelFiles;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::weights::{load_into, LoadOptions};
 use crate::peft::formats::read_adapter;
@@ -40,7 +39,9 @@ pub enum MergeFormat {
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
-    let files = ModelFiles::resolve(&args.model, args.variant.as_deref())?;
+    // The model's and the adapter's headers and settings before the U-Net is loaded.
+    let files = crate::settings::check_model(&args.model, args.variant.as_deref())?;
+    crate::settings::check_adapter(&args.adapter)?;
     let config = UNetConfig::from_file(&files.unet.config)?;
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let mut unet = UNet2DConditionModel::new(vs.root(), &config)?;

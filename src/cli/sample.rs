@@ -1,5 +1,6 @@
 use super::dist_check::DistArgs;
 use super::launch;
+use crate::error::SettingsError;
 use crate::model::pipeline::load_scheduler_config;
 use crate::model::source::ModelFiles;
 use crate::sample::grid::{grid_columns, image_grid};
@@ -90,11 +91,12 @@ fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
             .collect(),
         (None, None) => bail!("give --prompt or --prompts"),
     };
-    ensure!(!prompts.is_empty(), "the prompts file has no prompts");
-    ensure!(
-        args.images_per_prompt > 0,
-        "--images-per-prompt must be at least 1"
-    );
+    if prompts.is_empty() {
+        return Err(SettingsError::invalid("--prompts", "the prompts file has no prompts").into());
+    }
+    if args.images_per_prompt == 0 {
+        return Err(SettingsError::invalid("--images-per-prompt", "must be at least 1").into());
+    }
     Ok(prompts
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), args.images_per_prompt))
@@ -102,13 +104,8 @@ fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
-    ensure!(
-        args.guidance.is_finite(),
-        "--guidance {} must be a finite number",
-        args.guidance
-    );
     let prompts = prompt_list(&args)?;
-    ensure!(args.batch > 0, "--batch must be at least 1");
+    let files = check_inputs(&args)?;
     let (group, device) = launch::join(&args.dist, args.device.resolve()?)?;
     // euler_ancestral draws its step noise from one generator through the whole run, so a rank
     // cannot reproduce the noise a single process gives its share.
@@ -121,7 +118,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let share = (batches.start * args.batch).min(prompts.len())
         ..(batches.end * args.batch).min(prompts.len());
     if !share.is_empty() {
-        render(&args, &prompts, share, device, group.is_main())?;
+        render(&args, &files, &prompts, share, device, group.is_main())?;
     }
     group.barrier()?;
     if group.is_main() {
@@ -143,24 +140,53 @@ fn image_name(index: usize) -> String {
     format!("{index:05}.png")
 }
 
+/// Every setting and input, checked before any rank starts or anything is written: the numbers,
+/// the model's configs and weight headers, the adapter file, the scheduler with the step count,
+/// the image size. Returns the model's files.
+fn check_inputs(args: &SampleArgs) -> Result<ModelFiles> {
+    if !args.guidance.is_finite() {
+        let reason = format!("{} must be a finite number", args.guidance);
+        return Err(SettingsError::invalid("--guidance", reason).into());
+    }
+    if args.batch == 0 {
+        return Err(SettingsError::invalid("--batch", "must be at least 1").into());
+    }
+    let files = crate::settings::check_model(&args.model, args.variant.as_deref())?;
+    if let Some(adapter) = &args.adapter {
+        crate::settings::check_adapter(adapter)?;
+    }
+    let scheduler_config = load_scheduler_config(&files)?;
+    args.scheduler
+        .build(&scheduler_config)
+        .and_then(|mut scheduler| scheduler.set_timesteps(args.steps))
+        .map_err(|e| SettingsError::invalid("--scheduler and --steps", e))?;
+    let vae = crate::model::vae::VaeConfig::from_file(&files.vae.config)?;
+    let geometry = crate::sample::LatentGeometry::of_vae(&vae);
+    let side = geometry.scale_factor as usize;
+    geometry
+        .latent_shape(1, args.height.unwrap_or(side), args.width.unwrap_or(side))
+        .map_err(|e| SettingsError::invalid("--width and --height", e))?;
+    Ok(files)
+}
+
 /// Generates and writes images `share` of `prompts` (whole batches), with a progress bar when
 /// `show_progress`.
 fn render(
     args: &SampleArgs,
+    files: &ModelFiles,
     prompts: &[String],
     share: Range<usize>,
     device: Device,
     show_progress: bool,
 ) -> Result<()> {
-    let files = ModelFiles::resolve(&args.model, args.variant.as_deref())?;
-    let mut models = SdModels::load(&files, device)?;
+    let mut models = SdModels::load(files, device)?;
     if let Some(path) = &args.adapter {
-        let method = models.apply_adapter(path, &files)?;
+        let method = models.apply_adapter(path, files)?;
         if show_progress {
             eprintln!("applied the `{method}` adapter file {}", path.display());
         }
     }
-    let mut scheduler = args.scheduler.build(&load_scheduler_config(&files)?)?;
+    let mut scheduler = args.scheduler.build(&load_scheduler_config(files)?)?;
     scheduler.set_timesteps(args.steps)?;
     let evaluations = scheduler.timesteps().len() * share.len().div_ceil(args.batch);
 

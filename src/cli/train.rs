@@ -1,8 +1,10 @@
 use super::dist_check::DistArgs;
 use crate::dist::ProcessGroup;
+use crate::error::Interrupted;
+use crate::settings::train::{TrainFlags, TrainSources};
 use crate::train::config::RunConfig;
 use crate::train::{train_in, TrainOptions, TrainSummary};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -62,24 +64,24 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = run_config(&args)?;
+    let device = config.train.device.resolve()?;
+    let options = TrainOptions {
+        model: args.model,
+        data: args.data,
+        cache: args.cache,
+        out: args.out.clone(),
+        config,
+        resume: args.resume,
+        strict: args.strict,
+        stop_after: args.stop_after,
+        interrupt: super::interrupt::install("train", "saving a checkpoint after this step")?,
+        progress: true,
+    };
+    // Before the ranks join, so that each refuses bad inputs on its own.
+    options.check()?;
     // Under torchrun or SLURM: this process is one rank of a data-parallel run.
-    let group = ProcessGroup::from_env(config.train.device.resolve()?, args.dist.timeout())?;
-    let interrupt = super::interrupt::install("train", "saving a checkpoint after this step")?;
-    let summary = train_in(
-        &TrainOptions {
-            model: args.model,
-            data: args.data,
-            cache: args.cache,
-            out: args.out.clone(),
-            config,
-            resume: args.resume,
-            strict: args.strict,
-            stop_after: args.stop_after,
-            interrupt,
-            progress: true,
-        },
-        &group,
-    )?;
+    let group = ProcessGroup::from_env(device, args.dist.timeout())?;
+    let summary = train_in(&options, &group)?;
     let main = group.is_main();
     group.shutdown()?;
     if !main && !summary.interrupted {
@@ -88,47 +90,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
     report(&summary)
 }
 
-/// The run file (or defaults) with the method and the flags that override its settings.
+/// The run's settings: the run file, `--method`, `--set` and the flags, merged and checked.
 fn run_config(args: &TrainArgs) -> Result<RunConfig> {
-    let mut config = match &args.config {
-        Some(path) => RunConfig::load(path)?,
-        None => RunConfig::default(),
-    };
-    match (&args.method, config.method.name.as_str()) {
-        (Some(m), "") => config.method.name = m.clone(),
-        (Some(m), named) if m != named => {
-            bail!("--method {m} contradicts the config's [method] name = \"{named}\"")
-        }
-        (None, "") => bail!("name the tuning method with --method or [method] name in --config"),
-        _ => {}
-    }
-    let mut overrides = crate::peft::parse_set_pairs(&args.set)?;
-    let flags = [
-        ("steps", args.steps.map(|v| toml::Value::Integer(v as i64))),
-        (
-            "batch_size",
-            args.batch.map(|v| toml::Value::Integer(v as i64)),
-        ),
-        ("learning_rate", args.lr.map(toml::Value::Float)),
-        ("seed", args.seed.map(|v| toml::Value::Integer(v as i64))),
-        (
-            "gradient_checkpointing",
-            args.gradient_checkpointing
-                .then_some(toml::Value::Boolean(true)),
-        ),
-        (
-            "channels_last",
-            args.channels_last.then_some(toml::Value::Boolean(true)),
-        ),
-    ];
-    let flags: toml::Table = flags
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
-        .collect();
-    let flags = toml::Table::from_iter([("train".to_string(), toml::Value::Table(flags))]);
-    crate::peft::merge_tables(&mut overrides, flags);
-    config.apply_overrides(overrides)?;
-    Ok(config)
+    crate::settings::train::run_config(&TrainSources {
+        config: args.config.as_deref(),
+        method: args.method.as_deref(),
+        set: &args.set,
+        flags: TrainFlags {
+            steps: args.steps,
+            batch_size: args.batch,
+            learning_rate: args.lr,
+            seed: args.seed,
+            gradient_checkpointing: args.gradient_checkpointing,
+            channels_last: args.channels_last,
+        },
+    })
 }
 
 /// Where the run ended: the adapter file, or the checkpoint to resume from.
@@ -140,14 +116,20 @@ fn report(summary: &TrainSummary) -> Result<()> {
             summary.step,
             adapter.display()
         ),
-        (None, checkpoint) if summary.interrupted => bail!(
-            "interrupted, resume with --resume (stopped at step {}{})",
-            summary.step,
-            checkpoint
-                .as_ref()
-                .map(|c| format!("; checkpoint {}", c.display()))
-                .unwrap_or_default()
-        ),
+        (None, checkpoint) if summary.interrupted => {
+            return Err(Interrupted {
+                command: "train",
+                resume: format!(
+                    "resume with --resume (stopped at step {}{})",
+                    summary.step,
+                    checkpoint
+                        .as_ref()
+                        .map(|c| format!("; checkpoint {}", c.display()))
+                        .unwrap_or_default()
+                ),
+            }
+            .into())
+        }
         (None, Some(ckpt)) => println!(
             "stopped at step {}; checkpoint: {}",
             summary.step,

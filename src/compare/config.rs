@@ -1,39 +1,91 @@
-//! The run file of a comparison (TOML): which model and data, the training settings every method
-//! shares, the methods with their own settings, how images are sampled and how they are scored.
-//! Presets (presets/*.toml) are run files; `--set key=value` overrides any setting.
+//! A comparison's settings (its run file, TOML): which model and data, the training settings
+//! every method shares, the methods with their own settings, how images are sampled and how they
+//! are scored. Presets (presets/*.toml) are run files. [`crate::settings::compare`] reads a run
+//! file with its `--set` overrides into a [`CompareConfig`]; this module holds the typed result
+//! and writes it back (`compare.toml`) in the run file's layout.
 use super::tiny_vae::TinyVaeTraining;
 use crate::data::synthetic::{Domain, SyntheticSpec};
+use crate::error::SettingsError;
 use crate::model::tiny::TinyUnetShape;
 use crate::schedulers::config::PredictionType;
 use crate::schedulers::SchedulerKind;
-use crate::train::config::TrainConfig;
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use crate::train::config::{RunConfig, TrainConfig};
+use anyhow::{Context, Result};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 use std::path::{Path, PathBuf};
 
-/// A whole run file. Every section but `methods` has defaults.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// A whole comparison, resolved: every method's run holds its own training settings (`[train]`
+/// with the method's overrides) and its built method.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CompareConfig {
     /// Names the run in the report and the default output folder (`runs/compare-NAME`).
     pub name: String,
-    #[serde(default)]
     pub model: ModelSection,
-    #[serde(default)]
     pub data: DataSection,
     /// Present: before the comparison, the model is fully fine-tuned on the synthetic *source*
-    /// domain to make the base model every method starts from (keys override `[train]`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pretrain: Option<toml::Table>,
+    /// domain to make the base model every method starts from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrain: Option<Pretrain>,
     /// The training settings shared by every method (see `difftune train`).
-    #[serde(default)]
     pub train: TrainConfig,
     /// The methods compared, in report order.
     pub methods: Vec<MethodEntry>,
-    #[serde(default)]
     pub sample: SampleSection,
-    #[serde(default)]
     pub eval: EvalSection,
+}
+
+/// `[pretrain]`: the run that makes the base model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pretrain {
+    /// Its training settings: `[train]` with the overrides.
+    pub train: TrainConfig,
+    /// The keys of `[pretrain]` as written (what `compare.toml` writes back).
+    pub overrides: toml::Table,
+}
+
+impl Serialize for Pretrain {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.overrides.serialize(serializer)
+    }
+}
+
+/// One compared method (a `[[methods]]` entry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodEntry {
+    /// Name in the report; default the study's name for the method.
+    pub label: Option<String>,
+    /// What its training run computes: `[train]` with its overrides, and the method.
+    pub run: RunConfig,
+    /// The entry's `train` overrides as written (what `compare.toml` writes back).
+    pub train_overrides: toml::Table,
+}
+
+impl MethodEntry {
+    /// The tuning method's registered name (also the row's name).
+    pub fn name(&self) -> &'static str {
+        self.run.method.name()
+    }
+
+    pub fn label(&self) -> String {
+        self.label
+            .clone()
+            .unwrap_or_else(|| study_label(self.name()))
+    }
+}
+
+/// Written as the run file has it: `name`, `label`, the method's `settings`, `train` overrides.
+impl Serialize for MethodEntry {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("name", self.name())?;
+        if let Some(label) = &self.label {
+            map.serialize_entry("label", label)?;
+        }
+        map.serialize_entry("settings", self.run.method.written())?;
+        map.serialize_entry("train", &self.train_overrides)?;
+        map.end()
+    }
 }
 
 /// Where the base model comes from.
@@ -192,51 +244,11 @@ impl Default for SyntheticSettings {
     }
 }
 
-/// One compared method.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct MethodEntry {
-    /// The tuning method (`full`, `adapter`, `lora`, `prefix`, `bitfit`).
-    pub name: String,
-    /// Name in the report; default the study's name for the method.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
-    /// The method's own settings (as `[method]` in `difftune train`).
-    #[serde(default)]
-    pub settings: toml::Table,
-    /// Overrides of the shared `[train]` settings for this method only.
-    #[serde(default)]
-    pub train: toml::Table,
-}
-
-impl MethodEntry {
-    pub fn label(&self) -> String {
-        self.label
-            .clone()
-            .unwrap_or_else(|| study_label(&self.name))
-    }
-
-    /// The method's training settings: `[train]` with its overrides.
-    pub fn train_config(&self, shared: &TrainConfig) -> Result<TrainConfig> {
-        overlay(shared, &self.train)
-            .with_context(|| format!("train overrides of method `{}`", self.name))
-    }
-}
-
 /// The study's name for a method (its registered label).
 pub fn study_label(method: &str) -> String {
     crate::peft::registration(method)
         .map_or(method, |m| m.label)
         .to_string()
-}
-
-/// `base` with the keys of `overrides` replacing its own.
-pub fn overlay(base: &TrainConfig, overrides: &toml::Table) -> Result<TrainConfig> {
-    let mut table = toml::Table::try_from(base)?;
-    crate::peft::merge_tables(&mut table, overrides.clone());
-    let config: TrainConfig = table.try_into()?;
-    config.validate()?;
-    Ok(config)
 }
 
 /// The images generated with every method: `per_class` seeds for each class's prompt.
@@ -339,22 +351,12 @@ impl Default for EvalSection {
 }
 
 impl CompareConfig {
-    pub fn from_toml(text: &str) -> Result<Self> {
-        let config: Self = toml::from_str(text)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading run file {}", path.display()))?;
-        Self::from_toml(&text).with_context(|| format!("run file {}", path.display()))
-    }
-
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string(self)?)
     }
 
+    /// Checks every setting (each method's were checked when it was built); errors are
+    /// [`SettingsError`]s naming the setting.
     pub fn validate(&self) -> Result<()> {
         if self.name.is_empty()
             || !self
@@ -362,109 +364,65 @@ impl CompareConfig {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
-            bail!(
-                "name {:?} must be non-empty letters, digits, `-`, `_` or `.`",
-                self.name
-            );
+            return Err(invalid(
+                "name",
+                format!(
+                    "{:?} must be non-empty letters, digits, `-`, `_` or `.`",
+                    self.name
+                ),
+            ));
         }
-        self.train.validate().context("[train]")?;
-        if self.methods.is_empty() {
-            bail!("[[methods]] lists no method to compare");
-        }
-        for (i, m) in self.methods.iter().enumerate() {
-            if self.methods[..i].iter().any(|o| o.name == m.name) {
-                bail!("method `{}` is listed twice", m.name);
-            }
-            if m.name == super::report::BASE_ROW {
-                bail!(
-                    "`{}` names the no-fine-tuning row and cannot be a method",
-                    m.name
-                );
-            }
-            crate::peft::method_from_settings(&m.name, &toml::Value::Table(m.settings.clone()))?;
-            m.train_config(&self.train)?;
-        }
+        self.train.validate()?;
+        self.validate_methods()?;
         if let Some(pretrain) = &self.pretrain {
             if self.data.source != DataSource::Synthetic {
-                bail!("[pretrain] trains on the synthetic source domain, so it needs data.source = \"synthetic\"");
+                return Err(invalid(
+                    "pretrain",
+                    "trains on the synthetic source domain, so it needs data.source = \"synthetic\"",
+                ));
             }
-            overlay(&self.train, pretrain).context("[pretrain]")?;
+            pretrain.train.validate().context("[pretrain]")?;
         }
-        let s = &self.sample;
-        for (name, v) in [
-            ("per_class", s.per_class),
-            ("steps", s.steps),
-            ("batch_size", s.batch_size),
-        ] {
-            if v == 0 {
-                bail!("sample.{name} must be positive");
-            }
-        }
-        if !(s.guidance_scale.is_finite() && s.guidance_scale >= 0.0) {
-            bail!(
-                "sample.guidance_scale must be a finite, non-negative number, got {}",
-                s.guidance_scale
-            );
-        }
-        if s.resolution.is_some_and(|r| r == 0 || r % 8 != 0) {
-            bail!("sample.resolution must be a positive multiple of 8");
-        }
-        if let Some(t) = &s.prompt_template {
-            crate::data::PromptTemplate::new(t).context("sample.prompt_template")?;
-        }
-        let e = &self.eval;
-        if ![64, 192, 768, 2048].contains(&e.dims) {
-            bail!("eval.dims must be 64, 192, 768 or 2048, got {}", e.dims);
-        }
-        if e.kid_subsets == 0 || e.kid_subset_size < 2 || e.batch_size == 0 {
-            bail!("eval.kid_subsets and eval.batch_size must be positive and eval.kid_subset_size at least 2");
-        }
-        if e.bootstrap < 2 {
-            bail!(
-                "eval.bootstrap must be at least 2 resamples, got {}",
-                e.bootstrap
-            );
-        }
-        for m in &e.must_improve {
-            if !self.methods.iter().any(|entry| &entry.name == m) {
-                bail!("eval.must_improve names `{m}`, which is not among the methods");
+        self.sample.validate()?;
+        self.eval.validate()?;
+        for m in &self.eval.must_improve {
+            if !self.methods.iter().any(|entry| entry.name() == m) {
+                return Err(invalid(
+                    "eval.must_improve",
+                    format!("names `{m}`, which is not among the methods"),
+                ));
             }
         }
         Ok(())
     }
 
-    /// Applies `key=value` overrides (dotted keys into the run file: `train.steps=5`,
-    /// `sample.per_class=2`; `methods.NAME.KEY` reaches the entry of method NAME).
-    pub fn apply_overrides(&mut self, overrides: &[String]) -> Result<()> {
-        let mut table = toml::Table::try_from(&*self)?;
-        let mut pairs = crate::peft::parse_set_pairs(overrides)?;
-        if let Some(by_method) = pairs.remove("methods") {
-            let toml::Value::Table(by_method) = by_method else {
-                bail!("use methods.NAME.KEY=VALUE")
-            };
-            let entries = table
-                .get_mut("methods")
-                .and_then(|m| m.as_array_mut())
-                .context("the run file has no methods")?;
-            for (name, value) in by_method {
-                let toml::Value::Table(value) = value else {
-                    bail!("use methods.{name}.KEY=VALUE")
-                };
-                let entry = entries
-                    .iter_mut()
-                    .filter_map(|m| m.as_table_mut())
-                    .find(|m| m.get("name").and_then(|n| n.as_str()) == Some(name.as_str()))
-                    .with_context(|| {
-                        format!("--set methods.{name}: no method `{name}` in the run file")
-                    })?;
-                crate::peft::merge_tables(entry, value);
-            }
+    fn validate_methods(&self) -> Result<()> {
+        if self.methods.is_empty() {
+            return Err(invalid("methods", "[[methods]] lists no method to compare"));
         }
-        crate::peft::merge_tables(&mut table, pairs);
-        let config: Self = table.try_into().context("applying --set overrides")?;
-        config.validate()?;
-        *self = config;
+        for (i, m) in self.methods.iter().enumerate() {
+            if self.methods[..i].iter().any(|o| o.name() == m.name()) {
+                return Err(invalid(
+                    "methods",
+                    format!("method `{}` is listed twice", m.name()),
+                ));
+            }
+            m.run
+                .validate()
+                .with_context(|| format!("train overrides of method `{}`", m.name()))?;
+        }
         Ok(())
+    }
+
+    /// The training runs the comparison makes, by run name: each method's, and the
+    /// pre-training run's.
+    pub fn runs(&self) -> impl Iterator<Item = (&str, &TrainConfig)> {
+        let methods = self.methods.iter().map(|m| (m.name(), &m.run.train));
+        let pretrain = self
+            .pretrain
+            .iter()
+            .map(|p| (super::stage::PRETRAIN_RUN, &p.train));
+        methods.chain(pretrain)
     }
 
     /// The prompt template samples use.
@@ -481,94 +439,65 @@ impl CompareConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
-        name = "mini"
-        [[methods]]
-        name = "lora"
-        settings = { rank = 2 }
-        train = { learning_rate = 1e-3 }
-        [[methods]]
-        name = "bitfit"
-    "#;
-
-    #[test]
-    fn a_minimal_run_file_takes_the_defaults() {
-        let c = CompareConfig::from_toml(MINIMAL).unwrap();
-        assert_eq!(c.model.source, ModelSource::Tiny);
-        assert_eq!(c.data.source, DataSource::Synthetic);
-        assert_eq!(c.sample.steps, 50);
-        assert_eq!(c.eval.dims, 2048);
-        assert_eq!(c.methods[0].label(), "LoRA");
-        assert_eq!(
-            c.methods[0].train_config(&c.train).unwrap().learning_rate,
-            1e-3
-        );
-        assert_eq!(c.methods[1].train_config(&c.train).unwrap(), c.train);
-        assert_eq!(c.sample_resolution(), c.train.resolution);
-    }
-
-    #[test]
-    fn the_run_file_round_trips() {
-        let c = CompareConfig::from_toml(MINIMAL).unwrap();
-        assert_eq!(CompareConfig::from_toml(&c.to_toml().unwrap()).unwrap(), c);
-    }
-
-    #[test]
-    fn overrides_reach_sections_and_methods() {
-        let mut c = CompareConfig::from_toml(MINIMAL).unwrap();
-        c.apply_overrides(&[
-            "train.steps=7".into(),
-            "sample.per_class=2".into(),
-            "methods.lora.settings.rank=8".into(),
-        ])
-        .unwrap();
-        assert_eq!(c.train.steps, 7);
-        assert_eq!(c.sample.per_class, 2);
-        assert_eq!(c.methods[0].settings["rank"].as_integer(), Some(8));
-        let err = c
-            .apply_overrides(&["methods.dora.settings.rank=8".into()])
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("no method `dora`"), "{err:#}");
-    }
-
-    #[test]
-    fn bad_run_files_are_refused_with_the_reason() {
-        let cases = [
-            (MINIMAL.replace("\"bitfit\"", "\"lora\""), "listed twice"),
-            (
-                MINIMAL.replace("\"bitfit\"", "\"dreambooth\""),
-                "unknown tuning method",
-            ),
-            (
-                MINIMAL.replace("rank = 2", "rank = 2, colour = 1"),
-                "colour",
-            ),
-            (format!("{MINIMAL}\n[eval]\ndims = 100"), "eval.dims"),
-            (
-                format!("{MINIMAL}\n[eval]\nbootstrap = 1"),
-                "eval.bootstrap",
-            ),
-            (
-                format!("{MINIMAL}\n[eval]\nmust_improve = [\"full\"]"),
-                "must_improve",
-            ),
-            (format!("{MINIMAL}\n[sample]\nsteps = 0"), "sample.steps"),
-            (
-                format!("{MINIMAL}\n[data]\nsource = \"/x\"\n[pretrain]\nsteps = 3"),
-                "[pretrain]",
-            ),
-            ("name = \"x\"\nmethods = []".to_string(), "no method"),
-        ];
-        for (text, needle) in cases {
-            let err = CompareConfig::from_toml(&text).unwrap_err();
-            assert!(
-                format!("{err:#}").contains(needle),
-                "expected {needle:?} in {err:#}"
-            );
+impl SampleSection {
+    fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("per_class", self.per_class),
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+        ] {
+            if v == 0 {
+                return Err(invalid(&format!("sample.{name}"), "must be positive"));
+            }
         }
+        if !(self.guidance_scale.is_finite() && self.guidance_scale >= 0.0) {
+            return Err(invalid(
+                "sample.guidance_scale",
+                format!(
+                    "must be a finite, non-negative number, got {}",
+                    self.guidance_scale
+                ),
+            ));
+        }
+        if self.resolution.is_some_and(|r| r == 0 || r % 8 != 0) {
+            return Err(invalid(
+                "sample.resolution",
+                "must be a positive multiple of 8",
+            ));
+        }
+        if let Some(t) = &self.prompt_template {
+            crate::data::PromptTemplate::new(t)
+                .map_err(|e| invalid("sample.prompt_template", e))?;
+        }
+        Ok(())
     }
+}
+
+impl EvalSection {
+    fn validate(&self) -> Result<()> {
+        if ![64, 192, 768, 2048].contains(&self.dims) {
+            return Err(invalid(
+                "eval.dims",
+                format!("must be 64, 192, 768 or 2048, got {}", self.dims),
+            ));
+        }
+        if self.kid_subsets == 0 || self.kid_subset_size < 2 || self.batch_size == 0 {
+            return Err(invalid(
+                "eval",
+                "eval.kid_subsets and eval.batch_size must be positive and eval.kid_subset_size at least 2",
+            ));
+        }
+        if self.bootstrap < 2 {
+            return Err(invalid(
+                "eval.bootstrap",
+                format!("must be at least 2 resamples, got {}", self.bootstrap),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// [`SettingsError::Invalid`] for `setting`.
+fn invalid(setting: &str, reason: impl std::fmt::Display) -> anyhow::Error {
+    SettingsError::invalid(setting, reason).into()
 }

@@ -4,9 +4,9 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! use difftune::compare::{preset, run, CompareOptions, Outcome};
+//! use difftune::compare::{run, CompareOptions, Outcome};
 //! let options = CompareOptions {
-//!     config: preset("tiny")?,
+//!     config: difftune::settings::compare::preset("tiny", &[])?,
 //!     out: "runs/compare-tiny".into(),
 //!     progress: false,
 //!     interrupt: Default::default(),
@@ -32,7 +32,6 @@ pub mod tiny_vae;
 mod training;
 
 pub use config::CompareConfig;
-pub use presets::preset;
 pub use report::StudyResults;
 use runner::Study;
 pub use runner::{run, CompareOptions, Outcome};

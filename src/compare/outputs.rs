@@ -42,10 +42,10 @@ impl Study<'_> {
             let index = results
                 .rows
                 .iter()
-                .position(|r| r.method == method.name)
+                .position(|r| r.method == method.name())
                 .unwrap_or(0);
             curves.push(LossCurve {
-                method: method.name.clone(),
+                method: method.name().to_string(),
                 label: method.label(),
                 index,
                 points: super::training::loss_points(&record.adapter)?,

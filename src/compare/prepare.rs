@@ -3,13 +3,15 @@
 //! the synthetic source domain and merged). Generating data, writing the tiny model and merging
 //! are not data-parallel: rank 0 does them while the other ranks wait (see [`Study::on_main`]);
 //! pre-training is a data-parallel run.
-use super::config::{overlay, DataSource, ModelSource};
+use super::config::{DataSource, ModelSource};
 use super::stage::{domain_name, Stage, PRETRAIN_RUN};
 use super::training::RunJob;
 use super::Study;
 use crate::data::synthetic::{generate_food101_like, Domain};
 use crate::model::source::ModelFiles;
-use crate::train::config::{MethodConfig, RunConfig};
+use crate::peft::full::Full;
+use crate::peft::{MethodSettings, Registered};
+use crate::train::config::RunConfig;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -74,11 +76,8 @@ impl Study<'_> {
         };
         let initial_files = ModelFiles::resolve(&initial, None)?;
         let config = RunConfig {
-            train: overlay(&self.config.train, pretrain)?,
-            method: MethodConfig {
-                name: <crate::peft::full::Full as crate::peft::Registered>::NAME.into(),
-                settings: toml::Table::new(),
-            },
+            train: pretrain.train.clone(),
+            method: MethodSettings::defaults(<Full as Registered>::NAME)?,
         };
         let key = json!({ "base": initial_files.unet_identity()?, "data": source.key, "run": config.to_toml()? });
         if self.group.is_main() {

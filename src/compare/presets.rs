@@ -1,6 +1,7 @@
-//! The run files shipped with difftune (presets/*.toml), embedded in the binary.
-use super::config::CompareConfig;
-use anyhow::{bail, Context, Result};
+//! The run files shipped with difftune (presets/*.toml), embedded in the binary; read them with
+//! [`crate::settings::compare::preset`].
+use crate::error::SettingsError;
+use anyhow::Result;
 
 /// Name and text of every preset.
 pub const PRESETS: [(&str, &str); 2] = [
@@ -14,38 +15,17 @@ pub const PRESETS: [(&str, &str); 2] = [
 /// The preset `difftune compare` runs when given no run file.
 pub const DEFAULT_PRESET: &str = "tiny";
 
-/// The run file of preset `name`.
-pub fn preset(name: &str) -> Result<CompareConfig> {
-    let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name) else {
-        bail!(
-            "unknown preset `{name}` (known: {})",
-            PRESETS.map(|(n, _)| n).join(", ")
-        );
-    };
-    CompareConfig::from_toml(text).with_context(|| format!("preset `{name}`"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_preset_parses_and_names_itself() {
-        for (name, _) in PRESETS {
-            assert_eq!(preset(name).unwrap().name, name);
-        }
-        assert!(preset("sd15").is_err());
-    }
-
-    #[test]
-    fn the_study_preset_has_the_study_settings() {
-        let c = preset("sd14-food101").unwrap();
-        assert_eq!(
-            (c.train.steps, c.train.learning_rate, c.train.resolution),
-            (10_000, 1e-5, 512)
-        );
-        let names: Vec<&str> = c.methods.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["full", "adapter", "lora", "prefix", "bitfit"]);
-        assert!(c.pretrain.is_none());
+/// The run file of preset `name`, as text.
+pub fn preset_text(name: &str) -> Result<&'static str> {
+    match PRESETS.iter().find(|(n, _)| *n == name) {
+        Some((_, text)) => Ok(text),
+        None => Err(SettingsError::invalid(
+            "--preset",
+            format!(
+                "unknown preset `{name}` (known: {})",
+                PRESETS.map(|(n, _)| n).join(", ")
+            ),
+        )
+        .into()),
     }
 }

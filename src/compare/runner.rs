@@ -10,7 +10,7 @@
 //! global batch, shared evenly by the ranks); each rank samples a contiguous share of whole
 //! sampling batches and extracts the Inception features of a share of the images; rank 0
 //! computes the scores and writes the outputs.
-use super::config::{CompareConfig, MethodEntry};
+use super::config::{CompareConfig, DataSource, MethodEntry, ModelSource};
 use super::machine::{git_commit, MachineInfo};
 use super::prepare::{count_unet_parameters, PreparedData};
 use super::report::{Check, Difference, MethodRow, StudyResults, BASE_ROW};
@@ -21,11 +21,11 @@ use super::training::{RunJob, RunRecord};
 use crate::data::synthetic::Domain;
 use crate::data::{Dataset, DatasetOptions, Split};
 use crate::dist::ProcessGroup;
+use crate::error::SettingsError;
 use crate::model::source::ModelFiles;
 use crate::schedulers::SchedulerKind;
-use crate::train::config::{MethodConfig, RunConfig};
 use crate::util::fs::write_atomic_str;
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -118,8 +118,10 @@ pub fn run(opts: &CompareOptions) -> Result<Outcome> {
 /// documentation); rank 0 gets the results, the others [`Outcome::FinishedOnMainRank`].
 pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
     let config = &opts.config;
+    // Everything is checked before the lock, which creates the output folder.
     config.validate()?;
     check_world_size(config, group.world_size())?;
+    check_inputs(config)?;
     let main = group.is_main();
     let _lock = match main {
         true => Some(crate::util::lock::DirLock::acquire(&opts.out, "compare")?),
@@ -178,28 +180,41 @@ pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
 
 /// Refuses, before anything runs, a world size that cannot split the study's settings as one
 /// process runs them: every run's global batch must divide evenly over the ranks, and
-/// euler_ancestral sampling draws its noise from one generator through a whole row.
-fn check_world_size(config: &CompareConfig, world: usize) -> Result<()> {
+/// euler_ancestral sampling draws its noise from one generator through a whole row. The command
+/// line checks it before the ranks join, so that every rank refuses on its own.
+pub fn check_world_size(config: &CompareConfig, world: usize) -> Result<()> {
     if world == 1 {
         return Ok(());
     }
-    ensure!(
-        config.sample.scheduler != SchedulerKind::EulerAncestral,
-        "sample.scheduler euler_ancestral cannot be split across {world} ranks with the \
-         single-process images (its noise comes from one generator through a whole row): use \
-         another scheduler or one process"
-    );
-    let mut runs = Vec::new();
-    for method in &config.methods {
-        runs.push((method.name.clone(), method.train_config(&config.train)?));
+    if config.sample.scheduler == SchedulerKind::EulerAncestral {
+        let reason = format!(
+            "euler_ancestral cannot be split across {world} ranks with the single-process images \
+             (its noise comes from one generator through a whole row): use another scheduler or \
+             one process"
+        );
+        return Err(SettingsError::invalid("sample.scheduler", reason).into());
     }
-    if let Some(pretrain) = &config.pretrain {
-        let train = super::config::overlay(&config.train, pretrain)?;
-        runs.push((super::stage::PRETRAIN_RUN.to_string(), train));
-    }
-    for (name, train) in runs {
+    for (name, train) in config.runs() {
         super::training::rank_share(train.batch_size, train.gradient_accumulation_steps, world)
-            .with_context(|| format!("run `{name}`"))?;
+            .map_err(|e| SettingsError::invalid(format!("run `{name}`"), e))?;
+    }
+    Ok(())
+}
+
+/// Refuses, before anything runs, a dataset folder that is not there and a model whose configs
+/// or weight headers do not read (the tiny model is written here, and checked when trained).
+fn check_inputs(config: &CompareConfig) -> Result<()> {
+    if let DataSource::Folder(path) = &config.data.source {
+        if !path.exists() {
+            return Err(SettingsError::invalid(
+                "data.source",
+                format!("{} does not exist", path.display()),
+            )
+            .into());
+        }
+    }
+    if let ModelSource::Pretrained(spec) = &config.model.source {
+        ModelFiles::resolve(spec, None)?.check()?;
     }
     Ok(())
 }
@@ -212,7 +227,7 @@ fn study_rows<'a>(runs: &'a [TrainedRun<'a>]) -> Vec<StudyRow<'a>> {
         run: None,
     };
     let methods = runs.iter().map(|run| StudyRow {
-        name: run.method.name.clone(),
+        name: run.method.name().to_string(),
         label: run.method.label(),
         run: Some(run),
     });
@@ -232,17 +247,11 @@ impl<'a> Study<'a> {
             if self.group.is_main() {
                 eprintln!("compare: [{}/{}] {}", i + 1, methods.len(), method.label());
             }
-            let config = RunConfig {
-                train: method.train_config(&self.config.train)?,
-                method: MethodConfig {
-                    name: method.name.clone(),
-                    settings: method.settings.clone(),
-                },
-            };
+            let config = method.run.clone();
             let key =
                 json!({ "base": base.identity, "data": target.key, "run": config.to_toml()? });
             let job = RunJob {
-                name: &method.name,
+                name: method.name(),
                 model: &base.spec,
                 data: &target.path,
                 config,

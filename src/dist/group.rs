@@ -467,12 +467,14 @@ impl Connected {
         let Err(message) = result else {
             return Ok(());
         };
-        Err(anyhow!(
-            "{op} failed on rank {} of {}: {}. c10d: {message}",
-            self.launch.rank,
-            self.launch.world_size,
-            self.lost_peers()
-        ))
+        Err(crate::error::LostRank {
+            op: op.to_string(),
+            rank: self.launch.rank,
+            world_size: self.launch.world_size,
+            peers: self.lost_peers(),
+            message,
+        }
+        .into())
     }
 
     /// After a failed collective, every surviving rank reports in through the store; the ranks

@@ -1,5 +1,6 @@
 //! The files of a diffusers Stable Diffusion model, once found (see [`super::source`] for how a
 //! folder, hub id or single file is resolved to them), and the fingerprints that identify them.
+use crate::error::SettingsError;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -26,6 +27,27 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
+    /// Reads every component's config and the header of every weight file (each tensor's name,
+    /// type, shape and offsets), not their data: a damaged or truncated file, or one whose
+    /// offsets lie, is refused in milliseconds rather than after the work that loads it. Errors
+    /// are [`SettingsError`]s for the model.
+    pub fn check(&self) -> Result<()> {
+        let check = || -> Result<()> {
+            super::unet::UNetConfig::from_file(&self.unet.config)?;
+            super::vae::VaeConfig::from_file(&self.vae.config)?;
+            super::clip::ClipTextConfig::from_file(&self.text_encoder.config)?;
+            crate::schedulers::SchedulerConfig::load(&self.scheduler_config)?;
+            let weights = [&self.unet, &self.vae, &self.text_encoder]
+                .into_iter()
+                .flat_map(|c| &c.weights);
+            for path in weights {
+                super::weights::MappedSafetensors::open(path)?;
+            }
+            Ok(())
+        };
+        check().map_err(|e| SettingsError::invalid(format!("model {}", self.spec), e).into())
+    }
+
     /// A fingerprint of the base U-Net (its config and weights), recorded with adapters and
     /// checkpoints so they are never applied to a different base.
     pub fn unet_identity(&self) -> Result<String> {

@@ -87,18 +87,8 @@ impl AdapterFile {
 
     /// Reads a difftune adapter (`path` and its sidecar).
     pub fn load(path: &Path) -> Result<Self> {
-        let sidecar = sidecar_path(path);
-        let meta: AdapterMeta = crate::util::fs::read_json(&sidecar)
-            .with_context(|| format!("the sidecar of the difftune adapter {}", path.display()))?;
-        if meta.format != FORMAT {
-            bail!(
-                "{} is not a difftune adapter sidecar (format `{}`, expected `{FORMAT}`)",
-                sidecar.display(),
-                meta.format
-            );
-        }
         Ok(Self {
-            meta,
+            meta: read_meta(path)?,
             tensors: read_all(path)?,
         })
     }
@@ -137,6 +127,21 @@ impl AdapterFile {
         )?;
         Ok(tuned)
     }
+}
+
+/// The sidecar of the difftune adapter `path`.
+pub fn read_meta(path: &Path) -> Result<AdapterMeta> {
+    let sidecar = sidecar_path(path);
+    let meta: AdapterMeta = crate::util::fs::read_json(&sidecar)
+        .with_context(|| format!("the sidecar of the difftune adapter {}", path.display()))?;
+    if meta.format != FORMAT {
+        bail!(
+            "{} is not a difftune adapter sidecar (format `{}`, expected `{FORMAT}`)",
+            sidecar.display(),
+            meta.format
+        );
+    }
+    Ok(meta)
 }
 
 /// Saves the trained tensors of `method` as a difftune adapter at `path` (plus its sidecar).

@@ -1,20 +1,21 @@
 //! The tuning methods (which U-Net parameters are trained, and which are added), behind one trait.
 //!
-//! A method is built from its settings ([`method_from_settings`]), then [`TuningMethod::apply`]
+//! A method is built from its settings ([`MethodSettings`]), then [`TuningMethod::apply`]
 //! attaches its modules to a U-Net through the model's extension hooks and returns the named tensors
 //! to train. Everything else (counting, saving, loading, merging) is generic over those tensors.
 //! Adding a method is one new file and one line in [`METHODS`].
 //!
 //! Training with a method:
 //! ```text
-//! let method = method_from_settings("lora", &settings)?;      // settings: [method.lora] + --set pairs
+//! let method = MethodSettings::parse("lora", "rank = 8")?;   // as a run file's [method] table
 //! freeze(&unet_vs);
-//! let tuned = Tuned::attach(method, &mut unet, &unet_vs, seed)?;     // its new parameters live in `tuned`
+//! let tuned = Tuned::attach(method.build(), &mut unet, &unet_vs, seed)?; // its new parameters live in `tuned`
 //! // ... optimise `tuned.trained` ...
 //! file::save_adapter(path, tuned.method.as_ref(), &tuned.trained, &base_identity)?;
 //! ```
 //! and later `formats::load_adapter(path, &mut unet, &unet_vs, &base_identity)`
 //! (difftune, peft, diffusers or kohya files), or `merge::merge_adapter` to bake it in.
+use crate::error::SettingsError;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::visit::{ModuleMut, VisitModules};
 use anyhow::{bail, Context, Result};
@@ -33,9 +34,11 @@ pub mod lora;
 pub mod merge;
 pub mod pattern;
 pub mod prefix;
+mod settings;
 mod tuned;
 
 pub use init::InitSeed;
+pub use settings::MethodSettings;
 pub use tuned::Tuned;
 
 /// What a method type declares once: its name and label. Its settings are the type itself (a
@@ -157,57 +160,27 @@ pub fn registration(name: &str) -> Option<&'static Registration> {
     METHODS.iter().find(|m| m.name == name)
 }
 
-/// Builds a method from its JSON settings (missing keys take their defaults; unknown keys are an error).
+/// Builds a method from its JSON settings (missing keys take their defaults; unknown keys are an
+/// error). Errors are [`SettingsError`]s.
 pub fn method_from_json(name: &str, settings: &serde_json::Value) -> Result<Box<dyn TuningMethod>> {
     let Some(Registration { build, .. }) = registration(name) else {
-        bail!(
-            "unknown tuning method `{name}` (known: {})",
-            method_names().collect::<Vec<_>>().join(", ")
-        );
+        return Err(SettingsError::UnknownMethod {
+            name: name.to_string(),
+            known: method_names().collect::<Vec<_>>().join(", "),
+        }
+        .into());
     };
     let settings = match settings {
         serde_json::Value::Null => serde_json::json!({}),
         s => s.clone(),
     };
-    build(settings).with_context(|| format!("settings of method `{name}`"))
-}
-
-/// Builds a method from a TOML settings table (`[method.lora]` in a config, or [`parse_set_pairs`]).
-pub fn method_from_settings(name: &str, settings: &toml::Value) -> Result<Box<dyn TuningMethod>> {
-    let json =
-        serde_json::to_value(settings).with_context(|| format!("settings of method `{name}`"))?;
-    method_from_json(name, &json)
-}
-
-/// Parses command-line `key=value` pairs into a TOML table. Keys may be dotted (`a.b=1`); a value
-/// is read as TOML when it is valid TOML (`8`, `true`, `["*.to_q"]`), else as a plain string.
-pub fn parse_set_pairs(pairs: &[String]) -> Result<toml::Table> {
-    let mut table = toml::Table::new();
-    for pair in pairs {
-        let Some((key, value)) = pair.split_once('=') else {
-            bail!("`{pair}` is not a key=value pair");
-        };
-        let (key, value) = (key.trim(), value.trim());
-        let parsed = toml::from_str::<toml::Table>(&format!("{key} = {value}")).or_else(|_| {
-            let quoted = toml::Value::String(value.to_string());
-            toml::from_str::<toml::Table>(&format!("{key} = {quoted}"))
-                .with_context(|| format!("`{pair}`: `{key}` is not a valid key"))
-        })?;
-        merge_tables(&mut table, parsed);
-    }
-    Ok(table)
-}
-
-/// Overlays `over` onto `base`, recursing into tables (later values win).
-pub fn merge_tables(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
-            (_, value) => {
-                base.insert(key, value);
-            }
+    build(settings).map_err(|e| {
+        SettingsError::Method {
+            method: name.to_string(),
+            reason: format!("{e:#}"),
         }
-    }
+        .into()
+    })
 }
 
 /// Stops gradients for every variable of `vs`.

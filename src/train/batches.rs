@@ -1,5 +1,5 @@
-//! What a training run reads: the latent cache (built or reused), the seeded order of its samples
-//! in each epoch, and the batch of each forward pass.
+//! What a training run reads from its latent cache (which [`crate::data::cache::prepare`] builds or
+//! reuses): the seeded order of its samples in each epoch, and the batch of each forward pass.
 //!
 //! Every random draw is a function of (seed, position): what epoch `e` trains on (order, repeats,
 //! caption variants, flips, one bucket per global batch) is drawn from (seed, `e`) by
@@ -10,15 +10,10 @@
 //! batch draws: forward pass `f` covers global positions `f * G .. (f + 1) * G` (`G` = world ×
 //! batch) and rank `r` takes `f * G + r * batch ..` of them.
 use super::step::{Objective, StepInputs};
-use super::trainer::TrainOptions;
-use crate::data::cache::{self, CacheSettings, LatentCache, Manifest, MANIFEST_FILE};
+use crate::data::cache::LatentCache;
 use crate::data::epochs::{Draw, EpochPlan};
-use crate::data::images::DecodeOptions;
-use crate::data::PromptTemplate;
-use crate::dist::ProcessGroup;
-use crate::model::source::ModelFiles;
 use anyhow::{ensure, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// The seed of the sample at global position `index` of a run seeded with `seed` (SplitMix64 of
@@ -195,72 +190,4 @@ impl Batches {
             timesteps: Tensor::cat(&timesteps, 0),
         })
     }
-}
-
-/// The folder of this run's latent cache: `--data` when it is a cache, else where the dataset's
-/// cache goes.
-fn cache_dir(opts: &TrainOptions) -> PathBuf {
-    match opts.data.join(MANIFEST_FILE).is_file() {
-        true => opts.data.clone(),
-        false => opts.cache.clone().unwrap_or_else(|| opts.out.join("cache")),
-    }
-}
-
-/// Builds or reuses the latent cache for this run, as this process's rank of `group` (see
-/// [`cache::build_in`]: the manifest is complete once rank 0 returns); returns its folder
-/// ([`cache_dir`]).
-pub fn prepare_cache(
-    opts: &TrainOptions,
-    files: &ModelFiles,
-    device: Device,
-    group: &ProcessGroup,
-) -> Result<PathBuf> {
-    let train = &opts.config.train;
-    if opts.data.join(MANIFEST_FILE).is_file() {
-        // A cache folder: rebuild it from its recorded dataset when that is still there, else
-        // use it only if it was made with this model's VAE and text encoder.
-        let manifest = Manifest::read(&opts.data)?;
-        if manifest.dataset_path.is_dir() {
-            let settings = CacheSettings {
-                split: manifest.key.split,
-                resolution: manifest.key.resolution,
-                resize_filter: manifest.key.resize_filter,
-                prompt_template: PromptTemplate::new(&manifest.prompt_template)?,
-                limit_per_class: manifest.limit_per_class,
-                captions: manifest.captions.clone(),
-                bucket_step: manifest.key.bucket_step,
-                flip: manifest.key.flip,
-                batch_size: train.cache_batch_size,
-                shard_size: manifest.key.shard_size,
-                strict: opts.strict,
-                decode: DecodeOptions {
-                    exif_orientation: manifest.key.exif_orientation,
-                    max_pixels: train.max_image_pixels,
-                },
-                device,
-            };
-            cache::build_in(files, &manifest.dataset_path, &settings, &opts.data, group)?;
-        }
-        return Ok(opts.data.clone());
-    }
-    let dir = cache_dir(opts);
-    let settings = CacheSettings {
-        resolution: train.resolution,
-        resize_filter: train.resize_filter,
-        prompt_template: PromptTemplate::new(&train.prompt_template)?,
-        limit_per_class: (train.limit_per_class > 0).then_some(train.limit_per_class),
-        captions: train.captions(),
-        bucket_step: train.bucket_step(),
-        flip: train.random_flip,
-        batch_size: train.cache_batch_size,
-        strict: opts.strict,
-        decode: DecodeOptions {
-            exif_orientation: train.exif_orientation,
-            max_pixels: train.max_image_pixels,
-        },
-        device,
-        ..CacheSettings::default()
-    };
-    cache::build_in(files, &opts.data, &settings, &dir, group)?;
-    Ok(dir)
 }

@@ -9,6 +9,7 @@
 //! used, and newer ones that fail are moved aside (`rejected-step-NNNNNNNN`) with a message naming
 //! each and why. A checkpoint without `SHA256SUMS` (written before checkpoints carried checksums)
 //! is refused the same way; writing its `SHA256SUMS` by hand vouches for it.
+use crate::error::CheckpointError;
 use crate::model::weights::{read_all, save_tensors};
 use crate::util::fs::{
     read_json, replace_dir, sha256_file, sync_dir, write_atomic_str, write_json,
@@ -89,12 +90,11 @@ impl Checkpoint {
 fn verify_checksums(dir: &Path) -> Result<()> {
     let sums = dir.join(CHECKSUMS_FILE);
     if !sums.is_file() {
-        bail!(
-            "it has no {CHECKSUMS_FILE}: written by a difftune that recorded no checkpoint checksums, \
-             it cannot be verified (to vouch for it: cd {} && sha256sum {} > {CHECKSUMS_FILE})",
-            dir.display(),
-            CHECKED_FILES.join(" ")
-        );
+        return Err(CheckpointError::Unverified {
+            dir: dir.to_path_buf(),
+            files: CHECKED_FILES.join(" "),
+        }
+        .into());
     }
     let text =
         std::fs::read_to_string(&sums).with_context(|| format!("reading {}", sums.display()))?;
@@ -109,10 +109,9 @@ fn verify_checksums(dir: &Path) -> Result<()> {
             .get(name)
             .with_context(|| format!("its {CHECKSUMS_FILE} has no checksum of {name}"))?;
         let actual = sha256_file(&dir.join(name))?;
-        ensure!(
-            actual == *expected,
-            "{name} does not match its checksum (damaged)"
-        );
+        if actual != *expected {
+            return Err(CheckpointError::Damaged { file: name.into() }.into());
+        }
     }
     Ok(())
 }
@@ -205,15 +204,11 @@ pub fn resume_point(root: &Path) -> Result<Option<Checkpoint>> {
         if rejected.is_empty() {
             return Ok(None);
         }
-        let reasons: Vec<String> = rejected
-            .iter()
-            .map(|r| format!("  {}: {}", r.dir.display(), r.reason))
-            .collect();
-        bail!(
-            "no checkpoint in {} can be trusted, so the run cannot resume:\n{}\n(move them away to start the run over)",
-            root.display(),
-            reasons.join("\n")
-        );
+        return Err(CheckpointError::NoneTrusted {
+            root: root.to_path_buf(),
+            rejected: rejected.into_iter().map(|r| (r.dir, r.reason)).collect(),
+        }
+        .into());
     };
     for skipped in &rejected {
         let aside = set_aside(&skipped.dir)?;

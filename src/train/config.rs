@@ -1,14 +1,20 @@
 //! The run configuration: a TOML file with a `[train]` table (these settings) and a `[method]`
-//! table (the tuning method's name and its own settings, read by the peft module). Every field has
+//! table (the tuning method's name and its own settings, built by the peft module). The command
+//! line's run files and `--set` overrides are merged into it by [`crate::settings`]. Every field has
 //! a default; the study's where it states one (10,000 steps, learning rate 1e-5, AdamW, bf16), else
 //! the Stable Diffusion fine-tuning example of diffusers' `train_text_to_image.py` README
 //! (512 px, batch 1 with 4 accumulation steps, gradient-norm clipping at 1, constant schedule).
 use super::ema::EmaSettings;
 use super::optim::{AdamWConfig, LrSchedule};
+use crate::data::buckets::buckets;
+use crate::data::cache::CacheSettings;
 use crate::data::captions::CaptionOptions;
-use crate::data::images::{ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
+use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
+use crate::data::PromptTemplate;
+use crate::error::SettingsError;
+use crate::peft::MethodSettings;
 use crate::schedulers::SchedulerKind;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -112,7 +118,8 @@ pub struct TrainConfig {
     /// Train on each image or its mirror image by a seeded draw (both latents are cached).
     /// Default false.
     pub random_flip: bool,
-    /// Save a checkpoint every this many optimizer steps; 0 saves only at the end. Default 500.
+    /// Save a checkpoint every this many optimizer steps (and at the end): at least 1; a value
+    /// of at least `steps` saves only at the end. Default 500.
     pub checkpoint_every: usize,
     /// Checkpoints kept; older ones are deleted. Default 3.
     pub keep_checkpoints: usize,
@@ -189,6 +196,7 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks every value; errors are [`SettingsError`]s naming the setting.
     pub fn validate(&self) -> Result<()> {
         let positive = [
             ("steps", self.steps),
@@ -203,13 +211,26 @@ impl TrainConfig {
             ("max_image_pixels", self.max_image_pixels as usize),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            bail!("train.{name} must be positive");
+            return Err(invalid(name, "must be positive"));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(invalid(
+                "checkpoint_every",
+                format!(
+                    "must be positive (0 no longer means \"only at the end\"): to save only at the end, \
+                     use a value of at least train.steps, e.g. checkpoint_every = {}",
+                    self.steps
+                ),
+            ));
         }
         if !self.resolution.is_multiple_of(8) {
-            bail!(
-                "train.resolution {} is not a multiple of 8 (the VAE's downsampling factor)",
-                self.resolution
-            );
+            return Err(invalid(
+                "resolution",
+                format!(
+                    "{} is not a multiple of 8 (the VAE's downsampling factor)",
+                    self.resolution
+                ),
+            ));
         }
         for (name, v) in [
             ("learning_rate", self.learning_rate),
@@ -220,7 +241,10 @@ impl TrainConfig {
             ("optimizer.eps", self.optimizer.eps),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                bail!("train.{name} must be a finite, non-negative number, got {v}");
+                return Err(invalid(
+                    name,
+                    format!("must be a finite, non-negative number, got {v}"),
+                ));
             }
         }
         for (name, v) in [
@@ -228,18 +252,61 @@ impl TrainConfig {
             ("optimizer.beta2", self.optimizer.beta2),
         ] {
             if !(0.0..1.0).contains(&v) {
-                bail!("train.{name} must be in [0, 1), got {v}");
+                return Err(invalid(name, format!("must be in [0, 1), got {v}")));
             }
         }
-        crate::data::PromptTemplate::new(&self.prompt_template).context("train.prompt_template")?;
-        self.captions().validate().context("train.caption_*")?;
-        if let Some(step) = self.bucket_step() {
-            crate::data::buckets::buckets(self.resolution, step).context("train.bucket_step")?;
-        }
-        if let Some(ema) = &self.ema {
-            ema.validate()?;
+        self.validate_parts()
+    }
+
+    /// Checks the settings that other modules judge: the prompt template, the caption options,
+    /// the buckets and the EMA.
+    fn validate_parts(&self) -> Result<()> {
+        let checks = [
+            (
+                "prompt_template",
+                PromptTemplate::new(&self.prompt_template).map(drop),
+            ),
+            ("caption_*", self.captions().validate()),
+            (
+                "bucket_step",
+                self.bucket_step()
+                    .map_or(Ok(()), |step| buckets(self.resolution, step).map(drop)),
+            ),
+            (
+                "ema",
+                self.ema.as_ref().map_or(Ok(()), EmaSettings::validate),
+            ),
+        ];
+        for (name, check) in checks {
+            check.map_err(|e| invalid(name, e))?;
         }
         Ok(())
+    }
+
+    /// Settings that are valid but do nothing as combined, each said in a sentence (the command
+    /// line prints them as warnings).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.lr_warmup_steps > 0 && !self.lr_schedule.warms_up() {
+            warnings.push(format!(
+                "train.lr_warmup_steps = {} is ignored by lr_schedule = {} (warm-up needs \
+                 \"constant_with_warmup\" or \"cosine\")",
+                self.lr_warmup_steps,
+                toml::Value::try_from(self.lr_schedule)
+                    .map_or_else(|_| "?".into(), |v| v.to_string())
+            ));
+        }
+        warnings
+    }
+
+    /// Whether `key` names a setting of the `[train]` table (for `--set KEY=VALUE` without a
+    /// table name).
+    pub fn is_setting(key: &str) -> bool {
+        let all = Self {
+            ema: Some(EmaSettings::default()),
+            ..Self::default()
+        };
+        toml::Table::try_from(all).is_ok_and(|table| table.contains_key(key))
     }
 
     /// The caption options of the latent cache.
@@ -250,6 +317,28 @@ impl TrainConfig {
             keep_first: self.keep_tokens,
             variants: self.caption_variants,
         }
+    }
+
+    /// What the latent cache of a dataset holds for a run with these settings, encoded on
+    /// `device` (`strict`: an unreadable image is an error rather than skipped).
+    pub fn cache_settings(&self, strict: bool, device: tch::Device) -> Result<CacheSettings> {
+        Ok(CacheSettings {
+            resolution: self.resolution,
+            resize_filter: self.resize_filter,
+            prompt_template: PromptTemplate::new(&self.prompt_template)?,
+            limit_per_class: (self.limit_per_class > 0).then_some(self.limit_per_class),
+            captions: self.captions(),
+            bucket_step: self.bucket_step(),
+            flip: self.random_flip,
+            batch_size: self.cache_batch_size,
+            strict,
+            decode: DecodeOptions {
+                exif_orientation: self.exif_orientation,
+                max_pixels: self.max_image_pixels,
+            },
+            device,
+            ..CacheSettings::default()
+        })
     }
 
     /// The step of the aspect-ratio buckets, when they are on.
@@ -285,41 +374,42 @@ impl TrainConfig {
     }
 }
 
-/// The `[method]` table: `name` picks the tuning method, the other keys are its settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct MethodConfig {
-    pub name: String,
-    #[serde(flatten)]
-    pub settings: toml::Table,
-}
-
-/// A whole run configuration file.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+/// What one training run computes: its `[train]` settings and its tuning method, built. A run
+/// with another learning rate, seed or step count is a plain field update of a clone (the method
+/// is shared, not rebuilt).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     #[serde(default)]
     pub train: TrainConfig,
-    /// May be left out of the file when the command line names the method.
-    #[serde(default)]
-    pub method: MethodConfig,
+    pub method: MethodSettings,
 }
 
 impl RunConfig {
-    /// Defaults for `method` with no settings of its own.
-    pub fn for_method(method: &str) -> Self {
+    /// `method` with the default training settings.
+    pub fn new(method: MethodSettings) -> Self {
         Self {
             train: TrainConfig::default(),
-            method: MethodConfig {
-                name: method.to_string(),
-                settings: toml::Table::new(),
-            },
+            method,
         }
     }
 
+    /// The registered method `name` with its default settings and the default training settings.
+    pub fn for_method(name: &str) -> Result<Self> {
+        Ok(Self::new(MethodSettings::defaults(name)?))
+    }
+
+    /// Checks every setting (the method's were checked when it was built).
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()
+    }
+
+    /// Reads a run config that a run recorded (`run.toml`, a checkpoint's state): the method is
+    /// built, but the values are not checked again, so that a run recorded under an older rule
+    /// (`checkpoint_every = 0`) can still be compared with when it resumes. Settings a user
+    /// gives go through [`crate::settings`], which checks them all.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let config: Self = toml::from_str(text)?;
-        config.train.validate()?;
-        Ok(config)
+        Ok(toml::from_str(text)?)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -331,32 +421,9 @@ impl RunConfig {
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string(self)?)
     }
+}
 
-    /// Applies `--set key=value` overrides (parsed by [`crate::peft::parse_set_pairs`]).
-    /// `train.KEY` and `method.KEY` name their table; a bare key goes to `[train]` when it is a
-    /// training setting and to `[method]` otherwise (`method.name` or a bare `name` renames the
-    /// method).
-    pub fn apply_overrides(&mut self, overrides: toml::Table) -> Result<()> {
-        let mut train = toml::Table::try_from(&self.train)?;
-        let mut method = self.method.settings.clone();
-        method.insert("name".into(), toml::Value::String(self.method.name.clone()));
-        for (key, value) in overrides {
-            let (target, value) = match (key.as_str(), value) {
-                ("train", toml::Value::Table(t)) => (&mut train, t),
-                ("method", toml::Value::Table(t)) => (&mut method, t),
-                (_, value) if train.contains_key(&key) => {
-                    (&mut train, toml::Table::from_iter([(key, value)]))
-                }
-                (_, value) => (&mut method, toml::Table::from_iter([(key, value)])),
-            };
-            crate::peft::merge_tables(target, value);
-        }
-        self.method = toml::Value::Table(method)
-            .try_into()
-            .context("applying --set overrides to the [method] settings")?;
-        self.train = toml::Value::Table(train)
-            .try_into()
-            .context("applying --set overrides to the [train] settings")?;
-        self.train.validate()
-    }
+/// [`SettingsError::Invalid`] for `train.NAME`.
+fn invalid(name: &str, reason: impl std::fmt::Display) -> anyhow::Error {
+    SettingsError::invalid(format!("train.{name}"), reason).into()
 }

@@ -502,6 +502,11 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
+    /// Whether the schedule reads `lr_warmup_steps` (the constant schedule ignores it).
+    pub fn warms_up(self) -> bool {
+        self != LrSchedule::Constant
+    }
+
     /// The learning rate for optimizer step `step` (0-based) of `total`. Warm-up rises linearly
     /// from 0 at step 0, as in diffusers (its `LambdaLR` gives the first update `lr * 0 / warmup`).
     pub fn lr(self, base: f64, step: usize, warmup: usize, total: usize) -> f64 {

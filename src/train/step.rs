@@ -1,9 +1,9 @@
 //! The training objective and the single training step (forward, loss, backward), shared by the
 //! training loop and the `bench` command: DDPM noising with the model's scheduler, epsilon or v
 //! targets, optional min-SNR-γ weighting and noise offset, as diffusers' `train_text_to_image.py`.
-use super::config::{MethodConfig, PredictionTarget, TrainConfig};
+use super::config::{PredictionTarget, TrainConfig};
 use crate::model::unet::UNet2DConditionModel;
-use crate::peft::Tuned;
+use crate::peft::{MethodSettings, Tuned};
 use crate::schedulers::{NoiseSchedule, PredictionType, SchedulerConfig};
 use anyhow::{ensure, Result};
 use tch::{nn, Kind, Tensor};
@@ -13,19 +13,15 @@ use tch::{nn, Kind, Tensor};
 pub fn attach_method(
     unet: &mut UNet2DConditionModel,
     unet_vs: &mut nn::VarStore,
-    method: &MethodConfig,
+    method: &MethodSettings,
     seed: u64,
 ) -> Result<Tuned> {
-    let tuning = crate::peft::method_from_settings(
-        &method.name,
-        &toml::Value::Table(method.settings.clone()),
-    )?;
     unet_vs.freeze();
-    let tuned = Tuned::attach(tuning, unet, unet_vs, seed)?;
+    let tuned = Tuned::attach(method.build(), unet, unet_vs, seed)?;
     ensure!(
         !tuned.trained.is_empty(),
         "method `{}` made nothing trainable",
-        method.name
+        method.name()
     );
     for (_, t) in &tuned.trained {
         let _ = t.set_requires_grad(true);

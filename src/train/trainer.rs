@@ -2,7 +2,7 @@
 //! resume, Ctrl-C handling and a stop on a non-finite loss. [`train`] reads as the loop it is;
 //! [`Trainer`] holds the run's state and does each part (see [`super::batches`] for how every
 //! random draw is seeded from the run's seed and the sample's position).
-use super::batches::{prepare_cache, Batches};
+use super::batches::Batches;
 use super::checkpoint::{self, Checkpoint, CheckpointState};
 use super::config::{Precision, RunConfig};
 use super::ema::Ema;
@@ -13,6 +13,7 @@ use super::step::{attach_method, forward_backward, lay_out_for_training, Objecti
 use super::tensorboard::TensorBoardLog;
 use super::validation::{TrainedUnet, Validation};
 use crate::dist::ProcessGroup;
+use crate::error::SettingsError;
 use crate::model::source::ModelFiles;
 use crate::peft::Tuned;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -46,6 +47,30 @@ pub struct TrainOptions {
     pub interrupt: Arc<AtomicBool>,
     /// Draw a progress bar.
     pub progress: bool,
+}
+
+impl TrainOptions {
+    /// Checks everything the run is given before it touches the data or writes anything: every
+    /// setting (the method's were checked when it was built), that the data is there, and the
+    /// model's configs and weight headers. Returns the model's files.
+    pub fn check(&self) -> Result<ModelFiles> {
+        self.config.validate()?;
+        if !self.data.exists() {
+            return Err(SettingsError::invalid(
+                "data",
+                format!("{} does not exist", self.data.display()),
+            )
+            .into());
+        }
+        let files = ModelFiles::resolve(&self.model, None)?;
+        files.check()?;
+        Ok(files)
+    }
+
+    /// Where a dataset's latent cache goes: `--cache`, else `OUT/cache`.
+    fn dataset_cache_dir(&self) -> PathBuf {
+        self.cache.clone().unwrap_or_else(|| self.out.join("cache"))
+    }
 }
 
 /// How a call of [`train`] ended.
@@ -153,21 +178,27 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    /// Loads the model, attaches the method, builds the optimizer and the latent cache, as
-    /// rank `group.rank()` of a data-parallel run (each rank encoding its share of the cache).
-    pub fn setup(opts: &'a TrainOptions, group: &'a ProcessGroup) -> Result<Self> {
+    /// Loads the model `files` (checked by [`TrainOptions::check`]), attaches the method, builds
+    /// the optimizer and the latent cache, as rank `group.rank()` of a data-parallel run (each
+    /// rank encoding its share of the cache).
+    pub fn setup(
+        opts: &'a TrainOptions,
+        files: &ModelFiles,
+        group: &'a ProcessGroup,
+    ) -> Result<Self> {
         let config = &opts.config;
         let train = &config.train;
-        train.validate()?;
         let device = group.local_device(train.device.resolve()?);
         let autocast = uses_autocast(train.precision, device);
-        let files = ModelFiles::resolve(&opts.model, None)?;
         let base_unet = files.unet_identity()?;
         let config_text = config.to_toml()?;
         let resume_from = open_run_folder(opts, &config_text, group)?;
 
         // Every rank encodes its share of what the cache lacks; rank 0 completes the manifest.
-        let cache_dir = prepare_cache(opts, &files, device, group)?;
+        let cache_settings = train.cache_settings(opts.strict, device)?;
+        let dataset_cache = opts.dataset_cache_dir();
+        let cache_dir =
+            crate::data::cache::prepare(files, &opts.data, &dataset_cache, &cache_settings, group)?;
         group
             .barrier()
             .context("waiting for the main rank's latent cache")?;
@@ -176,7 +207,7 @@ impl<'a> Trainer<'a> {
         let shard = (train.batch_size, group.rank(), group.world_size());
         let batches = Batches::open(&cache_dir, train.seed, shard, scaling)?;
 
-        let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(&files, device)?;
+        let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(files, device)?;
         unet.gradient_checkpointing = train.gradient_checkpointing;
         if device.is_cuda() && group.is_main() {
             let factor = crate::sample::LatentGeometry::of_vae(&vae).scale_factor;
@@ -185,7 +216,7 @@ impl<'a> Trainer<'a> {
                 crate::model::sdpa::describe(&unet.config, batch, latent, device, autocast)?;
             eprintln!("difftune train: scaled dot-product attention: {kernels}");
         }
-        let scheduler = crate::model::pipeline::load_scheduler_config(&files)?;
+        let scheduler = crate::model::pipeline::load_scheduler_config(files)?;
         let objective = Objective::new(&scheduler, train)?;
         let tuned = attach_method(&mut unet, &mut unet_vs, &config.method, train.seed)?;
         let tensors = lay_out_for_training(&unet_vs, &tuned, autocast, train.channels_last);
@@ -195,13 +226,13 @@ impl<'a> Trainer<'a> {
             _ if !group.is_main() => None,
             0 => None,
             _ => Some(Validation::new(
-                &files,
+                files,
                 train,
                 &batches.cache().manifest.prompts,
             )?),
         };
         let model = match validation {
-            Some(_) => TrainedUnet::in_pipeline(&files, unet_vs, unet)?,
+            Some(_) => TrainedUnet::in_pipeline(files, unet_vs, unet)?,
             None => TrainedUnet::Bare(Box::new(unet)),
         };
         Ok(Self {
@@ -453,7 +484,7 @@ impl<'a> Trainer<'a> {
             samples_seen,
             epoch: samples_seen / self.epoch_len,
             seed: train.seed,
-            method: self.opts.config.method.name.clone(),
+            method: self.opts.config.method.name().to_string(),
             base_unet: self.base_unet.clone(),
             config: self.config_text.clone(),
             world_size: self.group.world_size(),
@@ -611,13 +642,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 /// Runs (or resumes) a training run as this process's rank of `group` (data-parallel when it
 /// has more than one). The main rank holds the run folder's lock.
 pub fn train_in(opts: &TrainOptions, group: &ProcessGroup) -> Result<TrainSummary> {
-    opts.config.train.validate()?;
+    // Before the lock, which creates the output folder: a bad setting leaves nothing behind.
+    let files = opts.check()?;
     let _lock = match group.is_main() {
         true => Some(crate::util::lock::DirLock::acquire(&opts.out, "train")?),
         false => None,
     };
     let train = &opts.config.train;
-    let mut trainer = Trainer::setup(opts, group)?;
+    let mut trainer = Trainer::setup(opts, &files, group)?;
     trainer.restore()?;
     if group.is_main() && group.is_distributed() {
         eprintln!(

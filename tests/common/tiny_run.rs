@@ -61,16 +61,17 @@ impl TinyRun {
         }
     }
 
-    /// `steps` steps of `method` on the CPU at batch 4 without accumulation or checkpoints.
+    /// `steps` steps of `method` on the CPU at batch 4 without accumulation, with a checkpoint
+    /// at the end only.
     pub fn config(&self, method: &str, steps: usize, lr: f64) -> RunConfig {
-        let mut config = RunConfig::for_method(method);
+        let mut config = RunConfig::for_method(method).unwrap();
         let t = &mut config.train;
         t.steps = steps;
         t.batch_size = 4;
         t.gradient_accumulation_steps = 1;
         t.learning_rate = lr;
         t.resolution = RESOLUTION;
-        t.checkpoint_every = 0;
+        t.checkpoint_every = steps;
         t.device = DeviceChoice::Cpu;
         config
     }

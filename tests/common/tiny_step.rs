@@ -2,9 +2,10 @@
 //! step-level fixture of the precision and checkpointing tests.
 use difftune::model::tiny;
 use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
+use difftune::peft::MethodSettings;
 use difftune::peft::Tuned;
 use difftune::schedulers::SchedulerConfig;
-use difftune::train::config::{MethodConfig, TrainConfig};
+use difftune::train::config::TrainConfig;
 use difftune::train::step::{
     attach_method, forward_backward, lay_out_for_training, Objective, StepInputs,
 };
@@ -29,11 +30,8 @@ impl TinyStep {
         let config: UNetConfig = serde_json::from_value(tiny::unet_config()).unwrap();
         let mut vs = nn::VarStore::new(Device::Cpu);
         let mut unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();
-        let method_config = MethodConfig {
-            name: method.to_string(),
-            settings: toml::Table::new(),
-        };
-        let tuned = attach_method(&mut unet, &mut vs, &method_config, 0).unwrap();
+        let method = MethodSettings::defaults(method).unwrap();
+        let tuned = attach_method(&mut unet, &mut vs, &method, 0).unwrap();
         tch::manual_seed(1);
         tch::no_grad(|| {
             for (_, t) in &tuned.trained {

@@ -96,7 +96,30 @@ impl CacheSettings {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// The settings that rebuild the cache `manifest` describes: what it holds as the manifest
+    /// records it, encoded as `encoding` encodes (images per VAE forward, strictness, pixel
+    /// limit, device).
+    pub fn from_manifest(manifest: &Manifest, encoding: &CacheSettings) -> Result<Self> {
+        Ok(Self {
+            split: manifest.key.split,
+            resolution: manifest.key.resolution,
+            resize_filter: manifest.key.resize_filter,
+            prompt_template: PromptTemplate::new(&manifest.prompt_template)?,
+            limit_per_class: manifest.limit_per_class,
+            captions: manifest.captions.clone(),
+            bucket_step: manifest.key.bucket_step,
+            flip: manifest.key.flip,
+            shard_size: manifest.key.shard_size,
+            decode: DecodeOptions {
+                exif_orientation: manifest.key.exif_orientation,
+                ..encoding.decode
+            },
+            ..encoding.clone()
+        })
+    }
+
+    /// Checks the values (every build does, first).
+    pub fn validate(&self) -> Result<()> {
         ensure!(
             self.batch_size > 0 && self.shard_size > 0,
             "cache batch and shard sizes must be positive"
@@ -106,8 +129,34 @@ impl CacheSettings {
             "resolution {} is not a positive multiple of 8",
             self.resolution
         );
+        self.buckets()?;
         self.captions.validate()
     }
+}
+
+/// The latent cache a training run reads, built or reused, as this process's rank of `group`
+/// (see [`build_in`]: the manifest is complete once rank 0 returns); returns its folder. `data`
+/// is either a cache folder — rebuilt from its recorded dataset with its own settings when that
+/// dataset is still there, else used as it is (it was made with the model's VAE and text
+/// encoder or the reader refuses it) — or a dataset, cached in `dir` with `settings`. Either way
+/// the build encodes as `settings` says (batch, strictness, pixel limit, device).
+pub fn prepare(
+    model: &ModelFiles,
+    data: &Path,
+    dir: &Path,
+    settings: &CacheSettings,
+    group: &ProcessGroup,
+) -> Result<std::path::PathBuf> {
+    if !data.join(MANIFEST_FILE).is_file() {
+        build_in(model, data, settings, dir, group)?;
+        return Ok(dir.to_path_buf());
+    }
+    let manifest = Manifest::read(data)?;
+    if manifest.dataset_path.is_dir() {
+        let recorded = CacheSettings::from_manifest(&manifest, settings)?;
+        build_in(model, &manifest.dataset_path, &recorded, data, group)?;
+    }
+    Ok(data.to_path_buf())
 }
 
 /// What [`build`] did.
