@@ -51,19 +51,18 @@ pub struct TrainOptions {
 
 impl TrainOptions {
     /// Checks everything the run is given before it touches the data or writes anything: every
-    /// setting (the method's were checked when it was built), that the data is there, and the
-    /// model's configs and weight headers. Returns the model's files.
+    /// setting (the method's were checked when it was built), the model's configs and weight
+    /// headers, and that the data is a latent cache or a dataset of a known layout (from its file
+    /// names; no image is read). Returns the model's files.
     pub fn check(&self) -> Result<ModelFiles> {
         self.config.validate()?;
-        if !self.data.exists() {
-            return Err(SettingsError::invalid(
-                "data",
-                format!("{} does not exist", self.data.display()),
-            )
-            .into());
-        }
         let files = ModelFiles::resolve(&self.model, None)?;
         files.check()?;
+        let is_cache = self.data.join(crate::data::cache::MANIFEST_FILE).is_file();
+        if !is_cache {
+            crate::data::Layout::detect(&self.data)
+                .map_err(|e| SettingsError::invalid("data", format!("{e:#}")))?;
+        }
         Ok(files)
     }
 
