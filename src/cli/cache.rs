@@ -1,4 +1,5 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use crate::data::cache::{build_in, CacheSettings};
 use crate::data::captions::CaptionOptions;
 use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
@@ -78,6 +79,10 @@ pub struct CacheArgs {
 }
 
 pub fn run(args: CacheArgs) -> Result<()> {
+    Interrupt::install(
+        "cache",
+        FirstSignal::Exit("the shard files already written are kept: the same command continues"),
+    )?;
     // Under torchrun or SLURM: this process encodes its share of a multi-process build.
     let (group, device) = super::launch::join(&args.dist, args.device.resolve()?)?;
     let files = ModelFiles::resolve(&args.model, None)?;

@@ -1,9 +1,10 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use crate::compare::config::CompareConfig;
 use crate::compare::presets::{preset, DEFAULT_PRESET};
 use crate::compare::runner::{run_in, CompareOptions, Outcome, REPORT_MD};
 use crate::dist::Launch;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -67,7 +68,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
         .out
         .unwrap_or_else(|| PathBuf::from(format!("runs/compare-{}", config.name)));
 
-    let interrupt = super::interrupt::install("compare", "stopping at the next checkpoint")?;
+    let interrupt = Interrupt::install(
+        "compare",
+        FirstSignal::Stop("stopping at the next checkpoint"),
+    )?;
     // Under a launcher every rank runs every stage (see compare::runner); rank 0 reports.
     let (group, _) = super::launch::join(&args.dist, config.train.device.resolve()?)?;
     let outcome = run_in(
@@ -75,7 +79,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             config,
             out: out.clone(),
             progress: true,
-            interrupt,
+            interrupt: interrupt.flag(),
         },
         &group,
     )?;
@@ -97,10 +101,12 @@ pub fn run(args: CompareArgs) -> Result<()> {
             println!("\nreport: {}", out.join(REPORT_MD).display());
         }
         Outcome::FinishedOnMainRank => {}
-        Outcome::Interrupted => bail!(
-            "interrupted, resume with --resume: run the same command again to resume from {}",
-            out.display()
-        ),
+        Outcome::Interrupted => {
+            return Err(interrupt.stopped(format!(
+                "interrupted, resume with --resume: run the same command again to resume from {}",
+                out.display()
+            )))
+        }
     }
     Ok(())
 }

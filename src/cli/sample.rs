@@ -1,4 +1,5 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use super::launch;
 use crate::model::pipeline::load_scheduler_config;
 use crate::model::source::ModelFiles;
@@ -109,6 +110,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
     );
     let prompts = prompt_list(&args)?;
     ensure!(args.batch > 0, "--batch must be at least 1");
+    Interrupt::install(
+        "sample",
+        FirstSignal::Exit("the images are written once all are generated: none of this run's are"),
+    )?;
     let (group, device) = launch::join(&args.dist, args.device.resolve()?)?;
     // euler_ancestral draws its step noise from one generator through the whole run, so a rank
     // cannot reproduce the noise a single process gives its share.

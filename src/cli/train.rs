@@ -1,4 +1,5 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use crate::dist::ProcessGroup;
 use crate::train::config::RunConfig;
 use crate::train::{train_in, TrainOptions, TrainSummary};
@@ -64,7 +65,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let config = run_config(&args)?;
     // Under torchrun or SLURM: this process is one rank of a data-parallel run.
     let group = ProcessGroup::from_env(config.train.device.resolve()?, args.dist.timeout())?;
-    let interrupt = super::interrupt::install("train", "saving a checkpoint after this step")?;
+    let interrupt = Interrupt::install(
+        "train",
+        FirstSignal::Stop("saving a checkpoint after this step"),
+    )?;
     let summary = train_in(
         &TrainOptions {
             model: args.model,
@@ -75,7 +79,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             resume: args.resume,
             strict: args.strict,
             stop_after: args.stop_after,
-            interrupt,
+            interrupt: interrupt.flag(),
             progress: true,
         },
         &group,
@@ -85,7 +89,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if !main && !summary.interrupted {
         return Ok(());
     }
-    report(&summary)
+    report(&summary, &interrupt)
 }
 
 /// The run file (or defaults) with the method and the flags that override its settings.
@@ -132,7 +136,7 @@ fn run_config(args: &TrainArgs) -> Result<RunConfig> {
 }
 
 /// Where the run ended: the adapter file, or the checkpoint to resume from.
-fn report(summary: &TrainSummary) -> Result<()> {
+fn report(summary: &TrainSummary, interrupt: &Interrupt) -> Result<()> {
     match (&summary.adapter, &summary.checkpoint) {
         (Some(adapter), _) => println!(
             "trained {} parameters for {} steps; adapter file: {}",
@@ -140,14 +144,16 @@ fn report(summary: &TrainSummary) -> Result<()> {
             summary.step,
             adapter.display()
         ),
-        (None, checkpoint) if summary.interrupted => bail!(
-            "interrupted, resume with --resume (stopped at step {}{})",
-            summary.step,
-            checkpoint
-                .as_ref()
-                .map(|c| format!("; checkpoint {}", c.display()))
-                .unwrap_or_default()
-        ),
+        (None, checkpoint) if summary.interrupted => {
+            return Err(interrupt.stopped(format!(
+                "interrupted, resume with --resume (stopped at step {}{})",
+                summary.step,
+                checkpoint
+                    .as_ref()
+                    .map(|c| format!("; checkpoint {}", c.display()))
+                    .unwrap_or_default()
+            )))
+        }
         (None, Some(ckpt)) => println!(
             "stopped at step {}; checkpoint: {}",
             summary.step,
