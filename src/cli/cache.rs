@@ -116,7 +116,7 @@ pub fn run(args: CacheArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{}: {} samples, {} prompts ({} file(s) encoded, {} reused, {} image(s) skipped)",
+        "{}: {} samples, {} prompts ({} file(s) encoded, {} reused, {} dataset entries skipped: see \"skipped\" in manifest.json)",
         args.out.display(),
         manifest.len(),
         manifest.prompts.len(),

@@ -211,6 +211,13 @@ fn open_dataset(dataset_path: &Path, settings: &CacheSettings) -> Result<Dataset
         ..DatasetOptions::default()
     };
     let dataset = Dataset::open(dataset_path, &options)?;
+    if let Some(first) = dataset.skipped.first().filter(|_| settings.strict) {
+        bail!(
+            "strict mode: {} in the dataset is {}",
+            first.path.display(),
+            first.reason
+        );
+    }
     if dataset.is_empty() {
         bail!(
             "the {} split of {} has no images",
@@ -234,6 +241,7 @@ impl Build<'_> {
             for message in &self.report.discarded {
                 eprintln!("difftune cache: {message}");
             }
+            self.add_listing_skips();
             remove_rank_parts(self.dir)?;
             self.manifest.write(self.dir)?;
         }
@@ -244,6 +252,25 @@ impl Build<'_> {
             self.manifest = Manifest::read(self.dir)?;
         }
         Ok(())
+    }
+
+    /// Lists the entries the dataset's listing left out with the skipped images, and says so.
+    fn add_listing_skips(&mut self) {
+        for entry in &self.dataset.skipped {
+            let path = entry.path.display().to_string();
+            let id = entry
+                .path
+                .strip_prefix(&self.dataset.root)
+                .unwrap_or(&entry.path);
+            let skipped = SkippedImage {
+                id: id.display().to_string(),
+                path: path.clone(),
+                error: entry.reason.to_string(),
+            };
+            eprintln!("difftune cache: skipping {path}: {}", skipped.error);
+            self.report.skipped.push(skipped.clone());
+            self.manifest.skipped.push(skipped);
+        }
     }
 
     /// The earlier manifest in the folder when its key is this build's.
