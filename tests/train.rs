@@ -293,6 +293,53 @@ fn a_double_sigint_exits_130_without_a_panic() {
     }
 }
 
+/// With stderr going to a pipe (a log file, SLURM, CI), training and the cache build print plain
+/// progress lines: at each tenth of the work by default, at every step with a zero
+/// DIFFTUNE_PROGRESS_INTERVAL.
+#[test]
+fn progress_goes_to_a_log_as_plain_lines() {
+    let _guard = serial();
+    let fx = fixture();
+    let config_file = fx.root.join("config.toml");
+    std::fs::write(
+        &config_file,
+        fx.config("bitfit", 20, 1e-3).to_toml().unwrap(),
+    )
+    .unwrap();
+    let lines = |out: &str, interval: Option<&str>| {
+        let mut command = fx.cli(&config_file, out);
+        if let Some(seconds) = interval {
+            command.env("DIFFTUNE_PROGRESS_INTERVAL", seconds);
+        }
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(output.status.success(), "{stderr}");
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("difftune train: ") || l.starts_with("difftune cache: "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let tenths = lines("tenths", None);
+    let train: Vec<&String> = tenths.iter().filter(|l| l.contains(" steps ")).collect();
+    assert_eq!(train.len(), 10, "{tenths:#?}");
+    assert!(
+        train[4].starts_with("difftune train: 10/20 steps (50%), ")
+            && train[4].contains(" steps/s, ")
+            && train[4].contains(" left, loss "),
+        "{tenths:#?}"
+    );
+    assert!(
+        tenths
+            .iter()
+            .any(|l| l.starts_with("difftune cache: 32/32 images (100%), ")),
+        "{tenths:#?}"
+    );
+    let every_step = lines("every-step", Some("0"));
+    let steps = every_step.iter().filter(|l| l.contains(" steps ")).count();
+    assert_eq!(steps, 20, "{every_step:#?}");
+}
+
 #[test]
 fn only_the_method_parameters_change() {
     let _guard = serial();

@@ -8,9 +8,9 @@ use crate::sample::png::{read_png_rgb, write_png};
 use crate::sample::{generate, per_image_latents, GenerateOptions, SdModels};
 use crate::schedulers::SchedulerKind;
 use crate::util::device::DeviceChoice;
+use crate::util::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::ops::Range;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
@@ -189,15 +189,7 @@ fn render(
         negative_prompt: args.negative_prompt.clone(),
         batch_size: args.batch,
     };
-    let progress = if show_progress {
-        ProgressBar::new(evaluations as u64)
-    } else {
-        ProgressBar::hidden()
-    }
-    .with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} U-Net steps [{elapsed} < {eta}]")
-            .expect("valid progress template"),
-    );
+    let progress = Progress::new("sample", evaluations as u64, "U-Net steps", show_progress);
     let images = generate(
         &models,
         scheduler.as_mut(),

@@ -31,6 +31,7 @@ use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
 use crate::model::weights::save_tensors;
 use crate::util::fs::{sha256_file, write_json};
+use crate::util::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
 use encode::ShardEncoder;
 use manifest::FORMAT_VERSION;
@@ -344,8 +345,10 @@ impl Build<'_> {
             buckets: &buckets,
             vae: crate::model::pipeline::load_vae(self.model, self.settings.device)?,
             dir: self.dir,
-            progress: progress_bar(
-                (todo.len() * shard_size).min(self.dataset.len()),
+            progress: Progress::new(
+                "cache",
+                (todo.len() * shard_size).min(self.dataset.len()) as u64,
+                "images",
                 self.group.is_main(),
             ),
         };
@@ -385,17 +388,4 @@ impl Build<'_> {
         }
         Ok((self.manifest, self.report))
     }
-}
-
-fn progress_bar(images: usize, visible: bool) -> indicatif::ProgressBar {
-    let progress = indicatif::ProgressBar::new(images as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "encoding {bar:30} {pos}/{len} images {per_sec} ETA {eta}",
-        )
-        .expect("valid template"),
-    );
-    if !visible {
-        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    progress
 }
