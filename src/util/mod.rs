@@ -1,4 +1,5 @@
 //! Small shared utilities.
+pub mod cuda_memory;
 pub mod device;
 pub mod fs;
 pub mod lock;
