@@ -110,10 +110,8 @@ impl Progress {
 
     /// The tenth of the work `position` is in (10 when done).
     fn tenth(&self, position: u64) -> u64 {
-        match self.bar.length() {
-            Some(total) if total > 0 => position.min(total) * 10 / total,
-            _ => 0,
-        }
+        let total = self.bar.length().unwrap_or(0);
+        (position.min(total) * 10).checked_div(total).unwrap_or(0)
     }
 
     /// Prints a plain line when one is due.
@@ -134,8 +132,8 @@ impl Progress {
     fn line(&self, position: u64, rate: Option<f64>) -> String {
         let total = self.bar.length().unwrap_or(0);
         let mut line = format!("difftune {}: {position}/{total} {}", self.label, self.unit);
-        if total > 0 {
-            line += &format!(" ({}%)", position.min(total) * 100 / total);
+        if let Some(percent) = (position.min(total) * 100).checked_div(total) {
+            line += &format!(" ({percent}%)");
         }
         if let Some(rate) = rate {
             line += &format!(", {} {}/s", significant(rate), self.unit);
