@@ -97,12 +97,7 @@ fn cases() -> Vec<(&'static str, &'static str)> {
 
 #[test]
 fn sd14_counts_match_the_study() {
-    // The reference configs sit next to the checkout (or a level up, from a worktree).
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/reference/sd-v1-4"))
-        .find(|d| d.is_dir())
-        .expect("shared/reference/sd-v1-4 next to the checkout");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/configs/sd-v1-4");
     let config = UNetConfig::from_file(&dir.join("unet_config.json")).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let mut unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();

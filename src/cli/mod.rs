@@ -16,6 +16,8 @@ mod merge;
 mod sample;
 mod train;
 
+pub use interrupt::{exit_code, Interrupted, Signal};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "difftune",

@@ -1,6 +1,6 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use crate::dist::ProcessGroup;
-use crate::error::Interrupted;
 use crate::settings::train::{TrainFlags, TrainSources};
 use crate::train::config::RunConfig;
 use crate::train::{train_in, TrainOptions, TrainSummary};
@@ -65,6 +65,10 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = run_config(&args)?;
     let device = config.train.device.resolve()?;
+    let interrupt = Interrupt::install(
+        "train",
+        FirstSignal::Stop("saving a checkpoint after this step"),
+    )?;
     let options = TrainOptions {
         model: args.model,
         data: args.data,
@@ -74,7 +78,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         resume: args.resume,
         strict: args.strict,
         stop_after: args.stop_after,
-        interrupt: super::interrupt::install("train", "saving a checkpoint after this step")?,
+        interrupt: interrupt.flag(),
         progress: true,
     };
     // Before the ranks join, so that each refuses bad inputs on its own.
@@ -87,7 +91,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if !main && !summary.interrupted {
         return Ok(());
     }
-    report(&summary)
+    report(&summary, &interrupt)
 }
 
 /// The run's settings: the run file, `--method`, `--set` and the flags, merged and checked.
@@ -108,7 +112,7 @@ fn run_config(args: &TrainArgs) -> Result<RunConfig> {
 }
 
 /// Where the run ended: the adapter file, or the checkpoint to resume from.
-fn report(summary: &TrainSummary) -> Result<()> {
+fn report(summary: &TrainSummary, interrupt: &Interrupt) -> Result<()> {
     match (&summary.adapter, &summary.checkpoint) {
         (Some(adapter), _) => println!(
             "trained {} parameters for {} steps; adapter file: {}",
@@ -117,18 +121,14 @@ fn report(summary: &TrainSummary) -> Result<()> {
             adapter.display()
         ),
         (None, checkpoint) if summary.interrupted => {
-            return Err(Interrupted {
-                command: "train",
-                resume: format!(
-                    "resume with --resume (stopped at step {}{})",
-                    summary.step,
-                    checkpoint
-                        .as_ref()
-                        .map(|c| format!("; checkpoint {}", c.display()))
-                        .unwrap_or_default()
-                ),
-            }
-            .into())
+            return Err(interrupt.stopped(format!(
+                "interrupted, resume with --resume (stopped at step {}{})",
+                summary.step,
+                checkpoint
+                    .as_ref()
+                    .map(|c| format!("; checkpoint {}", c.display()))
+                    .unwrap_or_default()
+            )))
         }
         (None, Some(ckpt)) => println!(
             "stopped at step {}; checkpoint: {}",

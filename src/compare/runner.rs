@@ -25,6 +25,7 @@ use crate::error::SettingsError;
 use crate::model::source::ModelFiles;
 use crate::schedulers::SchedulerKind;
 use crate::util::fs::write_atomic_str;
+use crate::util::progress::Progress;
 use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -321,12 +322,22 @@ impl<'a> Study<'a> {
         let weights = self.on_main(|| ScorerWeights::choose(eval, &self.layout.eval()))?;
         let scorer = Scorer::new(eval, self.device, weights)?;
         let reference_key = format!("{}|{}|test|{}", scorer.identity, target.key, test.len());
+        let visible = self.opts.progress && self.group.is_main();
+        let progress = Progress::new(
+            "compare scoring",
+            rows.len() as u64 + 1,
+            "image sets",
+            visible,
+        );
         let reference = scorer.reference(
             test,
             &self.layout.eval().join("reference-features.safetensors"),
             &reference_key,
             self.group,
         )?;
+        // The message names the image set just scored.
+        progress.set_message("test split".into());
+        progress.inc(1);
         let mut scores = Vec::new();
         for (row, sampled) in rows.iter().zip(sampled) {
             let key = json!({
@@ -352,7 +363,10 @@ impl<'a> Study<'a> {
                 }
             };
             scores.extend(score.map(|score| (row.name.clone(), score)));
+            progress.set_message(row.label.clone());
+            progress.inc(1);
         }
+        progress.finish_and_clear();
         if !self.group.is_main() {
             return Ok(None);
         }

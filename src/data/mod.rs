@@ -188,6 +188,43 @@ impl Default for DatasetOptions {
     }
 }
 
+/// An entry of a dataset folder that its listing leaves out, and why. Caches list these with the
+/// images that failed to decode, so nothing in a dataset folder is left out without a word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEntry {
+    pub path: PathBuf,
+    pub reason: SkipReason,
+}
+
+/// Why a [`SkippedEntry`] was left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A folder where the layout reads images (or, in a kohya root, `N_name` folders).
+    Folder,
+    /// Its metadata could not be read: a symlink loop, a dangling link, no permission.
+    Unreadable(String),
+    /// An image format difftune does not decode (its lower-case extension).
+    UnsupportedFormat(String),
+    /// Named as an image but not a regular file (a FIFO, a socket, a device).
+    NotAFile,
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Folder => f.write_str(
+                "a folder, not an image (images are read from the dataset folder and its N_name folders)",
+            ),
+            Self::Unreadable(error) => write!(f, "unreadable ({error})"),
+            Self::UnsupportedFormat(ext) => write!(
+                f,
+                "a .{ext} image, a format difftune does not read (convert it to .png, .jpg or .webp)"
+            ),
+            Self::NotAFile => f.write_str("not a regular file"),
+        }
+    }
+}
+
 /// The listing of one split of a dataset, in a deterministic order.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -198,6 +235,9 @@ pub struct Dataset {
     /// Empty for datasets without classes.
     pub classes: Vec<Class>,
     pub samples: Vec<Sample>,
+    /// Entries of the folder the listing left out (kohya folders; the other layouts name their
+    /// images in metadata, and an unusable one is skipped when it fails to decode).
+    pub skipped: Vec<SkippedEntry>,
 }
 
 impl Dataset {

@@ -16,8 +16,8 @@ use crate::dist::ProcessGroup;
 use crate::error::SettingsError;
 use crate::model::source::ModelFiles;
 use crate::peft::Tuned;
+use crate::util::progress::Progress;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use indicatif::ProgressBar;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -589,7 +589,7 @@ impl<'a> Trainer<'a> {
 /// no files).
 struct RunLog {
     files: Option<(MetricsLog, TensorBoardLog)>,
-    bar: ProgressBar,
+    bar: Progress,
 }
 
 impl RunLog {
@@ -602,18 +602,9 @@ impl RunLog {
             )),
             false => None,
         };
-        let bar = match opts.progress && main {
-            true => ProgressBar::new(opts.config.train.steps as u64),
-            false => ProgressBar::hidden(),
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} loss {msg} {per_sec} ETA {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar.set_position(resumed_at as u64);
-        bar.reset_eta();
+        let steps = opts.config.train.steps as u64;
+        let bar = Progress::new("train", steps, "steps", opts.progress && main);
+        bar.start_at(resumed_at as u64);
         Ok(Self { files, bar })
     }
 
@@ -622,7 +613,7 @@ impl RunLog {
             metrics.append(step)?;
             tensorboard.scalars(step.step, &step.scalars())?;
         }
-        self.bar.set_message(format!("{:.4}", step.loss));
+        self.bar.set_message(format!("loss {:.4}", step.loss));
         self.bar.set_position(step.step as u64);
         Ok(())
     }
