@@ -1,7 +1,7 @@
 use super::dist_check::DistArgs;
 use crate::dist::ProcessGroup;
 use crate::train::config::RunConfig;
-use crate::train::{train_in, TrainOptions, TrainSummary};
+use crate::train::{train_in, Resume, TrainOptions, TrainSummary};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -32,6 +32,10 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in OUT.
     #[arg(long)]
     pub resume: bool,
+    /// Continue from this checkpoint of OUT (`step-00000012`, or its step), setting the newer
+    /// ones aside (`step-N.abandoned`): after a divergence that a lower learning rate did not fix.
+    #[arg(long, value_name = "CHECKPOINT", value_parser = crate::train::checkpoint::parse_step)]
+    pub resume_from: Option<usize>,
     /// Optimizer steps (train.steps).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -72,7 +76,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             cache: args.cache,
             out: args.out.clone(),
             config,
-            resume: args.resume,
+            resume: match (args.resume_from, args.resume) {
+                (Some(step), _) => Resume::From(step),
+                (None, true) => Resume::Newest,
+                (None, false) => Resume::No,
+            },
             strict: args.strict,
             stop_after: args.stop_after,
             interrupt,

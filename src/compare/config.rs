@@ -380,8 +380,19 @@ impl CompareConfig {
                     m.name
                 );
             }
-            crate::peft::method_from_settings(&m.name, &toml::Value::Table(m.settings.clone()))?;
-            m.train_config(&self.train)?;
+            let method = crate::peft::method_from_settings(
+                &m.name,
+                &toml::Value::Table(m.settings.clone()),
+            )?;
+            let train = m.train_config(&self.train)?;
+            crate::peft::formats::check_exports(method.as_ref(), &train.export).with_context(
+                || {
+                    format!(
+                        "train.export of method `{}` (set it in that method's `train` table)",
+                        m.name
+                    )
+                },
+            )?;
         }
         if let Some(pretrain) = &self.pretrain {
             if self.data.source != DataSource::Synthetic {

@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
 
@@ -180,40 +181,119 @@ pub fn load_into(vs: &nn::VarStore, files: &[PathBuf], opts: &LoadOptions) -> Re
     Ok(())
 }
 
-/// Writes named tensors as safetensors, atomically (temp file + rename). `metadata` goes into the
-/// file header.
+/// Writes named tensors as safetensors, atomically (temp file + rename), each in its own kind.
+/// `metadata` goes into the file header. See [`write_safetensors`].
 pub fn save_tensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let mut owned = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.to_device(tch::Device::Cpu).contiguous();
-        let dtype = dtype_of(t.kind())?;
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        let numel = t.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, numel)?;
-        owned.push((name.clone(), dtype, shape, bytes));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
-        .iter()
-        .map(|(n, d, s, b)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata)?;
-    crate::util::fs::write_atomic(path, &bytes)
+    write_safetensors(path, tensors, Tensor::kind, metadata).map(|_| ())
 }
 
-/// Reads the `__metadata__` header of a safetensors file.
+/// Bytes of a tensor converted and copied out at a time while writing.
+const WRITE_CHUNK_BYTES: usize = 16 << 20;
+
+/// Writes named tensors as safetensors, atomically, each stored as the kind `stored_kind` gives
+/// it; returns the file's SHA-256 (hex). The header comes first, from the shapes and kinds; then
+/// each tensor's bytes are streamed to the file, moved to the CPU and converted a piece
+/// ([`WRITE_CHUNK_BYTES`]) at a time, so that writing adds about one piece to the memory in use
+/// (a whole tensor only for one that is not contiguous), however large the file. Tensors are laid
+/// out as `safetensors::serialize` lays them out (by kind, widest first, then by name), so the
+/// bytes are the same as its.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    stored_kind: impl Fn(&Tensor) -> Kind,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<String> {
+    let mut order: Vec<(Dtype, &str, &Tensor, Kind)> = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let kind = stored_kind(tensor);
+        let dtype = dtype_of(kind).with_context(|| format!("tensor `{name}`"))?;
+        order.push((dtype, name, tensor, kind));
+    }
+    order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    if let Some(pair) = order.windows(2).find(|w| w[0].1 == w[1].1) {
+        bail!("two tensors named `{}` to write", pair[0].1);
+    }
+    let header = header_bytes(&order, metadata)?;
+    crate::util::fs::write_atomic_streamed(path, |out| {
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        let mut buffer = Vec::new();
+        tch::no_grad(|| {
+            for (_, name, tensor, kind) in &order {
+                write_tensor_bytes(out, tensor, *kind, &mut buffer)
+                    .with_context(|| format!("tensor `{name}`"))?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// The safetensors JSON header of `tensors` (in file order), padded with spaces to a multiple of
+/// 8 bytes as the format's writers do.
+fn header_bytes(
+    tensors: &[(Dtype, &str, &Tensor, Kind)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(tensors.len());
+    for (dtype, name, tensor, kind) in tensors {
+        let bytes = tensor.numel() * kind.elt_size_in_bytes();
+        infos.push((
+            name.to_string(),
+            safetensors::tensor::TensorInfo {
+                dtype: *dtype,
+                shape: tensor.size().iter().map(|&d| d as usize).collect(),
+                data_offsets: (offset, offset + bytes),
+            },
+        ));
+        offset += bytes;
+    }
+    let header = safetensors::tensor::Metadata::new(metadata, infos)?;
+    let mut bytes = serde_json::to_vec(&header)?;
+    bytes.resize(bytes.len().next_multiple_of(8), b' ');
+    Ok(bytes)
+}
+
+/// Streams the values of `tensor`, as `kind` in row-major order, to `out` a piece at a time
+/// through `buffer`.
+fn write_tensor_bytes(
+    out: &mut dyn Write,
+    tensor: &Tensor,
+    kind: Kind,
+    buffer: &mut Vec<u8>,
+) -> Result<()> {
+    let numel = tensor.numel();
+    if numel == 0 {
+        return Ok(());
+    }
+    // A view unless the tensor is not contiguous (e.g. channels-last): then its one copy.
+    let flat = tensor.detach().contiguous().reshape([-1]);
+    let element = kind.elt_size_in_bytes();
+    let per_chunk = (WRITE_CHUNK_BYTES / element).max(1);
+    let mut start = 0;
+    while start < numel {
+        let len = per_chunk.min(numel - start);
+        // Views of a CPU tensor of the stored kind; a piece-sized copy otherwise.
+        let piece = flat
+            .narrow(0, start as i64, len as i64)
+            .f_to_kind(kind)?
+            .f_to_device(tch::Device::Cpu)?;
+        buffer.resize(len * element, 0);
+        piece.f_copy_data_u8(buffer, len)?;
+        out.write_all(buffer)?;
+        start += len;
+    }
+    Ok(())
+}
+
+/// Reads the `__metadata__` header of a safetensors file (mapping it: the tensors are not read).
 pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
+    let file = MappedSafetensors::open(path)?;
+    let (_, meta) = SafeTensors::read_metadata(&file.mmap)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     Ok(meta.metadata().clone().unwrap_or_default())
 }

@@ -100,6 +100,12 @@ pub trait TuningMethod: Identity + std::fmt::Debug + Send + Sync {
         ))
     }
 
+    /// The other tools' adapter formats this method, with these settings, can be written in, each
+    /// with its writer: [`formats::export`] refuses any other, naming these. None by default.
+    fn exports(&self) -> Vec<(formats::AdapterFormat, formats::ExportFn)> {
+        Vec::new()
+    }
+
     /// Folds an adapter's tensors into the weights of a plain (not yet adapted) base U-Net, so the
     /// result needs no extension at inference.
     fn merge(

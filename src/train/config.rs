@@ -7,6 +7,7 @@ use super::ema::EmaSettings;
 use super::optim::{AdamWConfig, LrSchedule};
 use crate::data::captions::CaptionOptions;
 use crate::data::images::{ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
+use crate::peft::formats::AdapterFormat;
 use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -139,6 +140,13 @@ pub struct TrainConfig {
     /// `--set ema.decay=0.999`), kept in checkpoints and saved as the adapter file. Default off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaSettings>,
+    /// Other tools' formats the adapter file is also written in at the end of a run, beside it
+    /// (`adapter-kohya.safetensors`, `adapter-diffusers/`, `adapter-peft/`): `kohya` for ComfyUI
+    /// and A1111, `diffusers` for `load_lora_weights`, `peft` for `PeftModel`; e.g.
+    /// `export = ["kohya"]`. The method must be able to go to each (LoRA: all three; DoRA: not
+    /// kohya). Default none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub export: Vec<AdapterFormat>,
 }
 
 impl Default for TrainConfig {
@@ -184,6 +192,7 @@ impl Default for TrainConfig {
             validation_steps: 25,
             validation_guidance: 7.5,
             ema: None,
+            export: Vec::new(),
         }
     }
 }
@@ -259,7 +268,7 @@ impl TrainConfig {
 
     /// These settings with those a resumed run may change reset: they do not change what is
     /// trained (how long it runs, how often it saves, how many checkpoints it keeps, the device,
-    /// the memory layout, validation), or they set how fast it moves, which a run that diverged
+    /// the memory layout, validation, the formats exported at the end), or they set how fast it moves, which a run that diverged
     /// resumes with changed (learning rate, its schedule and warm-up, gradient clipping).
     pub fn trajectory(&self) -> Self {
         let defaults = Self::default();
@@ -280,10 +289,15 @@ impl TrainConfig {
             validation_scheduler: defaults.validation_scheduler,
             validation_steps: defaults.validation_steps,
             validation_guidance: defaults.validation_guidance,
+            export: Vec::new(),
             ..self.clone()
         }
     }
 }
+
+/// `[train]` settings that a written run file leaves out while they are unset, so that a bare
+/// `--set KEY=...` finds them although the table of the current settings lacks them.
+const UNSET_TRAIN_KEYS: [&str; 2] = ["ema", "export"];
 
 /// The `[method]` table: `name` picks the tuning method, the other keys are its settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -344,7 +358,9 @@ impl RunConfig {
             let (target, value) = match (key.as_str(), value) {
                 ("train", toml::Value::Table(t)) => (&mut train, t),
                 ("method", toml::Value::Table(t)) => (&mut method, t),
-                (_, value) if train.contains_key(&key) => {
+                (_, value)
+                    if train.contains_key(&key) || UNSET_TRAIN_KEYS.contains(&key.as_str()) =>
+                {
                     (&mut train, toml::Table::from_iter([(key, value)]))
                 }
                 (_, value) => (&mut method, toml::Table::from_iter([(key, value)])),
@@ -358,5 +374,22 @@ impl RunConfig {
             .try_into()
             .context("applying --set overrides to the [train] settings")?;
         self.train.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_keys_of_unset_train_settings_go_to_train() {
+        let mut config = RunConfig::for_method("lora");
+        let pairs = ["export=[\"kohya\"]", "ema.decay=0.99", "rank=8"].map(String::from);
+        config
+            .apply_overrides(crate::peft::parse_set_pairs(&pairs).unwrap())
+            .unwrap();
+        assert_eq!(config.train.export, [AdapterFormat::Kohya]);
+        assert_eq!(config.train.ema.unwrap().decay, 0.99);
+        assert_eq!(config.method.settings["rank"].as_integer(), Some(8));
     }
 }
