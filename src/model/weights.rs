@@ -1,7 +1,7 @@
 //! Loading and saving safetensors state dicts into tch VarStores, strictly: every variable must
 //! be present with the right shape, and unknown tensors are an error, so a wrong file never makes
 //! a silently wrong model.
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -77,6 +77,192 @@ pub fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<Tens
         &shape,
         kind_of(view.dtype())?,
     )?)
+}
+
+/// Tensors by name, read when asked for: a map's are at hand, a file's ([`SafetensorsFile`]) are
+/// read from it when asked for, and copied into another tensor a piece at a time, so that reading
+/// a file into other tensors (a checkpoint into a run) adds about one piece to the memory in use.
+pub trait NamedTensors {
+    /// The name and shape of every tensor.
+    fn shapes(&self) -> BTreeMap<String, Vec<i64>>;
+
+    /// The tensor called `name` (on the CPU for a file's), if there is one.
+    fn read(&self, name: &str) -> Result<Option<Tensor>>;
+
+    /// Copies the tensor called `name` into `dest` (of its shape; any kind and device); false
+    /// when there is no such tensor.
+    fn read_into(&self, name: &str, dest: &mut Tensor) -> Result<bool> {
+        let Some(t) = self.read(name)? else {
+            return Ok(false);
+        };
+        tch::no_grad(|| dest.f_copy_(&t))?;
+        Ok(true)
+    }
+}
+
+impl NamedTensors for BTreeMap<String, Tensor> {
+    fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
+        self.iter().map(|(n, t)| (n.clone(), t.size())).collect()
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.get(name).map(Tensor::shallow_clone))
+    }
+}
+
+/// A tensor of a [`SafetensorsFile`]: its kind and shape, and its bytes' offset and length.
+struct Located {
+    kind: Kind,
+    shape: Vec<i64>,
+    at: u64,
+    len: usize,
+}
+
+/// A safetensors file read with plain reads (never mapped, so none of it counts as the process's
+/// memory): its header at once, each tensor when asked for.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Where the tensors' bytes start.
+    data_start: u64,
+    header: safetensors::tensor::Metadata,
+}
+
+impl SafetensorsFile {
+    /// Opens `path` and checks its header, and that the file holds every byte it announces.
+    pub fn open(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let invalid = || format!("{} is not a valid safetensors file", path.display());
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).with_context(invalid)?;
+        let header_len = u64::from_le_bytes(len);
+        ensure!(header_len <= 100_000_000, "{}: header too large", invalid());
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).with_context(invalid)?;
+        let header: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).with_context(invalid)?;
+        let data_start = 8 + header_len;
+        let size = file.metadata()?.len();
+        let expected = data_start + header.data_len() as u64;
+        ensure!(
+            size == expected,
+            "{}: {size} bytes where its header announces {expected} (truncated?)",
+            invalid()
+        );
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            data_start,
+            header,
+        })
+    }
+
+    /// Where the tensor `name` is in the file, and what it is.
+    fn locate(&self, name: &str) -> Result<Option<Located>> {
+        let Some(info) = self.header.info(name) else {
+            return Ok(None);
+        };
+        let (begin, end) = info.data_offsets;
+        Ok(Some(Located {
+            kind: kind_of(info.dtype)?,
+            shape: info.shape.iter().map(|&d| d as i64).collect(),
+            at: self.data_start + begin as u64,
+            len: end - begin,
+        }))
+    }
+
+    fn read_bytes(&self, at: u64, bytes: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .read_exact_at(bytes, at)
+            .with_context(|| format!("reading {}", self.path.display()))
+    }
+}
+
+impl NamedTensors for SafetensorsFile {
+    fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
+        self.header
+            .tensors()
+            .into_iter()
+            .map(|(n, info)| (n, info.shape.iter().map(|&d| d as i64).collect()))
+            .collect()
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(Located {
+            kind,
+            shape,
+            at,
+            len,
+        }) = self.locate(name)?
+        else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0u8; len];
+        self.read_bytes(at, &mut bytes)?;
+        Ok(Some(Tensor::f_from_data_size(&bytes, &shape, kind)?))
+    }
+
+    /// A piece ([`WRITE_CHUNK_BYTES`]) at a time into a contiguous `dest`; a whole tensor at once
+    /// into any other.
+    fn read_into(&self, name: &str, dest: &mut Tensor) -> Result<bool> {
+        let Some(Located {
+            kind,
+            shape,
+            at,
+            len,
+        }) = self.locate(name)?
+        else {
+            return Ok(false);
+        };
+        ensure!(
+            dest.size() == shape,
+            "{}: tensor `{name}` has shape {shape:?}, not {:?}",
+            self.path.display(),
+            dest.size()
+        );
+        if !dest.is_contiguous() {
+            let whole = self.read(name)?.context("located above")?;
+            tch::no_grad(|| dest.f_copy_(&whole))?;
+            return Ok(true);
+        }
+        let flat = dest.reshape([-1]);
+        let element = kind.elt_size_in_bytes();
+        let per_chunk = (WRITE_CHUNK_BYTES / element).max(1);
+        let mut buffer = Vec::new();
+        let mut start = 0;
+        while start * element < len {
+            let n = per_chunk.min(len / element - start);
+            buffer.resize(n * element, 0);
+            self.read_bytes(at + (start * element) as u64, &mut buffer)?;
+            let piece = Tensor::f_from_data_size(&buffer, &[n as i64], kind)?;
+            tch::no_grad(|| flat.narrow(0, start as i64, n as i64).f_copy_(&piece))?;
+            start += n;
+        }
+        Ok(true)
+    }
+}
+
+/// The tensors of `inner` whose names start with `prefix`, by their names without it.
+pub struct Prefixed<'a, T: NamedTensors> {
+    pub inner: &'a T,
+    pub prefix: &'a str,
+}
+
+impl<T: NamedTensors> NamedTensors for Prefixed<'_, T> {
+    fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
+        self.inner
+            .shapes()
+            .into_iter()
+            .filter_map(|(n, s)| Some((n.strip_prefix(self.prefix)?.to_string(), s)))
+            .collect()
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Tensor>> {
+        self.inner.read(&format!("{}{name}", self.prefix))
+    }
 }
 
 /// Reads every tensor of a safetensors file onto the CPU, in its stored kind.

@@ -17,6 +17,7 @@
 //! (difftune, peft, diffusers or kohya files), or `merge::merge_adapter` to bake it in.
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::visit::{ModuleMut, VisitModules};
+use crate::model::weights::NamedTensors;
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -319,23 +320,23 @@ pub(crate) fn nested<'a>(root: &nn::Path<'a>, dotted: &str) -> nn::Path<'a> {
 /// Checks that `tensors` holds exactly the tensors named in `expected`, each with its shape.
 pub(crate) fn check_tensor_shapes(
     expected: &[(String, Vec<i64>)],
-    tensors: &BTreeMap<String, Tensor>,
+    tensors: &impl NamedTensors,
     source: &str,
 ) -> Result<()> {
+    let shapes = tensors.shapes();
     for (name, shape) in expected {
-        let Some(t) = tensors.get(name) else {
+        let Some(found) = shapes.get(name) else {
             bail!("{source} has no tensor `{name}`, which the method with these settings needs");
         };
-        if &t.size() != shape {
+        if found != shape {
             bail!(
-                "tensor `{name}` in {source} has shape {:?} but the method with these settings expects {shape:?} \
-                 (an adapter for another rank, length or base model?)",
-                t.size()
+                "tensor `{name}` in {source} has shape {found:?} but the method with these settings expects {shape:?} \
+                 (an adapter for another rank, length or base model?)"
             );
         }
     }
     let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let extra: Vec<String> = tensors
+    let extra: Vec<String> = shapes
         .keys()
         .filter(|k| !known.contains(k.as_str()))
         .map(|k| format!("`{k}`"))
@@ -389,10 +390,11 @@ pub(crate) fn merge_own_variables(
     copy_named(&trained, tensors, source)
 }
 
-/// Copies `tensors` into the trained tensors of the same names, after checking names and shapes.
+/// Copies `tensors` into the trained tensors of the same names, after checking names and shapes;
+/// a file's tensors are read one at a time.
 pub(crate) fn copy_named(
     trained: &[(String, Tensor)],
-    tensors: &BTreeMap<String, Tensor>,
+    tensors: &impl NamedTensors,
     source: &str,
 ) -> Result<()> {
     let expected: Vec<(String, Vec<i64>)> =
@@ -400,9 +402,8 @@ pub(crate) fn copy_named(
     check_tensor_shapes(&expected, tensors, source)?;
     tch::no_grad(|| {
         for (name, t) in trained {
-            let src = &tensors[name];
-            t.shallow_clone()
-                .f_copy_(&src.to_device(t.device()).to_kind(t.kind()))
+            tensors
+                .read_into(name, &mut t.shallow_clone())
                 .with_context(|| format!("copying tensor `{name}` from {source}"))?;
         }
         Ok(())

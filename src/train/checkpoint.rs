@@ -10,7 +10,7 @@
 //! used, and newer ones that fail are moved aside (`rejected-step-NNNNNNNN`) with a message naming
 //! each and why. A checkpoint without `SHA256SUMS` (written before checkpoints carried checksums)
 //! is refused the same way; writing its `SHA256SUMS` by hand vouches for it.
-use crate::model::weights::{read_all, write_safetensors};
+use crate::model::weights::{read_all, write_safetensors, SafetensorsFile};
 use crate::util::fs::{
     read_json, replace_dir, sha256_file, sync_dir, write_atomic_str, write_atomic_streamed,
 };
@@ -67,6 +67,17 @@ impl Checkpoint {
 
     pub fn optimizer(&self) -> Result<BTreeMap<String, Tensor>> {
         read_all(&self.dir.join(OPTIMIZER_FILE))
+    }
+
+    /// The trained tensors' file, its tensors read into the run's a piece at a time
+    /// ([`crate::model::weights::NamedTensors`]).
+    pub fn trainable_file(&self) -> Result<SafetensorsFile> {
+        SafetensorsFile::open(&self.dir.join(TRAINABLE_FILE))
+    }
+
+    /// The optimizer's (and the EMA's) file, read as [`Checkpoint::trainable_file`].
+    pub fn optimizer_file(&self) -> Result<SafetensorsFile> {
+        SafetensorsFile::open(&self.dir.join(OPTIMIZER_FILE))
     }
 
     /// Opens the checkpoint in `dir`, or says why it cannot be trusted.

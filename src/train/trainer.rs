@@ -15,6 +15,7 @@ use super::tensorboard::TensorBoardLog;
 use super::validation::{TrainedUnet, Validation};
 use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
+use crate::model::weights::Prefixed;
 use crate::peft::file::AdapterFile;
 use crate::peft::{formats, Tuned};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -278,18 +279,15 @@ impl<'a> Trainer<'a> {
         );
         checkpoint::ensure_compatible(&found.state, &self.checkpoint_state(found.state.step))
             .with_context(|| format!("refusing to resume from {source}"))?;
-        crate::peft::copy_named(&self.tuned.trained, &found.trainable()?, &source)?;
-        let (ema_state, optimizer_state): (BTreeMap<_, _>, BTreeMap<_, _>) = found
-            .optimizer()?
-            .into_iter()
-            .map(|(k, v)| (k, v.to_device(self.device)))
-            .partition(|(k, _)| k.starts_with(EMA_PREFIX));
-        self.optimizer.load_state(&optimizer_state)?;
+        // Each file's tensors are read one at a time, straight into the run's.
+        crate::peft::copy_named(&self.tuned.trained, &found.trainable_file()?, &source)?;
+        let state = found.optimizer_file()?;
+        self.optimizer.load_state(&state)?;
         if let Some(ema) = &mut self.ema {
-            let ema_state: BTreeMap<String, Tensor> = ema_state
-                .into_iter()
-                .map(|(k, v)| (k[EMA_PREFIX.len()..].to_string(), v))
-                .collect();
+            let ema_state = Prefixed {
+                inner: &state,
+                prefix: EMA_PREFIX,
+            };
             ema.restore(&ema_state, found.state.step)
                 .with_context(|| format!("{source}: restoring the EMA"))?;
         }
