@@ -665,6 +665,96 @@ fn each_method_names_the_formats_it_can_go_to() {
     check_exports(method("lora", "").as_ref(), &AdapterFormat::ALL).unwrap();
 }
 
+/// `difftune export` on `adapter` as `format` to `out`: whether it succeeded, and stderr.
+fn export_cli(adapter: &Path, format: &str, out: &Path) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args(["export", "--adapter", adapter.to_str().unwrap()])
+        .args(["--format", format, "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.success(), stderr)
+}
+
+#[test]
+fn export_writes_each_format_and_refuses_what_it_cannot_write_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tiny = Tiny::new();
+    let params = nn::VarStore::new(Device::Cpu);
+    let lora = method("lora", "alpha = 8");
+    let (trained, expected) = adapted(&mut tiny, &params, lora.as_ref());
+    let adapter = tmp.path().join("adapter.safetensors");
+    save_adapter(&adapter, lora.as_ref(), &trained, &tiny.identity).unwrap();
+    for (format, out) in [
+        ("kohya", "lora.safetensors"),
+        ("diffusers", "diffusers"),
+        ("peft", "peft"),
+    ] {
+        let out = tmp.path().join(out);
+        let (ok, stderr) = export_cli(&adapter, format, &out);
+        assert!(ok, "{format}: {stderr}");
+        let mut user = Tiny::new();
+        let imported = read_adapter(&out, &user.vs).unwrap();
+        imported
+            .attach(&mut user.unet, &user.vs, &user.identity)
+            .unwrap();
+        assert!(relative_l2(&user.output(), &expected) <= 1e-6, "{format}");
+        let (ok, stderr) = export_cli(&adapter, format, &out);
+        assert!(
+            !ok && stderr.contains("already exists"),
+            "{format}: {stderr}"
+        );
+    }
+    let (ok, stderr) = export_cli(&adapter, "kohya", &tmp.path().join("lora.bin"));
+    assert!(
+        !ok && stderr.contains("name it NAME.safetensors"),
+        "{stderr}"
+    );
+
+    let mut other = Tiny::new();
+    let full = method("full", "");
+    let (trained, _) = adapted(&mut other, &params, full.as_ref());
+    let full_adapter = tmp.path().join("full.safetensors");
+    save_adapter(&full_adapter, full.as_ref(), &trained, &other.identity).unwrap();
+    let refused = tmp.path().join("full-kohya.safetensors");
+    let (ok, stderr) = export_cli(&full_adapter, "kohya", &refused);
+    assert!(
+        !ok && stderr.contains("a `full` adapter") && stderr.contains("none of them"),
+        "{stderr}"
+    );
+    let (ok, stderr) = export_cli(
+        &tmp.path().join("lora.safetensors"),
+        "peft",
+        &tmp.path().join("x"),
+    );
+    assert!(
+        !ok && stderr.contains("has no difftune sidecar"),
+        "{stderr}"
+    );
+    let (ok, stderr) = export_cli(&adapter, "lycoris", &tmp.path().join("x"));
+    assert!(
+        !ok && stderr.contains("possible values: kohya, diffusers, peft"),
+        "{stderr}"
+    );
+    let mut written: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".json"))
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            "adapter.safetensors",
+            "diffusers",
+            "full.safetensors",
+            "lora.safetensors",
+            "peft"
+        ],
+        "nothing is written for a refused export"
+    );
+}
+
 #[test]
 fn merged_unets_compute_what_the_adapters_compute() {
     let tmp = tempfile::tempdir().unwrap();
