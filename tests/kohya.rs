@@ -13,7 +13,7 @@ use difftune::model::tokenizer::ClipTokenizer;
 use difftune::train::config::{DeviceChoice, RunConfig};
 use difftune::train::metrics::MetricsLog;
 use difftune::train::trainer::METRICS_FILE;
-use difftune::train::{train, TrainOptions, TrainSummary};
+use difftune::train::{train, Resume, TrainOptions, TrainSummary};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -522,7 +522,7 @@ fn training_with_buckets_flips_and_caption_variants_resumes_exactly() {
         cache: Some(fx.root.join("cache")),
         out: fx.root.join(out),
         config: config.clone(),
-        resume: false,
+        resume: Resume::No,
         strict: false,
         stop_after: None,
         interrupt: Arc::new(AtomicBool::new(false)),
@@ -540,7 +540,7 @@ fn training_with_buckets_flips_and_caption_variants_resumes_exactly() {
     first.stop_after = Some(3);
     assert_eq!(train(&first).unwrap().step, 3);
     let mut rest = options("parts");
-    rest.resume = true;
+    rest.resume = Resume::Newest;
     let resumed = train(&rest).unwrap();
     assert!(resumed.finished && resumed.step == 6);
     let bytes = |s: &TrainSummary| std::fs::read(s.adapter.as_ref().unwrap()).unwrap();

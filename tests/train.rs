@@ -11,7 +11,7 @@ use difftune::train::metrics::MetricsLog;
 use difftune::train::optim::AdamW;
 use difftune::train::step::{attach_method, forward_backward, Objective, StepInputs};
 use difftune::train::trainer::{latest_trainable, METRICS_FILE};
-use difftune::train::{train, TrainSummary};
+use difftune::train::{train, Resume, TrainSummary};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use tiny_run::{serial, TinyRun};
@@ -122,7 +122,7 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let part: TrainSummary = train(&first).unwrap();
     assert!(!part.finished && part.step == 4 && part.adapter.is_none());
     let mut rest = fx.options(config.clone(), "parts");
-    rest.resume = true;
+    rest.resume = Resume::Newest;
     let resumed = train(&rest).unwrap();
     assert!(resumed.finished && resumed.step == 9);
 
@@ -151,11 +151,11 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 
     // A checkpoint is never continued with other settings.
     let mut other = fx.options(fx.config("bitfit", 12, 1e-3), "parts");
-    other.resume = true;
+    other.resume = Resume::Newest;
     let err = format!("{:#}", train(&other).unwrap_err());
     assert!(err.contains("training settings differ"), "{err}");
     let mut other_method = fx.options(fx.config("full", 12, 1e-3), "parts");
-    other_method.resume = true;
+    other_method.resume = Resume::Newest;
     let err = format!("{:#}", train(&other_method).unwrap_err());
     assert!(err.contains("method `bitfit`"), "{err}");
     // Nor is an existing run silently overwritten.
@@ -605,7 +605,7 @@ fn tensorboard_log_holds_every_step_once_after_a_resume_and_the_validation_image
     first.stop_after = Some(3);
     train(&first).unwrap();
     let mut resumed = fx.options(config, "tb");
-    resumed.resume = true;
+    resumed.resume = Resume::Newest;
     train(&resumed).unwrap();
 
     let out = fx.root.join("tb");
@@ -667,7 +667,7 @@ fn ema_is_the_average_of_the_steps_resumes_exactly_and_is_the_adapter() {
     first.stop_after = Some(2);
     train(&first).unwrap();
     let mut resumed = fx.options(config.clone(), "ema-resumed");
-    resumed.resume = true;
+    resumed.resume = Resume::Newest;
     train(&resumed).unwrap();
     let adapter = |run: &str| std::fs::read(fx.root.join(run).join("adapter.safetensors")).unwrap();
     assert!(

@@ -3,7 +3,7 @@ use super::interrupt::{FirstSignal, Interrupt};
 use crate::dist::ProcessGroup;
 use crate::settings::train::{TrainFlags, TrainSources};
 use crate::train::config::RunConfig;
-use crate::train::{train_in, TrainOptions, TrainSummary};
+use crate::train::{train_in, Resume, TrainOptions, TrainSummary};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -34,6 +34,10 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in OUT.
     #[arg(long)]
     pub resume: bool,
+    /// Continue from this checkpoint of OUT (`step-00000012`, or its step), setting the newer
+    /// ones aside (`step-N.abandoned`): after a divergence that a lower learning rate did not fix.
+    #[arg(long, value_name = "CHECKPOINT", value_parser = crate::train::checkpoint::parse_step)]
+    pub resume_from: Option<usize>,
     /// Optimizer steps (train.steps).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -75,7 +79,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cache: args.cache,
         out: args.out.clone(),
         config,
-        resume: args.resume,
+        resume: match (args.resume_from, args.resume) {
+            (Some(step), _) => Resume::From(step),
+            (None, true) => Resume::Newest,
+            (None, false) => Resume::No,
+        },
         strict: args.strict,
         stop_after: args.stop_after,
         interrupt: interrupt.flag(),

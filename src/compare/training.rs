@@ -64,7 +64,10 @@ impl Study<'_> {
             cache: Some(self.cache_dir(job.data)),
             out: dir.clone(),
             config,
-            resume,
+            resume: match resume {
+                true => crate::train::Resume::Newest,
+                false => crate::train::Resume::No,
+            },
             strict: false,
             stop_after: None,
             interrupt: self.opts.interrupt.clone(),

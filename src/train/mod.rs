@@ -3,6 +3,7 @@
 pub mod batches;
 pub mod checkpoint;
 pub mod config;
+pub mod divergence;
 pub mod ema;
 pub mod metrics;
 pub mod optim;
@@ -14,4 +15,4 @@ pub mod trainer;
 pub mod validation;
 
 pub use config::{RunConfig, TrainConfig};
-pub use trainer::{train, train_in, TrainOptions, TrainSummary};
+pub use trainer::{train, train_in, Resume, TrainOptions, TrainSummary};
