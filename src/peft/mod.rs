@@ -25,14 +25,21 @@ use tch::{nn, Tensor};
 
 pub mod adapter;
 pub mod bitfit;
+pub mod difffit;
 pub mod file;
 pub mod formats;
 pub mod full;
 pub mod init;
+mod layer_update;
+pub mod loha;
+pub mod lokr;
 pub mod lora;
 pub mod merge;
+pub mod oft;
 pub mod pattern;
 pub mod prefix;
+pub mod svdiff;
+mod targets;
 mod tuned;
 
 pub use init::InitSeed;
@@ -138,6 +145,11 @@ pub const METHODS: &[Registration] = &[
     register::<lora::Lora>(),
     register::<prefix::Prefix>(),
     register::<bitfit::BitFit>(),
+    register::<loha::Loha>(),
+    register::<lokr::Lokr>(),
+    register::<oft::Oft>(),
+    register::<difffit::DiffFit>(),
+    register::<svdiff::SvDiff>(),
 ];
 
 fn build<M: TuningMethod + DeserializeOwned + 'static>(
