@@ -31,9 +31,9 @@ pub enum LoraFormat {
     Kohya,
 }
 
-const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
-const PEFT_CONFIG: &str = "adapter_config.json";
-const PEFT_PREFIX: &str = "base_model.model.";
+pub(crate) const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
+pub(crate) const PEFT_CONFIG: &str = "adapter_config.json";
+pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 const DIFFUSERS_WEIGHTS: &str = "pytorch_lora_weights.safetensors";
 const DIFFUSERS_PREFIX: &str = "unet.";
 const KOHYA_PREFIX: &str = "lora_unet_";
@@ -288,7 +288,7 @@ fn export_diffusers(layers: &[LoraLayer], dir: &Path) -> Result<()> {
     )
 }
 
-fn kohya_name(path: &str) -> String {
+pub(crate) fn kohya_name(path: &str) -> String {
     format!("{KOHYA_PREFIX}{}", path.replace('.', "_"))
 }
 
@@ -447,6 +447,9 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 fn import_peft(dir: &Path) -> Result<AdapterFile> {
+    if let Some(adapter) = super::lycoris::import_peft(dir)? {
+        return Ok(adapter);
+    }
     let config_path = dir.join(PEFT_CONFIG);
     let config: PeftConfig = crate::util::fs::read_json(&config_path).context("peft config")?;
     config
@@ -630,6 +633,9 @@ pub fn read_adapter(path: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> 
         .iter()
         .any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te"))
     {
+        if super::lycoris::is_lycoris(&names) {
+            return super::lycoris::import_kohya(path, unet_vs);
+        }
         return import_kohya(path, unet_vs);
     }
     if names

@@ -153,11 +153,13 @@ impl WeightUpdate for Hadamard {
 }
 
 impl Loha {
-    fn rank_for(&self, path: &str) -> Result<i64> {
+    /// The rank of the layer at `path`.
+    pub fn rank_for(&self, path: &str) -> Result<i64> {
         pattern_value(&self.rank_pattern, path, self.rank, "rank_pattern")
     }
 
-    fn alpha_for(&self, path: &str) -> Result<f64> {
+    /// The alpha of the layer at `path`.
+    pub fn alpha_for(&self, path: &str) -> Result<f64> {
         pattern_value(&self.alpha_pattern, path, self.alpha, "alpha_pattern")
     }
 

@@ -211,14 +211,19 @@ impl WeightUpdate for Kronecker {
 }
 
 impl Lokr {
+    /// The rank of the layer at `path`.
+    pub fn rank_for(&self, path: &str) -> Result<i64> {
+        pattern_value(&self.rank_pattern, path, self.rank, "rank_pattern")
+    }
+
+    /// The alpha of the layer at `path`.
+    pub fn alpha_for(&self, path: &str) -> Result<f64> {
+        pattern_value(&self.alpha_pattern, path, self.alpha, "alpha_pattern")
+    }
+
     fn plan(&self, target: &LayerTarget) -> Result<LokrLayer> {
-        let rank = pattern_value(&self.rank_pattern, &target.path, self.rank, "rank_pattern")?;
-        let alpha = pattern_value(
-            &self.alpha_pattern,
-            &target.path,
-            self.alpha,
-            "alpha_pattern",
-        )?;
+        let rank = self.rank_for(&target.path)?;
+        let alpha = self.alpha_for(&target.path)?;
         let out_split = factorization(target.outputs(), self.decompose_factor);
         let in_split = factorization(target.inputs(), self.decompose_factor);
         // peft compares the integer rank with a true division.

@@ -34,6 +34,7 @@ mod layer_update;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
+pub mod lycoris;
 pub mod merge;
 pub mod oft;
 pub mod pattern;
