@@ -195,7 +195,7 @@ impl Default for SyntheticSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MethodEntry {
-    /// The tuning method (`full`, `adapter`, `lora`, `prefix`, `bitfit`).
+    /// The tuning method: a registered name (`full`, `lora`, `loha`, `svdiff`, ...).
     pub name: String,
     /// Name in the report; default the study's name for the method.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,8 +3,9 @@ use super::config::CompareConfig;
 use anyhow::{bail, Context, Result};
 
 /// Name and text of every preset.
-pub const PRESETS: [(&str, &str); 2] = [
+pub const PRESETS: [(&str, &str); 3] = [
     ("tiny", include_str!("../../presets/tiny.toml")),
+    ("tiny-all", include_str!("../../presets/tiny-all.toml")),
     (
         "sd14-food101",
         include_str!("../../presets/sd14-food101.toml"),
@@ -35,6 +36,19 @@ mod tests {
             assert_eq!(preset(name).unwrap().name, name);
         }
         assert!(preset("sd15").is_err());
+    }
+
+    /// tiny-all is the tiny preset with every registered method.
+    #[test]
+    fn tiny_all_names_every_method_and_otherwise_is_tiny() {
+        let (tiny, all) = (preset("tiny").unwrap(), preset("tiny-all").unwrap());
+        let names: Vec<&str> = all.methods.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, crate::peft::method_names().collect::<Vec<_>>());
+        assert_eq!(all.methods[..tiny.methods.len()], tiny.methods[..]);
+        assert_eq!(
+            (all.train, all.pretrain, all.eval.must_improve),
+            (tiny.train, tiny.pretrain, tiny.eval.must_improve)
+        );
     }
 
     #[test]

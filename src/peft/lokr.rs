@@ -10,6 +10,7 @@
 //! - `W1` (or `W1a`) starts at zero, the rest Kaiming-uniform: the model starts as the base;
 //! - the scale is alpha / r even when both factors are full (peft's rule; LyCORIS files store
 //!   such layers with the scale folded in, see [`super::lycoris`]).
+//!
 //! peft's rank and module dropouts are not offered.
 //!
 //! Count on SD v1.4, study placement, r = 8: 34,448 (to_q of width 320: `W1` 16x16 plus `W2` as

@@ -194,18 +194,19 @@ impl Rotation {
         match self.cayley {
             CayleyForm::Exact => Tensor::linalg_solve(&(&eye + &skew), &(&eye - &skew), false),
             CayleyForm::Neumann => {
+                // A copy (the identity is an expanded view): the additions below are in place, as peft's.
                 let mut r = eye.contiguous();
                 if self.terms > 1 {
-                    r = r + &skew * 2.0;
+                    r += &skew * 2.0;
                 }
                 if self.terms > 2 {
                     let mut power = skew.bmm(&skew);
-                    r = r + &power * 2.0;
+                    r += &power * 2.0;
                     for _ in 3..self.terms - 1 {
                         power = power.bmm(&skew);
-                        r = r + &power * 2.0;
+                        r += &power * 2.0;
                     }
-                    r = r + power.bmm(&skew);
+                    r += power.bmm(&skew);
                 }
                 r
             }
