@@ -83,9 +83,17 @@ impl Spectrum {
     fn of(weight: &Tensor) -> Self {
         tch::no_grad(|| {
             let matrix = weight.to_kind(Kind::Float).reshape([weight.size()[0], -1]);
-            // torch.svd (reduced): linalg_svd's driver argument exists for CUDA only.
-            let (u, s, v) = matrix.svd(true, true);
-            Self { u, s, vt: v.tr() }
+            let (rows, cols) = (matrix.size()[0], matrix.size()[1]);
+            // torch.svd (reduced; linalg_svd's driver argument is CUDA-only). LAPACK decomposes a
+            // tall matrix several times faster than the same wide one (576x64: 6.6 ms against
+            // 47 ms on two cores), and most convolutions are wide: decompose `W^T = V s U^T`.
+            if rows < cols {
+                let (v, s, u) = matrix.tr().contiguous().svd(true, true);
+                Self { u, s, vt: v.tr() }
+            } else {
+                let (u, s, v) = matrix.svd(true, true);
+                Self { u, s, vt: v.tr() }
+            }
         })
     }
 }
