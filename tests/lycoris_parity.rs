@@ -181,6 +181,10 @@ fn adapters_round_trip_through_peft_and_lycoris_files() {
                 .unwrap()
         };
         let (ours, theirs) = (config(&peft_dir), config(&case_dir(case)));
+        // Every key difftune writes is one peft writes itself (its config classes take them).
+        for key in ours.as_object().unwrap().keys() {
+            assert!(theirs.get(key).is_some(), "{case}: peft writes no `{key}`");
+        }
         for key in [
             "peft_type",
             "r",
