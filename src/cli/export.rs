@@ -1,5 +1,5 @@
+use crate::peft::export::{check_exports, export, AdapterFormat};
 use crate::peft::file::{sidecar_path, AdapterFile, AdapterMeta};
-use crate::peft::formats::{check_exports, export, AdapterFormat};
 use crate::util::fs::ensure_absent_or_empty;
 use anyhow::{bail, Context, Result};
 use clap::Args;

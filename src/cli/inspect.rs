@@ -24,7 +24,7 @@ pub struct InspectArgs {
     #[arg(long)]
     pub json: bool,
     /// Also count what each tuning method trains, with its default settings: `all` or a
-    /// comma-separated list (full, adapter, lora, prefix, bitfit).
+    /// comma-separated list of registered methods (full, lora, loha, oft, svdiff, ...).
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Setting overrides (key=value) for the one method named by --methods.

@@ -18,7 +18,7 @@ use crate::error::SettingsError;
 use crate::model::source::ModelFiles;
 use crate::model::weights::Prefixed;
 use crate::peft::file::AdapterFile;
-use crate::peft::{formats, Tuned};
+use crate::peft::{export, Tuned};
 use crate::util::progress::Progress;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::collections::BTreeMap;
@@ -562,7 +562,7 @@ impl<'a> Trainer<'a> {
             )?;
             adapter.save(&path)?;
             for &format in &self.opts.config.train.export {
-                formats::export(&adapter, format, &format.beside(&path))?;
+                export::export(&adapter, format, &format.beside(&path))?;
             }
         }
         Ok(self.summary(Some(path)))
