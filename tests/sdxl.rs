@@ -1,0 +1,177 @@
+//! SDXL against diffusers' StableDiffusionXLPipeline on the tiny random model of
+//! tests/fixtures/sdxl (built by tools/make_sdxl_fixtures.py): both tokenizers, both text
+//! encoders, the U-Net with its added conditions, and sampled images.
+use difftune::model::conditioning::{AddedConditions, TextConditioning};
+use difftune::model::family::ModelFamily;
+use difftune::model::pipeline::load_unet;
+use difftune::model::prompt::PromptEncoder;
+use difftune::model::source::ModelFiles;
+use difftune::model::tokenizer::ClipTokenizer;
+use difftune::model::weights::read_all;
+use difftune::sample::{generate, GenerateOptions, SdModels};
+use difftune::schedulers::{self, SchedulerConfig};
+use difftune::util::tensor::relative_l2;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdxl")
+}
+
+fn expected() -> BTreeMap<String, Tensor> {
+    read_all(&fixtures().join("expected.safetensors")).unwrap()
+}
+
+fn model() -> ModelFiles {
+    ModelFiles::resolve(fixtures().join("model").to_str().unwrap(), None).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+const TOKEN_PROMPTS: usize = 5;
+
+fn token_prompts() -> Vec<String> {
+    let mut prompts = vec![
+        "a photo of an astronaut riding a horse".to_string(),
+        "a cute corgi dog, oil painting".to_string(),
+        String::new(),
+        "blurry, low quality".to_string(),
+    ];
+    prompts.push("a ".repeat(90));
+    assert_eq!(prompts.len(), TOKEN_PROMPTS);
+    prompts
+}
+
+#[test]
+fn the_family_is_read_from_the_configs() {
+    let files = model();
+    assert_eq!(files.family().unwrap(), ModelFamily::Sdxl);
+    assert!(files.text_encoder_2.is_some());
+    let sd1 = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/model");
+    let sd1 = ModelFiles::resolve(sd1.to_str().unwrap(), None).unwrap();
+    assert_eq!(sd1.family().unwrap(), ModelFamily::Sd1);
+    assert!(sd1.text_encoder_2.is_none());
+}
+
+#[test]
+fn both_tokenizers_match_transformers() {
+    let files = model();
+    let e = expected();
+    let second = files.text_encoder_2.as_ref().unwrap();
+    for (key, dir) in [
+        ("tokens.1", &files.tokenizer_dir),
+        ("tokens.2", &second.tokenizer_dir),
+    ] {
+        let tokenizer = ClipTokenizer::from_dir(dir).unwrap();
+        let ids = tokenizer.input_ids(&token_prompts()).unwrap();
+        assert!(ids.equal(&e[key]), "{key}");
+    }
+    // tokenizer_2 pads with `!` (id 0) where tokenizer pads with <|endoftext|>.
+    assert_eq!(e["tokens.2"].get(2).int64_value(&[2]), 0);
+    assert_ne!(e["tokens.1"].get(2).int64_value(&[2]), 0);
+}
+
+#[test]
+fn both_text_encoders_match_transformers() {
+    let files = model();
+    let PromptEncoder::Dual { first, second } =
+        PromptEncoder::load(&files, Device::Cpu, Kind::Float).unwrap()
+    else {
+        panic!("an SDXL model has two text encoders");
+    };
+    let e = &expected();
+    let check = |name: &str, got: &Tensor| {
+        let err = relative_l2(got, &e[name]);
+        println!("{name}: relative L2 error {err:.2e}");
+        assert!(err <= 1e-6, "{name}: {err:.2e}");
+    };
+    tch::no_grad(|| {
+        let (hidden, pooled) = first.model.hidden_and_pooled(&e["tokens.1"], 1).unwrap();
+        check("te1.penultimate", &hidden);
+        check("te1.pooled", &pooled);
+        let (hidden, text_embeds) = second.model.hidden_and_pooled(&e["tokens.2"], 2).unwrap();
+        check("te2.penultimate", &hidden);
+        check("te2.text_embeds", &text_embeds);
+        check("te2.last", &second.model.forward(&e["tokens.2"]));
+    });
+}
+
+#[test]
+fn the_unet_with_added_conditions_matches_diffusers() {
+    let (_vs, unet) = load_unet(&model(), Device::Cpu).unwrap();
+    let e = &expected();
+    let conditioning = TextConditioning {
+        context: e["unet.context"].shallow_clone(),
+        added: Some(AddedConditions {
+            text_embeds: e["unet.text_embeds"].shallow_clone(),
+            time_ids: e["unet.time_ids"].shallow_clone(),
+        }),
+    };
+    let out =
+        tch::no_grad(|| unet.forward(&e["unet.sample"], &e["unet.timesteps"], &conditioning));
+    let err = relative_l2(&out, &e["unet.output"]);
+    println!("unet: relative L2 error {err:.2e}");
+    assert!(err <= 1e-5, "{err:.2e}");
+    // transformer_layers_per_block [1, 1, 2]: two attentions per down level, three per up level,
+    // one in the mid block.
+    let blocks = 2 + 2 * 2 + 2 + 3 * 2 + 3;
+    assert_eq!(unet.config.transformer_block_widths().len(), blocks);
+}
+
+/// Image-space tolerance (pixels in [0, 1]).
+const TOLERANCE: f64 = 1e-4;
+
+#[test]
+fn sampled_images_match_the_diffusers_pipeline() {
+    let files = model();
+    let mut models = SdModels::load(&files, Device::Cpu).unwrap();
+    assert!(models.force_zeros_for_empty_prompt);
+    assert_eq!(models.default_size(), 64);
+    let config = SchedulerConfig::load(&files.scheduler_config).unwrap();
+    let prompts = token_prompts();
+    let e = &expected();
+    // (case, scheduler, steps, guidance, prompts, negative prompt, force zeros)
+    let cases = [
+        ("euler_cfg", "euler", 4, 5.0, 0..2, None, true),
+        (
+            "ddim_cfg_negative",
+            "ddim",
+            3,
+            7.5,
+            0..2,
+            Some("blurry, low quality"),
+            true,
+        ),
+        ("dpmpp_no_cfg", "dpmsolver++", 4, 1.0, 0..1, None, true),
+        ("dpmpp_cfg_empty", "dpmsolver++", 4, 6.0, 1..2, None, false),
+    ];
+    for (case, scheduler, steps, guidance, range, negative, force_zeros) in cases {
+        models.force_zeros_for_empty_prompt = force_zeros;
+        let mut scheduler = schedulers::from_name(scheduler, &config).unwrap();
+        let opts = GenerateOptions {
+            steps,
+            guidance_scale: guidance,
+            negative_prompt: negative.map(str::to_string),
+            batch_size: 2,
+        };
+        let images = generate(
+            &models,
+            scheduler.as_mut(),
+            &prompts[range],
+            &e[&format!("{case}.latents")],
+            &opts,
+            &mut || {},
+        )
+        .unwrap();
+        let err = max_abs_diff(&images, &e[&format!("{case}.images")]);
+        println!("{case}: max abs error {err:.2e}");
+        assert!(err <= TOLERANCE, "{case}: max abs error {err}");
+    }
+}
