@@ -1,18 +1,23 @@
 //! SDXL against diffusers' StableDiffusionXLPipeline on the tiny random model of
 //! tests/fixtures/sdxl (built by tools/make_sdxl_fixtures.py): both tokenizers, both text
-//! encoders, the U-Net with its added conditions, and sampled images.
+//! encoders, the U-Net with its added conditions, sampled images, and single files in and out.
+#[path = "common/manifest.rs"]
+mod common;
+
+use common::{fixture_manifest, manifest};
 use difftune::model::conditioning::{AddedConditions, TextConditioning};
 use difftune::model::family::ModelFamily;
 use difftune::model::pipeline::load_unet;
 use difftune::model::prompt::PromptEncoder;
 use difftune::model::source::ModelFiles;
+use difftune::model::single_file::{write_single_file, Precision, SingleFileSpec};
 use difftune::model::tokenizer::ClipTokenizer;
-use difftune::model::weights::read_all;
+use difftune::model::weights::{read_all, save_tensors};
 use difftune::sample::{generate, GenerateOptions, SdModels};
 use difftune::schedulers::{self, SchedulerConfig};
 use difftune::util::tensor::relative_l2;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 fn fixtures() -> PathBuf {
@@ -174,4 +179,109 @@ fn sampled_images_match_the_diffusers_pipeline() {
         println!("{case}: max abs error {err:.2e}");
         assert!(err <= TOLERANCE, "{case}: max abs error {err}");
     }
+}
+
+/// `files` written as one LDM-layout file in `dir`.
+fn single_file(files: &ModelFiles, dir: &Path) -> PathBuf {
+    let path = dir.join("tiny_sdxl.safetensors");
+    write_single_file(files, None, &path, Precision::Keep).unwrap();
+    path
+}
+
+/// Every tensor of every weight file of a component folder.
+fn component(dir: &Path) -> BTreeMap<String, Tensor> {
+    let mut all = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            all.extend(read_all(&path).unwrap());
+        }
+    }
+    all
+}
+
+#[test]
+fn single_files_convert_both_ways() {
+    let files = model();
+    let dir = tempfile::tempdir().unwrap();
+    let file = single_file(&files, dir.path());
+    // The file diffusers' from_single_file reads as the folder, tensor for tensor.
+    let fixture = fixtures().join("single_file_manifest.json");
+    assert_eq!(manifest(&file), fixture_manifest(&fixture, "fp32"));
+
+    let spec = format!("{}#config={}", file.display(), fixtures().join("model").display());
+    let back = dir.path().join("back");
+    SingleFileSpec::parse(&spec)
+        .unwrap()
+        .unwrap()
+        .convert_to_folder(&back)
+        .unwrap();
+    for name in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        let (a, b) = (
+            component(&fixtures().join("model").join(name)),
+            component(&back.join(name)),
+        );
+        // transformers 5 saves CLIPTextModel without the `text_model.` prefix the hub's SD
+        // folders (and difftune's conversions) carry; both load.
+        let unprefixed = |names: BTreeMap<String, Tensor>| -> BTreeMap<String, Tensor> {
+            names
+                .into_iter()
+                .map(|(k, t)| (k.strip_prefix("text_model.").unwrap_or(&k).to_string(), t))
+                .collect()
+        };
+        let (a, b) = (unprefixed(a), unprefixed(b));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{name}");
+        for (k, t) in &a {
+            assert!(t.equal(&b[k]), "{name}: {k}");
+        }
+    }
+    let back = ModelFiles::resolve(back.to_str().unwrap(), None).unwrap();
+    assert_eq!(back.family().unwrap(), ModelFamily::Sdxl);
+    let models = SdModels::load(&back, Device::Cpu).unwrap();
+    assert!(models.force_zeros_for_empty_prompt);
+}
+
+/// The error of converting `file` edited by `edit` (with the fixture's configs when
+/// `configs`).
+fn conversion_error(
+    file: &Path,
+    configs: bool,
+    edit: impl FnOnce(&mut BTreeMap<String, Tensor>),
+) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = read_all(file).unwrap();
+    edit(&mut tensors);
+    let edited = dir.path().join("edited.safetensors");
+    let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    save_tensors(&edited, &list, None).unwrap();
+    let mut spec = edited.display().to_string();
+    if configs {
+        spec = format!("{spec}#config={}", fixtures().join("model").display());
+    }
+    let spec = SingleFileSpec::parse(&spec).unwrap().unwrap();
+    format!("{:#}", spec.convert_to_folder(&dir.path().join("out")).unwrap_err())
+}
+
+#[test]
+fn odd_sdxl_single_files_say_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = single_file(&model(), dir.path());
+    // Without configs: the tiny model's 80-wide cross-attention is not SDXL base's.
+    let e = conversion_error(&file, false, |_| {});
+    assert!(e.contains("not SDXL (2048-wide") && e.contains("[16, 80]"), "{e}");
+    // The refiner has one OpenCLIP encoder, as embedder 0.
+    let e = conversion_error(&file, true, |t| {
+        let names: Vec<String> = t.keys().filter(|k| k.starts_with("conditioner.")).cloned().collect();
+        for k in names {
+            let v = t.remove(&k).unwrap();
+            if let Some(rest) = k.strip_prefix("conditioner.embedders.1.model.") {
+                t.insert(format!("conditioner.embedders.0.model.{rest}"), v);
+            }
+        }
+    });
+    assert!(e.contains("SDXL refiner"), "{e}");
+    let e = conversion_error(&file, true, |t| {
+        t.remove("conditioner.embedders.1.model.text_projection");
+    });
+    assert!(e.contains("has no `conditioner.embedders.1.model.text_projection`"), "{e}");
 }

@@ -27,13 +27,25 @@ rerun to reproduce), for tests/sdxl.rs.
        dpmpp_cfg_empty        4 DPM-Solver++ steps, guidance 6, force_zeros_for_empty_prompt
                               off: the empty prompt is encoded
 
-Usage: source tools/setup.sh && python tools/make_sdxl_fixtures.py
+3. single_file_manifest.json: difftune writes model/ as one LDM-layout file (`difftune convert`,
+   fp32; `conditioner.embedders.0.transformer.*`, `conditioner.embedders.1.model.*` with fused
+   in_proj and the transposed text_projection, the U-Net's label_emb). diffusers' own conversion
+   (`StableDiffusionXLPipeline.from_single_file` with model/ as local config, offline) must give
+   back every tensor of the folder exactly, and the same images; the file's manifest (name, dtype,
+   shape, sha256 of the bytes) lets the Rust tests check that difftune still writes that file.
+
+Usage: source tools/setup.sh && python tools/make_sdxl_fixtures.py [--difftune target/debug/difftune]
+(build difftune first: `cargo build`).
 """
 
+import argparse
+import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 
 import diffusers
 import torch
@@ -46,7 +58,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 EXPECTED = {"torch": "2.11.0", "diffusers": "0.42.1", "transformers": "5.24.0"}
@@ -267,7 +279,52 @@ CASES = {
 }
 
 
+def manifest(path):
+    out = {}
+    for name, t in sorted(load_file(str(path)).items()):
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        out[name] = [str(t.dtype).replace("torch.", ""), list(t.shape), hashlib.sha256(data).hexdigest()]
+    return out
+
+
+COMPONENTS = ["unet", "vae", "text_encoder", "text_encoder_2"]
+
+
+def images(pipe):
+    pipe.scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(["a photo of a cat"], num_inference_steps=3, height=HEIGHT, width=WIDTH, generator=generator, output_type="np")
+    return out.images
+
+
+def single_file_fixture(difftune):
+    """diffusers reads difftune's SDXL single file as the folder, tensor for tensor."""
+    folder = StableDiffusionXLPipeline.from_pretrained(MODEL, local_files_only=True, add_watermarker=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny_sdxl.safetensors")
+        subprocess.run([difftune, "convert", "--model", MODEL, "--out", path], check=True)
+        from_file = StableDiffusionXLPipeline.from_single_file(
+            path, config=MODEL, local_files_only=True, torch_dtype=torch.float32, add_watermarker=False
+        )
+        for component in COMPONENTS:
+            ref = getattr(folder, component).state_dict()
+            got = getattr(from_file, component).state_dict()
+            differ = {k for k in set(ref) ^ set(got) if not k.endswith("position_ids")}
+            assert not differ, f"{component}: names differ: {sorted(differ)[:8]}"
+            for k, v in ref.items():
+                if not k.endswith("position_ids"):
+                    assert torch.equal(got[k], v), f"{component}.{k} differs"
+        image_diff = float(abs(images(folder) - images(from_file)).max())
+        assert image_diff == 0.0, f"images differ by {image_diff}"
+        with open(os.path.join(OUT, "single_file_manifest.json"), "w") as f:
+            json.dump({"fp32": manifest(path)}, f, indent=0, sort_keys=True)
+    print(f"diffusers reads difftune's SDXL single file exactly ({len(COMPONENTS)} components, images equal)")
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--difftune", default=os.path.join(HERE, "..", "target", "debug", "difftune"))
+    args = parser.parse_args()
     check_versions()
     folders = tokenizer_folders()
     pipe = build_pipeline(folders)
@@ -285,6 +342,7 @@ def main():
     pipe.register_to_config(force_zeros_for_empty_prompt=True)
     save_file({k: v.contiguous() for k, v in expected.items()}, os.path.join(OUT, "expected.safetensors"))
     print("tokens.2 of the empty prompt:", expected["tokens.2"][2, :4].tolist())
+    single_file_fixture(args.difftune)
 
 
 if __name__ == "__main__":
