@@ -380,7 +380,7 @@ fn lora_formats_round_trip() {
             } else {
                 out
             };
-            export_lora(&adapter, format, &out).unwrap();
+            export_lora(&adapter, format, &trainer.unet.config, &out).unwrap();
             let mut user = Tiny::new();
             let imported = read_adapter(&out, &user.vs).unwrap();
             assert_eq!(imported.meta.base_model, None);
@@ -397,6 +397,7 @@ fn lora_formats_round_trip() {
             let err = export_lora(
                 &adapter,
                 LoraFormat::Kohya,
+                &trainer.unet.config,
                 &tmp.path().join("dora.safetensors"),
             )
             .unwrap_err();

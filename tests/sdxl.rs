@@ -13,6 +13,8 @@ use difftune::model::source::ModelFiles;
 use difftune::model::single_file::{write_single_file, Precision, SingleFileSpec};
 use difftune::model::tokenizer::ClipTokenizer;
 use difftune::model::weights::{read_all, save_tensors};
+use difftune::peft::formats::{export_lora, read_adapter, LoraFormat};
+use difftune::peft::freeze;
 use difftune::sample::{generate, GenerateOptions, SdModels};
 use difftune::schedulers::{self, SchedulerConfig};
 use difftune::util::tensor::relative_l2;
@@ -284,4 +286,100 @@ fn odd_sdxl_single_files_say_what_they_are() {
         t.remove("conditioner.embedders.1.model.text_projection");
     });
     assert!(e.contains("has no `conditioner.embedders.1.model.text_projection`"), "{e}");
+}
+
+fn lora_fixture(name: &str) -> PathBuf {
+    fixtures().join("lora").join(name)
+}
+
+/// The U-Net's output on the fixture inputs with the adapter file at `adapter`, relative to
+/// peft's.
+fn adapted_error(adapter: &Path) -> f64 {
+    let (vs, mut unet) = load_unet(&model(), Device::Cpu).unwrap();
+    freeze(&vs);
+    let file = read_adapter(adapter, &vs).unwrap();
+    let _tuned = file.attach(&mut unet, &vs, "imported adapters record no base").unwrap();
+    let e = &expected();
+    let conditioning = TextConditioning {
+        context: e["unet.context"].shallow_clone(),
+        added: Some(AddedConditions {
+            text_embeds: e["unet.text_embeds"].shallow_clone(),
+            time_ids: e["unet.time_ids"].shallow_clone(),
+        }),
+    };
+    let out =
+        tch::no_grad(|| unet.forward(&e["unet.sample"], &e["unet.timesteps"], &conditioning));
+    let reference = read_all(&lora_fixture("output.safetensors")).unwrap();
+    relative_l2(&out, &reference["output"])
+}
+
+fn assert_same_tensors(a: &Path, b: &Path) {
+    let (a, b) = (read_all(a).unwrap(), read_all(b).unwrap());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "{k}");
+    }
+}
+
+#[test]
+fn lora_files_in_every_layout_match_peft_and_diffusers() {
+    // peft's own file, and the kohya and diffusers files diffusers' load_lora_weights reads with
+    // every key, giving peft's output.
+    for adapter in [
+        lora_fixture("peft"),
+        lora_fixture("kohya.safetensors"),
+        lora_fixture("diffusers/pytorch_lora_weights.safetensors"),
+    ] {
+        let err = adapted_error(&adapter);
+        println!("{}: relative L2 error {err:.2e}", adapter.display());
+        assert!(err <= 1e-5, "{}: {err:.2e}", adapter.display());
+    }
+    // difftune writes those files: kohya's with SDXL's LDM names.
+    let (vs, unet) = load_unet(&model(), Device::Cpu).unwrap();
+    let adapter = read_adapter(&lora_fixture("peft"), &vs).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kohya = dir.path().join("kohya.safetensors");
+    export_lora(&adapter, LoraFormat::Kohya, &unet.config, &kohya).unwrap();
+    assert_same_tensors(&kohya, &lora_fixture("kohya.safetensors"));
+    export_lora(&adapter, LoraFormat::Diffusers, &unet.config, dir.path()).unwrap();
+    assert_same_tensors(
+        &dir.path().join("pytorch_lora_weights.safetensors"),
+        &lora_fixture("diffusers/pytorch_lora_weights.safetensors"),
+    );
+    let peft = dir.path().join("peft");
+    export_lora(&adapter, LoraFormat::Peft, &unet.config, &peft).unwrap();
+    assert_same_tensors(
+        &peft.join("adapter_model.safetensors"),
+        &lora_fixture("peft/adapter_model.safetensors"),
+    );
+    assert!(adapted_error(&peft) <= 1e-5);
+}
+
+#[test]
+fn kohya_files_with_diffusers_names_or_text_encoders() {
+    // The diffusers-derived kohya names ComfyUI and A1111 also map, for the same layers.
+    let diffusers = read_all(&lora_fixture("diffusers/pytorch_lora_weights.safetensors")).unwrap();
+    let mut renamed = Vec::new();
+    for (key, t) in &diffusers {
+        let key = key.strip_prefix("unet.").unwrap();
+        let (path, part) = key.rsplit_once(".lora_").unwrap();
+        let stem = format!("lora_unet_{}", path.replace('.', "_"));
+        let part = if part.starts_with('A') { "lora_down" } else { "lora_up" };
+        renamed.push((format!("{stem}.{part}.weight"), t.shallow_clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("comfy.safetensors");
+    // Without alphas kohya's scale is 1: the diffusers file has alpha / rank folded into B.
+    save_tensors(&file, &renamed, None).unwrap();
+    let err = adapted_error(&file);
+    assert!(err <= 1e-5, "{err:.2e}");
+
+    renamed.push((
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".into(),
+        Tensor::zeros([4, 48], (Kind::Float, Device::Cpu)),
+    ));
+    save_tensors(&file, &renamed, None).unwrap();
+    let (vs, _unet) = load_unet(&model(), Device::Cpu).unwrap();
+    let e = format!("{:#}", read_adapter(&file, &vs).unwrap_err());
+    assert!(e.contains("the second text encoder") && e.contains("adapts only the U-Net"), "{e}");
 }

@@ -34,6 +34,21 @@ rerun to reproduce), for tests/sdxl.rs.
    back every tensor of the folder exactly, and the same images; the file's manifest (name, dtype,
    shape, sha256 of the bytes) lets the Rust tests check that difftune still writes that file.
 
+4. lora/: a peft LoRA on the U-Net (rank 4, the resnets' conv1 at rank 2, alpha 8, every LoRA
+   weight random) over layers of every kind the LDM names differ for: attn2 to_q/to_k, attn1
+   to_out.0, ff.net.0.proj, proj_in, conv1, conv_shortcut, time_emb_proj, the down- and
+   upsamplers' convs, conv_in, time_embedding.linear_2 and add_embedding.linear_1:
+     peft/                      peft's save_pretrained
+     output.safetensors         the adapted U-Net on the unet.* inputs of expected.safetensors
+     kohya.safetensors          the LoRA as sd-scripts writes SDXL LoRAs: `lora_unet_` + the LDM
+                                name (diffusers' own single-file conversion tells it) with `_`,
+                                lora_down/lora_up/alpha
+     diffusers/pytorch_lora_weights.safetensors  `unet.<path>.lora_A/B.weight`, alpha / rank
+                                folded into B
+   Both files are loaded with StableDiffusionXLPipeline.load_lora_weights: every key must be used
+   (no unconverted, unexpected or missing keys: one LoRA module per layer) and the U-Net must give
+   peft's output. tests/sdxl.rs checks that difftune writes these files and reads them back.
+
 Usage: source tools/setup.sh && python tools/make_sdxl_fixtures.py [--difftune target/debug/difftune]
 (build difftune first: `cargo build`).
 """
@@ -41,6 +56,7 @@ Usage: source tools/setup.sh && python tools/make_sdxl_fixtures.py [--difftune t
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -297,28 +313,144 @@ def images(pipe):
     return out.images
 
 
-def single_file_fixture(difftune):
-    """diffusers reads difftune's SDXL single file as the folder, tensor for tensor."""
+def single_file_fixture(difftune, path):
+    """diffusers reads difftune's SDXL single file at `path` as the folder, tensor for tensor."""
     folder = StableDiffusionXLPipeline.from_pretrained(MODEL, local_files_only=True, add_watermarker=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "tiny_sdxl.safetensors")
-        subprocess.run([difftune, "convert", "--model", MODEL, "--out", path], check=True)
-        from_file = StableDiffusionXLPipeline.from_single_file(
-            path, config=MODEL, local_files_only=True, torch_dtype=torch.float32, add_watermarker=False
-        )
-        for component in COMPONENTS:
-            ref = getattr(folder, component).state_dict()
-            got = getattr(from_file, component).state_dict()
-            differ = {k for k in set(ref) ^ set(got) if not k.endswith("position_ids")}
-            assert not differ, f"{component}: names differ: {sorted(differ)[:8]}"
-            for k, v in ref.items():
-                if not k.endswith("position_ids"):
-                    assert torch.equal(got[k], v), f"{component}.{k} differs"
-        image_diff = float(abs(images(folder) - images(from_file)).max())
-        assert image_diff == 0.0, f"images differ by {image_diff}"
-        with open(os.path.join(OUT, "single_file_manifest.json"), "w") as f:
-            json.dump({"fp32": manifest(path)}, f, indent=0, sort_keys=True)
+    subprocess.run([difftune, "convert", "--model", MODEL, "--out", path], check=True)
+    from_file = StableDiffusionXLPipeline.from_single_file(
+        path, config=MODEL, local_files_only=True, torch_dtype=torch.float32, add_watermarker=False
+    )
+    for component in COMPONENTS:
+        ref = getattr(folder, component).state_dict()
+        got = getattr(from_file, component).state_dict()
+        differ = {k for k in set(ref) ^ set(got) if not k.endswith("position_ids")}
+        assert not differ, f"{component}: names differ: {sorted(differ)[:8]}"
+        for k, v in ref.items():
+            if not k.endswith("position_ids"):
+                assert torch.equal(got[k], v), f"{component}.{k} differs"
+    image_diff = float(abs(images(folder) - images(from_file)).max())
+    assert image_diff == 0.0, f"images differ by {image_diff}"
+    with open(os.path.join(OUT, "single_file_manifest.json"), "w") as f:
+        json.dump({"fp32": manifest(path)}, f, indent=0, sort_keys=True)
     print(f"diffusers reads difftune's SDXL single file exactly ({len(COMPONENTS)} components, images equal)")
+
+
+LORA = dict(
+    r=4,
+    lora_alpha=8,
+    rank_pattern={"conv1": 2},
+    target_modules=[
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn1.to_out.0",
+        "ff.net.0.proj",
+        "proj_in",
+        "conv1",
+        "conv_shortcut",
+        "time_emb_proj",
+        "downsamplers.0.conv",
+        "upsamplers.0.conv",
+        "conv_in",
+        "time_embedding.linear_2",
+        "add_embedding.linear_1",
+    ],
+)
+
+
+def ldm_names(single_file):
+    """diffusers U-Net name -> LDM name, from diffusers' own conversion of tagged tensors."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    keys = sorted(k for k in load_file(single_file) if k.startswith("model.diffusion_model."))
+    shapes = {k: v.shape for k, v in load_file(single_file).items()}
+    tagged = {k: torch.full(shapes[k], float(i)) for i, k in enumerate(keys)}
+    config = UNet2DConditionModel.load_config(os.path.join(MODEL, "unet"))
+    converted = convert_ldm_unet_checkpoint(tagged, config)
+    return {name: keys[int(t.flatten()[0])][len("model.diffusion_model.") :] for name, t in converted.items()}
+
+
+def randomise_lora_(unet, gen):
+    """peft starts B at zero (no effect); random A and B make the test meaningful."""
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+
+
+def unet_io(unet, expected):
+    with torch.no_grad():
+        return unet(
+            expected["unet.sample"],
+            expected["unet.timesteps"],
+            encoder_hidden_states=expected["unet.context"],
+            added_cond_kwargs={"text_embeds": expected["unet.text_embeds"], "time_ids": expected["unet.time_ids"]},
+        ).sample
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def diffusers_loads(path, layers, reference, expected):
+    """StableDiffusionXLPipeline.load_lora_weights uses every key of `path` and gives `reference`."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(MODEL, local_files_only=True, add_watermarker=False)
+    records = Records()
+    for name in ["diffusers", "peft"]:
+        logging.getLogger(name).addHandler(records)
+    pipe.load_lora_weights(path)
+    for name in ["diffusers", "peft"]:
+        logging.getLogger(name).removeHandler(records)
+    # A U-Net LoRA leaves the text encoders without keys, which diffusers mentions; anything else
+    # about keys (unexpected, missing, not renamed) is a failure.
+    complaints = [m for m in records.messages if "key" in m.lower() and "No LoRA keys associated" not in m]
+    assert not complaints, complaints
+    modules = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.unet.named_parameters() if ".lora_A." in n}
+    assert modules == set(layers), sorted(set(layers) ^ modules)[:8]
+    err = ((unet_io(pipe.unet, expected) - reference).norm() / reference.norm()).item()
+    assert err < 1e-5, f"{path}: relative error {err}"
+    return err
+
+
+def lora_fixture(single_file, expected):
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    out = os.path.join(OUT, "lora")
+    shutil.rmtree(out, ignore_errors=True)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(MODEL, "unet")).eval()
+    model = get_peft_model(unet, LoraConfig(**LORA))
+    randomise_lora_(unet, torch.Generator().manual_seed(SEED + 2))
+    reference = unet_io(unet, expected)
+    model.save_pretrained(os.path.join(out, "peft"))
+    os.remove(os.path.join(out, "peft", "README.md"))  # peft's generated model card; not a fixture
+    save_file({"output": reference.contiguous()}, os.path.join(out, "output.safetensors"))
+
+    state = get_peft_model_state_dict(unet)
+    layers = sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
+    ldm = ldm_names(single_file)
+    kohya, diffusers_format = {}, {}
+    for layer in layers:
+        a, b = state[f"{layer}.lora_A.weight"], state[f"{layer}.lora_B.weight"]
+        alpha = float(LORA["lora_alpha"])
+        stem = "lora_unet_" + ldm[f"{layer}.weight"][: -len(".weight")].replace(".", "_")
+        kohya[f"{stem}.lora_down.weight"] = a.contiguous()
+        kohya[f"{stem}.lora_up.weight"] = b.contiguous()
+        kohya[f"{stem}.alpha"] = torch.tensor(alpha)
+        diffusers_format[f"unet.{layer}.lora_A.weight"] = a.contiguous()
+        diffusers_format[f"unet.{layer}.lora_B.weight"] = (b * (alpha / a.shape[0])).contiguous()
+    kohya_path = os.path.join(out, "kohya.safetensors")
+    save_file(kohya, kohya_path)
+    os.makedirs(os.path.join(out, "diffusers"))
+    diffusers_path = os.path.join(out, "diffusers", "pytorch_lora_weights.safetensors")
+    save_file(diffusers_format, diffusers_path, metadata={"format": "pt"})
+    for path in [kohya_path, diffusers_path]:
+        err = diffusers_loads(path, layers, reference, expected)
+        print(f"{os.path.relpath(path, OUT)}: {len(layers)} layers, diffusers' output within {err:.1e} of peft's")
 
 
 def main():
@@ -342,7 +474,10 @@ def main():
     pipe.register_to_config(force_zeros_for_empty_prompt=True)
     save_file({k: v.contiguous() for k, v in expected.items()}, os.path.join(OUT, "expected.safetensors"))
     print("tokens.2 of the empty prompt:", expected["tokens.2"][2, :4].tolist())
-    single_file_fixture(args.difftune)
+    with tempfile.TemporaryDirectory() as tmp:
+        single_file = os.path.join(tmp, "tiny_sdxl.safetensors")
+        single_file_fixture(args.difftune, single_file)
+        lora_fixture(single_file, expected)
 
 
 if __name__ == "__main__":

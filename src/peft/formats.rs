@@ -6,17 +6,23 @@
 //!   alpha from diffusers' `lora_adapter_metadata` header or `<path>.alpha` scalars if present, else
 //!   alpha = rank (scale 1); on export the scale is folded into B so every diffusers version loads it;
 //! - kohya (sd-scripts, A1111, ComfyUI): `lora_unet_<path with . replaced by _>.lora_down.weight`
-//!   (A), `.lora_up.weight` (B) and `.alpha` (a scalar), in the diffusers layout of the SD 1.x U-Net.
-//!   The `_`-joined names are mapped back through the U-Net's own layer names. DoRA has no kohya
-//!   form here.
+//!   (A), `.lora_up.weight` (B) and `.alpha` (a scalar). The path is the layer's as sd-scripts
+//!   names it: in the diffusers layout for SD 1.x/2.x (sd-scripts trains those on diffusers'
+//!   U-Net: `lora_unet_down_blocks_0_attentions_0_...`), in the LDM layout for SDXL (sd-scripts
+//!   trains SDXL on Stability's U-Net: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q`).
+//!   A1111, ComfyUI and diffusers read both layouts for every family, and so does difftune: the
+//!   `_`-joined names are mapped back through the U-Net's own layer names and their LDM names.
+//!   DoRA has no kohya form here.
 //!
-//! Text-encoder LoRA weights are refused rather than dropped: difftune adapts only the U-Net, and
-//! ignoring part of a LoRA would silently give another model.
+//! Text-encoder LoRA weights (kohya's `lora_te_`, `lora_te1_`, `lora_te2_`; diffusers'
+//! `text_encoder.`, `text_encoder_2.`) are refused rather than dropped: difftune adapts only the
+//! U-Net, and ignoring part of a LoRA would silently give another model.
 use super::file::{sidecar_path, AdapterFile, AdapterMeta, FORMAT};
 use super::lora::{lora_a_name, lora_b_name, magnitude_name, Lora};
 use super::pattern::no_match_error;
 use super::{Identity, Registered, Tuned, TuningMethod};
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::ldm::{NameMap, UnetLayout};
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::weights::{read_all, read_metadata, save_tensors};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -180,14 +186,19 @@ fn adapter_of(layers: Vec<LoraLayer>, source: &Path) -> Result<AdapterFile> {
     })
 }
 
-/// Writes a difftune LoRA adapter in another tool's format: `out` is a folder for peft and
-/// diffusers, a `.safetensors` file for kohya.
-pub fn export_lora(adapter: &AdapterFile, format: LoraFormat, out: &Path) -> Result<()> {
+/// Writes a difftune LoRA adapter of the U-Net configured by `unet` in another tool's format:
+/// `out` is a folder for peft and diffusers, a `.safetensors` file for kohya.
+pub fn export_lora(
+    adapter: &AdapterFile,
+    format: LoraFormat,
+    unet: &UNetConfig,
+    out: &Path,
+) -> Result<()> {
     let layers = layers_of(adapter)?;
     match format {
         LoraFormat::Peft => export_peft(&layers, out),
         LoraFormat::Diffusers => export_diffusers(&layers, out),
-        LoraFormat::Kohya => export_kohya(&layers, out),
+        LoraFormat::Kohya => export_kohya(&layers, &KohyaLayout::written_for(unet)?, out),
     }
     .with_context(|| {
         format!(
@@ -292,13 +303,48 @@ fn kohya_name(path: &str) -> String {
     format!("{KOHYA_PREFIX}{}", path.replace('.', "_"))
 }
 
-fn export_kohya(layers: &[LoraLayer], file: &Path) -> Result<()> {
+/// The layer path a kohya file names a layer by.
+enum KohyaLayout {
+    /// Our (diffusers') path, as sd-scripts writes SD 1.x/2.x LoRAs.
+    Diffusers,
+    /// The LDM path, as sd-scripts writes SDXL LoRAs.
+    Ldm(NameMap),
+}
+
+impl KohyaLayout {
+    /// The layout sd-scripts writes for the U-Net configured by `unet`: LDM for SDXL's (the one
+    /// with the `text_time` added embedding).
+    fn written_for(unet: &UNetConfig) -> Result<Self> {
+        Ok(match unet.added_embedding()? {
+            Some(_) => Self::Ldm(UnetLayout::from_config(unet).names()),
+            None => Self::Diffusers,
+        })
+    }
+
+    /// The kohya name of the layer at (diffusers) `path`.
+    fn name(&self, path: &str) -> Result<String> {
+        match self {
+            Self::Diffusers => Ok(kohya_name(path)),
+            Self::Ldm(map) => ldm_path(map, path)
+                .map(|ldm| kohya_name(&ldm))
+                .with_context(|| format!("layer `{path}` has no LDM name")),
+        }
+    }
+}
+
+/// The LDM path of the layer at (diffusers) `path`: the map works on parameter names.
+fn ldm_path(map: &NameMap, path: &str) -> Option<String> {
+    let ldm = map.to_ldm(&format!("{path}.weight"))?;
+    ldm.strip_suffix(".weight").map(str::to_string)
+}
+
+fn export_kohya(layers: &[LoraLayer], layout: &KohyaLayout, file: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for l in layers {
         if l.magnitude.is_some() {
             bail!("DoRA adapters have no kohya form here; export them as peft or diffusers");
         }
-        let stem = kohya_name(&l.path);
+        let stem = layout.name(&l.path)?;
         tensors.push((format!("{stem}.lora_down.weight"), l.a.shallow_clone()));
         tensors.push((format!("{stem}.lora_up.weight"), l.b.shallow_clone()));
         tensors.push((
@@ -508,10 +554,11 @@ fn import_diffusers(file: &Path) -> Result<AdapterFile> {
         file,
         |stem| match stem.strip_prefix(DIFFUSERS_PREFIX) {
             Some(path) => Ok(Some(path.to_string())),
-            None if stem.starts_with("text_encoder") => {
+            None if text_encoder_of(stem).is_some() => {
                 bail!(
-                    "{} has text-encoder LoRA weights (`{stem}`); difftune adapts only the U-Net",
-                    file.display()
+                    "{} has LoRA weights for {} (`{stem}`); difftune adapts only the U-Net",
+                    file.display(),
+                    text_encoder_of(stem).expect("matched")
                 )
             }
             None => bail!(
@@ -529,19 +576,41 @@ fn import_diffusers(file: &Path) -> Result<AdapterFile> {
     adapter_of(layers, file)
 }
 
-fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
-    let layer_names: Vec<String> = unet_vs
-        .variables()
-        .keys()
-        .filter_map(|n| n.strip_suffix(".weight"))
-        .map(str::to_string)
-        .collect();
+/// Every kohya name of the U-Net's layers (in the diffusers and the LDM layout) and the layer
+/// it names.
+fn kohya_names(unet_vs: &nn::VarStore) -> Result<HashMap<String, String>> {
+    let variables = unet_vs.variables();
+    let ldm = UnetLayout::from_diffusers_names(variables.keys().map(String::as_str))?.names();
     let mut by_kohya: HashMap<String, String> = HashMap::new();
-    for path in &layer_names {
-        if let Some(other) = by_kohya.insert(kohya_name(path), path.clone()) {
-            bail!("layers `{other}` and `{path}` have the same kohya name");
+    for path in variables.keys().filter_map(|n| n.strip_suffix(".weight")) {
+        let names = std::iter::once(kohya_name(path)).chain(ldm_path(&ldm, path).map(|p| kohya_name(&p)));
+        for name in names {
+            if let Some(other) = by_kohya.insert(name, path.to_string()) {
+                if other != path {
+                    bail!("layers `{other}` and `{path}` have the same kohya name");
+                }
+            }
         }
     }
+    Ok(by_kohya)
+}
+
+/// Which text encoder a kohya or diffusers LoRA key adapts, if it adapts one.
+fn text_encoder_of(stem: &str) -> Option<&'static str> {
+    [
+        ("lora_te1_", "the first text encoder"),
+        ("lora_te2_", "the second text encoder"),
+        ("lora_te_", "the text encoder"),
+        ("text_encoder_2.", "the second text encoder"),
+        ("text_encoder.", "the text encoder"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| stem.starts_with(prefix))
+    .map(|(_, which)| which)
+}
+
+fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
+    let by_kohya = kohya_names(unet_vs)?;
     let kohya_names: Vec<String> = by_kohya.keys().cloned().collect();
     let parts = [
         (".lora_down.weight", 0),
@@ -553,9 +622,9 @@ fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
         read_all(file)?,
         file,
         |stem| {
-            if stem.starts_with("lora_te") {
+            if let Some(which) = text_encoder_of(stem) {
                 bail!(
-                    "{} has text-encoder LoRA weights (`{stem}`); difftune adapts only the U-Net",
+                    "{} has LoRA weights for {which} (`{stem}`); difftune adapts only the U-Net",
                     file.display()
                 );
             }
