@@ -383,3 +383,47 @@ fn kohya_files_with_diffusers_names_or_text_encoders() {
     let e = format!("{:#}", read_adapter(&file, &vs).unwrap_err());
     assert!(e.contains("the second text encoder") && e.contains("adapts only the U-Net"), "{e}");
 }
+
+#[test]
+fn half_precision_keeps_the_forced_vae_in_f32() {
+    let files = model();
+    let e = &expected();
+    let prompts = token_prompts();
+    let config = SchedulerConfig::load(&files.scheduler_config).unwrap();
+    // (weights, VAE, tolerance against diffusers' f32 images)
+    for (kind, vae_kind, tolerance) in [
+        (Kind::Half, Kind::Float, 2e-2),
+        (Kind::BFloat16, Kind::BFloat16, 0.1),
+    ] {
+        let mut models = SdModels::load_in(&files, Device::Cpu, kind).unwrap();
+        assert_eq!(models.unet_kind(), kind);
+        assert_eq!(models.vae.decoder.conv_in.weight.kind(), vae_kind, "{kind:?}");
+        let mut scheduler = schedulers::from_name("euler", &config).unwrap();
+        let opts = GenerateOptions {
+            steps: 4,
+            guidance_scale: 5.0,
+            negative_prompt: None,
+            batch_size: 2,
+        };
+        let images = generate(
+            &models,
+            scheduler.as_mut(),
+            &prompts[0..2],
+            &e["euler_cfg.latents"],
+            &opts,
+            &mut || {},
+        )
+        .unwrap();
+        let err = max_abs_diff(&images, &e["euler_cfg.images"]);
+        println!("{kind:?}: max abs error {err:.2e} against diffusers in f32");
+        assert!(err <= tolerance, "{kind:?}: {err}");
+        // An adapter's parameters compute in the U-Net's precision.
+        models
+            .apply_adapter(&lora_fixture("kohya.safetensors"), &files)
+            .unwrap();
+        let mut scheduler = schedulers::from_name("euler", &config).unwrap();
+        let one_step = GenerateOptions { steps: 1, ..opts };
+        generate(&models, scheduler.as_mut(), &prompts[0..1], &e["dpmpp_no_cfg.latents"], &one_step, &mut || {})
+            .unwrap();
+    }
+}

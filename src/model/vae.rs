@@ -158,6 +158,16 @@ impl VaeConfig {
         Ok(())
     }
 
+    /// The precision a pipeline running in `kind` keeps this VAE in: f32 under float16 when the
+    /// config forces the upcast (diffusers' `needs_upcasting`), else `kind`.
+    pub fn pipeline_kind(&self, kind: tch::Kind) -> tch::Kind {
+        if kind == tch::Kind::Half && self.force_upcast {
+            tch::Kind::Float
+        } else {
+            kind
+        }
+    }
+
     fn resnet(&self, in_channels: i64, out_channels: i64) -> ResnetConfig {
         ResnetConfig {
             in_channels,

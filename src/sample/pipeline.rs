@@ -4,7 +4,7 @@
 //! scheduler's denoising loop, and the VAE decode to `[0, 1]` images.
 use crate::model::conditioning::{SizeConditions, TextConditioning};
 use crate::model::family::ModelFamily;
-use crate::model::pipeline::{load_unet, load_vae};
+use crate::model::pipeline::{load_unet, load_vae_in};
 use crate::model::prompt::{PromptEmbeddings, PromptEncoder};
 use crate::model::source::ModelFiles;
 use crate::model::unet::UNet2DConditionModel;
@@ -70,16 +70,35 @@ pub struct SdModels {
 impl SdModels {
     /// Loads every component of the model `files` onto `device` (f32).
     pub fn load(files: &ModelFiles, device: Device) -> Result<Self> {
-        let (unet_vars, unet) = load_unet(files, device)?;
-        Self::around(files, unet_vars, unet)
+        Self::load_in(files, device, Kind::Float)
+    }
+
+    /// Loads every component with its weights in `kind` (f32, f16 or bf16), except a VAE whose
+    /// config forces float32 under float16 (SD's and SDXL's do: they overflow). Latents and the
+    /// scheduler's arithmetic stay in f32.
+    pub fn load_in(files: &ModelFiles, device: Device, kind: Kind) -> Result<Self> {
+        let (mut unet_vars, unet) = load_unet(files, device)?;
+        if kind != Kind::Float {
+            unet_vars.set_kind(kind);
+        }
+        Self::around_in(files, unet_vars, unet, kind)
     }
 
     /// A pipeline around a U-Net already loaded (e.g. the one being trained), with `files`' VAE
-    /// and text encoders on the U-Net's device.
+    /// and text encoders on the U-Net's device, in f32.
     pub fn around(
         files: &ModelFiles,
         unet_vars: nn::VarStore,
         unet: UNet2DConditionModel,
+    ) -> Result<Self> {
+        Self::around_in(files, unet_vars, unet, Kind::Float)
+    }
+
+    fn around_in(
+        files: &ModelFiles,
+        unet_vars: nn::VarStore,
+        unet: UNet2DConditionModel,
+        kind: Kind,
     ) -> Result<Self> {
         let device = unet_vars.device();
         let force_zeros = match files.family()? {
@@ -89,8 +108,8 @@ impl SdModels {
         Ok(Self {
             unet_vars,
             unet,
-            vae: load_vae(files, device)?,
-            prompts: PromptEncoder::load(files, device, Kind::Float)?,
+            vae: load_vae_in(files, device, kind)?,
+            prompts: PromptEncoder::load(files, device, kind)?,
             force_zeros_for_empty_prompt: force_zeros,
             tuning: None,
         })
@@ -99,12 +118,17 @@ impl SdModels {
     /// Applies the adapter file at `path` (any format [`load_adapter`] reads) to the U-Net,
     /// checking that it was trained on `files`' U-Net. Returns the adapter's method name.
     pub fn apply_adapter(&mut self, path: &Path, files: &ModelFiles) -> Result<&'static str> {
-        let tuned = load_adapter(
+        let mut tuned = load_adapter(
             path,
             &mut self.unet,
             &self.unet_vars,
             &files.unet_identity()?,
         )?;
+        // The parameters it added compute with the U-Net's, in the U-Net's precision.
+        let kind = self.unet_kind();
+        if kind != Kind::Float {
+            tuned.params.set_kind(kind);
+        }
         let name = tuned.method.name();
         self.tuning = Some(tuned);
         Ok(name)
@@ -112,6 +136,11 @@ impl SdModels {
 
     pub fn device(&self) -> Device {
         self.unet_vars.device()
+    }
+
+    /// The precision of the U-Net's weights.
+    pub fn unet_kind(&self) -> Kind {
+        self.unet.conv_in.weight.kind()
     }
 
     pub fn geometry(&self) -> LatentGeometry {
@@ -234,7 +263,7 @@ fn denoise(
         } else {
             latents.shallow_clone()
         };
-        let input = scheduler.scale_model_input(&input, i)?;
+        let input = scheduler.scale_model_input(&input, i)?.to_kind(models.unet_kind());
         let timestep = Tensor::from(t as f32).to_device(input.device());
         let noise_pred = tch::no_grad(|| models.unet.forward(&input, &timestep, conditioning));
         let noise_pred = if guided {
