@@ -66,7 +66,11 @@ fn convert_writes_the_file_diffusers_reads_exactly() {
     for (precision, which) in [("keep", "fp32"), ("fp16", "fp16")] {
         let file = convert(dir.path(), &format!("{which}.safetensors"), precision);
         let fixture = Path::new(FIXTURES).join("tiny_ldm_manifest.json");
-        assert_eq!(manifest(&file), fixture_manifest(&fixture, which), "{which}");
+        assert_eq!(
+            manifest(&file),
+            fixture_manifest(&fixture, which),
+            "{which}"
+        );
     }
 }
 

@@ -285,7 +285,9 @@ impl ClipTextModel {
     /// (`hidden_size` -> `projection_dim`, which the config must give), on the root of `vs`.
     pub fn new_with_projection(vs: nn::Path, cfg: &ClipTextConfig) -> Result<Self> {
         let Some(dim) = cfg.projection_dim.filter(|&d| d > 0) else {
-            bail!("a CLIP text model with projection needs a positive `projection_dim` in its config");
+            bail!(
+                "a CLIP text model with projection needs a positive `projection_dim` in its config"
+            );
         };
         let mut model = Self::build(&vs, cfg)?;
         model.text_projection = Some(Linear::new(

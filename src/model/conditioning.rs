@@ -5,7 +5,7 @@
 //! drive.
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// The U-Net's conditioning for a batch of `b` samples.
 #[derive(Debug)]
@@ -43,11 +43,6 @@ impl TextConditioning {
         }
     }
 
-    /// The number of samples conditioned.
-    pub fn batch(&self) -> i64 {
-        self.context.size()[0]
-    }
-
     fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
         Self {
             context: f(&self.context),
@@ -59,26 +54,6 @@ impl TextConditioning {
         self.map(Tensor::shallow_clone)
     }
 
-    pub fn to_device(&self, device: Device) -> Self {
-        self.map(|t| t.to_device(device))
-    }
-
-    /// Floating-point tensors in `kind` (the time ids stay f32: diffusers embeds them in f32).
-    pub fn to_kind(&self, kind: Kind) -> Self {
-        Self {
-            context: self.context.to_kind(kind),
-            added: self.added.as_ref().map(|a| AddedConditions {
-                text_embeds: a.text_embeds.to_kind(kind),
-                time_ids: a.time_ids.shallow_clone(),
-            }),
-        }
-    }
-
-    /// Samples `start..start + len`.
-    pub fn narrow(&self, start: i64, len: i64) -> Self {
-        self.map(|t| t.narrow(0, start, len))
-    }
-
     /// A one-sample conditioning repeated for `n` samples (as views).
     pub fn expand(&self, n: i64) -> Self {
         self.map(|t| {
@@ -88,36 +63,30 @@ impl TextConditioning {
         })
     }
 
-    /// The same shapes, every value zero (SDXL's unconditional half under
-    /// `force_zeros_for_empty_prompt`).
-    pub fn zeros_like(&self) -> Self {
-        Self {
-            context: self.context.zeros_like(),
-            added: self.added.as_ref().map(|a| AddedConditions {
-                text_embeds: a.text_embeds.zeros_like(),
-                time_ids: a.time_ids.shallow_clone(),
-            }),
-        }
-    }
-
     /// `parts` one after the other along the batch, e.g. `[uncond, cond]` for guidance. All must
     /// have added conditions or none.
     pub fn cat(parts: &[&TextConditioning]) -> Result<Self> {
         ensure!(!parts.is_empty(), "no conditioning to concatenate");
-        let with_added = parts.iter().filter(|p| p.added.is_some()).count();
-        ensure!(
-            with_added == 0 || with_added == parts.len(),
-            "conditionings with and without added conditions cannot share a batch"
-        );
-        let cat = |f: &dyn Fn(&TextConditioning) -> Tensor| {
-            Tensor::cat(&parts.iter().map(|p| f(p)).collect::<Vec<_>>(), 0)
+        let cat = |tensors: Vec<&Tensor>| Tensor::cat(&tensors, 0);
+        let added = match parts
+            .iter()
+            .map(|p| p.added.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(all) => Some(AddedConditions {
+                text_embeds: cat(all.iter().map(|a| &a.text_embeds).collect()),
+                time_ids: cat(all.iter().map(|a| &a.time_ids).collect()),
+            }),
+            None => {
+                ensure!(
+                    parts.iter().all(|p| p.added.is_none()),
+                    "conditionings with and without added conditions cannot share a batch"
+                );
+                None
+            }
         };
-        let added = (with_added > 0).then(|| AddedConditions {
-            text_embeds: cat(&|p| p.added.as_ref().expect("checked").text_embeds.shallow_clone()),
-            time_ids: cat(&|p| p.added.as_ref().expect("checked").time_ids.shallow_clone()),
-        });
         Ok(Self {
-            context: cat(&|p| p.context.shallow_clone()),
+            context: cat(parts.iter().map(|p| &p.context).collect()),
             added,
         })
     }

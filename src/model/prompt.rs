@@ -64,14 +64,11 @@ impl PromptEmbeddings {
 }
 
 /// The tokenizers and text encoders of a model, frozen, on one device.
-pub enum PromptEncoder {
-    /// SD 1.x/2.x.
-    Single(TextEncoder),
-    /// SDXL: CLIP ViT-L/14, then OpenCLIP ViT-bigG/14 with its projection.
-    Dual {
-        first: TextEncoder,
-        second: TextEncoder,
-    },
+pub struct PromptEncoder {
+    /// SD 1.x/2.x's text encoder, or SDXL's first (CLIP ViT-L/14).
+    pub first: TextEncoder,
+    /// SDXL's second: OpenCLIP ViT-bigG/14 with its projection.
+    pub second: Option<TextEncoder>,
 }
 
 fn load_model(
@@ -108,42 +105,42 @@ impl PromptEncoder {
             tokenizer: ClipTokenizer::from_dir(&files.tokenizer_dir)?,
             model: load_model(&files.text_encoder, &files.spec, device, kind, false)?,
         };
-        match files.family()? {
-            ModelFamily::Sd1 | ModelFamily::Sd2 => Ok(Self::Single(first)),
+        let second = match files.family()? {
+            ModelFamily::Sd1 | ModelFamily::Sd2 => None,
             ModelFamily::Sdxl => {
                 let second = files
                     .text_encoder_2
                     .as_ref()
                     .expect("family checks the second text encoder");
-                Ok(Self::Dual {
-                    first,
-                    second: TextEncoder {
-                        tokenizer: ClipTokenizer::from_dir(&second.tokenizer_dir)?,
-                        model: load_model(&second.encoder, &files.spec, device, kind, true)?,
-                    },
+                Some(TextEncoder {
+                    tokenizer: ClipTokenizer::from_dir(&second.tokenizer_dir)?,
+                    model: load_model(&second.encoder, &files.spec, device, kind, true)?,
                 })
             }
-        }
+        };
+        Ok(Self { first, second })
+    }
+
+    /// The width of the pooled embedding (SDXL's second encoder's projection), if there is one.
+    pub fn pooled_dim(&self) -> Option<i64> {
+        let projection = self.second.as_ref()?.model.text_projection.as_ref()?;
+        Some(projection.weight.size()[0])
     }
 
     /// The embeddings of `prompts` (padded to each tokenizer's length).
     pub fn encode<S: AsRef<str>>(&self, prompts: &[S]) -> Result<PromptEmbeddings> {
-        match self {
-            Self::Single(encoder) => {
-                let ids = encoder.ids(prompts)?;
-                Ok(PromptEmbeddings {
-                    context: tch::no_grad(|| encoder.model.forward(&ids)),
-                    pooled: None,
-                })
-            }
-            Self::Dual { first, second } => {
-                let (context_1, _) = first.penultimate_and_pooled(prompts)?;
-                let (context_2, pooled) = second.penultimate_and_pooled(prompts)?;
-                Ok(PromptEmbeddings {
-                    context: Tensor::cat(&[context_1, context_2], -1),
-                    pooled: Some(pooled),
-                })
-            }
-        }
+        let Some(second) = &self.second else {
+            let ids = self.first.ids(prompts)?;
+            return Ok(PromptEmbeddings {
+                context: tch::no_grad(|| self.first.model.forward(&ids)),
+                pooled: None,
+            });
+        };
+        let (context_1, _) = self.first.penultimate_and_pooled(prompts)?;
+        let (context_2, pooled) = second.penultimate_and_pooled(prompts)?;
+        Ok(PromptEmbeddings {
+            context: Tensor::cat(&[context_1, context_2], -1),
+            pooled: Some(pooled),
+        })
     }
 }

@@ -385,15 +385,13 @@ fn open_clip_blocks(tensors: &BTreeMap<String, Tensor>) -> usize {
 fn open_clip_with_projection(
     mut tensors: BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let projection = tensors
-        .remove(ldm::OPEN_CLIP_PROJECTION)
-        .with_context(|| {
-            format!(
-                "SDXL's second text encoder has no `{}{}`",
-                ldm::SDXL_OPEN_CLIP_PREFIX,
-                ldm::OPEN_CLIP_PROJECTION
-            )
-        })?;
+    let projection = tensors.remove(ldm::OPEN_CLIP_PROJECTION).with_context(|| {
+        format!(
+            "SDXL's second text encoder has no `{}{}`",
+            ldm::SDXL_OPEN_CLIP_PREFIX,
+            ldm::OPEN_CLIP_PROJECTION
+        )
+    })?;
     let blocks = open_clip_blocks(&tensors);
     let mut out = ldm::open_clip_to_diffusers(tensors, blocks)?;
     out.insert(
@@ -469,7 +467,11 @@ fn copy_configs(dir: &Path, out: &Path, family: ModelFamily) -> Result<()> {
                 optional,
                 "the config folder {} has no {file}{}",
                 dir.display(),
-                if second { " (an SDXL model needs it)" } else { "" }
+                if second {
+                    " (an SDXL model needs it)"
+                } else {
+                    ""
+                }
             );
             continue;
         }

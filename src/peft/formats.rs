@@ -583,7 +583,8 @@ fn kohya_names(unet_vs: &nn::VarStore) -> Result<HashMap<String, String>> {
     let ldm = UnetLayout::from_diffusers_names(variables.keys().map(String::as_str))?.names();
     let mut by_kohya: HashMap<String, String> = HashMap::new();
     for path in variables.keys().filter_map(|n| n.strip_suffix(".weight")) {
-        let names = std::iter::once(kohya_name(path)).chain(ldm_path(&ldm, path).map(|p| kohya_name(&p)));
+        let names =
+            std::iter::once(kohya_name(path)).chain(ldm_path(&ldm, path).map(|p| kohya_name(&p)));
         for name in names {
             if let Some(other) = by_kohya.insert(name, path.to_string()) {
                 if other != path {

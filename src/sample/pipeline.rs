@@ -101,6 +101,15 @@ impl SdModels {
         kind: Kind,
     ) -> Result<Self> {
         let device = unet_vars.device();
+        let prompts = PromptEncoder::load(files, device, kind)?;
+        if let Some(added) = unet.config.added_embedding()? {
+            let (expected, got) = (added.text_embeds_dim(), prompts.pooled_dim());
+            ensure!(
+                got == Some(expected),
+                "{}: the U-Net's added embedding takes a {expected}-wide pooled text embedding, the text encoders give {got:?}",
+                files.spec
+            );
+        }
         let force_zeros = match files.family()? {
             ModelFamily::Sdxl => files.pipeline_flag("force_zeros_for_empty_prompt", true)?,
             ModelFamily::Sd1 | ModelFamily::Sd2 => false,
@@ -109,7 +118,7 @@ impl SdModels {
             unet_vars,
             unet,
             vae: load_vae_in(files, device, kind)?,
-            prompts: PromptEncoder::load(files, device, kind)?,
+            prompts,
             force_zeros_for_empty_prompt: force_zeros,
             tuning: None,
         })
@@ -263,7 +272,9 @@ fn denoise(
         } else {
             latents.shallow_clone()
         };
-        let input = scheduler.scale_model_input(&input, i)?.to_kind(models.unet_kind());
+        let input = scheduler
+            .scale_model_input(&input, i)?
+            .to_kind(models.unet_kind());
         let timestep = Tensor::from(t as f32).to_device(input.device());
         let noise_pred = tch::no_grad(|| models.unet.forward(&input, &timestep, conditioning));
         let noise_pred = if guided {
