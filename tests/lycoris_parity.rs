@@ -167,7 +167,7 @@ fn adapters_round_trip_through_peft_and_lycoris_files() {
         let (vs, _) = base_unet();
         let adapter = read_adapter(&case_dir(case), &vs).unwrap();
         let peft_dir = tmp.path().join(format!("{case}-peft"));
-        export_peft(&adapter, &peft_dir).unwrap();
+        export_peft(&adapter, None, &peft_dir).unwrap();
         let ours = read_all(&peft_dir.join("adapter_model.safetensors")).unwrap();
         let theirs = read_all(&case_dir(case).join("adapter_model.safetensors")).unwrap();
         assert_eq!(
@@ -198,7 +198,8 @@ fn adapters_round_trip_through_peft_and_lycoris_files() {
         assert!(adapted_error(case, &peft_dir) <= OUTPUT_TOLERANCE, "{case}");
 
         if case.starts_with("oft") {
-            let err = export_kohya(&adapter, &tmp.path().join("oft.safetensors")).unwrap_err();
+            let err =
+                export_kohya(&adapter, None, &tmp.path().join("oft.safetensors")).unwrap_err();
             assert!(
                 format!("{err:#}").contains("no LyCORIS/kohya form"),
                 "{err:#}"
@@ -206,7 +207,7 @@ fn adapters_round_trip_through_peft_and_lycoris_files() {
             continue;
         }
         let file = tmp.path().join(format!("{case}.safetensors"));
-        export_kohya(&adapter, &file).unwrap();
+        export_kohya(&adapter, None, &file).unwrap();
         let keys = read_all(&file).unwrap();
         for key in keys.keys() {
             let (stem, suffix) = key.split_once('.').unwrap();

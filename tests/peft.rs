@@ -423,7 +423,7 @@ fn lora_formats_round_trip() {
             } else {
                 out
             };
-            export(&adapter, format, &out).unwrap();
+            export(&adapter, format, Some(&trainer.unet.config), &out).unwrap();
             let mut user = Tiny::new();
             let imported = read_adapter(&out, &user.vs).unwrap();
             assert_eq!(imported.meta.base_model, None);
@@ -440,7 +440,7 @@ fn lora_formats_round_trip() {
             let out = tmp.path().join("dora.safetensors");
             let err = format!(
                 "{:#}",
-                export(&adapter, AdapterFormat::Kohya, &out).unwrap_err()
+                export(&adapter, AdapterFormat::Kohya, None, &out).unwrap_err()
             );
             assert!(
                 err.contains(
@@ -599,7 +599,7 @@ fn kohya_exports_load_by_comfyui_and_a1111_key_rules_as_the_merged_weights() {
     let adapter = AdapterFile::from_trained(m.as_ref(), &trained, Some(identity.clone())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("lora.safetensors");
-    export(&adapter, AdapterFormat::Kohya, &file).unwrap();
+    export(&adapter, AdapterFormat::Kohya, Some(&config), &file).unwrap();
     let kohya = read_all(&file).unwrap();
 
     let comfyui = comfyui_keys(&vs);

@@ -5,9 +5,13 @@
 //! says so ([`super::TuningMethod::export_refusal`], e.g. DoRA has no kohya form).
 use super::file::AdapterFile;
 use super::{registration, TuningMethod};
+use crate::model::ldm::{NameMap, UnetLayout};
+use crate::model::unet::UNetConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tch::nn;
 
 /// A peft adapter folder's weights and config, and the prefix of its tensors' names.
 pub(crate) const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
@@ -18,6 +22,44 @@ const KOHYA_PREFIX: &str = "lora_unet_";
 /// A U-Net layer's name in kohya's (and LyCORIS's) files: `lora_unet_` + its path with `_` for `.`.
 pub(crate) fn kohya_name(path: &str) -> String {
     format!("{KOHYA_PREFIX}{}", path.replace('.', "_"))
+}
+
+/// The layer path a kohya file names a layer by.
+pub(crate) enum KohyaLayout {
+    /// Our (diffusers') path, as sd-scripts writes SD 1.x/2.x LoRAs.
+    Diffusers,
+    /// The LDM path, as sd-scripts writes SDXL LoRAs.
+    Ldm(NameMap),
+}
+
+impl KohyaLayout {
+    /// The layout sd-scripts writes for the U-Net configured by `unet`: LDM for SDXL's (the one
+    /// with the `text_time` added embedding). Without a config, the diffusers layout, which
+    /// A1111, ComfyUI and diffusers read for every family too.
+    pub(crate) fn written_for(unet: Option<&UNetConfig>) -> Result<Self> {
+        match unet {
+            Some(unet) if unet.added_embedding()?.is_some() => {
+                Ok(Self::Ldm(UnetLayout::from_config(unet).names()))
+            }
+            _ => Ok(Self::Diffusers),
+        }
+    }
+
+    /// The kohya name of the layer at (diffusers) `path`.
+    pub(crate) fn name(&self, path: &str) -> Result<String> {
+        match self {
+            Self::Diffusers => Ok(kohya_name(path)),
+            Self::Ldm(map) => ldm_path(map, path)
+                .map(|ldm| kohya_name(&ldm))
+                .with_context(|| format!("layer `{path}` has no LDM name")),
+        }
+    }
+}
+
+/// The LDM path of the layer at (diffusers) `path`: the map works on parameter names.
+pub(crate) fn ldm_path(map: &NameMap, path: &str) -> Option<String> {
+    let ldm = map.to_ldm(&format!("{path}.weight"))?;
+    ldm.strip_suffix(".weight").map(str::to_string)
 }
 
 /// Other tools' adapter file formats, and the tools that load each.
@@ -78,7 +120,7 @@ impl std::fmt::Display for AdapterFormat {
 }
 
 /// Writes an adapter in one format at a path (a file or a folder, as the format is).
-pub type ExportFn = fn(&AdapterFile, &Path) -> Result<()>;
+pub type ExportFn = fn(&AdapterFile, Option<&UNetConfig>, &Path) -> Result<()>;
 
 /// The formats `method`, with its settings, can be written in: those its registration has a writer
 /// for, less those its settings rule out.
@@ -121,7 +163,12 @@ pub fn check_exports(method: &dyn TuningMethod, formats: &[AdapterFormat]) -> Re
 
 /// Writes the difftune adapter `adapter` in `format` at `out` (a `.safetensors` file for kohya,
 /// a folder for diffusers and peft), after checking that its method can go to that format.
-pub fn export(adapter: &AdapterFile, format: AdapterFormat, out: &Path) -> Result<()> {
+pub fn export(
+    adapter: &AdapterFile,
+    format: AdapterFormat,
+    unet: Option<&UNetConfig>,
+    out: &Path,
+) -> Result<()> {
     let method = adapter.method()?;
     check_exports(method.as_ref(), &[format])?;
     let (_, write) = writers(method.name())
@@ -132,9 +179,9 @@ pub fn export(adapter: &AdapterFile, format: AdapterFormat, out: &Path) -> Resul
         true if out.extension().is_none_or(|e| e != "safetensors") => Err(anyhow::anyhow!(
             "a {format} adapter is one file: name it NAME.safetensors"
         )),
-        true => write(adapter, out),
+        true => write(adapter, unet, out),
         // A folder is written whole or not at all: beside it, then swapped into place.
-        false => write_folder(out, |dir| write(adapter, dir)),
+        false => write_folder(out, |dir| write(adapter, unet, dir)),
     };
     written.with_context(|| {
         format!(
@@ -159,4 +206,24 @@ fn write_folder(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<(
         .with_context(|| format!("creating a temp folder in {}", parent.display()))?;
     write(temp.path())?;
     crate::util::fs::replace_dir(&temp.keep(), out)
+}
+
+/// Every kohya name of the U-Net's layers (in the diffusers and the LDM layout) and the layer
+/// it names.
+pub(crate) fn kohya_names(unet_vs: &nn::VarStore) -> Result<HashMap<String, String>> {
+    let variables = unet_vs.variables();
+    let ldm = UnetLayout::from_diffusers_names(variables.keys().map(String::as_str))?.names();
+    let mut by_kohya: HashMap<String, String> = HashMap::new();
+    for path in variables.keys().filter_map(|n| n.strip_suffix(".weight")) {
+        let names =
+            std::iter::once(kohya_name(path)).chain(ldm_path(&ldm, path).map(|p| kohya_name(&p)));
+        for name in names {
+            if let Some(other) = by_kohya.insert(name, path.to_string()) {
+                if other != path {
+                    bail!("layers `{other}` and `{path}` have the same kohya name");
+                }
+            }
+        }
+    }
+    Ok(by_kohya)
 }

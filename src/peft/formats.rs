@@ -6,21 +6,26 @@
 //!   alpha from diffusers' `lora_adapter_metadata` header or `<path>.alpha` scalars if present, else
 //!   alpha = rank (scale 1); on export the scale is folded into B so every diffusers version loads it;
 //! - kohya (sd-scripts, A1111, ComfyUI): `lora_unet_<path with . replaced by _>.lora_down.weight`
-//!   (A), `.lora_up.weight` (B) and `.alpha` (a scalar), in the diffusers layout of the SD 1.x U-Net.
-//!   The `_`-joined names are mapped back through the U-Net's own layer names. DoRA has no kohya
-//!   form here.
+//!   (A), `.lora_up.weight` (B) and `.alpha` (a scalar). The path is the layer's as sd-scripts
+//!   names it: in the diffusers layout for SD 1.x/2.x (sd-scripts trains those on diffusers'
+//!   U-Net: `lora_unet_down_blocks_0_attentions_0_...`), in the LDM layout for SDXL (sd-scripts
+//!   trains SDXL on Stability's U-Net: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q`).
+//!   A1111, ComfyUI and diffusers read both layouts for every family, and so does difftune: the
+//!   `_`-joined names are mapped back through the U-Net's own layer names and their LDM names.
+//!   DoRA has no kohya form here.
 //!
 //! The LoRA writers here are registered with LoRA in [`super::METHODS`]; [`super::export`] writes
 //! an adapter with them (and refuses the formats a method cannot go to).
 //!
-//! Text-encoder LoRA weights are refused rather than dropped: difftune adapts only the U-Net, and
-//! ignoring part of a LoRA would silently give another model.
-use super::export::{kohya_name, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS};
+//! Text-encoder LoRA weights (kohya's `lora_te_`, `lora_te1_`, `lora_te2_`; diffusers'
+//! `text_encoder.`, `text_encoder_2.`) are refused rather than dropped: difftune adapts only the
+//! U-Net, and ignoring part of a LoRA would silently give another model.
+use super::export::{kohya_names, KohyaLayout, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS};
 use super::file::{sidecar_path, AdapterFile, AdapterMeta, FORMAT};
 use super::lora::{lora_a_name, lora_b_name, magnitude_name, Lora};
 use super::pattern::no_match_error;
 use super::{Identity, Registered, Tuned, TuningMethod};
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::weights::{read_all, read_metadata, save_tensors};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -174,18 +179,30 @@ fn adapter_of(layers: Vec<LoraLayer>, source: &Path) -> Result<AdapterFile> {
 }
 
 /// A LoRA adapter as a peft adapter folder (the writer [`super::METHODS`] registers for LoRA).
-pub(crate) fn write_lora_peft(adapter: &AdapterFile, dir: &Path) -> Result<()> {
+pub(crate) fn write_lora_peft(
+    adapter: &AdapterFile,
+    _: Option<&UNetConfig>,
+    dir: &Path,
+) -> Result<()> {
     export_peft(&layers_of(adapter)?, dir)
 }
 
 /// A LoRA adapter as a diffusers LoRA folder.
-pub(crate) fn write_lora_diffusers(adapter: &AdapterFile, dir: &Path) -> Result<()> {
+pub(crate) fn write_lora_diffusers(
+    adapter: &AdapterFile,
+    _: Option<&UNetConfig>,
+    dir: &Path,
+) -> Result<()> {
     export_diffusers(&layers_of(adapter)?, dir)
 }
 
-/// A LoRA adapter as a kohya LoRA file.
-pub(crate) fn write_lora_kohya(adapter: &AdapterFile, file: &Path) -> Result<()> {
-    export_kohya(&layers_of(adapter)?, file)
+/// A LoRA adapter as a kohya LoRA file, named as sd-scripts names the layers of `unet`.
+pub(crate) fn write_lora_kohya(
+    adapter: &AdapterFile,
+    unet: Option<&UNetConfig>,
+    file: &Path,
+) -> Result<()> {
+    export_kohya(&layers_of(adapter)?, &KohyaLayout::written_for(unet)?, file)
 }
 
 /// A JSON number, integral when the value is (peft declares `lora_alpha` an int).
@@ -279,13 +296,13 @@ fn export_diffusers(layers: &[LoraLayer], dir: &Path) -> Result<()> {
     )
 }
 
-fn export_kohya(layers: &[LoraLayer], file: &Path) -> Result<()> {
+fn export_kohya(layers: &[LoraLayer], layout: &KohyaLayout, file: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for l in layers {
         if l.magnitude.is_some() {
             bail!("DoRA adapters have no kohya form here; export them as peft or diffusers");
         }
-        let stem = kohya_name(&l.path);
+        let stem = layout.name(&l.path)?;
         tensors.push((format!("{stem}.lora_down.weight"), l.a.shallow_clone()));
         tensors.push((format!("{stem}.lora_up.weight"), l.b.shallow_clone()));
         tensors.push((
@@ -498,10 +515,11 @@ fn import_diffusers(file: &Path) -> Result<AdapterFile> {
         file,
         |stem| match stem.strip_prefix(DIFFUSERS_PREFIX) {
             Some(path) => Ok(Some(path.to_string())),
-            None if stem.starts_with("text_encoder") => {
+            None if text_encoder_of(stem).is_some() => {
                 bail!(
-                    "{} has text-encoder LoRA weights (`{stem}`); difftune adapts only the U-Net",
-                    file.display()
+                    "{} has LoRA weights for {} (`{stem}`); difftune adapts only the U-Net",
+                    file.display(),
+                    text_encoder_of(stem).expect("matched")
                 )
             }
             None => bail!(
@@ -519,19 +537,22 @@ fn import_diffusers(file: &Path) -> Result<AdapterFile> {
     adapter_of(layers, file)
 }
 
+/// Which text encoder a kohya or diffusers LoRA key adapts, if it adapts one.
+fn text_encoder_of(stem: &str) -> Option<&'static str> {
+    [
+        ("lora_te1_", "the first text encoder"),
+        ("lora_te2_", "the second text encoder"),
+        ("lora_te_", "the text encoder"),
+        ("text_encoder_2.", "the second text encoder"),
+        ("text_encoder.", "the text encoder"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| stem.starts_with(prefix))
+    .map(|(_, which)| which)
+}
+
 fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
-    let layer_names: Vec<String> = unet_vs
-        .variables()
-        .keys()
-        .filter_map(|n| n.strip_suffix(".weight"))
-        .map(str::to_string)
-        .collect();
-    let mut by_kohya: HashMap<String, String> = HashMap::new();
-    for path in &layer_names {
-        if let Some(other) = by_kohya.insert(kohya_name(path), path.clone()) {
-            bail!("layers `{other}` and `{path}` have the same kohya name");
-        }
-    }
+    let by_kohya = kohya_names(unet_vs)?;
     let kohya_names: Vec<String> = by_kohya.keys().cloned().collect();
     let parts = [
         (".lora_down.weight", 0),
@@ -543,9 +564,9 @@ fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
         read_all(file)?,
         file,
         |stem| {
-            if stem.starts_with("lora_te") {
+            if let Some(which) = text_encoder_of(stem) {
                 bail!(
-                    "{} has text-encoder LoRA weights (`{stem}`); difftune adapts only the U-Net",
+                    "{} has LoRA weights for {which} (`{stem}`); difftune adapts only the U-Net",
                     file.display()
                 );
             }

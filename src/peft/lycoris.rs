@@ -10,12 +10,13 @@
 //!   factor is decomposed (r = `lokr_w1_b`'s or else `lokr_w2_b`'s rows), by 1 otherwise: a LoKr
 //!   layer whose factors are both full is written with its scale folded into `lokr_w1`.
 //!   OFT has no such form here (LyCORIS's OFT is another parametrisation).
-use super::export::{kohya_name, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS};
+use super::export::{kohya_names, KohyaLayout, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS};
 use super::file::{AdapterFile, AdapterMeta, FORMAT};
 use super::loha::{Loha, LOHA_PARTS};
 use super::lokr::Lokr;
 use super::oft::{CayleyForm, Oft, OftBlocks};
 use super::{method_from_json, Registered};
+use crate::model::unet::UNetConfig;
 use crate::model::weights::{read_all, save_tensors};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -460,7 +461,7 @@ fn peft_config(adapter: &AdapterFile, kind: Family, paths: &[String]) -> Result<
 }
 
 /// Writes a difftune LoHa, LoKr or OFT adapter as the peft folder `dir`.
-pub fn export_peft(adapter: &AdapterFile, dir: &Path) -> Result<()> {
+pub fn export_peft(adapter: &AdapterFile, _: Option<&UNetConfig>, dir: &Path) -> Result<()> {
     let kind = kind_of(adapter)?;
     let paths: Vec<String> = layers(&adapter.tensors, kind)?.into_keys().collect();
     let config = peft_config(adapter, kind, &paths)?;
@@ -487,7 +488,8 @@ fn lokr_loader_rank(parts: &BTreeMap<String, Tensor>) -> Option<i64> {
 }
 
 /// Writes a difftune LoHa or LoKr adapter in the LyCORIS/kohya layout (one `.safetensors`).
-pub fn export_kohya(adapter: &AdapterFile, file: &Path) -> Result<()> {
+pub fn export_kohya(adapter: &AdapterFile, unet: Option<&UNetConfig>, file: &Path) -> Result<()> {
+    let layout = KohyaLayout::written_for(unet)?;
     let kind = kind_of(adapter)?;
     if kind == Family::Oft {
         bail!("OFT adapters have no LyCORIS/kohya form here; export them as peft");
@@ -498,7 +500,7 @@ pub fn export_kohya(adapter: &AdapterFile, file: &Path) -> Result<()> {
     for ((path, parts), (rank, alpha)) in
         layers.iter().zip(ranks_and_alphas(adapter, kind, &paths)?)
     {
-        let stem = kohya_name(path);
+        let stem = layout.name(path)?;
         // Loaders scale a LoKr layer without decomposed factors by 1: fold alpha / r in.
         let folded = kind == Family::Lokr && lokr_loader_rank(parts).is_none();
         for (part, t) in parts {
@@ -527,12 +529,7 @@ pub fn is_lycoris(names: &[String]) -> bool {
 
 /// Reads a LyCORIS/kohya LoHa or LoKr file, its layer names mapped through the U-Net's (`unet_vs`).
 pub fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
-    let by_kohya: HashMap<String, String> = unet_vs
-        .variables()
-        .keys()
-        .filter_map(|n| n.strip_suffix(".weight"))
-        .map(|p| (kohya_name(p), p.to_string()))
-        .collect();
+    let by_kohya = kohya_names(unet_vs)?;
     let read = || -> Result<AdapterFile> {
         let mut alphas: HashMap<String, f64> = HashMap::new();
         let mut tensors = BTreeMap::new();

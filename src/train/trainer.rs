@@ -561,8 +561,9 @@ impl<'a> Trainer<'a> {
                 Some(self.base_unet.clone()),
             )?;
             adapter.save(&path)?;
+            let unet = &self.model.unet().config;
             for &format in &self.opts.config.train.export {
-                export::export(&adapter, format, &format.beside(&path))?;
+                export::export(&adapter, format, Some(unet), &format.beside(&path))?;
             }
         }
         Ok(self.summary(Some(path)))
