@@ -127,7 +127,7 @@ fn a_backward_pass_after_its_scope_fails_instead_of_running_a_dropped_block() {
             Some(scope),
             &step.inputs.latents,
             &Tensor::from_slice(&[10i64, 500]),
-            &step.inputs.context,
+            &step.inputs.conditioning,
         )
     });
     let backward = catch_unwind(AssertUnwindSafe(|| prediction.sum(Kind::Float).backward()));

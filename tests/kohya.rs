@@ -469,7 +469,7 @@ fn the_cache_holds_every_caption_variant_bucket_and_flip_that_training_draws() {
                 })
                 .collect();
             let direct = tch::no_grad(|| encoder.forward(&tokenizer.input_ids(&texts).unwrap()));
-            assert!(max_abs_diff(&context, &direct) < 1e-5, "{texts:?}");
+            assert!(max_abs_diff(&context.context, &direct) < 1e-5, "{texts:?}");
         }
     }
     assert!(dropped > 0 && flipped > 0 && shuffled > 0);

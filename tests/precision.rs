@@ -52,13 +52,15 @@ fn every_method_s_bf16_output_is_within_the_bound_of_f32() {
         let f32_step = TinyStep::new(method, false);
         let reference = tch::no_grad(|| {
             let i = &f32_step.inputs;
-            f32_step.unet.forward(&i.latents, &timesteps, &i.context)
+            f32_step
+                .unet
+                .forward(&i.latents, &timesteps, &i.conditioning)
         });
         let step = TinyStep::new(method, true);
         let output = tch::no_grad(|| {
             bf16_autocast(Device::Cpu, || {
                 let i = &step.inputs;
-                step.unet.forward(&i.latents, &timesteps, &i.context)
+                step.unet.forward(&i.latents, &timesteps, &i.conditioning)
             })
         });
         assert_eq!(output.kind(), Kind::BFloat16, "{method}");

@@ -67,7 +67,10 @@ fn a_loader_panic_is_an_error_not_a_hang() {
 fn assert_same(a: &StepInputs, b: &StepInputs, what: &str) {
     let same = |x: &Tensor, y: &Tensor| x.size() == y.size() && x.equal(y);
     assert!(same(&a.latents, &b.latents), "{what}: latents differ");
-    assert!(same(&a.context, &b.context), "{what}: context differs");
+    assert!(
+        same(&a.conditioning.context, &b.conditioning.context),
+        "{what}: context differs"
+    );
     assert!(same(&a.noise, &b.noise), "{what}: noise differs");
     assert!(same(&a.timesteps, &b.timesteps), "{what}: timesteps differ");
 }

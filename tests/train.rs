@@ -372,7 +372,7 @@ fn only_the_method_parameters_change() {
         let (noise, timesteps) = objective.draw(&latents).unwrap();
         let inputs = StepInputs {
             latents,
-            context: Tensor::randn([2, 77, 32], (Kind::Float, Device::Cpu)),
+            conditioning: (&Tensor::randn([2, 77, 32], (Kind::Float, Device::Cpu))).into(),
             noise,
             timesteps,
         };
@@ -453,7 +453,8 @@ fn bad_images_are_reported_and_skipped_and_strict_mode_keeps_finished_shards() {
     let (mean, logvar, context) = cache.batch(&[0, 29]).unwrap();
     assert_eq!(mean.size(), [2, 4, 8, 8]);
     assert_eq!(logvar.size(), [2, 4, 8, 8]);
-    assert_eq!(context.size(), [2, 77, 32]);
+    assert_eq!(context.context.size(), [2, 77, 32]);
+    assert!(context.added.is_none());
 }
 
 #[test]

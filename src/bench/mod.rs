@@ -7,6 +7,7 @@
 pub mod profiler;
 
 use crate::compare::machine::{MachineInfo, PeakMemory};
+use crate::model::conditioning::{AddedConditions, SizeConditions, TextConditioning};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::VaeConfig;
 use crate::peft::{MethodSettings, Tuned};
@@ -243,7 +244,7 @@ impl<'a> BenchedStep<'a> {
     }
 }
 
-/// Random latents (channels-last when asked) and text context, with the objective's noise and
+/// Random latents (channels-last when asked) and conditioning, with the objective's noise and
 /// timesteps.
 fn random_inputs(
     opts: &BenchOptions,
@@ -260,10 +261,7 @@ fn random_inputs(
     let (noise, timesteps) = objective.draw(&latents)?;
     let inputs = StepInputs {
         latents,
-        context: Tensor::randn(
-            [setup.batch, CONTEXT_TOKENS, config.cross_attention_dim],
-            (Kind::Float, device),
-        ),
+        conditioning: random_conditioning(config, setup.batch, opts.resolution, device)?,
         noise,
         timesteps,
     };
@@ -271,6 +269,25 @@ fn random_inputs(
         true => inputs.into_channels_last(),
         false => inputs,
     })
+}
+
+/// Random text states and, for a U-Net with SDXL's added embedding, a random pooled embedding
+/// with the time ids of an uncropped `resolution`-pixel square image.
+fn random_conditioning(
+    config: &UNetConfig,
+    batch: i64,
+    resolution: i64,
+    device: Device,
+) -> Result<TextConditioning> {
+    let context = Tensor::randn(
+        [batch, CONTEXT_TOKENS, config.cross_attention_dim],
+        (Kind::Float, device),
+    );
+    let added = config.added_embedding()?.map(|added| AddedConditions {
+        text_embeds: Tensor::randn([batch, added.text_embeds_dim()], (Kind::Float, device)),
+        time_ids: SizeConditions::uncropped(resolution, resolution).time_ids(batch, device),
+    });
+    Ok(TextConditioning { context, added })
 }
 
 fn bench_one(

@@ -14,6 +14,7 @@
 //! for that file (PIL raises for such files too), never a silently padded image.
 use super::buckets::{nearest, Bucket};
 use super::{jpeg, ImageSource};
+use crate::model::conditioning::SizeConditions;
 use anyhow::{anyhow, bail, Context, Result};
 use image::imageops::FilterType;
 use image::metadata::Orientation;
@@ -134,6 +135,10 @@ pub struct ImageTensor {
     pub data: Vec<f32>,
     pub height: usize,
     pub width: usize,
+    /// SDXL's micro-conditioning of this image, as the preprocessing that made it knows it: the
+    /// decoded image's size, the crop's top-left corner in the resized image (in the mirrored
+    /// image when flipped) and the output size.
+    pub size: SizeConditions,
 }
 
 impl ImageTensor {
@@ -305,18 +310,7 @@ pub fn preprocess_to(
     if out_w == 0 || out_h == 0 || w == 0 || h == 0 {
         bail!("cannot resize a {w}x{h} image to {out_w}x{out_h}");
     }
-    // Width matches when the image is at least as tall, relative to its width, as the output.
-    let (new_w, new_h) = if u64::from(w) * u64::from(out_h) <= u64::from(h) * u64::from(out_w) {
-        (
-            out_w,
-            (u64::from(out_w) * u64::from(h) / u64::from(w)) as u32,
-        )
-    } else {
-        (
-            (u64::from(out_h) * u64::from(w) / u64::from(h)) as u32,
-            out_h,
-        )
-    };
+    let (new_w, new_h) = resized_size((w, h), size);
     let resized = image::imageops::resize(rgb, new_w, new_h, pre.filter.filter_type());
     let (left, top) = match pre.crop {
         Crop::Center => (
@@ -341,11 +335,52 @@ pub fn preprocess_to(
             }
         }
     }
+    let crop_left = match flip {
+        true => new_w - out_w - left,
+        false => left,
+    };
+    let pixels = |w: u32, h: u32| (i64::from(h), i64::from(w));
     Ok(ImageTensor {
         data,
         height,
         width,
+        size: SizeConditions {
+            original_size: pixels(w, h),
+            crop_top_left: pixels(crop_left, top),
+            target_size: pixels(out_w, out_h),
+        },
     })
+}
+
+/// The `(width, height)` a `(w, h)` image is resized to before it is cropped to `size`: it
+/// covers `size`, the side that fits tighter matching and the other truncated, as torchvision's
+/// `Resize` computes it.
+fn resized_size((w, h): (u32, u32), size: Bucket) -> (u32, u32) {
+    let (out_w, out_h) = (u64::from(size.width), u64::from(size.height));
+    let (w64, h64) = (u64::from(w), u64::from(h));
+    // Width matches when the image is at least as tall, relative to its width, as the output.
+    match w64 * out_h <= h64 * out_w {
+        true => (size.width, (out_w * h64 / w64) as u32),
+        false => ((out_h * w64 / h64) as u32, size.height),
+    }
+}
+
+/// The micro-conditioning of the mirror image of an image preprocessed with `size`: the crop's
+/// left edge measured in the mirrored resized image (what a flipped cached latent shows).
+pub fn mirrored(size: &SizeConditions) -> SizeConditions {
+    let ((h, w), (top, left), (out_h, out_w)) =
+        (size.original_size, size.crop_top_left, size.target_size);
+    let (new_w, _) = resized_size(
+        (w as u32, h as u32),
+        Bucket {
+            width: out_w as u32,
+            height: out_h as u32,
+        },
+    );
+    SizeConditions {
+        crop_top_left: (top, i64::from(new_w) - out_w - left),
+        ..*size
+    }
 }
 
 /// The random stream of item `index` of a batch drawn with `seed`: independent of thread

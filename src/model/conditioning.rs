@@ -43,7 +43,8 @@ impl TextConditioning {
         }
     }
 
-    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+    /// Every tensor (context, pooled embedding, time ids) through `f`, e.g. to a device.
+    pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
         Self {
             context: f(&self.context),
             added: self.added.as_ref().map(|a| a.map(&f)),

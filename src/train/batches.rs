@@ -12,6 +12,7 @@
 use super::step::{Objective, StepInputs};
 use crate::data::cache::LatentCache;
 use crate::data::epochs::{Draw, EpochPlan};
+use crate::model::conditioning::TextConditioning;
 use anyhow::{ensure, Result};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -62,7 +63,7 @@ pub struct CachedBatch {
     pub positions: Vec<usize>,
     mean: Tensor,
     logvar: Tensor,
-    context: Tensor,
+    conditioning: TextConditioning,
 }
 
 impl CachedBatch {
@@ -74,7 +75,7 @@ impl CachedBatch {
             positions: self.positions,
             mean: pin(self.mean),
             logvar: pin(self.logvar),
-            context: pin(self.context),
+            conditioning: self.conditioning.map(|t| pin(t.shallow_clone())),
         }
     }
 }
@@ -151,12 +152,12 @@ impl Batches {
         let first = (forward_index * self.world_size + self.rank) * self.batch_size;
         let positions: Vec<usize> = (first..first + self.batch_size).collect();
         let draws: Vec<Draw> = positions.iter().map(|&p| self.order.draw(p)).collect();
-        let (mean, logvar, context) = self.cache.read(&draws)?;
+        let (mean, logvar, conditioning) = self.cache.read(&draws)?;
         Ok(CachedBatch {
             positions,
             mean,
             logvar,
-            context,
+            conditioning,
         })
     }
 
@@ -185,7 +186,9 @@ impl Batches {
         }
         Ok(StepInputs {
             latents: Tensor::cat(&latents, 0),
-            context: to_device(&batch.context).to_kind(Kind::Float),
+            conditioning: batch
+                .conditioning
+                .map(|t| to_device(t).to_kind(Kind::Float)),
             noise: Tensor::cat(&noise, 0),
             timesteps: Tensor::cat(&timesteps, 0),
         })

@@ -2,6 +2,7 @@
 //! training loop and the `bench` command: DDPM noising with the model's scheduler, epsilon or v
 //! targets, optional min-SNR-γ weighting and noise offset, as diffusers' `train_text_to_image.py`.
 use super::config::{PredictionTarget, TrainConfig};
+use crate::model::conditioning::TextConditioning;
 use crate::model::unet::UNet2DConditionModel;
 use crate::peft::{MethodSettings, Tuned};
 use crate::schedulers::{NoiseSchedule, PredictionType, SchedulerConfig};
@@ -100,8 +101,9 @@ impl Objective {
 pub struct StepInputs {
     /// Clean latents, already scaled by the VAE's scaling factor: `[b, 4, h, w]` f32.
     pub latents: Tensor,
-    /// Text encoder hidden states `[b, seq, cross_attention_dim]` f32.
-    pub context: Tensor,
+    /// The text encoders' hidden states `[b, seq, cross_attention_dim]` f32 and, for SDXL, the
+    /// pooled embeddings and each sample's size and crop conditions.
+    pub conditioning: TextConditioning,
     /// The noise added to the latents (see [`Objective::draw`]).
     pub noise: Tensor,
     /// One diffusion timestep per sample `[b]` i64.
@@ -147,10 +149,10 @@ pub fn forward_backward(
     crate::model::checkpoint::scope(|scope| {
         let prediction = if autocast {
             super::precision::bf16_autocast(device, || {
-                unet.forward_in(Some(scope), &noisy, timesteps, &inputs.context)
+                unet.forward_in(Some(scope), &noisy, timesteps, &inputs.conditioning)
             })
         } else {
-            unet.forward_in(Some(scope), &noisy, timesteps, &inputs.context)
+            unet.forward_in(Some(scope), &noisy, timesteps, &inputs.conditioning)
         };
         let error = (prediction.to_kind(Kind::Float) - target).square();
         let loss = match objective.snr_gamma {

@@ -226,6 +226,7 @@ impl<'a> Trainer<'a> {
         let batches = Batches::open(&cache_dir, train.seed, shard, scaling)?;
 
         let (mut unet_vs, mut unet) = crate::model::pipeline::load_unet(files, device)?;
+        batches.cache().check_fits(&unet.config)?;
         unet.gradient_checkpointing = train.gradient_checkpointing;
         if device.is_cuda() && group.is_main() {
             let factor = crate::sample::LatentGeometry::of_vae(&vae).scale_factor;

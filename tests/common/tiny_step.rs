@@ -48,10 +48,11 @@ impl TinyStep {
         let (noise, timesteps) = objective.draw(&latents).unwrap();
         let inputs = StepInputs {
             latents,
-            context: Tensor::randn(
+            conditioning: (&Tensor::randn(
                 [2, 7, config.cross_attention_dim],
                 (Kind::Float, Device::Cpu),
-            ),
+            ))
+                .into(),
             noise,
             timesteps,
         };

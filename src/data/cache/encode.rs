@@ -50,6 +50,8 @@ pub(super) struct ShardEncoder<'a> {
     pub settings: &'a CacheSettings,
     pub buckets: &'a [Bucket],
     pub vae: AutoencoderKL,
+    /// Record each sample's size and crop conditions (SDXL).
+    pub micro_conditioning: bool,
     pub dir: &'a Path,
     pub progress: Progress,
 }
@@ -82,11 +84,12 @@ impl ShardEncoder<'_> {
                     ))
                 })?;
             self.encode_batch(&kept, &mut latents);
-            samples.extend(kept.iter().map(|(i, bucket, _)| CachedSample {
+            samples.extend(kept.iter().map(|(i, bucket, image)| CachedSample {
                 id: self.dataset.samples[*i].id.clone(),
                 bucket: *bucket,
                 repeats: self.dataset.samples[*i].repeats,
                 prompts: Vec::new(),
+                size: self.micro_conditioning.then_some(image.size),
             }));
             self.progress.inc((end - start) as u64);
         }

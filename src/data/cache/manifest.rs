@@ -6,6 +6,8 @@ use super::super::captions::CaptionOptions;
 use super::super::images::{Crop, ExifOrientation, ResizeFilter};
 use super::super::{Dataset, ImageSource, Split};
 use super::{CacheReport, CacheSettings};
+use crate::model::conditioning::SizeConditions;
+use crate::model::files::ComponentFiles;
 use crate::model::source::{fingerprint, ModelFiles};
 use crate::model::weights::MappedSafetensors;
 use crate::util::fs::{hex, sha256_file, write_json};
@@ -26,6 +28,10 @@ pub struct CacheKey {
     pub vae: String,
     /// Fingerprint of the text encoder's config and weights and the tokenizer's files.
     pub text_encoder: String,
+    /// SDXL: the same of the second text encoder and its tokenizer (absent for SD 1.x/2.x, whose
+    /// keys are as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder_2: Option<String>,
     pub resolution: u32,
     pub resize_filter: ResizeFilter,
     pub crop: Crop,
@@ -50,7 +56,12 @@ impl CacheKey {
     ) -> Result<Self> {
         Ok(Self {
             vae: vae_identity(model)?,
-            text_encoder: text_identity(model)?,
+            text_encoder: text_identity(&model.text_encoder, &model.tokenizer_dir)?,
+            text_encoder_2: model
+                .text_encoder_2
+                .as_ref()
+                .map(|second| text_identity(&second.encoder, &second.tokenizer_dir))
+                .transpose()?,
             resolution: settings.resolution,
             resize_filter: settings.resize_filter,
             crop: Crop::Center,
@@ -72,6 +83,10 @@ impl CacheKey {
             (
                 "text encoder / tokenizer",
                 self.text_encoder != other.text_encoder,
+            ),
+            (
+                "second text encoder / tokenizer",
+                self.text_encoder_2 != other.text_encoder_2,
             ),
             ("resolution", self.resolution != other.resolution),
             ("resize filter", self.resize_filter != other.resize_filter),
@@ -128,6 +143,10 @@ pub struct CachedSample {
     /// Indices into the manifest's `prompts` of the sample's caption variants (the caption as
     /// written first).
     pub prompts: Vec<usize>,
+    /// SDXL: the image's micro-conditioning as cached (its flipped latent's is
+    /// [`mirrored`](crate::data::images::mirrored)); absent in SD 1.x/2.x caches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<SizeConditions>,
 }
 
 /// An image that could not be loaded, with its file (or parquet row) and the error.
@@ -258,16 +277,16 @@ pub(super) fn verify(dir: &Path, file: &CacheFile) -> Result<()> {
     Ok(())
 }
 
-fn text_identity(files: &ModelFiles) -> Result<String> {
-    let mut paths = vec![files.text_encoder.config.clone()];
-    paths.extend(files.text_encoder.weights.iter().cloned());
+fn text_identity(encoder: &ComponentFiles, tokenizer_dir: &Path) -> Result<String> {
+    let mut paths = vec![encoder.config.clone()];
+    paths.extend(encoder.weights.iter().cloned());
     for name in [
         "vocab.json",
         "merges.txt",
         "tokenizer_config.json",
         "special_tokens_map.json",
     ] {
-        let p = files.tokenizer_dir.join(name);
+        let p = tokenizer_dir.join(name);
         if p.is_file() {
             paths.push(p);
         }

@@ -4,8 +4,11 @@
 //! encoder, so training runs the U-Net alone.
 //!
 //! Layout: `manifest.json` ([`Manifest`]), `prompts.safetensors` (`embeddings`
-//! `[prompts, seq, dim]`) and `latents-NNNNN.safetensors` shards ([`Shard`]). The manifest is
-//! keyed by the VAE and text-encoder fingerprints, the preprocessing settings and the dataset's
+//! `[prompts, seq, dim]`; for SDXL both encoders' penultimate states concatenated, and `pooled`
+//! `[prompts, projection_dim]`, the second encoder's pooled projection) and
+//! `latents-NNNNN.safetensors` shards ([`Shard`]). An SDXL cache records each sample's size and
+//! crop conditions ([`CachedSample::size`]), computed where its image is resized and cropped.
+//! The manifest is keyed by the VAE and text-encoder(s') fingerprints, the preprocessing settings and the dataset's
 //! identity (sample ids, file sizes, captions) and records each file's SHA-256. A cache whose key
 //! differs is stale and rebuilt; a file whose checksum differs or that cannot be read is damaged
 //! and re-encoded; neither is ever used as it is. Changed caption options re-encode the prompts
@@ -28,6 +31,7 @@ use super::captions::CaptionOptions;
 use super::images::{DecodeOptions, ResizeFilter};
 use super::{Dataset, DatasetOptions, PromptTemplate, Split};
 use crate::dist::ProcessGroup;
+use crate::model::family::ModelFamily;
 use crate::model::source::ModelFiles;
 use crate::model::weights::save_tensors;
 use crate::util::fs::{sha256_file, write_json};
@@ -41,6 +45,10 @@ use std::path::Path;
 use tch::Device;
 
 const PROMPTS_FILE: &str = "prompts.safetensors";
+/// The prompt file's hidden states `[prompts, seq, dim]` (SDXL: both encoders' concatenated).
+const EMBEDDINGS: &str = "embeddings";
+/// SDXL: the prompt file's pooled embeddings `[prompts, projection_dim]`.
+const POOLED: &str = "pooled";
 
 /// What to cache and how.
 #[derive(Debug, Clone)]
@@ -213,14 +221,6 @@ pub fn build_in(
     group: &ProcessGroup,
 ) -> Result<(Manifest, CacheReport)> {
     settings.validate()?;
-    // The cache holds one encoder's states per caption; SDXL's (two encoders, the pooled
-    // embedding, each image's size and crop conditions) is not there yet.
-    if model.family()? == crate::model::family::ModelFamily::Sdxl {
-        bail!(
-            "{} is an SDXL model: difftune samples, converts and inspects SDXL models but does not train them yet",
-            model.spec
-        );
-    }
     let dataset = open_dataset(dataset_path, settings)?;
     let captions = CaptionTable::new(&dataset, &settings.captions);
     let manifest = Manifest {
@@ -364,7 +364,9 @@ impl Build<'_> {
             encode_prompt_share(self.model, &self.manifest.prompts, settings.device, group)?;
         if group.is_main() {
             let path = self.dir.join(PROMPTS_FILE);
-            save_tensors(&path, &[("embeddings".to_string(), embeddings)], None)?;
+            let mut tensors = vec![(EMBEDDINGS.to_string(), embeddings.context)];
+            tensors.extend(embeddings.pooled.map(|p| (POOLED.to_string(), p)));
+            save_tensors(&path, &tensors, None)?;
             self.manifest.prompt_embeddings = Some(CacheFile {
                 file: PROMPTS_FILE.into(),
                 sha256: sha256_file(&path)?,
@@ -401,6 +403,7 @@ impl Build<'_> {
             settings: self.settings,
             buckets: &buckets,
             vae: crate::model::pipeline::load_vae(self.model, self.settings.device)?,
+            micro_conditioning: self.model.family()? == ModelFamily::Sdxl,
             dir: self.dir,
             progress: Progress::new(
                 "cache",

@@ -5,6 +5,7 @@ use super::super::captions::CaptionOptions;
 use super::super::Dataset;
 use super::manifest::Manifest;
 use crate::dist::ProcessGroup;
+use crate::model::prompt::{PromptEmbeddings, PromptEncoder};
 use crate::model::source::ModelFiles;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -82,7 +83,7 @@ pub(super) fn encode_prompt_share(
     prompts: &[String],
     device: Device,
     group: &ProcessGroup,
-) -> Result<Tensor> {
+) -> Result<PromptEmbeddings> {
     let chunks = group.shard_range(prompts.len().div_ceil(PROMPT_CHUNK));
     let (start, end) = (chunks.start * PROMPT_CHUNK, chunks.end * PROMPT_CHUNK);
     let mine = &prompts[start.min(prompts.len())..end.min(prompts.len())];
@@ -91,27 +92,48 @@ pub(super) fn encode_prompt_share(
     }
     // A rank without a chunk still hands over rows of the right shape: none of one prompt's.
     let embeddings = match mine.is_empty() {
-        true => encode_prompts(model, &prompts[..1], device)?.narrow(0, 0, 0),
+        true => {
+            let one = encode_prompts(model, &prompts[..1], device)?;
+            PromptEmbeddings {
+                context: one.context.narrow(0, 0, 0),
+                pooled: one.pooled.map(|p| p.narrow(0, 0, 0)),
+            }
+        }
         false => encode_prompts(model, mine, device)?,
     };
-    let all = group
-        .all_gather_rows(&embeddings.to_device(device))
-        .context("gathering the prompt embeddings")?;
-    Ok(all.to_device(Device::Cpu))
+    let gather = |rows: &Tensor| -> Result<Tensor> {
+        let all = group
+            .all_gather_rows(&rows.to_device(device))
+            .context("gathering the prompt embeddings")?;
+        Ok(all.to_device(Device::Cpu))
+    };
+    Ok(PromptEmbeddings {
+        context: gather(&embeddings.context)?,
+        pooled: embeddings.pooled.as_ref().map(gather).transpose()?,
+    })
 }
 
-/// `[prompts, seq, dim]` text-encoder hidden states of `prompts`, on the CPU.
-fn encode_prompts(model: &ModelFiles, prompts: &[String], device: Device) -> Result<Tensor> {
-    let tokenizer = crate::model::tokenizer::ClipTokenizer::from_dir(&model.tokenizer_dir)?;
-    let encoder = crate::model::pipeline::load_text_encoder(model, device)?;
-    let mut out = Vec::new();
+/// The embeddings of `prompts` as the model's pipeline encodes them (SD: the text encoder's last
+/// hidden state; SDXL: both encoders' penultimate states and the pooled projection), f32 on the
+/// CPU. The empty prompt of caption dropout is encoded like any other, as diffusers' SDXL
+/// training script (`proportion_empty_prompts`) and sd-scripts encode a dropped caption:
+/// `force_zeros_for_empty_prompt` is the sampling pipeline's choice for the unconditional half
+/// of guidance, not a training one.
+fn encode_prompts(
+    model: &ModelFiles,
+    prompts: &[String],
+    device: Device,
+) -> Result<PromptEmbeddings> {
+    let encoder = PromptEncoder::load(model, device, Kind::Float)?;
+    let (mut contexts, mut pooled) = (Vec::new(), Vec::new());
+    let cpu = |t: Tensor| t.to_device(Device::Cpu).to_kind(Kind::Float);
     for chunk in prompts.chunks(PROMPT_CHUNK) {
-        let ids = tokenizer.input_ids(chunk)?.to_device(device);
-        out.push(
-            tch::no_grad(|| encoder.forward(&ids))
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float),
-        );
+        let embeddings = encoder.encode(chunk)?;
+        contexts.push(cpu(embeddings.context));
+        pooled.extend(embeddings.pooled.map(cpu));
     }
-    Ok(Tensor::cat(&out, 0))
+    Ok(PromptEmbeddings {
+        context: Tensor::cat(&contexts, 0),
+        pooled: (!pooled.is_empty()).then(|| Tensor::cat(&pooled, 0)),
+    })
 }

@@ -2,6 +2,9 @@
 //! batch gathered from one bucket's rows.
 use super::super::epochs::{CaptionChoice, Draw, PlanSample};
 use super::manifest::{verify, CachedSample, Manifest};
+use crate::data::images::mirrored;
+use crate::model::conditioning::{AddedConditions, TextConditioning};
+use crate::model::unet::UNetConfig;
 use crate::model::weights::MappedSafetensors;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
@@ -25,6 +28,8 @@ pub struct LatentCache {
     /// `[channels, height, width]` of each bucket's latents.
     shapes: BTreeMap<usize, Vec<usize>>,
     embeddings: Tensor,
+    /// SDXL: the pooled embedding of each prompt.
+    pooled: Option<Tensor>,
 }
 
 /// The name of a tensor of a shard file: `[flipped_]{mean,logvar}_WxH`.
@@ -42,13 +47,14 @@ impl LatentCache {
             "the cache in {} is incomplete (its build was interrupted)",
             dir.display()
         );
-        let embeddings = read_embeddings(dir, &manifest)?;
+        let (embeddings, pooled) = read_embeddings(dir, &manifest)?;
         let mut cache = Self {
             manifest,
             shards: Vec::new(),
             entries: Vec::new(),
             shapes: BTreeMap::new(),
             embeddings,
+            pooled,
         };
         let shards = cache.manifest.shards.clone();
         for shard in shards.iter().filter(|s| !s.samples.is_empty()) {
@@ -81,6 +87,22 @@ impl LatentCache {
                 && sample.prompts.iter().all(|&p| p < prompts),
             "the cache manifest's entry for {} names a bucket or prompt it does not have",
             sample.id
+        );
+        ensure!(
+            sample.size.is_some() == self.pooled.is_some(),
+            "the cache manifest's entry for {} {} size and crop conditions, its prompts {} pooled \
+             embeddings: build the cache again",
+            sample.id,
+            if sample.size.is_some() {
+                "has"
+            } else {
+                "lacks"
+            },
+            if self.pooled.is_some() {
+                "have"
+            } else {
+                "lack"
+            },
         );
         Ok(())
     }
@@ -123,6 +145,29 @@ impl LatentCache {
         Ok(())
     }
 
+    /// Checks that a U-Net of `config` takes this cache's conditioning: its context width and,
+    /// exactly for SDXL's added embedding, pooled embeddings of its width (a cache of another
+    /// model family, used without its dataset, is refused here rather than mid-step).
+    pub fn check_fits(&self, config: &UNetConfig) -> Result<()> {
+        let width = self.embeddings.size().last().copied().unwrap_or(0);
+        ensure!(
+            width == config.cross_attention_dim,
+            "the cache's prompt embeddings are {width} wide, the U-Net cross-attends to {}: the \
+             cache was made with another model's text encoder",
+            config.cross_attention_dim
+        );
+        let pooled = self.pooled.as_ref().map(|p| p.size()[1]);
+        let expected = config.added_embedding()?.map(|a| a.text_embeds_dim());
+        ensure!(
+            pooled == expected,
+            "the cache holds {} pooled text embeddings, the U-Net's added embedding takes {}: \
+             the cache was made for another model family",
+            pooled.map_or("no".to_string(), |w| format!("{w}-wide")),
+            expected.map_or("none".to_string(), |w| format!("{w}-wide ones")),
+        );
+        Ok(())
+    }
+
     /// Cached samples.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -150,7 +195,7 @@ impl LatentCache {
     }
 
     /// [`LatentCache::read`] of samples `indices`, unflipped, each with its caption as written.
-    pub fn batch(&self, indices: &[usize]) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn batch(&self, indices: &[usize]) -> Result<(Tensor, Tensor, TextConditioning)> {
         let draws: Vec<Draw> = indices
             .iter()
             .map(|&sample| Draw {
@@ -162,9 +207,11 @@ impl LatentCache {
         self.read(&draws)
     }
 
-    /// Posterior mean and log-variance `[b, c, h, w]` and the caption embeddings `[b, seq, dim]`
-    /// of `draws` (all of one bucket), on the CPU.
-    pub fn read(&self, draws: &[Draw]) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Posterior mean and log-variance `[b, c, h, w]` and the U-Net's conditioning of `draws`
+    /// (all of one bucket), on the CPU: the caption embeddings `[b, seq, dim]` and, from an SDXL
+    /// cache, the pooled embeddings and each image's size and crop conditions (a flipped
+    /// latent's crop [`mirrored`]).
+    pub fn read(&self, draws: &[Draw]) -> Result<(Tensor, Tensor, TextConditioning)> {
         let entries = draws
             .iter()
             .map(|d| {
@@ -199,10 +246,19 @@ impl LatentCache {
             .zip(&entries)
             .map(|(draw, entry)| self.prompt_of(draw.caption, &entry.sample))
             .collect::<Result<Vec<i64>>>()?;
-        let context = self
-            .embeddings
-            .index_select(0, &Tensor::from_slice(&prompt_ids));
-        Ok((gather("mean")?, gather("logvar")?, context))
+        let prompt_ids = Tensor::from_slice(&prompt_ids);
+        let added = match &self.pooled {
+            None => None,
+            Some(pooled) => Some(AddedConditions {
+                text_embeds: pooled.index_select(0, &prompt_ids),
+                time_ids: time_ids(draws, &entries)?,
+            }),
+        };
+        let conditioning = TextConditioning {
+            context: self.embeddings.index_select(0, &prompt_ids),
+            added,
+        };
+        Ok((gather("mean")?, gather("logvar")?, conditioning))
     }
 
     fn prompt_of(&self, caption: CaptionChoice, sample: &CachedSample) -> Result<i64> {
@@ -220,22 +276,46 @@ impl LatentCache {
     }
 }
 
-/// The prompt embeddings `[prompts, seq, dim]` of a cache, verified.
-fn read_embeddings(dir: &Path, manifest: &Manifest) -> Result<Tensor> {
+/// `[b, 6]` f32 time ids of `draws`: each cached image's size and crop conditions.
+fn time_ids(draws: &[Draw], entries: &[&Entry]) -> Result<Tensor> {
+    let mut values = Vec::with_capacity(draws.len() * 6);
+    for (draw, entry) in draws.iter().zip(entries) {
+        let size = entry
+            .sample
+            .size
+            .with_context(|| format!("{} has no size conditions", entry.sample.id))?;
+        let size = match draw.flipped {
+            true => mirrored(&size),
+            false => size,
+        };
+        values.extend(size.values());
+    }
+    Ok(Tensor::from_slice(&values).view([draws.len() as i64, 6]))
+}
+
+/// The prompt embeddings `[prompts, seq, dim]` of a cache and, in an SDXL cache, the pooled
+/// embeddings `[prompts, projection_dim]`, verified.
+fn read_embeddings(dir: &Path, manifest: &Manifest) -> Result<(Tensor, Option<Tensor>)> {
     let file = manifest
         .prompt_embeddings
         .as_ref()
         .context("the cache has no prompt embeddings")?;
     verify(dir, file)?;
-    let embeddings = crate::model::weights::read_all(&dir.join(&file.file))?
-        .remove("embeddings")
-        .with_context(|| format!("{} has no `embeddings`", file.file))?;
-    ensure!(
-        embeddings.size()[0] == manifest.prompts.len() as i64,
-        "{} holds {} prompt embeddings for {} prompts",
-        file.file,
-        embeddings.size()[0],
-        manifest.prompts.len()
-    );
-    Ok(embeddings)
+    let mut tensors = crate::model::weights::read_all(&dir.join(&file.file))?;
+    let embeddings = tensors
+        .remove(super::EMBEDDINGS)
+        .with_context(|| format!("{} has no `{}`", file.file, super::EMBEDDINGS))?;
+    let pooled = tensors.remove(super::POOLED);
+    let prompts = manifest.prompts.len() as i64;
+    for (name, rows) in std::iter::once((super::EMBEDDINGS, &embeddings))
+        .chain(pooled.as_ref().map(|p| (super::POOLED, p)))
+    {
+        ensure!(
+            rows.size()[0] == prompts,
+            "{} holds {} prompt `{name}` rows for {prompts} prompts",
+            file.file,
+            rows.size()[0],
+        );
+    }
+    Ok((embeddings, pooled))
 }
