@@ -332,3 +332,22 @@ fn a_kohya_export_of_sdxl_training_has_ldm_names_and_reads_back() {
     let err = relative_l2(&exported, &trained);
     assert!(err <= 1e-6, "the kohya export differs by {err:.2e}");
 }
+
+/// An SD v1 cache is written as before SDXL training: no size conditions, no second encoder in
+/// its key, prompt embeddings alone (the bytes were checked against the previous release's
+/// `difftune cache` once; this keeps the format).
+#[test]
+fn an_sd_cache_has_no_sdxl_fields() {
+    let _guard = serial();
+    let fx = tiny_run::TinyRun::new(2, 2);
+    let dir = fx.root.join("cache");
+    build(&fx.files(), &fx.data, &fx.cache_settings(), &dir).unwrap();
+    let manifest = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+    for field in ["\"size\"", "text_encoder_2", "pooled"] {
+        assert!(!manifest.contains(field), "{field} in {manifest}");
+    }
+    let prompts = difftune::model::weights::read_all(&dir.join("prompts.safetensors")).unwrap();
+    assert_eq!(prompts.keys().collect::<Vec<_>>(), ["embeddings"]);
+    let cache = LatentCache::open(&dir).unwrap();
+    assert!(cache.batch(&[0]).unwrap().2.added.is_none());
+}
