@@ -351,3 +351,75 @@ fn an_sd_cache_has_no_sdxl_fields() {
     let cache = LatentCache::open(&dir).unwrap();
     assert!(cache.batch(&[0]).unwrap().2.added.is_none());
 }
+
+/// `difftune compare` end to end on the tiny SDXL (a synthetic dataset, the five methods, a few
+/// steps each): every method trains, samples through SDXL's pipeline and is scored.
+#[test]
+fn compare_runs_the_study_on_a_tiny_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_file = dir.path().join("tiny-sdxl.toml");
+    let text = format!(
+        r#"name = "tiny-sdxl"
+[model]
+source = {model:?}
+[data]
+source = "synthetic"
+[data.synthetic]
+classes = 2
+train_per_class = 4
+test_per_class = 4
+resolution = 64
+[train]
+steps = 3
+learning_rate = 1e-3
+batch_size = 2
+resolution = 64
+checkpoint_every = 3
+caption_dropout_rate = 0.1
+bucket = true
+bucket_step = 16
+[[methods]]
+name = "full"
+[[methods]]
+name = "adapter"
+settings = {{ width = 4 }}
+[[methods]]
+name = "lora"
+[[methods]]
+name = "prefix"
+[[methods]]
+name = "bitfit"
+[sample]
+per_class = 2
+scheduler = "euler"
+steps = 3
+guidance_scale = 5.0
+batch_size = 4
+grid_classes = 2
+grid_seeds = 2
+[eval]
+feature_weights = "auto"
+dims = 64
+kid_subsets = 2
+kid_subset_size = 2
+bootstrap = 2
+"#,
+        model = sdxl_model().display().to_string()
+    );
+    std::fs::write(&run_file, text).unwrap();
+    let out = dir.path().join("out");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .arg("compare")
+        .args(["--config", run_file.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for label in ["Full fine-tuning", "Adapter", "LoRA", "Prefix", "BitFit"] {
+        assert!(report.contains(label), "{label} missing from {report}");
+    }
+    assert!(report.contains("PASS"), "{report}");
+}

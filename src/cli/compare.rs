@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
-    /// A shipped run file: `tiny` (the default: minutes on a CPU, nothing downloaded) or
-    /// `sd14-food101` (the study's setup; needs --model and --data).
+    /// A shipped run file: `tiny` (the default: minutes on a CPU, nothing downloaded),
+    /// `sd14-food101` (the study's setup; needs --model and --data) or `sdxl-food101` (the study
+    /// on SDXL at 1024 px; the same).
     #[arg(long, conflicts_with = "config")]
     pub preset: Option<String>,
     /// A run file (TOML); see presets/*.toml for the format.

@@ -4,12 +4,16 @@ use crate::error::SettingsError;
 use anyhow::Result;
 
 /// Name and text of every preset.
-pub const PRESETS: [(&str, &str); 3] = [
+pub const PRESETS: [(&str, &str); 4] = [
     ("tiny", include_str!("../../presets/tiny.toml")),
     ("tiny-all", include_str!("../../presets/tiny-all.toml")),
     (
         "sd14-food101",
         include_str!("../../presets/sd14-food101.toml"),
+    ),
+    (
+        "sdxl-food101",
+        include_str!("../../presets/sdxl-food101.toml"),
     ),
 ];
 

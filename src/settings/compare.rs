@@ -316,4 +316,34 @@ mod tests {
         assert_eq!(names, ["full", "adapter", "lora", "prefix", "bitfit"]);
         assert!(c.pretrain.is_none());
     }
+
+    /// The study on SDXL: the five methods at 1024 px in buckets, each parameter-efficient one at
+    /// its own rate, Euler sampling at SDXL's pipeline defaults.
+    #[test]
+    fn the_sdxl_preset_has_the_sdxl_settings() {
+        let c = preset("sdxl-food101", &[]).unwrap();
+        let t = &c.train;
+        assert_eq!((t.steps, t.resolution, t.batch_size), (10_000, 1024, 4));
+        assert!(t.bucket && t.gradient_checkpointing && !t.random_flip);
+        let rates: Vec<(&str, f64)> = c
+            .methods
+            .iter()
+            .map(|m| (m.name(), m.run.train.learning_rate))
+            .collect();
+        assert_eq!(
+            rates,
+            [
+                ("full", 1e-6),
+                ("adapter", 1e-4),
+                ("lora", 1e-4),
+                ("prefix", 1e-4),
+                ("bitfit", 1e-4)
+            ]
+        );
+        let s = &c.sample;
+        assert_eq!(
+            (s.scheduler.to_string().as_str(), s.steps, s.guidance_scale),
+            ("euler", 50, 5.0)
+        );
+    }
 }
