@@ -20,7 +20,7 @@
 //! Count on SD v1.4: 501,444 (biases and norms 443,844, scales 57,600; 481,284 with the
 //! transformer blocks' scales only), 0.058% of the U-Net; the paper trains 0.83M of DiT-XL/2's
 //! 675M (0.12%), a model without resnets and with a class embedding.
-use super::layer_update::{self, LayerPlan, ParamSpec, Planned, Update, WeightUpdate};
+use super::layer_update::{self, plan_each, LayerPlan, ParamSpec, Planned, Update, WeightUpdate};
 use super::targets::select_layers;
 use super::{check_tensor_shapes, own_variables, Registered, TuningMethod};
 use crate::model::unet::UNet2DConditionModel;
@@ -128,18 +128,14 @@ impl DiffFit {
 
     fn planned(&self, unet: &mut UNet2DConditionModel) -> Result<Vec<Planned>> {
         let layers = select_layers(unet, &self.scale_globs(), "DiffFit branch")?;
-        layers
-            .into_iter()
-            .map(|t| {
-                let name = gamma_name(&t.path)
-                    .with_context(|| format!("layer `{}` ends no known branch", t.path))?;
-                let plan = ScaleLayer {
-                    name,
-                    channels: t.outputs(),
-                };
-                Ok((t, Box::new(plan) as Box<dyn LayerPlan>))
+        plan_each(layers, |t| {
+            let name = gamma_name(&t.path)
+                .with_context(|| format!("layer `{}` ends no known branch", t.path))?;
+            Ok(ScaleLayer {
+                name,
+                channels: t.outputs(),
             })
-            .collect()
+        })
     }
 }
 

@@ -44,6 +44,20 @@ pub(crate) trait LayerPlan {
 /// A target layer with its plan.
 pub(crate) type Planned = (LayerTarget, Box<dyn LayerPlan>);
 
+/// Each of `layers` with the plan `plan` makes for it.
+pub(crate) fn plan_each<P: LayerPlan + 'static>(
+    layers: Vec<LayerTarget>,
+    plan: impl Fn(&LayerTarget) -> Result<P>,
+) -> Result<Vec<Planned>> {
+    layers
+        .into_iter()
+        .map(|t| {
+            let plan = plan(&t)?;
+            Ok((t, Box::new(plan) as Box<dyn LayerPlan>))
+        })
+        .collect()
+}
+
 /// nn.init.kaiming_uniform_ with a = sqrt(5), as peft initialises its factors: uniform within
 /// 1 / sqrt(fan_in), fan_in being every dimension after the first.
 pub(crate) fn kaiming_uniform(shape: &[i64]) -> nn::Init {

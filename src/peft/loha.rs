@@ -10,7 +10,7 @@
 //! Count on SD v1.4, study placement: 2 r (in + out) per layer, 99,456 r (795,648 at the
 //! default r = 8).
 use super::layer_update::{
-    self, kaiming_uniform, LayerPlan, ParamSpec, Planned, Update, WeightUpdate,
+    self, kaiming_uniform, plan_each, LayerPlan, ParamSpec, Planned, Update, WeightUpdate,
 };
 use super::targets::{
     check_patterns_apply, pattern_value, select_layers, validate_ranked, LayerTarget,
@@ -181,13 +181,7 @@ impl Loha {
             &layers,
             "LoHa rank/alpha",
         )?;
-        layers
-            .into_iter()
-            .map(|t| {
-                let plan = self.plan(&t)?;
-                Ok((t, Box::new(plan) as Box<dyn LayerPlan>))
-            })
-            .collect()
+        plan_each(layers, |t| self.plan(t))
     }
 }
 

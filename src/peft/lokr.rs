@@ -16,7 +16,7 @@
 //! Count on SD v1.4, study placement, r = 8: 34,448 (to_q of width 320: `W1` 16x16 plus `W2` as
 //! 20x8 and 8x20 factors, 576).
 use super::layer_update::{
-    self, kaiming_uniform, LayerPlan, ParamSpec, Planned, Update, WeightUpdate,
+    self, kaiming_uniform, plan_each, LayerPlan, ParamSpec, Planned, Update, WeightUpdate,
 };
 use super::loha::tucker_weight;
 use super::targets::{
@@ -258,13 +258,7 @@ impl Lokr {
             &layers,
             "LoKr rank/alpha",
         )?;
-        layers
-            .into_iter()
-            .map(|t| {
-                let plan = self.plan(&t)?;
-                Ok((t, Box::new(plan) as Box<dyn LayerPlan>))
-            })
-            .collect()
+        plan_each(layers, |t| self.plan(t))
     }
 }
 

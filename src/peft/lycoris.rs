@@ -7,7 +7,7 @@
 //! - LyCORIS/kohya (what kohya's sd-scripts write and A1111 and ComfyUI load), LoHa and LoKr:
 //!   `lora_unet_<path with . as _>.<part>` with the same tensors, and `.alpha` (a scalar). Those
 //!   loaders scale LoHa by alpha / r (r = `hada_w1_b`'s rows) and LoKr by alpha / r only when a
-//!   factor is decomposed (r = `lokr_w1_b`'s or else `lokr_w2_b`'s rows), by 1 otherwise: a LoKr
+//!   factor is decomposed (r = `lokr_w2_b`'s or else `lokr_w1_b`'s rows), by 1 otherwise: a LoKr
 //!   layer whose factors are both full is written with its scale folded into `lokr_w1`.
 //!   OFT has no such form here (LyCORIS's OFT is another parametrisation).
 use super::export::{kohya_names, KohyaLayout, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS};
@@ -479,11 +479,13 @@ pub fn export_peft(adapter: &AdapterFile, _: Option<&UNetConfig>, dir: &Path) ->
     crate::util::fs::write_json(&dir.join(PEFT_CONFIG), &config)
 }
 
-/// The rank LyCORIS loaders divide alpha by for a LoKr layer: that of its decomposed factor, if any.
+/// The rank LyCORIS loaders divide alpha by for a LoKr layer: that of its decomposed factor, if
+/// any, `lokr_w2_b`'s before `lokr_w1_b`'s as ComfyUI, A1111 and diffusers look (peft gives both
+/// the same rank).
 fn lokr_loader_rank(parts: &BTreeMap<String, Tensor>) -> Option<i64> {
     parts
-        .get("lokr_w1_b")
-        .or_else(|| parts.get("lokr_w2_b"))
+        .get("lokr_w2_b")
+        .or_else(|| parts.get("lokr_w1_b"))
         .map(|t| t.size()[0])
 }
 

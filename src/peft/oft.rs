@@ -19,7 +19,7 @@
 //! Linear and 1x1 layers match peft unmerged and merged. peft's module dropout is not offered.
 //!
 //! Count on SD v1.4, study placement, block size 32: 496 per block of 32 inputs, 383,904.
-use super::layer_update::{self, LayerPlan, ParamSpec, Planned, Update, WeightUpdate};
+use super::layer_update::{self, plan_each, LayerPlan, ParamSpec, Planned, Update, WeightUpdate};
 use super::targets::{select_layers, LayerTarget};
 use super::{Registered, TuningMethod};
 use crate::model::unet::UNet2DConditionModel;
@@ -261,16 +261,12 @@ impl Oft {
 
     fn planned(&self, unet: &mut UNet2DConditionModel) -> Result<Vec<Planned>> {
         let layers = select_layers(unet, &self.targets, "OFT target")?;
-        Ok(layers
-            .into_iter()
-            .map(|t| {
-                let plan = OftLayer {
-                    path: t.path.clone(),
-                    rotation: self.rotation(&t),
-                };
-                (t, Box::new(plan) as Box<dyn LayerPlan>)
+        plan_each(layers, |t| {
+            Ok(OftLayer {
+                path: t.path.clone(),
+                rotation: self.rotation(t),
             })
-            .collect())
+        })
     }
 }
 

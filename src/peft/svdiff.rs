@@ -16,7 +16,7 @@
 //! Count on SD v1.4, every layer: 222,696 (0.89 MB in f32). The paper reports 1.7 MB for Stable
 //! Diffusion, U-Net and text encoder together, without itemising it; the text encoder's weight
 //! matrices would add about 56,000 singular values.
-use super::layer_update::{self, LayerPlan, ParamSpec, Planned, Update, WeightUpdate};
+use super::layer_update::{self, plan_each, LayerPlan, ParamSpec, Planned, Update, WeightUpdate};
 use super::targets::select_layers;
 use super::{Registered, TuningMethod};
 use crate::model::unet::UNet2DConditionModel;
@@ -117,16 +117,12 @@ impl WeightUpdate for SpectralShift {
 impl SvDiff {
     fn planned(&self, unet: &mut UNet2DConditionModel) -> Result<Vec<Planned>> {
         let layers = select_layers(unet, &self.targets, "SVDiff target")?;
-        Ok(layers
-            .into_iter()
-            .map(|t| {
-                let plan = ShiftLayer {
-                    path: t.path.clone(),
-                    singular_values: t.outputs().min(t.fan_in()),
-                };
-                (t, Box::new(plan) as Box<dyn LayerPlan>)
+        plan_each(layers, |t| {
+            Ok(ShiftLayer {
+                path: t.path.clone(),
+                singular_values: t.outputs().min(t.fan_in()),
             })
-            .collect())
+        })
     }
 }
 
