@@ -3,7 +3,8 @@
 //! image's size and crop conditions (mirrored for flipped latents); those conditions reach the
 //! U-Net; a resumed run is bit-identical to an uninterrupted one; every method trains at its
 //! SDXL placements with one seed giving one result; a kohya export has sd-scripts' LDM names and
-//! reads back to the trained adapter.
+//! reads back to the trained adapter; an SD v1 cache has no SDXL field; `compare` runs the study
+//! end to end and `bench` times an SDXL U-Net.
 #[path = "common/tiny_run.rs"]
 mod tiny_run;
 
@@ -422,4 +423,31 @@ bootstrap = 2
         assert!(report.contains(label), "{label} missing from {report}");
     }
     assert!(report.contains("PASS"), "{report}");
+}
+
+/// `difftune bench` on the tiny SDXL's U-Net config: the step gets random added conditions (the
+/// U-Net refuses a conditioning without them).
+#[test]
+fn bench_times_an_sdxl_unet() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        sdxl_model().join("unet/config.json"),
+        dir.path().join("unet_config.json"),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .arg("bench")
+        .args(["--config-dir", dir.path().to_str().unwrap()])
+        .args(["--methods", "lora", "--batch", "2", "--resolution", "64"])
+        .args(["--warmup", "0", "--steps", "1", "--device", "cpu", "--json"])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        report.to_string().contains("\"trainable_params\":8704"),
+        "{report}"
+    );
 }
