@@ -100,7 +100,7 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
 
 /// How a run computes on `device` under `precision`: whether the U-Net runs under bf16 autocast.
-fn uses_autocast(precision: Precision, device: Device) -> bool {
+pub fn uses_autocast(precision: Precision, device: Device) -> bool {
     match precision {
         Precision::Auto => device.is_cuda(),
         Precision::Fp32 => false,
