@@ -84,10 +84,11 @@ impl Study<'_> {
             eprintln!("compare: pre-training the base model on the source domain");
         }
         let job = RunJob {
-            name: PRETRAIN_RUN,
-            model: &initial,
-            data: &source.path,
+            name: PRETRAIN_RUN.to_string(),
+            model: initial.clone(),
+            data: source.path.clone(),
             config,
+            at_steps: Vec::new(),
             key: key.clone(),
         };
         let Some(record) = self.train_run(job)? else {

@@ -35,6 +35,12 @@ pub enum Stage<'a> {
     Samples(&'a str),
     /// Scoring one row's samples.
     Score(&'a str),
+    /// Holding out the validation images of the learning-rate search.
+    ValidationSplit,
+    /// Timing every method's training step, interleaved.
+    Timing,
+    /// Training the content classifier.
+    Classifier,
 }
 
 impl fmt::Display for Stage<'_> {
@@ -48,6 +54,9 @@ impl fmt::Display for Stage<'_> {
             Stage::Run(name) => write!(f, "run-{name}"),
             Stage::Samples(row) => write!(f, "samples-{row}"),
             Stage::Score(row) => write!(f, "score-{row}"),
+            Stage::ValidationSplit => write!(f, "data-validation-split"),
+            Stage::Timing => write!(f, "timing"),
+            Stage::Classifier => write!(f, "classifier"),
         }
     }
 }
@@ -95,6 +104,10 @@ impl Layout {
     pub fn eval(&self) -> PathBuf {
         self.root.join("eval")
     }
+    /// The timing pass's folder (its rounds so far, while it runs).
+    pub fn timing(&self) -> PathBuf {
+        self.root.join("timing")
+    }
     fn state(&self, stage: Stage) -> PathBuf {
         self.root.join("state").join(format!("{stage}.json"))
     }
@@ -138,6 +151,21 @@ impl Layout {
             },
         )?;
         Ok(None)
+    }
+
+    /// Starts `stage` over: clears its folder `dir` and records it as unfinished under `key`.
+    pub fn reset(&self, stage: Stage, dir: &Path, key: &Value) -> Result<()> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        write_json(
+            &self.state(stage),
+            &StageState {
+                key: key.clone(),
+                finished: false,
+                record: Value::Null,
+            },
+        )
     }
 
     /// Records `stage` as finished with `record`.

@@ -1,0 +1,259 @@
+//! The learning-rate search (`[study.lr_search]`, a method's `lr_candidates`): for each method
+//! with candidates, one run per candidate on the training images less the validation split (see
+//! [`super::split`]), for `steps` steps; each samples the validation classes' prompts and is scored
+//! against the held-out images; the candidate with the lowest score (KID by default: unbiased
+//! at the validation split's small size, where FID is biased and noisy) is the method's rate for
+//! its final runs. A method without candidates keeps its configured rate.
+use super::config::{MethodEntry, SelectionScore};
+use super::prepare::PreparedData;
+use super::report::{LrCandidate, LrChoice, LrSearchResults, Metric};
+use super::runner::BaseModel;
+use super::sampling::{plan_for, SampleJob};
+use super::score::{Score, Scorer};
+use super::stage::Stage;
+use super::training::RunJob;
+use super::units::{serial, RunId, RunKind, SetId};
+use super::Study;
+use crate::data::{Dataset, DatasetOptions, Split};
+use anyhow::{Context, Result};
+use serde_json::json;
+
+/// The learning rate each method's final runs train at (in method order), and the search that
+/// chose them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LearningRates {
+    pub rates: Vec<f64>,
+    pub search: Option<LrSearchResults>,
+}
+
+/// A candidate's run and its validation samples.
+struct CandidateUnit<'a> {
+    method: &'a MethodEntry,
+    learning_rate: f64,
+    run: RunJob,
+}
+
+impl Study<'_> {
+    /// Each method's learning rate; see the module documentation. `None` when interrupted.
+    pub(super) fn choose_learning_rates(
+        &self,
+        base: &BaseModel,
+        target: &PreparedData,
+        scorer: &Scorer,
+    ) -> Result<Option<LearningRates>> {
+        let configured: Vec<f64> = self
+            .config
+            .methods
+            .iter()
+            .map(|m| m.run.train.learning_rate)
+            .collect();
+        if !self.config.searches_learning_rates() {
+            return Ok(Some(LearningRates {
+                rates: configured,
+                search: None,
+            }));
+        }
+        let split = self.prepare_validation_split(target)?;
+        let units = self.candidate_units(base, &split)?;
+        if self.group.is_main() {
+            eprintln!(
+                "compare: choosing learning rates: {} candidate runs",
+                units.len()
+            );
+        }
+        let Some(trained) = serial(&units, |unit| self.train_run(unit.run.clone()))? else {
+            return Ok(None);
+        };
+        let validation = Dataset::open(
+            &split.path,
+            &DatasetOptions {
+                split: Split::Test,
+                ..Default::default()
+            },
+        )?;
+        let search = &self.config.study.lr_search;
+        let plan = plan_for(
+            self.config,
+            &validation,
+            validation.classes.len(),
+            search.samples_per_class(),
+        )?;
+        let samples_key = json!({
+            "base": base.identity,
+            "sample": self.config.sample,
+            "resolution": self.config.sample_resolution(),
+            "plan": plan,
+        });
+        let jobs: Vec<SampleJob> = units
+            .iter()
+            .zip(&trained)
+            .map(|(unit, record)| SampleJob {
+                set: candidate_set(unit).name(),
+                adapter: Some(record.adapter.clone()),
+                key: json!({ "samples": samples_key, "run": unit.run.key }),
+            })
+            .collect();
+        let Some(_) = serial(&jobs, |job| self.sample_row(job, &base.files, &plan))? else {
+            return Ok(None);
+        };
+        let reference_key = format!("{}|{}|validation", scorer.identity, split.key);
+        let reference = scorer.reference(
+            &validation,
+            &self.layout.eval().join("validation-features.safetensors"),
+            &reference_key,
+            self.group,
+        )?;
+        let mut scores = Vec::new();
+        for job in &jobs {
+            let key =
+                json!({ "samples": job.key, "scores": scorer.key(), "reference": reference_key });
+            let paths = self.sample_paths(&job.set, &plan);
+            scores.extend(self.score_set(
+                &job.set,
+                &key,
+                scorer,
+                reference.as_ref(),
+                &paths,
+                None,
+            )?);
+        }
+        // Rank 0 alone has the scores; every rank trains the final runs at its choice.
+        let rates =
+            self.on_main(|| Ok(self.choose(&units, &scores, configured.clone(), &split)))?;
+        Ok(Some(rates))
+    }
+
+    /// The candidate runs of every method that searches, in method order.
+    fn candidate_units(
+        &self,
+        base: &BaseModel,
+        split: &PreparedData,
+    ) -> Result<Vec<CandidateUnit<'_>>> {
+        let search = &self.config.study.lr_search;
+        let mut units = Vec::new();
+        for method in &self.config.methods {
+            for &learning_rate in method.lr_candidates(search) {
+                let id = RunId {
+                    method: method.name().to_string(),
+                    kind: RunKind::Candidate(learning_rate),
+                };
+                let mut config = method.run.clone();
+                config.train.learning_rate = learning_rate;
+                if search.steps > 0 {
+                    config.train.steps = search.steps;
+                }
+                let key =
+                    json!({ "base": base.identity, "data": split.key, "run": config.to_toml()? });
+                units.push(CandidateUnit {
+                    method,
+                    learning_rate,
+                    run: RunJob {
+                        name: id.name(),
+                        model: base.spec.clone(),
+                        data: split.path.clone(),
+                        config,
+                        at_steps: Vec::new(),
+                        key,
+                    },
+                });
+            }
+        }
+        Ok(units)
+    }
+
+    /// Each method's lowest-scoring candidate (the configured rate for methods without).
+    fn choose(
+        &self,
+        units: &[CandidateUnit],
+        scores: &[Score],
+        mut rates: Vec<f64>,
+        split: &PreparedData,
+    ) -> LearningRates {
+        let search = &self.config.study.lr_search;
+        let by = |score: &Score| match search.score {
+            SelectionScore::Kid => score.kid.value,
+            SelectionScore::Fid => score.fid.value,
+        };
+        let mut methods = Vec::new();
+        for (index, method) in self.config.methods.iter().enumerate() {
+            let candidates: Vec<(&CandidateUnit, &Score)> = units
+                .iter()
+                .zip(scores)
+                .filter(|(u, _)| u.method.name() == method.name())
+                .collect();
+            let Some(best) = candidates.iter().min_by(|a, b| by(a.1).total_cmp(&by(b.1))) else {
+                continue;
+            };
+            rates[index] = best.0.learning_rate;
+            methods.push(LrChoice {
+                method: method.name().to_string(),
+                candidates: candidates
+                    .iter()
+                    .map(|(u, s)| LrCandidate {
+                        learning_rate: u.learning_rate,
+                        fid: (&s.fid).into(),
+                        kid: (&s.kid).into(),
+                    })
+                    .collect(),
+                chosen: best.0.learning_rate,
+            });
+        }
+        let steps = units
+            .iter()
+            .map(|u| (u.method.name().to_string(), u.run.config.train.steps))
+            .fold(Vec::<(String, usize)>::new(), |mut all, s| {
+                if !all.contains(&s) {
+                    all.push(s);
+                }
+                all
+            });
+        LearningRates {
+            rates,
+            search: Some(LrSearchResults {
+                score: match search.score {
+                    SelectionScore::Kid => Metric::Kid,
+                    SelectionScore::Fid => Metric::Fid,
+                },
+                validation: split.description.clone(),
+                steps,
+                methods,
+            }),
+        }
+    }
+
+    /// Scores (or reuses the score of) the sample set `set` against `reference`: `None` on the
+    /// ranks other than 0.
+    pub(super) fn score_set(
+        &self,
+        set: &str,
+        key: &serde_json::Value,
+        scorer: &Scorer,
+        reference: Option<&super::score::Reference>,
+        paths: &[std::path::PathBuf],
+        content: Option<super::score::Content>,
+    ) -> Result<Option<Score>> {
+        let stage = Stage::Score(set);
+        let done: Option<Score> = self.on_main(|| self.layout.enter(stage, None, key))?;
+        if let Some(score) = done {
+            return Ok(self.group.is_main().then_some(score));
+        }
+        let score = scorer
+            .score(reference, paths, self.group, content)
+            .with_context(|| format!("scoring {set}"))?;
+        if let Some(score) = &score {
+            self.layout.finish(stage, key, score)?;
+        }
+        Ok(score)
+    }
+}
+
+/// The validation samples of a candidate's run.
+fn candidate_set(unit: &CandidateUnit) -> SetId {
+    SetId {
+        run: Some(RunId {
+            method: unit.method.name().to_string(),
+            kind: RunKind::Candidate(unit.learning_rate),
+        }),
+        step: None,
+    }
+}
