@@ -452,7 +452,7 @@ fn check_the_study_s_parts(config: &CompareConfig, out: &Path, results: &StudyRe
         let best = choice
             .candidates
             .iter()
-            .min_by(|a, b| a.kid.value.total_cmp(&b.kid.value))
+            .min_by(|a, b| a.kid.unwrap().value.total_cmp(&b.kid.unwrap().value))
             .unwrap();
         assert_eq!(choice.chosen, best.learning_rate, "{}", choice.method);
         let row = results
@@ -498,7 +498,7 @@ fn check_the_study_s_parts(config: &CompareConfig, out: &Path, results: &StudyRe
             .filter(|p| p.method == row.method)
             .map(|p| p.step)
             .collect();
-        assert_eq!(steps, [1, 2, config.train.steps], "{}", row.method);
+        assert_eq!(steps, [0, 1, 2, config.train.steps], "{}", row.method);
     }
     // Stopping at steps 1 and 2 and resuming trains what one uninterrupted run trains.
     check_the_run_continues_exactly(config, out);

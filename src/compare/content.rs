@@ -3,28 +3,14 @@
 //! domains and checked on their test images; every sample set's score then says which share of
 //! its images shows the prompted dish and which share is in the target's style.
 use super::prepare::PreparedData;
+use super::report::ClassifierRecord;
 use super::stage::Stage;
 use super::Study;
 use crate::data::{Dataset, DatasetOptions, ImageSource, Split};
 use crate::eval::classifier::{ContentClassifier, LabelledImages, TARGET_DOMAIN};
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Instant;
-
-/// The trained classifier and how well it reads the held-out test images.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ClassifierRecord {
-    pub weights: PathBuf,
-    /// Share of both domains' test images classified as their dish.
-    pub test_class_accuracy: f64,
-    /// Share of both domains' test images classified as their domain.
-    pub test_domain_accuracy: f64,
-    pub test_images: usize,
-    pub training_images: usize,
-    pub seconds: f64,
-}
 
 impl Study<'_> {
     /// Trains (or reuses) the classifier on `target` and `source` (on rank 0, which the others

@@ -5,16 +5,16 @@
 //! at the validation split's small size, where FID is biased and noisy) is the method's rate for
 //! its final runs. A method without candidates keeps its configured rate.
 use super::config::{MethodEntry, SelectionScore};
-use super::prepare::PreparedData;
+use super::prepare::{BaseModel, PreparedData};
 use super::report::{LrCandidate, LrChoice, LrSearchResults, Metric};
-use super::runner::BaseModel;
 use super::sampling::{plan_for, SampleJob};
 use super::score::{Score, Scorer};
 use super::stage::Stage;
-use super::training::RunJob;
+use super::training::{RunJob, RunRecord};
 use super::units::{serial, RunId, RunKind, SetId};
 use super::Study;
 use crate::data::{Dataset, DatasetOptions, Split};
+use crate::error::Diverged;
 use anyhow::{Context, Result};
 use serde_json::json;
 
@@ -61,7 +61,7 @@ impl Study<'_> {
                 units.len()
             );
         }
-        let Some(trained) = serial(&units, |unit| self.train_run(unit.run.clone()))? else {
+        let Some(trained) = serial(&units, |unit| self.train_candidate(unit))? else {
             return Ok(None);
         };
         let validation = Dataset::open(
@@ -84,13 +84,16 @@ impl Study<'_> {
             "resolution": self.config.sample_resolution(),
             "plan": plan,
         });
+        // A candidate that diverged has nothing to sample.
         let jobs: Vec<SampleJob> = units
             .iter()
             .zip(&trained)
-            .map(|(unit, record)| SampleJob {
-                set: candidate_set(unit).name(),
-                adapter: Some(record.adapter.clone()),
-                key: json!({ "samples": samples_key, "run": unit.run.key }),
+            .filter_map(|(unit, record)| {
+                Some(SampleJob {
+                    set: candidate_set(unit).name(),
+                    adapter: Some(record.as_ref()?.adapter.clone()),
+                    key: json!({ "samples": samples_key, "run": unit.run.key }),
+                })
             })
             .collect();
         let Some(_) = serial(&jobs, |job| self.sample_row(job, &base.files, &plan))? else {
@@ -161,14 +164,15 @@ impl Study<'_> {
         Ok(units)
     }
 
-    /// Each method's lowest-scoring candidate (the configured rate for methods without).
+    /// Each method's lowest-scoring candidate (the configured rate for methods without); an
+    /// error when all of a method's candidates diverged.
     fn choose(
         &self,
         units: &[CandidateUnit],
-        scores: &[Score],
+        scores: &[Option<Score>],
         mut rates: Vec<f64>,
         split: &PreparedData,
-    ) -> LearningRates {
+    ) -> Result<LearningRates> {
         let search = &self.config.study.lr_search;
         let by = |score: &Score| match search.score {
             SelectionScore::Kid => score.kid.value,
@@ -207,7 +211,7 @@ impl Study<'_> {
                 }
                 all
             });
-        LearningRates {
+        Ok(LearningRates {
             rates,
             search: Some(LrSearchResults {
                 score: match search.score {
@@ -218,7 +222,7 @@ impl Study<'_> {
                 steps,
                 methods,
             }),
-        }
+        })
     }
 
     /// Scores (or reuses the score of) the sample set `set` against `reference`: `None` on the

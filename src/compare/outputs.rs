@@ -4,7 +4,8 @@ use super::grid::{compose, read_rgb, write_png, GridRow};
 use super::plots::study::{fid_curves, lr_search};
 use super::plots::{fid_vs_params, loss_curves, train_time, LossCurve};
 use super::report::{Figure, StudyResults};
-use super::runner::{TrainedRun, REPORT_MD, RESULTS_CSV, RESULTS_JSON};
+use super::runner::{REPORT_MD, RESULTS_CSV, RESULTS_JSON};
+use super::training::TrainedRun;
 use super::sampling::SampleItem;
 use super::Study;
 use crate::data::Dataset;
@@ -50,7 +51,7 @@ impl Study<'_> {
             lr_search(results, &root.join(&search.file))?;
             figures.push(search);
         }
-        if !self.config.eval.at_steps.is_empty() {
+        if !results.curves.is_empty() {
             let curves = Figure::new("plots/fid_curves.png", "FID along the budget");
             fid_curves(results, &root.join(&curves.file))?;
             figures.push(curves);

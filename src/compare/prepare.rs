@@ -17,6 +17,14 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
+/// The base model every row starts from.
+pub struct BaseModel {
+    pub spec: String,
+    pub files: ModelFiles,
+    /// Its U-Net's fingerprint, for the stage keys.
+    pub identity: String,
+}
+
 /// A dataset ready to train on or score against.
 pub struct PreparedData {
     pub path: PathBuf,

@@ -1,14 +1,14 @@
 //! The study's results, assembled from its units' records: each method's runs summarised by the
 //! hierarchical bootstrap (runs, then images), the paired differences by run, the scores along
 //! the budget, the timing pass's ratios and the learning-rate search.
-use super::content::ClassifierRecord;
 use super::lr_search::LearningRates;
 use super::machine::{git_commit, load_averages, MachineInfo};
-use super::prepare::{count_unet_parameters, PreparedData};
+use super::prepare::{count_unet_parameters, BaseModel, PreparedData};
 use super::report::{
-    Check, CurvePoint, MethodRow, RunResult, StudyResults, Summary, TimingResults, BASE_ROW,
+    Check, ClassifierRecord, CurvePoint, MethodRow, RunResult, StudyResults, Summary, TimingResults, BASE_ROW,
 };
-use super::runner::{BaseModel, SampledSet, StudySet, TrainedRun};
+use super::sampling::{SampledSet, StudySet};
+use super::training::TrainedRun;
 use super::score::{differences, summarise, RowScores, Score, Scorer};
 use super::timing::{ratios, TimingRecord};
 use super::Study;
@@ -216,9 +216,10 @@ impl Study<'_> {
         })
     }
 
-    /// `method`'s scores at each of `eval.at_steps` and at its end, over its runs, with each
-    /// point's time in full fine-tuning steps: the timing pass's ratio, else the runs' median
-    /// step times over full fine-tuning's.
+    /// `method`'s scores at step 0 (the base model's: every method starts from it, its new
+    /// tensors set so that the U-Net's output is unchanged), at each of `eval.at_steps` and at
+    /// its end, over its runs, with each point's time in full fine-tuning steps: the timing
+    /// pass's ratio, else the runs' median step times over full fine-tuning's.
     fn curve(
         &self,
         records: &Records,
@@ -245,8 +246,11 @@ impl Study<'_> {
             .map_or(0, |m| m.run.train.steps);
         let steps = self.config.eval.at_steps.iter().map(|&s| (Some(s), s));
         let mut points = Vec::new();
-        for (step, at) in steps.chain([(None, end)]) {
-            let sets = sets_of(records, Some(method), step);
+        for (step, at) in [(Some(0), 0)].into_iter().chain(steps).chain([(None, end)]) {
+            let sets = match at {
+                0 => sets_of(records, None, None),
+                _ => sets_of(records, Some(method), step),
+            };
             if sets.is_empty() {
                 continue;
             }

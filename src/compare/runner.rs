@@ -13,14 +13,14 @@
 //! (the configured batch × accumulation is the global batch, shared evenly by the ranks); each
 //! rank samples a contiguous share of whole sampling batches and extracts the Inception features
 //! of a share of the images; rank 0 computes the scores and writes the outputs.
-use super::config::{CompareConfig, DataSource, MethodEntry, ModelSource};
+use super::config::{CompareConfig, DataSource, ModelSource};
 use super::lr_search::LearningRates;
-use super::prepare::PreparedData;
+use super::prepare::{BaseModel, PreparedData};
 use super::report::StudyResults;
-use super::sampling::{sample_plan, SampleItem, SampleJob, SampleRecord};
+use super::sampling::{sample_plan, SampledSet, SampleItem, SampleJob, StudySet};
 use super::score::{Content, Score, Scorer, ScorerWeights};
 use super::stage::Layout;
-use super::training::{RunJob, RunRecord};
+use super::training::{RunJob, TrainedRun};
 use super::units::{serial, RunId, SetId};
 use crate::data::synthetic::Domain;
 use crate::data::{Dataset, DatasetOptions, Split};
@@ -33,7 +33,7 @@ use crate::util::fs::write_atomic_str;
 use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -77,38 +77,6 @@ pub(crate) struct Study<'a> {
     pub group: &'a ProcessGroup,
     /// The machine's load averages when this invocation started.
     pub load_at_start: Option<[f64; 3]>,
-}
-
-/// A finished final run of a method with the stage key it was trained under.
-pub struct TrainedRun<'a> {
-    pub method: &'a MethodEntry,
-    /// Its index among the method's runs.
-    pub run: usize,
-    pub seed: u64,
-    pub learning_rate: f64,
-    pub key: Value,
-    pub record: RunRecord,
-}
-
-/// A sample set of the study: its id, the adapter it applies and the stage key of the run it
-/// comes from.
-pub(super) struct StudySet<'a> {
-    pub id: SetId,
-    pub adapter: Option<PathBuf>,
-    pub run: Option<&'a TrainedRun<'a>>,
-}
-
-/// A set's finished sampling with the stage key it was sampled under.
-pub(super) struct SampledSet {
-    pub key: Value,
-    pub record: SampleRecord,
-}
-
-/// The base model every row starts from.
-pub(crate) struct BaseModel {
-    pub spec: String,
-    pub files: ModelFiles,
-    pub identity: String,
 }
 
 /// Returns from the enclosing function with [`Outcome::Interrupted`] on `None`.
@@ -328,12 +296,12 @@ impl<'a> Study<'a> {
                 config.train.seed = method.run.train.seed + run as u64;
                 let key =
                     json!({ "base": base.identity, "data": target.key, "run": config.to_toml()? });
-                units.push((method, run, learning_rate, key, config));
+                units.push((method, run, key, config));
             }
         }
         let total = units.len();
         let mut index = 0;
-        serial(units, |(method, run, learning_rate, key, config)| {
+        serial(units, |(method, run, key, config)| {
             index += 1;
             if self.group.is_main() {
                 eprintln!("compare: [{index}/{total}] {} run {run}", method.label());
@@ -351,7 +319,6 @@ impl<'a> Study<'a> {
                 method,
                 run,
                 seed,
-                learning_rate,
                 key,
                 record,
             }))

@@ -6,6 +6,8 @@
 use super::config::CompareConfig;
 use super::grid::write_png;
 use super::stage::Stage;
+use super::training::TrainedRun;
+use super::units::SetId;
 use super::Study;
 use crate::data::{Dataset, PromptTemplate};
 use crate::model::source::ModelFiles;
@@ -75,6 +77,19 @@ pub fn plan_for(
         }
     }
     Ok(plan)
+}
+
+/// A sample set of the study: its id, the adapter it applies and the run it comes from.
+pub struct StudySet<'a> {
+    pub id: SetId,
+    pub adapter: Option<PathBuf>,
+    pub run: Option<&'a TrainedRun<'a>>,
+}
+
+/// A set's finished sampling with the stage key it was sampled under.
+pub struct SampledSet {
+    pub key: Value,
+    pub record: SampleRecord,
 }
 
 /// One sample set to generate: its name (its folder under `samples/`), the adapter file it

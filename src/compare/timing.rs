@@ -11,7 +11,8 @@
 //!
 //! The pass is one unit; its finished rounds are kept (`timing/rounds.json`), so an interrupted
 //! pass resumes at its next round.
-use super::runner::BaseModel;
+use super::prepare::BaseModel;
+use super::report::TimingRow;
 use super::stage::Stage;
 use super::Study;
 use crate::model::pipeline::{load_scheduler_config, load_unet};
@@ -47,22 +48,6 @@ pub struct MethodTiming {
     /// Seconds of each timed step, per round.
     pub rounds: Vec<Vec<f64>>,
     /// FLOPs of one step (see [`crate::train::flops`]).
-    pub flops_per_step: f64,
-}
-
-/// A method's time relative to full fine-tuning's, as Table 2 reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TimingRow {
-    pub method: String,
-    /// Median of all its timed steps.
-    pub median_step_seconds: f64,
-    /// Median over rounds of its median step time over full fine-tuning's in the same round.
-    pub ratio: f64,
-    /// 95% bootstrap interval of `ratio`.
-    pub ratio_low: f64,
-    pub ratio_high: f64,
-    /// Each round's ratio.
-    pub round_ratios: Vec<f64>,
     pub flops_per_step: f64,
 }
 

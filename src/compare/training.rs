@@ -4,6 +4,7 @@
 //! (`batch_size` × `gradient_accumulation_steps`) is the global batch, shared by the W ranks (see
 //! [`rank_share`]), so the run computes what one process computes (the learning rate is the run
 //! file's, whatever W).
+use super::config::MethodEntry;
 use super::machine::{MemoryKind, PeakMemory};
 use super::report::TrainMeasure;
 use super::stage::Stage;
@@ -27,6 +28,16 @@ pub struct RunRecord {
     /// The adapter files of the run's weights at `eval.at_steps`, by step.
     #[serde(default)]
     pub at_steps: BTreeMap<usize, PathBuf>,
+}
+
+/// A finished final run of a method with the stage key it was trained under.
+pub struct TrainedRun<'a> {
+    pub method: &'a MethodEntry,
+    /// Its index among the method's runs.
+    pub run: usize,
+    pub seed: u64,
+    pub key: Value,
+    pub record: RunRecord,
 }
 
 /// A training run to do: `runs/NAME`, trained from `model` on the dataset folder `data`.

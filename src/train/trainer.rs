@@ -366,7 +366,9 @@ impl<'a> Trainer<'a> {
         let (loss, grad_norm) = (read[0], read[2]);
         self.interrupted = read[1] > 0.0;
         if !(loss.is_finite() && grad_norm.is_finite()) {
-            return Err(self.stop_diverged(loss, grad_norm));
+            let message = format!("{:#}", self.stop_diverged(loss, grad_norm));
+            let step = self.steps_done + 1;
+            return Err(crate::error::Diverged { step, message }.into());
         }
         let step = self.steps_done;
         let lr = train.lr_schedule.lr(

@@ -49,16 +49,17 @@ pub fn lr_search(results: &StudyResults, path: &Path) -> Result<()> {
                 index,
                 method: choice.method.clone(),
                 label: results.rows[index].label.clone(),
+                // A diverged candidate has no point.
                 points: choice
                     .candidates
                     .iter()
-                    .map(|c| {
+                    .filter_map(|c| {
                         let summary = match search.score {
-                            Metric::Kid => &c.kid,
-                            Metric::Fid => &c.fid,
-                        };
+                            Metric::Kid => c.kid.as_ref(),
+                            Metric::Fid => c.fid.as_ref(),
+                        }?;
                         let (v, (lo, hi)) = with_interval(summary);
-                        (c.learning_rate, v * scale, (lo * scale, hi * scale))
+                        Some((c.learning_rate, v * scale, (lo * scale, hi * scale)))
                     })
                     .collect(),
                 marked: Some(choice.chosen),
@@ -265,8 +266,8 @@ mod tests {
                     .iter()
                     .map(|&lr| LrCandidate {
                         learning_rate: lr,
-                        fid: summary(30.0),
-                        kid: summary(0.01 / lr.sqrt()),
+                        fid: Some(summary(30.0)),
+                        kid: Some(summary(0.01 / lr.sqrt())),
                     })
                     .collect(),
                 chosen: 1e-2,

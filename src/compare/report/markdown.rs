@@ -210,9 +210,10 @@ impl StudyResults {
         writeln!(
             md,
             "## FID along the budget\n\nEach method's runs sampled and scored at each of `eval.at_steps` \
-             (from their weights there) and at the end: the mean over runs with the hierarchical \
-             bootstrap's interval. Time: steps × the method's step time relative to full fine-tuning's, \
-             in full fine-tuning steps, so that methods can be compared at equal compute.\n"
+             (from their weights there) and at the end, with the base model at step 0 (every method \
+             starts from it unchanged): the mean over runs with the hierarchical bootstrap's interval. \
+             Time: steps × the method's step time relative to full fine-tuning's, in full fine-tuning \
+             steps, so that methods can be compared at equal compute.\n"
         )?;
         md.push_str(&self.curve_table());
         md.push('\n');

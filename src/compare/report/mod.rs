@@ -10,11 +10,10 @@ pub use format::{
 };
 pub use markdown::Figure;
 
-use super::content::ClassifierRecord;
 use super::machine::{MachineInfo, MemoryKind};
-pub use super::timing::TimingRow;
 use crate::eval::classifier::ContentScore;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// Method id of the reference row: the base model sampled before any fine-tuning.
 pub const BASE_ROW: &str = "base";
@@ -159,9 +158,10 @@ pub struct LrChoice {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LrCandidate {
     pub learning_rate: f64,
-    /// FID and KID on the validation split, each with its bootstrap uncertainty.
-    pub fid: Summary,
-    pub kid: Summary,
+    /// FID and KID on the validation split, each with its bootstrap uncertainty; none where the
+    /// candidate's run diverged (a non-finite loss).
+    pub fid: Option<Summary>,
+    pub kid: Option<Summary>,
 }
 
 /// One method's scores after `step` steps: the mean over its runs.
@@ -177,6 +177,35 @@ pub struct CurvePoint {
     pub kid: Summary,
     /// Each run's FID there.
     pub run_fids: Vec<f64>,
+}
+
+/// The trained classifier and how well it reads the held-out test images.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassifierRecord {
+    pub weights: PathBuf,
+    /// Share of both domains' test images classified as their dish.
+    pub test_class_accuracy: f64,
+    /// Share of both domains' test images classified as their domain.
+    pub test_domain_accuracy: f64,
+    pub test_images: usize,
+    pub training_images: usize,
+    pub seconds: f64,
+}
+
+/// A method's time relative to full fine-tuning's, as Table 2 reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TimingRow {
+    pub method: String,
+    /// Median of all its timed steps.
+    pub median_step_seconds: f64,
+    /// Median over rounds of its median step time over full fine-tuning's in the same round.
+    pub ratio: f64,
+    /// 95% bootstrap interval of `ratio`.
+    pub ratio_low: f64,
+    pub ratio_high: f64,
+    /// Each round's ratio.
+    pub round_ratios: Vec<f64>,
+    pub flops_per_step: f64,
 }
 
 /// The timing pass, as Table 2 reports it.

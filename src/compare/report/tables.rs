@@ -5,7 +5,7 @@ use super::format::{
     format_bytes, format_count, format_estimate, format_flops, format_interval, format_percent,
     format_seconds, format_share, format_summary,
 };
-use super::{MethodRow, Metric, StudyResults};
+use super::{MethodRow, Metric, StudyResults, Summary};
 use std::fmt::Write;
 
 impl StudyResults {
@@ -235,13 +235,18 @@ impl StudyResults {
                     true => "**chosen**",
                     false => "",
                 };
+                let score = |s: &Option<Summary>, scale: f64| {
+                    s.as_ref().map_or("diverged".into(), |s| {
+                        format_estimate(s.value, &s.uncertainty, scale)
+                    })
+                };
                 let _ = writeln!(
                     t,
                     "| {} | {:e} | {} | {} | {mark} |",
                     label(&choice.method),
                     c.learning_rate,
-                    format_estimate(c.fid.value, &c.fid.uncertainty, 1.0),
-                    format_estimate(c.kid.value, &c.kid.uncertainty, 1e3),
+                    score(&c.fid, 1.0),
+                    score(&c.kid, 1e3),
                 );
             }
         }
