@@ -21,9 +21,17 @@ fn main() {
     build_autograd_shim(Path::new(&lib_dir));
 }
 
-/// Compiles csrc/dist.cpp against the wheel's headers: Gloo always, NCCL too when `nccl.h` and
-/// the CUDA headers it needs (`crt/host_config.h`, `nv/target`) are found in the wheel's
-/// `nvidia/` packages or in DIFFTUNE_NCCL_INCLUDE (colon-separated include folders).
+/// The pip packages that provide the CUDA headers the torch wheel lacks, in the versions of its
+/// CUDA 13.0 (scripts/env.sh installs them).
+const CUDA_HEADER_PACKAGES: &str = "nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85";
+
+/// Compiles csrc/dist.cpp (Gloo, and NCCL with a CUDA torch) and csrc/cuda_memory.cpp (the CUDA
+/// caching allocator's statistics) against the wheel's headers.
+///
+/// A CUDA torch (libtorch_cuda.so beside libtorch_cpu.so, as PyPI's Linux wheel) must find the
+/// CUDA headers, or the build fails: a binary built without them would run on a GPU machine yet
+/// never train on several GPUs, found out only there. A CPU-only torch builds Gloo alone and no
+/// CUDA code, with a warning.
 fn build_dist_shim(lib_dir: &Path) {
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=DIFFTUNE_NCCL_INCLUDE");
@@ -33,6 +41,7 @@ fn build_dist_shim(lib_dir: &Path) {
         .cpp(true)
         .std("c++17")
         .file("csrc/dist.cpp")
+        .file("csrc/cuda_memory.cpp")
         .include("csrc/gloo_stubs")
         .include(&torch_include)
         .include(torch_include.join("torch/csrc/api/include"))
@@ -40,14 +49,29 @@ fn build_dist_shim(lib_dir: &Path) {
         .define("USE_C10D_GLOO", None)
         // torch's headers are not warning-clean; their warnings are not ours to fix.
         .warnings(false);
-    let nccl_includes = nccl_include_dirs(lib_dir);
-    if let Some(dirs) = &nccl_includes {
-        build.includes(dirs).define("USE_C10D_NCCL", None);
-        build.define("DIFFTUNE_WITH_NCCL", None);
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        let dirs = cuda_include_dirs(lib_dir).unwrap_or_else(|missing| {
+            panic!(
+                "difftune: building against a CUDA torch ({}) needs `{missing}` for NCCL \
+                 (multi-GPU) support, and it was not found in the wheel's nvidia/ packages nor in \
+                 DIFFTUNE_NCCL_INCLUDE. `source scripts/env.sh` installs the missing headers into \
+                 its venv; for another venv: pip install {CUDA_HEADER_PACKAGES}",
+                lib_dir.display()
+            )
+        });
+        build
+            .includes(&dirs)
+            .define("USE_C10D_NCCL", None)
+            .define("DIFFTUNE_WITH_NCCL", None)
+            .define("DIFFTUNE_WITH_CUDA", None);
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     } else {
-        println!("cargo:warning=difftune: building distributed support without NCCL (Gloo only): nccl.h or CUDA headers not found");
+        println!(
+            "cargo:warning=difftune: {} is a CPU-only torch: building distributed support with \
+             Gloo only (no NCCL, no CUDA)",
+            lib_dir.display()
+        );
     }
     build.compile("difftune_dist");
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
@@ -55,10 +79,15 @@ fn build_dist_shim(lib_dir: &Path) {
     println!("cargo:rustc-link-lib=dylib=c10");
 }
 
-/// The include folders that provide every header the NCCL process group needs, if all are found.
-fn nccl_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
-    let site_packages = lib_dir.parent()?.parent()?;
-    let nvidia = site_packages.join("nvidia");
+/// The include folders that provide every header the NCCL process group and the CUDA allocator
+/// need, or the first header not found. Each found header is watched, so that the build script
+/// runs again when one changes.
+fn cuda_include_dirs(lib_dir: &Path) -> Result<Vec<PathBuf>, &'static str> {
+    let nvidia = lib_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|site_packages| site_packages.join("nvidia"))
+        .unwrap_or_default();
     let mut candidates: Vec<PathBuf> = std::env::var("DIFFTUNE_NCCL_INCLUDE")
         .map(|v| std::env::split_paths(&v).collect())
         .unwrap_or_default();
@@ -75,12 +104,16 @@ fn nccl_include_dirs(lib_dir: &Path) -> Option<Vec<PathBuf>> {
     ];
     let mut dirs = Vec::new();
     for header in needed {
-        let dir = candidates.iter().find(|d| d.join(header).exists())?;
+        let dir = candidates
+            .iter()
+            .find(|d| d.join(header).exists())
+            .ok_or(header)?;
+        println!("cargo:rerun-if-changed={}", dir.join(header).display());
         if !dirs.contains(dir) {
             dirs.push(dir.clone());
         }
     }
-    Some(dirs)
+    Ok(dirs)
 }
 
 /// Compiles csrc/autocast.cpp (bf16 autocast on the CPU and CUDA) and csrc/checkpoint.cpp

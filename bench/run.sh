@@ -11,14 +11,14 @@
 # The ratio of a round is the peer's median step time over difftune's; reported are the median
 # of the rounds' ratios, their interquartile range, and a 95% bootstrap interval of that median
 # (steps resampled within each round and tool, 2000 times).
-# ROUNDS sets the rounds. CONFIG_DIR (default ../shared/reference/sd-v1-4) holds the configs;
+# ROUNDS sets the rounds. CONFIG_DIR (default presets/configs/sd-v1-4) holds the configs;
 # weights are random. RESULTS_NAME overrides the <machine>-<date> file name. DIFFTUNE_BIN uses an
 # already built binary (e.g. one copied to a GPU machine) instead of `cargo build --release`;
 # PYTHON (default: the venv of scripts/env.sh, or python3 with DIFFTUNE_BIN) must have torch,
 # diffusers and peft.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONFIG_DIR="${CONFIG_DIR:-../shared/reference/sd-v1-4}"
+CONFIG_DIR="${CONFIG_DIR:-presets/configs/sd-v1-4}"
 ROUNDS="${ROUNDS:-4}"
 if [[ -z "${DIFFTUNE_BIN:-}" ]]; then
   source scripts/env.sh

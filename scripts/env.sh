@@ -10,6 +10,16 @@ if ! "$DIFFTUNE_VENV/bin/python" -c 'import torch, sys; sys.exit(not torch.__ver
   "$DIFFTUNE_VENV/bin/pip" install --quiet --upgrade pip
   "$DIFFTUNE_VENV/bin/pip" install --quiet torch==2.11.0 numpy
 fi
+# NCCL (multi-GPU training) and the CUDA memory statistics compile against nccl.h and the CUDA
+# headers the torch wheel brings, plus two it lacks (crt/host_config.h, nv/target), from the CUDA
+# 13.0 releases that match the wheel's: installed here, also into a venv made before they were
+# needed. build.rs refuses to build against a CUDA torch without them (docs/building.md).
+DIFFTUNE_CUDA_INCLUDE="$(echo "$DIFFTUNE_VENV"/lib/python3*/site-packages/nvidia/cu13/include)"
+if [ ! -f "$DIFFTUNE_CUDA_INCLUDE/crt/host_config.h" ] || [ ! -e "$DIFFTUNE_CUDA_INCLUDE/nv/target" ]; then
+  echo "difftune: installing the CUDA headers NCCL support compiles against (one-off, ~19 MB)" >&2
+  "$DIFFTUNE_VENV/bin/pip" install --quiet nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
+fi
+unset DIFFTUNE_CUDA_INCLUDE
 export PATH="$DIFFTUNE_VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
 # JPEGs are decoded by libjpeg-turbo, built by the turbojpeg-sys crate from its vendored source:

@@ -103,13 +103,63 @@ pub struct Diverged {
     pub message: String,
 }
 
+/// The signals that stop a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT: Ctrl-C.
+    Interrupt,
+    /// SIGTERM: `timeout`, SLURM, `docker stop`, Kubernetes, torchrun stopping its workers.
+    Terminate,
+}
+
+impl Signal {
+    /// The signal of number `number`, when it is one that stops a run.
+    pub fn from_raw(number: i32) -> Option<Self> {
+        match number {
+            signal_hook::consts::SIGINT => Some(Self::Interrupt),
+            signal_hook::consts::SIGTERM => Some(Self::Terminate),
+            _ => None,
+        }
+    }
+
+    pub fn raw(self) -> i32 {
+        match self {
+            Self::Interrupt => signal_hook::consts::SIGINT,
+            Self::Terminate => signal_hook::consts::SIGTERM,
+        }
+    }
+
+    /// The exit status of a process this signal stopped: 128 + its number, the shell's
+    /// convention that job schedulers and `timeout` read (130 for SIGINT, 143 for SIGTERM).
+    pub fn exit_code(self) -> u8 {
+        128 + self.raw() as u8
+    }
+}
+
+impl std::fmt::Display for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Interrupt => "SIGINT",
+            Self::Terminate => "SIGTERM",
+        })
+    }
+}
+
 /// A run stopped early on SIGINT or SIGTERM, its work saved: running the same command again
-/// (`train --resume`, `compare` with the same folder) continues it.
+/// (`train --resume`, `compare` with the same folder) continues it. The command exits with
+/// [`Interrupted::exit_code`].
 #[derive(Debug, Error)]
-#[error("interrupted, {resume}")]
+#[error("{message}")]
 pub struct Interrupted {
-    /// The command that was interrupted (`train`, `compare`).
-    pub command: &'static str,
-    /// How to resume, and from where.
-    pub resume: String,
+    /// The signal this process received; `None` when the stop came from another rank's.
+    pub signal: Option<Signal>,
+    /// What stopped, and how to resume from where.
+    pub message: String,
+}
+
+impl Interrupted {
+    /// 128 + the signal's number; a rank stopped by another rank's interrupt exits as SIGINT's.
+    pub fn exit_code(&self) -> u8 {
+        self.signal.unwrap_or(Signal::Interrupt).exit_code()
+    }
 }

@@ -542,7 +542,7 @@ fn check_the_run_continues_exactly(config: &CompareConfig, out: &Path) {
         cache: Some(out.join("cache/target")),
         out: dir.path().join("lora"),
         config: run,
-        resume: false,
+        resume: difftune::train::Resume::No,
         strict: false,
         stop_after: None,
         interrupt: Arc::new(AtomicBool::new(false)),

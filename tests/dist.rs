@@ -112,3 +112,42 @@ fn a_rank_that_never_arrives_fails_the_rendezvous() {
         );
     }
 }
+
+/// The binary built here has NCCL (the shim says it compiled ProcessGroupNCCL in), and asking for
+/// CUDA where there is no GPU fails with "no CUDA device", never "built without NCCL" nor a C++
+/// backtrace, in one process and as a rank of a launched job.
+#[test]
+fn nccl_is_built_in_and_cuda_without_a_gpu_is_a_clear_error() {
+    let output = difftune(&["dist-check", "--sizes", "1000", "--repeats", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("this build has Gloo (CPU) and NCCL (CUDA)"),
+        "{stdout}"
+    );
+    if tch::Cuda::device_count() > 0 {
+        return; // the no-GPU error cannot be seen here
+    }
+    let single = difftune(&["dist-check", "--device", "cuda"])
+        .output()
+        .unwrap();
+    let mut job = launch(1, &[0], &["dist-check", "--device", "cuda"]);
+    let launched_status = job.ranks[0].wait(Instant::now() + LIMIT);
+    let (_, launched) = job.ranks[0].output();
+    for (how, failed, stderr) in [
+        (
+            "single",
+            !single.status.success(),
+            String::from_utf8_lossy(&single.stderr).to_string(),
+        ),
+        ("launched", !launched_status.success(), launched),
+    ] {
+        assert!(failed, "{how}: {stderr}");
+        assert!(stderr.contains("no CUDA device"), "{how}: {stderr}");
+        assert!(
+            !stderr.contains("without NCCL") && !stderr.contains("frame #"),
+            "{how}: {stderr}"
+        );
+    }
+}

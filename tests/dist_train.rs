@@ -389,3 +389,107 @@ fn a_diverged_run_stops_before_the_update_and_resumes_from_the_named_checkpoint(
         assert!(weights.isfinite().all().int64_value(&[]) == 1, "{name}");
     }
 }
+
+/// The processes whose parent is `pid` (from /proc/*/stat).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `PID (COMM) STATE PPID ...`: COMM may hold spaces and parentheses.
+        let after = &stat[stat.rfind(')').unwrap() + 1..];
+        let parent: u32 = after.split_whitespace().nth(1).unwrap().parse().unwrap();
+        if parent == pid {
+            children.push(child);
+        }
+    }
+    children
+}
+
+/// The worker of `rank` that `torchrun` (PID `agent`) runs now, if it has started.
+fn torchrun_worker(agent: u32, rank: usize) -> Option<u32> {
+    children_of(agent).into_iter().find(|&child| {
+        std::fs::read(format!("/proc/{child}/environ"))
+            .map(|env| {
+                env.split(|&b| b == 0)
+                    .any(|var| var == format!("RANK={rank}").as_bytes())
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// The recipe for preemptible clusters (issue 24.8, docs/preemption.md): `torchrun
+/// --max-restarts 1 ... difftune train --resume`. Rank 1 is killed (`kill -9`) after a few
+/// steps; torchrun stops rank 0 and starts both again, they resume from the last checkpoint and
+/// the run ends with the weights of an uninterrupted 2-rank run, bit for bit. (About 25 s, 10 of
+/// them rank 0's wait for its lost peer, `PEER_PROBE_WINDOW`.)
+#[test]
+fn torchrun_restarts_a_killed_rank_and_the_run_ends_as_an_uninterrupted_one() {
+    let fx = Fixture::new();
+    let torchrun = |out: &Path| {
+        let mut args = vec![
+            "--standalone".to_string(),
+            "--nproc-per-node".into(),
+            "2".into(),
+            "--max-restarts".into(),
+            "1".into(),
+            "--no-python".into(),
+            env!("CARGO_BIN_EXE_difftune").into(),
+        ];
+        args.extend(fx.args(out, 2, 12, &["--resume"]));
+        let mut command = std::process::Command::new("torchrun");
+        command
+            .args(args)
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(out.with_extension("log")).unwrap());
+        command
+    };
+    let log = |out: &Path| std::fs::read_to_string(out.with_extension("log")).unwrap();
+    let whole = fx.root.join("whole");
+    let status = torchrun(&whole).status().unwrap();
+    assert!(status.success(), "{}", log(&whole));
+
+    let preempted = fx.root.join("preempted");
+    let mut agent = torchrun(&preempted).spawn().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let logged = |out: &Path| {
+        std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+    };
+    while logged(&preempted) < 3 {
+        assert!(agent.try_wait().unwrap().is_none(), "{}", log(&preempted));
+        assert!(Instant::now() < deadline, "no third step in time");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let victim = torchrun_worker(agent.id(), 1).expect("rank 1 is running");
+    // SAFETY: a plain kill(2) of a process this test started (torchrun's worker).
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            agent.kill().unwrap();
+            panic!(
+                "torchrun still running at the deadline: {}",
+                log(&preempted)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = log(&preempted);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("difftune train: no checkpoint"), "{stderr}");
+    // Each launch of rank 0 starts an event file: the first and the restarted one.
+    let events = |out: &Path| walk(&out.join("tensorboard")).len();
+    assert_eq!((events(&whole), events(&preempted)), (1, 2), "{stderr}");
+    let steps: Vec<usize> = metrics(&preempted).iter().map(|m| m.step).collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    let (a, b) = (trainable_at(&whole, 12), trainable_at(&preempted, 12));
+    let end = max_relative_difference(&a, &b);
+    assert_eq!(end.0, 0.0, "{end:?}");
+}

@@ -6,14 +6,14 @@ use difftune::data::captions::CaptionOptions;
 use difftune::data::epochs::{CaptionChoice, Draw, EpochPlan, PlanSample};
 use difftune::data::images::{load_bucketed, Preprocess};
 use difftune::data::kohya::KohyaFolder;
-use difftune::data::{Dataset, DatasetOptions, Layout};
+use difftune::data::{Dataset, DatasetOptions, ImageSource, Layout, SkipReason, SkippedEntry};
 use difftune::model::pipeline::{load_text_encoder, load_vae};
 use difftune::model::source::ModelFiles;
 use difftune::model::tokenizer::ClipTokenizer;
 use difftune::train::config::{DeviceChoice, RunConfig};
 use difftune::train::metrics::MetricsLog;
 use difftune::train::trainer::METRICS_FILE;
-use difftune::train::{train, TrainOptions, TrainSummary};
+use difftune::train::{train, Resume, TrainOptions, TrainSummary};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -55,6 +55,14 @@ fn lists_repeats_and_fallback_captions() {
         ]
     );
     assert_eq!(f.fallback_count(), 1);
+    // A folder that is not an `N_name` one is not read, and the listing says so.
+    assert_eq!(
+        f.skipped,
+        [SkippedEntry {
+            path: dir.path().join("notes"),
+            reason: SkipReason::Folder
+        }]
+    );
     let ds = Dataset::open(dir.path(), &DatasetOptions::default()).unwrap();
     assert_eq!(ds.layout, Layout::Kohya);
     assert_eq!(ds.samples[2].id, "3_red_dog/c.png");
@@ -65,6 +73,53 @@ fn lists_repeats_and_fallback_captions() {
 }
 
 /// The plan of the folder's three images as one bucket, with `dropout` and 4 caption variants.
+/// Adds to a kohya folder what used to be left out without a word: a folder named like an image,
+/// a symlink loop between two images, a link to the folder itself, a GIF, and a folder inside a
+/// repeat folder.
+fn add_unusable_entries(root: &Path) {
+    use std::os::unix::fs::symlink;
+    std::fs::create_dir_all(root.join("x.jpg")).unwrap();
+    symlink(root.join("loop-b.png"), root.join("loop-a.png")).unwrap();
+    symlink(root.join("loop-a.png"), root.join("loop-b.png")).unwrap();
+    symlink(".", root.join("loopdir")).unwrap();
+    std::fs::write(root.join("anim.gif"), b"GIF89a").unwrap();
+    std::fs::create_dir_all(root.join("3_red_dog/nested")).unwrap();
+}
+
+#[test]
+fn unusable_entries_are_listed_with_their_reasons() {
+    let dir = folder();
+    add_unusable_entries(dir.path());
+    let f = KohyaFolder::open(dir.path()).unwrap();
+    assert_eq!(f.items.len(), 3);
+    let got: Vec<(String, String)> = f
+        .skipped
+        .iter()
+        .map(|s| {
+            let path = s.path.strip_prefix(dir.path()).unwrap();
+            let reason = match &s.reason {
+                SkipReason::Unreadable(e) => format!("unreadable: {e}"),
+                other => format!("{other:?}"),
+            };
+            (path.display().to_string(), reason)
+        })
+        .collect();
+    let loop_error = std::fs::metadata(dir.path().join("loop-a.png"))
+        .unwrap_err()
+        .to_string();
+    let expected = [
+        ("anim.gif", "UnsupportedFormat(\"gif\")".to_string()),
+        ("loop-a.png", format!("unreadable: {loop_error}")),
+        ("loop-b.png", format!("unreadable: {loop_error}")),
+        ("loopdir", "Folder".to_string()),
+        ("notes", "Folder".to_string()),
+        ("x.jpg", "Folder".to_string()),
+        ("3_red_dog/nested", "Folder".to_string()),
+    ];
+    let expected: Vec<(String, String)> = expected.map(|(p, r)| (p.to_string(), r)).into();
+    assert_eq!(got, expected);
+}
+
 fn plan(f: &KohyaFolder, seed: u64, dropout: f64) -> EpochPlan {
     EpochPlan {
         samples: f
@@ -239,6 +294,100 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
+/// The ids of a cache's skipped images, sorted.
+fn skipped_ids(manifest: &Manifest) -> Vec<String> {
+    let mut ids: Vec<String> = manifest.skipped.iter().map(|s| s.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+/// Every layout: a cache lists what its dataset leaves out (kohya's listing, or the images the
+/// other layouts name that fail to load) among its skipped images, which `difftune cache`
+/// counts; a rebuild lists them once; strict mode refuses them.
+#[test]
+fn caches_list_and_count_what_every_layout_leaves_out() {
+    use std::os::unix::fs::symlink;
+    let _guard = serial();
+    let fx = Fixture::new();
+    let files = fx.files();
+    let settings = CacheSettings {
+        resolution: 64,
+        shard_size: 16,
+        batch_size: 4,
+        ..CacheSettings::default()
+    };
+    add_unusable_entries(&fx.data);
+    let dir = fx.root.join("kohya-cache");
+    let (manifest, report) = build(&files, &fx.data, &settings, &dir).unwrap();
+    assert_eq!(manifest.len(), 9);
+    let kohya = [
+        "3_red_dog/nested",
+        "anim.gif",
+        "loop-a.png",
+        "loop-b.png",
+        "loopdir",
+        "x.jpg",
+    ];
+    assert_eq!(skipped_ids(&manifest), kohya);
+    assert_eq!(report.skipped.len(), kohya.len());
+    let (again, _) = build(&files, &fx.data, &settings, &dir).unwrap();
+    assert_eq!(skipped_ids(&again), kohya);
+    let strict = CacheSettings {
+        strict: true,
+        ..settings.clone()
+    };
+    let err = format!(
+        "{:#}",
+        build(&files, &fx.data, &strict, &fx.root.join("strict")).unwrap_err()
+    );
+    assert!(
+        err.contains("strict mode") && err.contains("anim.gif"),
+        "{err}"
+    );
+
+    // An image folder whose metadata names a folder, a symlink loop and a GIF.
+    let folder = fx.root.join("imagefolder");
+    std::fs::create_dir_all(folder.join("x.jpg")).unwrap();
+    std::fs::copy(fx.data.join("5.png"), folder.join("good.png")).unwrap();
+    symlink(folder.join("loop-b.png"), folder.join("loop-a.png")).unwrap();
+    symlink(folder.join("loop-a.png"), folder.join("loop-b.png")).unwrap();
+    std::fs::write(folder.join("anim.gif"), b"GIF89a").unwrap();
+    let lines: Vec<String> = ["good.png", "x.jpg", "loop-a.png", "anim.gif"]
+        .iter()
+        .map(|f| format!("{{\"file_name\": \"{f}\", \"text\": \"a thing\"}}"))
+        .collect();
+    std::fs::write(folder.join("metadata.jsonl"), lines.join("\n")).unwrap();
+    let (manifest, _) = build(&files, &folder, &settings, &fx.root.join("if-cache")).unwrap();
+    assert_eq!(manifest.len(), 1);
+    assert_eq!(skipped_ids(&manifest), ["anim.gif", "loop-a.png", "x.jpg"]);
+
+    // Food101 whose listed images are a folder and a symlink loop.
+    let food = fx.root.join("food");
+    let spec = difftune::data::synthetic::SyntheticSpec {
+        classes: 1,
+        train_per_class: 3,
+        test_per_class: 1,
+        resolution: 64,
+        ..Default::default()
+    };
+    difftune::data::synthetic::generate_food101_like(&food, &spec).unwrap();
+    let listed = Dataset::open(&food, &DatasetOptions::default()).unwrap();
+    let file = |i: usize| match &listed.samples[i].image {
+        ImageSource::File(path) => path.clone(),
+        other => panic!("Food101 lists files, not {other:?}"),
+    };
+    let (a, b) = (file(0), file(1));
+    std::fs::remove_file(&a).unwrap();
+    std::fs::create_dir(&a).unwrap();
+    std::fs::remove_file(&b).unwrap();
+    symlink(&b, &b).unwrap();
+    let (manifest, _) = build(&files, &food, &settings, &fx.root.join("food-cache")).unwrap();
+    assert_eq!(manifest.len(), 1);
+    let mut expected = [listed.samples[0].id.clone(), listed.samples[1].id.clone()];
+    expected.sort();
+    assert_eq!(skipped_ids(&manifest), expected);
+}
+
 #[test]
 fn the_cache_holds_every_caption_variant_bucket_and_flip_that_training_draws() {
     let _guard = serial();
@@ -373,7 +522,7 @@ fn training_with_buckets_flips_and_caption_variants_resumes_exactly() {
         cache: Some(fx.root.join("cache")),
         out: fx.root.join(out),
         config: config.clone(),
-        resume: false,
+        resume: Resume::No,
         strict: false,
         stop_after: None,
         interrupt: Arc::new(AtomicBool::new(false)),
@@ -391,7 +540,7 @@ fn training_with_buckets_flips_and_caption_variants_resumes_exactly() {
     first.stop_after = Some(3);
     assert_eq!(train(&first).unwrap().step, 3);
     let mut rest = options("parts");
-    rest.resume = true;
+    rest.resume = Resume::Newest;
     let resumed = train(&rest).unwrap();
     assert!(resumed.finished && resumed.step == 6);
     let bytes = |s: &TrainSummary| std::fs::read(s.adapter.as_ref().unwrap()).unwrap();

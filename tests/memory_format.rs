@@ -12,7 +12,7 @@ use difftune::peft::MethodSettings;
 use difftune::train::config::RunConfig;
 use difftune::train::metrics::MetricsLog;
 use difftune::train::trainer::{latest_trainable, Trainer, METRICS_FILE};
-use difftune::train::{train, TrainOptions};
+use difftune::train::{train, Resume, TrainOptions};
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 use tiny_run::{serial, TinyRun};
@@ -133,7 +133,7 @@ fn in_two_parts(fx: &TinyRun, run: &str, config: RunConfig, first: usize, resume
     opts.stop_after = Some(first);
     assert!(!train(&opts).unwrap().finished);
     let mut rest = fx.options(resumed, run);
-    rest.resume = true;
+    rest.resume = Resume::Newest;
     assert!(train(&rest).unwrap().finished);
 }
 

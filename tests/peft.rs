@@ -5,7 +5,7 @@ use difftune::error::SettingsError;
 use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
 use difftune::model::weights::{load_into, read_all, LoadOptions};
 use difftune::peft::file::{random_init_identity, save_adapter, AdapterFile};
-use difftune::peft::formats::{export_lora, load_adapter, read_adapter, LoraFormat};
+use difftune::peft::formats::{check_exports, export, load_adapter, read_adapter, AdapterFormat};
 use difftune::peft::merge::{merge_adapter, save_unet};
 use difftune::peft::InitSeed;
 use difftune::peft::{
@@ -97,12 +97,7 @@ fn cases() -> Vec<(&'static str, &'static str)> {
 
 #[test]
 fn sd14_counts_match_the_study() {
-    // The reference configs sit next to the checkout (or a level up, from a worktree).
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/reference/sd-v1-4"))
-        .find(|d| d.is_dir())
-        .expect("shared/reference/sd-v1-4 next to the checkout");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/configs/sd-v1-4");
     let config = UNetConfig::from_file(&dir.join("unet_config.json")).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let mut unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();
@@ -383,9 +378,13 @@ fn lora_formats_round_trip() {
     for (settings, formats) in [
         (
             plain,
-            vec![LoraFormat::Peft, LoraFormat::Diffusers, LoraFormat::Kohya],
+            vec![
+                AdapterFormat::Peft,
+                AdapterFormat::Diffusers,
+                AdapterFormat::Kohya,
+            ],
         ),
-        (dora, vec![LoraFormat::Peft, LoraFormat::Diffusers]),
+        (dora, vec![AdapterFormat::Peft, AdapterFormat::Diffusers]),
     ] {
         let mut trainer = Tiny::new();
         let params = nn::VarStore::new(Device::Cpu);
@@ -396,12 +395,12 @@ fn lora_formats_round_trip() {
                 .unwrap();
         for format in formats {
             let out = tmp.path().join(format!("{format:?}"));
-            let out = if format == LoraFormat::Kohya {
+            let out = if format == AdapterFormat::Kohya {
                 out.with_extension("safetensors")
             } else {
                 out
             };
-            export_lora(&adapter, format, &out).unwrap();
+            export(&adapter, format, &out).unwrap();
             let mut user = Tiny::new();
             let imported = read_adapter(&out, &user.vs).unwrap();
             assert_eq!(imported.meta.base_model, None);
@@ -415,16 +414,18 @@ fn lora_formats_round_trip() {
             );
         }
         if settings == dora {
-            let err = export_lora(
-                &adapter,
-                LoraFormat::Kohya,
-                &tmp.path().join("dora.safetensors"),
-            )
-            .unwrap_err();
-            assert!(
-                format!("{err:#}").contains("DoRA adapters have no kohya form"),
-                "{err:#}"
+            let out = tmp.path().join("dora.safetensors");
+            let err = format!(
+                "{:#}",
+                export(&adapter, AdapterFormat::Kohya, &out).unwrap_err()
             );
+            assert!(
+                err.contains(
+                    "cannot be written as kohya; the formats it can go to: peft, diffusers"
+                ) && err.contains("\"dora\":true"),
+                "{err}"
+            );
+            assert!(!out.exists());
         }
     }
     let kohya = read_all(&tmp.path().join("Kohya.safetensors")).unwrap();
@@ -434,6 +435,339 @@ fn lora_formats_round_trip() {
     assert_eq!(
         kohya["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].size(),
         [16, 2, 1, 1]
+    );
+}
+
+/// A U-Net of SD v1's layout (four levels, two layers per block, the 64-px latent's 8x8 of a
+/// 64-px image) at a small width: the index arithmetic of A1111's key conversion assumes it.
+fn sd1_layout_unet() -> (nn::VarStore, UNet2DConditionModel, UNetConfig) {
+    let config: UNetConfig = serde_json::from_value(serde_json::json!({
+        "in_channels": 4,
+        "out_channels": 4,
+        "attention_head_dim": 8,
+        "block_out_channels": [32, 32, 64, 64],
+        "cross_attention_dim": 32,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 2,
+        "sample_size": 8
+    }))
+    .unwrap();
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();
+    freeze(&vs);
+    (vs, unet, config)
+}
+
+/// ComfyUI's LoRA key rule (`comfy/lora.py`, `model_lora_keys_unet`): every U-Net weight
+/// `PATH.weight` of the diffusers layout answers to `lora_unet_` + PATH with `.` -> `_`.
+fn comfyui_keys(unet_vs: &nn::VarStore) -> BTreeMap<String, String> {
+    unet_vs
+        .variables()
+        .keys()
+        .filter_map(|name| name.strip_suffix(".weight"))
+        .map(|path| {
+            (
+                format!("lora_unet_{}", path.replace('.', "_")),
+                path.to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A1111's rule (`extensions-builtin/Lora/networks.py`, `convert_diffusers_name_to_compvis`,
+/// SD v1): a `lora_unet_` key of the diffusers layout becomes the `_`-joined name of an LDM
+/// module, looked up among `diffusion_model_` + each LDM module path with `.` -> `_`.
+fn a1111_module(key: &str) -> Option<String> {
+    let rest = key.strip_prefix("lora_unet_")?;
+    let number = |s: &str| s.parse::<usize>().ok();
+    let resnet_suffix = |s: &str| {
+        match s {
+            "conv1" => "in_layers_2",
+            "conv2" => "out_layers_3",
+            "time_emb_proj" => "emb_layers_1",
+            "conv_shortcut" => "skip_connection",
+            other => other,
+        }
+        .to_string()
+    };
+    // `BLOCK_(attentions|resnets)_I_SUFFIX` -> (block, attention?, i, converted suffix).
+    let layer = |s: &str| -> Option<(bool, usize, String)> {
+        let (kind, s) = s.split_once('_')?;
+        let (i, suffix) = s.split_once('_')?;
+        let attention = match kind {
+            "attentions" => true,
+            "resnets" => false,
+            _ => return None,
+        };
+        let suffix = match attention {
+            true => suffix.to_string(),
+            false => resnet_suffix(suffix),
+        };
+        Some((attention, number(i)?, suffix))
+    };
+    let converted = if let Some(s) = rest.strip_prefix("conv_in") {
+        format!("input_blocks_0_0{s}")
+    } else if let Some(s) = rest.strip_prefix("conv_out") {
+        format!("out_2{s}")
+    } else if let Some(s) = rest.strip_prefix("time_embedding_linear_") {
+        let (i, s) = s.split_at(1);
+        format!("time_embed_{}{s}", number(i)? * 2 - 2)
+    } else if let Some(s) = rest.strip_prefix("down_blocks_") {
+        let (block, s) = s.split_once('_')?;
+        let block = number(block)?;
+        if s == "downsamplers_0_conv" {
+            format!("input_blocks_{}_0_op", 3 + block * 3)
+        } else {
+            let (attention, i, suffix) = layer(s)?;
+            format!(
+                "input_blocks_{}_{}_{suffix}",
+                1 + block * 3 + i,
+                attention as usize
+            )
+        }
+    } else if let Some(s) = rest.strip_prefix("mid_block_") {
+        let (attention, i, suffix) = layer(s)?;
+        let index = if attention { 1 } else { i * 2 };
+        format!("middle_block_{index}_{suffix}")
+    } else if let Some(s) = rest.strip_prefix("up_blocks_") {
+        let (block, s) = s.split_once('_')?;
+        let block = number(block)?;
+        if s == "upsamplers_0_conv" {
+            format!(
+                "output_blocks_{}_{}_conv",
+                2 + block * 3,
+                if block > 0 { 2 } else { 1 }
+            )
+        } else {
+            let (attention, i, suffix) = layer(s)?;
+            format!(
+                "output_blocks_{}_{}_{suffix}",
+                block * 3 + i,
+                attention as usize
+            )
+        }
+    } else {
+        return None;
+    };
+    Some(format!("diffusion_model_{converted}"))
+}
+
+/// Every layer kind ComfyUI and A1111 adapt in the U-Net.
+const EVERY_LAYER: &str = "targets = ['*.attn1.to_q', '*.attn1.to_k', '*.attn1.to_v', '*.attn1.to_out.0', \
+    '*.attn2.to_q', '*.attn2.to_k', '*.attn2.to_v', '*.attn2.to_out.0', '*.ff.net.0.proj', '*.ff.net.2', \
+    '*.proj_in', '*.proj_out', '*.conv1', '*.conv2', '*.time_emb_proj', '*.conv_shortcut', \
+    '*.downsamplers.0.conv', '*.upsamplers.0.conv', 'conv_in', 'conv_out', 'time_embedding.linear_1']
+rank = 4
+alpha = 8
+rank_pattern = { '*.conv2' = 2 }";
+
+#[test]
+fn kohya_exports_load_by_comfyui_and_a1111_key_rules_as_the_merged_weights() {
+    let (vs, mut unet, config) = sd1_layout_unet();
+    let m = method("lora", EVERY_LAYER);
+    let params = nn::VarStore::new(Device::Cpu);
+    let trained = m
+        .apply(&mut unet, &vs, params.root(), &InitSeed::new(0, "kohya"))
+        .unwrap();
+    perturb(&trained);
+    let identity = random_init_identity(&config);
+    let adapter = AdapterFile::from_trained(m.as_ref(), &trained, Some(identity.clone())).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("lora.safetensors");
+    export(&adapter, AdapterFormat::Kohya, &file).unwrap();
+    let kohya = read_all(&file).unwrap();
+
+    let comfyui = comfyui_keys(&vs);
+    let layout = difftune::model::ldm::UnetLayout::from_config(&config).names();
+    let a1111: std::collections::BTreeSet<String> = vs
+        .variables()
+        .keys()
+        .filter_map(|name| layout.to_ldm(name))
+        .filter_map(|ldm| {
+            let path = ldm.strip_suffix(".weight")?.replace('.', "_");
+            Some(format!("diffusion_model_{path}"))
+        })
+        .collect();
+    // The base weights as ComfyUI patches them: W + alpha / rank * up @ down.
+    let base: BTreeMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect();
+    let mut patched: BTreeMap<String, Tensor> = base
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let mut layers = 0;
+    for key in kohya.keys() {
+        let (stem, part) = key.split_once('.').unwrap();
+        assert!(
+            ["lora_down.weight", "lora_up.weight", "alpha"].contains(&part),
+            "`{key}`: a part neither loader reads"
+        );
+        let path = comfyui
+            .get(stem)
+            .unwrap_or_else(|| panic!("ComfyUI maps no U-Net weight to `{key}`"));
+        let module = a1111_module(stem).unwrap_or_else(|| panic!("A1111 converts no `{key}`"));
+        assert!(
+            a1111.contains(&module),
+            "A1111's `{module}` (of `{key}`) is no LDM module"
+        );
+        if part != "alpha" {
+            continue;
+        }
+        layers += 1;
+        let (down, up) = (
+            &kohya[&format!("{stem}.lora_down.weight")],
+            &kohya[&format!("{stem}.lora_up.weight")],
+        );
+        let weight = &base[&format!("{path}.weight")];
+        let rank = down.size()[0];
+        let scale = kohya[key].double_value(&[]) / rank as f64;
+        let delta = up
+            .reshape([up.size()[0], rank])
+            .matmul(&down.reshape([rank, -1]))
+            .reshape(weight.size());
+        patched.insert(format!("{path}.weight"), weight + delta * scale);
+    }
+    assert_eq!(
+        layers * 3,
+        kohya.len(),
+        "every layer has down, up and alpha"
+    );
+    assert_eq!(
+        layers,
+        trained.len() / 2,
+        "every adapted layer is in the file"
+    );
+
+    // `difftune merge` of the same adapter onto the same base weights (copied: torch's
+    // generator is shared with the other tests' threads) gives the weights the loaders compute.
+    let (merged_vs, mut merged_unet, _) = sd1_layout_unet();
+    tch::no_grad(|| {
+        for (name, mut var) in merged_vs.variables() {
+            var.copy_(&base[&name]);
+        }
+    });
+    merge_adapter(&mut merged_unet, &merged_vs, &adapter, &identity).unwrap();
+    for (name, merged) in merged_vs.variables() {
+        let err = relative_l2(&patched[&name], &merged);
+        assert!(
+            err <= 1e-6,
+            "`{name}`: the loaders' weight differs from the merge by {err:.2e}"
+        );
+    }
+}
+
+#[test]
+fn each_method_names_the_formats_it_can_go_to() {
+    let refused = |name: &str, settings: &str, format: AdapterFormat| {
+        let err = check_exports(method(name, settings).as_ref(), &[format]).unwrap_err();
+        err.to_string()
+    };
+    for name in ["full", "adapter", "prefix", "bitfit"] {
+        let err = refused(name, "", AdapterFormat::Kohya);
+        assert!(
+            err.contains(&format!("a `{name}` adapter"))
+                && err.contains("cannot be written as kohya")
+                && err.contains("none of them"),
+            "{err}"
+        );
+    }
+    let err = refused("lora", "dora = true", AdapterFormat::Kohya);
+    assert!(err.contains("it can go to: peft, diffusers"), "{err}");
+    check_exports(method("lora", "").as_ref(), &AdapterFormat::ALL).unwrap();
+}
+
+/// `difftune export` on `adapter` as `format` to `out`: whether it succeeded, and stderr.
+fn export_cli(adapter: &Path, format: &str, out: &Path) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args(["export", "--adapter", adapter.to_str().unwrap()])
+        .args(["--format", format, "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.success(), stderr)
+}
+
+#[test]
+fn export_writes_each_format_and_refuses_what_it_cannot_write_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tiny = Tiny::new();
+    let params = nn::VarStore::new(Device::Cpu);
+    let lora = method("lora", "alpha = 8");
+    let (trained, expected) = adapted(&mut tiny, &params, lora.as_ref());
+    let adapter = tmp.path().join("adapter.safetensors");
+    save_adapter(&adapter, lora.as_ref(), &trained, &tiny.identity).unwrap();
+    for (format, out) in [
+        ("kohya", "lora.safetensors"),
+        ("diffusers", "diffusers"),
+        ("peft", "peft"),
+    ] {
+        let out = tmp.path().join(out);
+        let (ok, stderr) = export_cli(&adapter, format, &out);
+        assert!(ok, "{format}: {stderr}");
+        let mut user = Tiny::new();
+        let imported = read_adapter(&out, &user.vs).unwrap();
+        imported
+            .attach(&mut user.unet, &user.vs, &user.identity)
+            .unwrap();
+        assert!(relative_l2(&user.output(), &expected) <= 1e-6, "{format}");
+        let (ok, stderr) = export_cli(&adapter, format, &out);
+        assert!(
+            !ok && stderr.contains("already exists"),
+            "{format}: {stderr}"
+        );
+    }
+    let (ok, stderr) = export_cli(&adapter, "kohya", &tmp.path().join("lora.bin"));
+    assert!(
+        !ok && stderr.contains("name it NAME.safetensors"),
+        "{stderr}"
+    );
+
+    let mut other = Tiny::new();
+    let full = method("full", "");
+    let (trained, _) = adapted(&mut other, &params, full.as_ref());
+    let full_adapter = tmp.path().join("full.safetensors");
+    save_adapter(&full_adapter, full.as_ref(), &trained, &other.identity).unwrap();
+    let refused = tmp.path().join("full-kohya.safetensors");
+    let (ok, stderr) = export_cli(&full_adapter, "kohya", &refused);
+    assert!(
+        !ok && stderr.contains("a `full` adapter") && stderr.contains("none of them"),
+        "{stderr}"
+    );
+    let (ok, stderr) = export_cli(
+        &tmp.path().join("lora.safetensors"),
+        "peft",
+        &tmp.path().join("x"),
+    );
+    assert!(
+        !ok && stderr.contains("has no difftune sidecar"),
+        "{stderr}"
+    );
+    let (ok, stderr) = export_cli(&adapter, "lycoris", &tmp.path().join("x"));
+    assert!(
+        !ok && stderr.contains("possible values: kohya, diffusers, peft"),
+        "{stderr}"
+    );
+    let mut written: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".json"))
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            "adapter.safetensors",
+            "diffusers",
+            "full.safetensors",
+            "lora.safetensors",
+            "peft"
+        ],
+        "nothing is written for a refused export"
     );
 }
 

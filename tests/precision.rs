@@ -12,7 +12,7 @@ use difftune::train::metrics::MetricsLog;
 use difftune::train::optim::{AdamW, AdamWConfig};
 use difftune::train::precision::{autocast_kind, bf16_autocast};
 use difftune::train::trainer::{latest_trainable, METRICS_FILE};
-use difftune::train::{train, TrainOptions};
+use difftune::train::{train, Resume, TrainOptions};
 use std::collections::HashSet;
 use tch::{Device, Kind, Tensor};
 use tiny_run::{serial, TinyRun};
@@ -181,7 +181,7 @@ fn a_resumed_bf16_run_is_bit_identical_to_an_uninterrupted_one() {
     first.stop_after = Some(3);
     assert!(!train(&first).unwrap().finished);
     let mut rest = bf16_options(&fx, "bitfit", 6, "parts");
-    rest.resume = true;
+    rest.resume = Resume::Newest;
     assert!(train(&rest).unwrap().finished);
     let bytes = |out: &str| -> Vec<(String, Vec<u8>)> {
         latest_trainable(&fx.root.join(out))

@@ -304,3 +304,54 @@ fn a_non_finite_guidance_is_refused() {
         "{stderr}"
     );
 }
+
+/// With stderr going to a pipe (a log file, SLURM, CI) `sample` prints plain progress lines, at
+/// the interval DIFFTUNE_PROGRESS_INTERVAL sets; SIGTERM exits at once with 143 (128 + SIGTERM)
+/// and says so.
+#[test]
+fn progress_lines_in_a_log_and_sigterm_exits_143() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_difftune"))
+        .args(["sample", "--model"])
+        .arg(fixtures().join("model"))
+        .args([
+            "--prompt",
+            "a red apple",
+            "--steps",
+            "500",
+            "--scheduler",
+            "ddim",
+        ])
+        .args(["--width", "64", "--height", "64", "--out"])
+        .arg(dir.path().join("out"))
+        .env("DIFFTUNE_PROGRESS_INTERVAL", "0")
+        .env("OMP_NUM_THREADS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = stderr
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|line| line.starts_with("difftune sample: "))
+        .expect("a progress line");
+    assert!(
+        first.starts_with("difftune sample: 1/500 U-Net steps (0%), ")
+            && first.contains(" U-Net steps/s, ")
+            && first.ends_with(" left"),
+        "{first}"
+    );
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let rest: Vec<String> = stderr.map(Result::unwrap).collect();
+    assert_eq!(child.wait().unwrap().code(), Some(143), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("difftune sample: SIGTERM received, exiting now")),
+        "{rest:?}"
+    );
+}

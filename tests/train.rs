@@ -11,7 +11,7 @@ use difftune::train::metrics::MetricsLog;
 use difftune::train::optim::AdamW;
 use difftune::train::step::{attach_method, forward_backward, Objective, StepInputs};
 use difftune::train::trainer::{latest_trainable, METRICS_FILE};
-use difftune::train::{train, TrainSummary};
+use difftune::train::{train, Resume, TrainSummary};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use tiny_run::{serial, TinyRun};
@@ -122,7 +122,7 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let part: TrainSummary = train(&first).unwrap();
     assert!(!part.finished && part.step == 4 && part.adapter.is_none());
     let mut rest = fx.options(config.clone(), "parts");
-    rest.resume = true;
+    rest.resume = Resume::Newest;
     let resumed = train(&rest).unwrap();
     assert!(resumed.finished && resumed.step == 9);
 
@@ -151,11 +151,11 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 
     // A checkpoint is never continued with other settings.
     let mut other = fx.options(fx.config("bitfit", 12, 1e-3), "parts");
-    other.resume = true;
+    other.resume = Resume::Newest;
     let err = format!("{:#}", train(&other).unwrap_err());
     assert!(err.contains("training settings differ"), "{err}");
     let mut other_method = fx.options(fx.config("full", 12, 1e-3), "parts");
-    other_method.resume = true;
+    other_method.resume = Resume::Newest;
     let err = format!("{:#}", train(&other_method).unwrap_err());
     assert!(err.contains("method `bitfit`"), "{err}");
     // Nor is an existing run silently overwritten.
@@ -192,10 +192,10 @@ fn one_seed_gives_bit_identical_runs_for_every_method() {
     }
 }
 
-/// SIGTERM mid-run of the real binary: a checkpoint, a non-zero exit that says how to go on,
-/// and `--resume` ends bit-identical to an uninterrupted run.
+/// SIGTERM mid-run of the real binary: a checkpoint, exit status 143 (128 + SIGTERM) with a
+/// message that says how to go on, and `--resume` ends bit-identical to an uninterrupted run.
 #[test]
-fn sigterm_saves_a_checkpoint_exits_non_zero_and_resumes_bit_identically() {
+fn sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_identically() {
     let _guard = serial();
     let fx = fixture();
     let steps = 150;
@@ -228,14 +228,10 @@ fn sigterm_saves_a_checkpoint_exits_non_zero_and_resumes_bit_identically() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    send("-TERM", &child);
     let interrupted = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&interrupted.stderr);
-    assert!(!interrupted.status.success(), "{stderr}");
+    assert_eq!(interrupted.status.code(), Some(143), "{stderr}");
     assert!(
         stderr.contains("interrupted, resume with --resume"),
         "{stderr}"
@@ -251,6 +247,97 @@ fn sigterm_saves_a_checkpoint_exits_non_zero_and_resumes_bit_identically() {
         String::from_utf8_lossy(&resumed.stderr)
     );
     assert!(checkpoint_bytes(&fx.root.join("whole")) == checkpoint_bytes(&fx.root.join("parts")));
+}
+
+/// Sends `signal` (as `kill` names it) to `child`.
+fn send(signal: &str, child: &std::process::Child) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Two SIGINTs a few milliseconds apart (the second arriving while the first's checkpoint is
+/// written, or while the process exits) end the run with 130 every time, never a panic from a
+/// torch torn down under a running op.
+#[test]
+fn a_double_sigint_exits_130_without_a_panic() {
+    let _guard = serial();
+    let fx = fixture();
+    let config_file = fx.root.join("config.toml");
+    std::fs::write(
+        &config_file,
+        fx.config("lora", 100_000, 1e-3).to_toml().unwrap(),
+    )
+    .unwrap();
+    for attempt in 0..20 {
+        let out = format!("run-{attempt}");
+        let mut child = fx.cli(&config_file, &out).spawn().unwrap();
+        let metrics = fx.root.join(&out).join(METRICS_FILE);
+        while !std::fs::read_to_string(&metrics).is_ok_and(|t| !t.is_empty()) {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        send("-INT", &child);
+        std::thread::sleep(std::time::Duration::from_millis(attempt % 5 * 5));
+        send("-INT", &child);
+        let ended = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&ended.stderr);
+        assert_eq!(
+            ended.status.code(),
+            Some(130),
+            "attempt {attempt}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "attempt {attempt}: {stderr}");
+    }
+}
+
+/// With stderr going to a pipe (a log file, SLURM, CI), training and the cache build print plain
+/// progress lines: at each tenth of the work by default, at every step with a zero
+/// DIFFTUNE_PROGRESS_INTERVAL.
+#[test]
+fn progress_goes_to_a_log_as_plain_lines() {
+    let _guard = serial();
+    let fx = fixture();
+    let config_file = fx.root.join("config.toml");
+    std::fs::write(
+        &config_file,
+        fx.config("bitfit", 20, 1e-3).to_toml().unwrap(),
+    )
+    .unwrap();
+    let lines = |out: &str, interval: Option<&str>| {
+        let mut command = fx.cli(&config_file, out);
+        if let Some(seconds) = interval {
+            command.env("DIFFTUNE_PROGRESS_INTERVAL", seconds);
+        }
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(output.status.success(), "{stderr}");
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("difftune train: ") || l.starts_with("difftune cache: "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let tenths = lines("tenths", None);
+    let train: Vec<&String> = tenths.iter().filter(|l| l.contains(" steps ")).collect();
+    assert_eq!(train.len(), 10, "{tenths:#?}");
+    assert!(
+        train[4].starts_with("difftune train: 10/20 steps (50%), ")
+            && train[4].contains(" steps/s, ")
+            && train[4].contains(" left, loss "),
+        "{tenths:#?}"
+    );
+    assert!(
+        tenths
+            .iter()
+            .any(|l| l.starts_with("difftune cache: 32/32 images (100%), ")),
+        "{tenths:#?}"
+    );
+    let every_step = lines("every-step", Some("0"));
+    let steps = every_step.iter().filter(|l| l.contains(" steps ")).count();
+    assert_eq!(steps, 20, "{every_step:#?}");
 }
 
 #[test]
@@ -518,7 +605,7 @@ fn tensorboard_log_holds_every_step_once_after_a_resume_and_the_validation_image
     first.stop_after = Some(3);
     train(&first).unwrap();
     let mut resumed = fx.options(config, "tb");
-    resumed.resume = true;
+    resumed.resume = Resume::Newest;
     train(&resumed).unwrap();
 
     let out = fx.root.join("tb");
@@ -580,7 +667,7 @@ fn ema_is_the_average_of_the_steps_resumes_exactly_and_is_the_adapter() {
     first.stop_after = Some(2);
     train(&first).unwrap();
     let mut resumed = fx.options(config.clone(), "ema-resumed");
-    resumed.resume = true;
+    resumed.resume = Resume::Newest;
     train(&resumed).unwrap();
     let adapter = |run: &str| std::fs::read(fx.root.join(run).join("adapter.safetensors")).unwrap();
     assert!(

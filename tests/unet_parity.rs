@@ -46,7 +46,7 @@ fn sd2_linear_projection_per_block_heads_matches_diffusers() {
 
 #[test]
 fn sd14_config_has_the_published_parameter_count() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/configs/sd-v1-4");
     let config = UNetConfig::from_file(&dir.join("unet_config.json")).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     UNet2DConditionModel::new(vs.root(), &config).unwrap();
@@ -138,7 +138,7 @@ fn missing_and_misshaped_tensors_are_named() {
 fn full_size_sd14_matches_diffusers() {
     let dir =
         PathBuf::from(std::env::var("DIFFTUNE_FULL_UNET_DIR").expect("DIFFTUNE_FULL_UNET_DIR"));
-    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/sd-v1-4");
+    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/configs/sd-v1-4");
     let config = UNetConfig::from_file(&config_dir.join("unet_config.json")).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let unet = UNet2DConditionModel::new(vs.root(), &config).unwrap();

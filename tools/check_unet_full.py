@@ -1,6 +1,6 @@
 """On-demand parity and speed check of the full-size SD v1.4 U-Net (too big for CI).
 
-Builds diffusers' UNet2DConditionModel from ../shared/reference/sd-v1-4/unet_config.json with
+Builds diffusers' UNet2DConditionModel from presets/configs/sd-v1-4/unet_config.json with
 seeded random weights, runs one forward at 64x64 latents (batch 1, 77x768 context) on the CPU,
 saves weights, inputs and output to a scratch folder, then runs the ignored Rust test
 `full_size_sd14_matches_diffusers` on the same files, which prints its error and forward time.
@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-CONFIG = os.path.join(ROOT, "..", "shared", "reference", "sd-v1-4", "unet_config.json")
+CONFIG = os.path.join(ROOT, "presets", "configs", "sd-v1-4", "unet_config.json")
 
 
 def main() -> None:

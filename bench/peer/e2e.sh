@@ -11,14 +11,14 @@
 #   MODEL=sd14 bench/peer/e2e.sh       # the SD v1.4 config with random weights, 256 px, 10 steps
 #
 # STEPS, BATCH, RESOLUTION, IMAGES override the defaults (tiny: 20, 4, 64, 32; sd14: 10, 1, 256,
-# 16). CONFIG_DIR (default ../shared/reference/sd-v1-4) holds the sd14 configs. PEER_PYTHON
+# 16). CONFIG_DIR (default presets/configs/sd-v1-4) holds the sd14 configs. PEER_PYTHON
 # must have the reference stack with `datasets` and torchvision (tools/setup.sh); default: the
 # torch venv's python when it has `datasets`, else /tmp/peer-venv/bin/python. DIFFTUNE_BIN (default target/debug/difftune, built if absent). Writes
 # bench/results/e2e-<model>-<machine>-<date>.md (RESULTS_NAME overrides the name).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL="${MODEL:-tiny}"
-CONFIG_DIR="${CONFIG_DIR:-../shared/reference/sd-v1-4}"
+CONFIG_DIR="${CONFIG_DIR:-presets/configs/sd-v1-4}"
 source scripts/env.sh
 if [[ -z "${PEER_PYTHON:-}" ]]; then
   PEER_PYTHON=python

@@ -21,7 +21,7 @@ torch.profiler and writes DIR/peer-<method>-b<batch>.json (a Chrome trace, as di
 `bench --profile`; bench/profile_summary.py summarises both). Every timed step's time is in the
 JSON (`step_times_s`), for bench/run.sh's interleaved rounds.
 
-Usage: python bench/peer/peer_bench.py --config-dir ../shared/reference/sd-v1-4 --methods all
+Usage: python bench/peer/peer_bench.py --config-dir presets/configs/sd-v1-4 --methods all
          --batch 1,8 --resolution 512 [--device cuda] [--compile] --json
 """
 import argparse

@@ -1,4 +1,5 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use crate::data::cache::{build_in, CacheSettings};
 use crate::data::captions::CaptionOptions;
 use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
@@ -78,17 +79,20 @@ pub struct CacheArgs {
 }
 
 pub fn run(args: CacheArgs) -> Result<()> {
-    // Every setting and the model are checked before any rank starts or anything is written.
+    // Every setting, the model and the data's layout are checked before any rank starts or
+    // anything is written.
     let device = args.device.resolve()?;
     let settings = cache_settings(&args, device)?;
     settings
         .validate()
         .map_err(|e| SettingsError::invalid("cache", e))?;
-    if !args.data.exists() {
-        let reason = format!("{} does not exist", args.data.display());
-        return Err(SettingsError::invalid("--data", reason).into());
-    }
     let files = crate::settings::check_model(&args.model, None)?;
+    crate::data::Layout::detect(&args.data)
+        .map_err(|e| SettingsError::invalid("--data", format!("{e:#}")))?;
+    Interrupt::install(
+        "cache",
+        FirstSignal::Exit("the shard files already written are kept: the same command continues"),
+    )?;
     // Under torchrun or SLURM: this process encodes its share of a multi-process build.
     let (group, device) = super::launch::join(&args.dist, device)?;
     let settings = CacheSettings { device, ..settings };
@@ -99,7 +103,7 @@ pub fn run(args: CacheArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{}: {} samples, {} prompts ({} file(s) encoded, {} reused, {} image(s) skipped)",
+        "{}: {} samples, {} prompts ({} file(s) encoded, {} reused, {} dataset entries skipped: see \"skipped\" in manifest.json)",
         args.out.display(),
         manifest.len(),
         manifest.prompts.len(),

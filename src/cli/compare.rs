@@ -1,10 +1,10 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use crate::compare::config::CompareConfig;
 use crate::compare::presets::DEFAULT_PRESET;
 use crate::compare::runner::{check_world_size, run_in, CompareOptions, Outcome, REPORT_MD};
 use crate::compare::StudyResults;
 use crate::dist::Launch;
-use crate::error::Interrupted;
 use anyhow::Result;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -56,7 +56,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
         .out
         .unwrap_or_else(|| PathBuf::from(format!("runs/compare-{}", config.name)));
 
-    let interrupt = super::interrupt::install("compare", "stopping at the next checkpoint")?;
+    let interrupt = Interrupt::install(
+        "compare",
+        FirstSignal::Stop("stopping at the next checkpoint"),
+    )?;
     // Under a launcher every rank runs every stage (see compare::runner); rank 0 reports.
     let (group, _) = super::launch::join(&args.dist, config.train.device.resolve()?)?;
     let outcome = run_in(
@@ -64,7 +67,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             config,
             out: out.clone(),
             progress: true,
-            interrupt,
+            interrupt: interrupt.flag(),
         },
         &group,
     )?;
@@ -73,14 +76,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
         Outcome::Finished(results) => print_results(&results, &out),
         Outcome::FinishedOnMainRank => {}
         Outcome::Interrupted => {
-            return Err(Interrupted {
-                command: "compare",
-                resume: format!(
-                    "resume with --resume: run the same command again to resume from {}",
-                    out.display()
-                ),
-            }
-            .into())
+            return Err(interrupt.stopped(format!(
+                "interrupted, resume with --resume: run the same command again to resume from {}",
+                out.display()
+            )))
         }
     }
     Ok(())

@@ -2,7 +2,8 @@
 //! test scripts): every collective difftune uses is run and verified on every rank, then
 //! all-reduces are timed. Run it under the launcher the real job will use, e.g.
 //! `torchrun --nproc-per-node 2 --no-python difftune dist-check`.
-use crate::dist::{Backend, ProcessGroup, DEFAULT_TIMEOUT};
+use crate::dist::{Backend, Launch, ProcessGroup, DEFAULT_TIMEOUT};
+use crate::util::device::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::time::{Duration, Instant};
@@ -45,9 +46,15 @@ pub struct DistCheckArgs {
 }
 
 pub fn run(args: DistCheckArgs) -> Result<()> {
+    let launch = Launch::from_env()?;
+    if launch.as_ref().is_none_or(|l| l.rank == 0) {
+        println!("dist-check: this build has {}", built_backends());
+    }
     let requested = match args.device {
         CheckDevice::Cpu => Device::Cpu,
-        CheckDevice::Cuda => Device::Cuda(0),
+        // Under a launcher the group checks this rank's own GPU, cuda:LOCAL_RANK.
+        CheckDevice::Cuda if launch.is_some() => Device::Cuda(0),
+        CheckDevice::Cuda => DeviceChoice::Cuda(0).resolve()?,
     };
     let group = ProcessGroup::from_env(requested, args.dist.timeout())?;
     let device = group.local_device(requested);
@@ -64,6 +71,14 @@ pub fn run(args: DistCheckArgs) -> Result<()> {
         time_all_reduce(&group, device, size, args.repeats)?;
     }
     group.shutdown()
+}
+
+/// The backends compiled into this binary.
+fn built_backends() -> &'static str {
+    match Backend::Nccl.is_available() {
+        true => "Gloo (CPU) and NCCL (CUDA)",
+        false => "Gloo (CPU) only: no NCCL",
+    }
 }
 
 fn describe(group: &ProcessGroup) -> String {

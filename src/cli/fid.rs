@@ -10,6 +10,7 @@ use crate::eval::{
     frechet_distance, images, kid, resolve_weights, Bootstrap, Estimate, FidModel, Kid, Statistics,
 };
 use crate::util::device::DeviceChoice;
+use crate::util::progress::Progress;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use faer::Mat;
@@ -299,11 +300,7 @@ fn image_side(dir: &Path, model: &FidModel, group: &ProcessGroup, quiet: bool) -
             eprintln!("warning: {}: {warning}", dir.display());
         }
     }
-    let bar = if quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(files.len() as u64)
-    };
+    let bar = Progress::new("fid", files.len() as u64, "images", !quiet);
     bar.set_message(dir.display().to_string());
     let start = std::time::Instant::now();
     let features = model.features(&images::image_files(&files), group, |done, share| {

@@ -7,6 +7,7 @@ mod cache;
 mod compare;
 mod convert;
 mod dist_check;
+mod export;
 mod fid;
 mod init_tiny;
 mod inspect;
@@ -15,6 +16,8 @@ mod launch;
 mod merge;
 mod sample;
 mod train;
+
+pub use interrupt::{exit_code, Interrupted, Signal};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +49,9 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Bake an adapter file (LoRA, DoRA, BitFit or full fine-tune) into a complete U-Net safetensors.
     Merge(merge::MergeArgs),
+    /// Write a difftune adapter file in another tool's LoRA format: kohya (ComfyUI, A1111),
+    /// diffusers (`load_lora_weights`) or peft (`PeftModel`).
+    Export(export::ExportArgs),
     /// FID (and KID) between two image folders or pytorch-fid .npz statistics, as pytorch-fid computes it.
     Fid(fid::FidArgs),
     /// Generate images from prompts, with an optional adapter file (PNGs with their parameters, a grid).
@@ -65,6 +71,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Export(args) => export::run(args),
         Command::Fid(args) => fid::run(args),
         Command::Sample(args) => sample::run(args),
         Command::DistCheck(args) => dist_check::run(args),

@@ -1,4 +1,5 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use super::launch;
 use crate::error::SettingsError;
 use crate::model::pipeline::load_scheduler_config;
@@ -8,9 +9,9 @@ use crate::sample::png::{read_png_rgb, write_png};
 use crate::sample::{generate, per_image_latents, GenerateOptions, SdModels};
 use crate::schedulers::SchedulerKind;
 use crate::util::device::DeviceChoice;
+use crate::util::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::ops::Range;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
@@ -106,6 +107,10 @@ fn prompt_list(args: &SampleArgs) -> Result<Vec<String>> {
 pub fn run(args: SampleArgs) -> Result<()> {
     let prompts = prompt_list(&args)?;
     let files = check_inputs(&args)?;
+    Interrupt::install(
+        "sample",
+        FirstSignal::Exit("the images are written once all are generated: none of this run's are"),
+    )?;
     let (group, device) = launch::join(&args.dist, args.device.resolve()?)?;
     // euler_ancestral draws its step noise from one generator through the whole run, so a rank
     // cannot reproduce the noise a single process gives its share.
@@ -210,15 +215,7 @@ fn render(
         negative_prompt: args.negative_prompt.clone(),
         batch_size: args.batch,
     };
-    let progress = if show_progress {
-        ProgressBar::new(evaluations as u64)
-    } else {
-        ProgressBar::hidden()
-    }
-    .with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} U-Net steps [{elapsed} < {eta}]")
-            .expect("valid progress template"),
-    );
+    let progress = Progress::new("sample", evaluations as u64, "U-Net steps", show_progress);
     let images = generate(
         &models,
         scheduler.as_mut(),

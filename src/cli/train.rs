@@ -1,9 +1,9 @@
 use super::dist_check::DistArgs;
+use super::interrupt::{FirstSignal, Interrupt};
 use crate::dist::ProcessGroup;
-use crate::error::Interrupted;
 use crate::settings::train::{TrainFlags, TrainSources};
 use crate::train::config::RunConfig;
-use crate::train::{train_in, TrainOptions, TrainSummary};
+use crate::train::{train_in, Resume, TrainOptions, TrainSummary};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -34,6 +34,10 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in OUT.
     #[arg(long)]
     pub resume: bool,
+    /// Continue from this checkpoint of OUT (`step-00000012`, or its step), setting the newer
+    /// ones aside (`step-N.abandoned`): after a divergence that a lower learning rate did not fix.
+    #[arg(long, value_name = "CHECKPOINT", value_parser = crate::train::checkpoint::parse_step)]
+    pub resume_from: Option<usize>,
     /// Optimizer steps (train.steps).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -65,16 +69,24 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = run_config(&args)?;
     let device = config.train.device.resolve()?;
+    let interrupt = Interrupt::install(
+        "train",
+        FirstSignal::Stop("saving a checkpoint after this step"),
+    )?;
     let options = TrainOptions {
         model: args.model,
         data: args.data,
         cache: args.cache,
         out: args.out.clone(),
         config,
-        resume: args.resume,
+        resume: match (args.resume_from, args.resume) {
+            (Some(step), _) => Resume::From(step),
+            (None, true) => Resume::Newest,
+            (None, false) => Resume::No,
+        },
         strict: args.strict,
         stop_after: args.stop_after,
-        interrupt: super::interrupt::install("train", "saving a checkpoint after this step")?,
+        interrupt: interrupt.flag(),
         progress: true,
     };
     // Before the ranks join, so that each refuses bad inputs on its own.
@@ -87,7 +99,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if !main && !summary.interrupted {
         return Ok(());
     }
-    report(&summary)
+    report(&summary, &interrupt)
 }
 
 /// The run's settings: the run file, `--method`, `--set` and the flags, merged and checked.
@@ -108,7 +120,7 @@ fn run_config(args: &TrainArgs) -> Result<RunConfig> {
 }
 
 /// Where the run ended: the adapter file, or the checkpoint to resume from.
-fn report(summary: &TrainSummary) -> Result<()> {
+fn report(summary: &TrainSummary, interrupt: &Interrupt) -> Result<()> {
     match (&summary.adapter, &summary.checkpoint) {
         (Some(adapter), _) => println!(
             "trained {} parameters for {} steps; adapter file: {}",
@@ -117,18 +129,14 @@ fn report(summary: &TrainSummary) -> Result<()> {
             adapter.display()
         ),
         (None, checkpoint) if summary.interrupted => {
-            return Err(Interrupted {
-                command: "train",
-                resume: format!(
-                    "resume with --resume (stopped at step {}{})",
-                    summary.step,
-                    checkpoint
-                        .as_ref()
-                        .map(|c| format!("; checkpoint {}", c.display()))
-                        .unwrap_or_default()
-                ),
-            }
-            .into())
+            return Err(interrupt.stopped(format!(
+                "interrupted, resume with --resume (stopped at step {}{})",
+                summary.step,
+                checkpoint
+                    .as_ref()
+                    .map(|c| format!("; checkpoint {}", c.display()))
+                    .unwrap_or_default()
+            )))
         }
         (None, Some(ckpt)) => println!(
             "stopped at step {}; checkpoint: {}",

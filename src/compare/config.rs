@@ -551,7 +551,7 @@ impl CompareConfig {
             }
             m.run
                 .validate()
-                .with_context(|| format!("train overrides of method `{}`", m.name()))?;
+                .with_context(|| format!("the run of method `{}` (its `train` table)", m.name()))?;
         }
         Ok(())
     }

@@ -106,12 +106,12 @@ impl Study<'_> {
             &reference_key,
             self.group,
         )?;
-        let mut scores = Vec::new();
+        let mut scored = Vec::new();
         for job in &jobs {
             let key =
                 json!({ "samples": job.key, "scores": scorer.key(), "reference": reference_key });
             let paths = self.sample_paths(&job.set, &plan);
-            scores.extend(self.score_set(
+            scored.extend(self.score_set(
                 &job.set,
                 &key,
                 scorer,
@@ -120,9 +120,14 @@ impl Study<'_> {
                 None,
             )?);
         }
+        // Each candidate's score, in unit order: none for one that diverged.
+        let mut scored = scored.into_iter();
+        let scores: Vec<Option<Score>> = trained
+            .iter()
+            .map(|record| record.as_ref().and_then(|_| scored.next()))
+            .collect();
         // Rank 0 alone has the scores; every rank trains the final runs at its choice.
-        let rates =
-            self.on_main(|| Ok(self.choose(&units, &scores, configured.clone(), &split)))?;
+        let rates = self.on_main(|| self.choose(&units, &scores, configured.clone(), &split))?;
         Ok(Some(rates))
     }
 
@@ -180,14 +185,25 @@ impl Study<'_> {
         };
         let mut methods = Vec::new();
         for (index, method) in self.config.methods.iter().enumerate() {
-            let candidates: Vec<(&CandidateUnit, &Score)> = units
+            let candidates: Vec<(&CandidateUnit, Option<&Score>)> = units
                 .iter()
                 .zip(scores)
                 .filter(|(u, _)| u.method.name() == method.name())
+                .map(|(u, s)| (u, s.as_ref()))
                 .collect();
-            let Some(best) = candidates.iter().min_by(|a, b| by(a.1).total_cmp(&by(b.1))) else {
+            if candidates.is_empty() {
                 continue;
-            };
+            }
+            let best = candidates
+                .iter()
+                .filter_map(|&(u, s)| Some((u, s?)))
+                .min_by(|a, b| by(a.1).total_cmp(&by(b.1)))
+                .with_context(|| {
+                    format!(
+                        "every learning-rate candidate of {} diverged: give it lower candidates",
+                        method.name()
+                    )
+                })?;
             rates[index] = best.0.learning_rate;
             methods.push(LrChoice {
                 method: method.name().to_string(),
@@ -195,8 +211,8 @@ impl Study<'_> {
                     .iter()
                     .map(|(u, s)| LrCandidate {
                         learning_rate: u.learning_rate,
-                        fid: (&s.fid).into(),
-                        kid: (&s.kid).into(),
+                        fid: s.map(|s| (&s.fid).into()),
+                        kid: s.map(|s| (&s.kid).into()),
                     })
                     .collect(),
                 chosen: best.0.learning_rate,
@@ -223,6 +239,33 @@ impl Study<'_> {
                 methods,
             }),
         })
+    }
+
+    /// Trains (or reuses) a candidate's run: `Some(None)` when it diverged (a non-finite loss or
+    /// gradient norm), which is recorded so that a rerun does not train it again; `None` when
+    /// interrupted.
+    fn train_candidate(&self, unit: &CandidateUnit) -> Result<Option<Option<RunRecord>>> {
+        let stage = Stage::Diverged(&unit.run.name);
+        let diverged: Option<usize> = self.on_main(|| self.layout.recorded(stage, &unit.run.key))?;
+        if let Some(step) = diverged {
+            if self.group.is_main() {
+                eprintln!("compare: {} diverged at step {step} before", unit.run.name);
+            }
+            return Ok(Some(None));
+        }
+        match self.train_run(unit.run.clone()) {
+            Ok(trained) => Ok(trained.map(Some)),
+            Err(e) => {
+                let Some(diverged) = e.downcast_ref::<Diverged>() else {
+                    return Err(e);
+                };
+                if self.group.is_main() {
+                    eprintln!("compare: {} diverged, not a candidate: {e:#}", unit.run.name);
+                    self.layout.finish(stage, &unit.run.key, &diverged.step)?;
+                }
+                Ok(Some(None))
+            }
+        }
     }
 
     /// Scores (or reuses the score of) the sample set `set` against `reference`: `None` on the

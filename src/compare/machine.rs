@@ -105,7 +105,11 @@ pub enum MemoryKind {
     /// Peak resident set size of the process (VmHWM), reset before the measured phase (after
     /// returning the heap's free memory to the OS).
     CpuRss,
-    /// Peak memory in use on the GPU, sampled from nvidia-smi while the phase ran.
+    /// Peak memory allocated to tensors by torch's CUDA caching allocator
+    /// (`torch.cuda.max_memory_allocated`), its cache emptied and peak reset before the phase.
+    CudaAllocated,
+    /// Peak GPU memory in use sampled from nvidia-smi: what earlier difftune versions measured,
+    /// still read from their reports.
     CudaUsed,
 }
 
@@ -116,48 +120,40 @@ impl MemoryKind {
                 "peak resident memory of the process (VmHWM, reset before each run once the heap \
                  has returned what earlier runs freed)"
             }
+            MemoryKind::CudaAllocated => {
+                "peak GPU memory allocated by torch (torch.cuda.max_memory_allocated, reset before \
+                 each run with the allocator's cache emptied)"
+            }
             MemoryKind::CudaUsed => "peak GPU memory in use (nvidia-smi, sampled every 200 ms)",
         }
     }
 }
 
-/// Measures the peak memory of one phase (a method's training). On CPU the kernel's high-water
-/// mark is reset at the start and read at the end; on CUDA, where libtorch's allocator statistics
-/// are not exposed to Rust, a thread samples nvidia-smi.
+/// Measures the peak memory of one phase (a method's training, a benchmark's steps).
+///
+/// On the CPU the kernel's high-water mark is reset at the start and read at the end. On CUDA,
+/// torch's caching allocator is asked (as the Python peer asks `torch.cuda.max_memory_allocated`,
+/// so bench's figures compare like with like): its peak sees every allocation, where sampling
+/// nvidia-smi missed peaks shorter than its interval and counted the CUDA context, the
+/// allocator's cache and other processes on the GPU. Its cache is emptied first, so each phase
+/// starts from the same allocator state whatever ran before it.
 pub struct PeakMemory {
-    kind: MemoryKind,
-    sampler: Option<(
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<Option<u64>>,
-    )>,
+    probe: Probe,
+}
+
+enum Probe {
+    Cpu,
+    /// The CUDA device, if its statistics were reset.
+    Cuda(Option<usize>),
 }
 
 impl PeakMemory {
     pub fn start(device: tch::Device) -> Self {
         if let tch::Device::Cuda(index) = device {
-            use std::sync::atomic::{AtomicBool, Ordering};
-            let stop = std::sync::Arc::new(AtomicBool::new(false));
-            let flag = stop.clone();
-            let handle = std::thread::spawn(move || {
-                let mut peak: Option<u64> = None;
-                while !flag.load(Ordering::Relaxed) {
-                    let query = [
-                        "--query-gpu=memory.used",
-                        "--format=csv,noheader,nounits",
-                        &format!("--id={index}"),
-                    ];
-                    let used = nvidia_smi(&query)
-                        .first()
-                        .and_then(|l| l.parse::<u64>().ok())
-                        .map(|mib| mib << 20);
-                    peak = peak.max(used);
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                }
-                peak
-            });
+            let reset = crate::util::cuda_memory::reset_peak(index)
+                .inspect_err(|e| eprintln!("warning: {e:#}; peak memory not measured"));
             return Self {
-                kind: MemoryKind::CudaUsed,
-                sampler: Some((stop, handle)),
+                probe: Probe::Cuda(reset.ok().map(|()| index)),
             };
         }
         // Memory an earlier phase freed stays resident in glibc's heap until trimmed, and would
@@ -170,22 +166,22 @@ impl PeakMemory {
         // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0); where that is
         // refused the figure is the process-lifetime peak, still an upper bound.
         let _ = std::fs::write("/proc/self/clear_refs", "5");
-        Self {
-            kind: MemoryKind::CpuRss,
-            sampler: None,
-        }
+        Self { probe: Probe::Cpu }
     }
 
     /// The peak in bytes since `start`, if it could be measured.
     pub fn finish(self) -> (MemoryKind, Option<u64>) {
-        let peak = match self.sampler {
-            Some((stop, handle)) => {
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                handle.join().ok().flatten()
+        match self.probe {
+            Probe::Cpu => (MemoryKind::CpuRss, status_bytes("VmHWM")),
+            Probe::Cuda(index) => {
+                let peak = index.and_then(|index| {
+                    crate::util::cuda_memory::peak_allocated(index)
+                        .inspect_err(|e| eprintln!("warning: {e:#}"))
+                        .ok()
+                });
+                (MemoryKind::CudaAllocated, peak)
             }
-            None => status_bytes("VmHWM"),
-        };
-        (self.kind, peak)
+        }
     }
 }
 
@@ -215,6 +211,21 @@ mod tests {
         let (kind, peak) = probe.finish();
         assert_eq!(kind, MemoryKind::CpuRss);
         assert!(peak.unwrap() >= 64 << 20, "peak {peak:?}");
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn cuda_peak_memory_sees_an_allocation_of_this_phase_only() {
+        let device = tch::Device::Cuda(0);
+        let earlier = tch::Tensor::zeros([64 << 20], (tch::Kind::Float, device));
+        drop(earlier);
+        let probe = PeakMemory::start(device);
+        let block = tch::Tensor::zeros([16 << 20], (tch::Kind::Float, device));
+        let (kind, peak) = probe.finish();
+        drop(block);
+        assert_eq!(kind, MemoryKind::CudaAllocated);
+        let peak = peak.unwrap();
+        assert!((64 << 20..256 << 20).contains(&peak), "peak {peak} B");
     }
 
     /// Every other 64 KiB block of 512 MiB freed: 256 MiB of holes between live blocks, which

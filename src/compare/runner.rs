@@ -30,6 +30,7 @@ use crate::eval::classifier::ContentClassifier;
 use crate::model::source::ModelFiles;
 use crate::schedulers::SchedulerKind;
 use crate::util::fs::write_atomic_str;
+use crate::util::progress::Progress;
 use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -378,12 +379,22 @@ impl<'a> Study<'a> {
             eprintln!("compare: scoring");
         }
         let reference_key = format!("{}|{}|test|{}", scorer.identity, target.key, test.len());
+        let visible = self.opts.progress && self.group.is_main();
+        let progress = Progress::new(
+            "compare scoring",
+            sets.len() as u64 + 1,
+            "image sets",
+            visible,
+        );
         let reference = scorer.reference(
             test,
             &self.layout.eval().join("reference-features.safetensors"),
             &reference_key,
             self.group,
         )?;
+        // The message names the image set just scored.
+        progress.set_message("test split".into());
+        progress.inc(1);
         let intended: Vec<i64> = plan.iter().map(|item| item.class as i64).collect();
         let content_key = self.config.eval.classifier.as_ref().map(|s| json!(s));
         let mut scores = Vec::new();
@@ -402,7 +413,10 @@ impl<'a> Study<'a> {
             let paths = self.sample_paths(&name, plan);
             let score = self.score_set(&name, &key, scorer, reference.as_ref(), &paths, content)?;
             scores.extend(score);
+            progress.set_message(name);
+            progress.inc(1);
         }
+        progress.finish_and_clear();
         Ok(self.group.is_main().then_some(scores))
     }
 

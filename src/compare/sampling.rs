@@ -14,6 +14,7 @@ use crate::model::source::ModelFiles;
 use crate::sample::pipeline::{generate, initial_latents, GenerateOptions, SdModels};
 use crate::sample::png::to_rgb8;
 use crate::schedulers::SchedulerConfig;
+use crate::util::progress::Progress;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -171,6 +172,8 @@ impl Study<'_> {
         };
         let size = self.config.sample_resolution() as usize;
         let geometry = models.geometry();
+        let visible = self.opts.progress && self.group.is_main();
+        let progress = Progress::new("compare sampling", items.len() as u64, "images", visible);
         for batch in items.chunks(sample.batch_size) {
             if self.opts.interrupt.load(Ordering::SeqCst) {
                 return Ok(false);
@@ -195,7 +198,9 @@ impl Study<'_> {
                     .ok_or_else(|| anyhow::anyhow!("image buffer of the wrong size"))?;
                 write_png(&image, &dir.join(&item.file))?;
             }
+            progress.inc(batch.len() as u64);
         }
+        progress.finish_and_clear();
         Ok(true)
     }
 

@@ -31,6 +31,8 @@ pub enum Stage<'a> {
     BaseModel,
     /// One training run: a method's, or [`PRETRAIN_RUN`].
     Run(&'a str),
+    /// A learning-rate candidate's run that diverged: its record is the step.
+    Diverged(&'a str),
     /// Sampling one row of the study (the base model or a method).
     Samples(&'a str),
     /// Scoring one row's samples.
@@ -52,6 +54,7 @@ impl fmt::Display for Stage<'_> {
             Stage::TinyModel => write!(f, "model-tiny"),
             Stage::BaseModel => write!(f, "model-base"),
             Stage::Run(name) => write!(f, "run-{name}"),
+            Stage::Diverged(name) => write!(f, "diverged-{name}"),
             Stage::Samples(row) => write!(f, "samples-{row}"),
             Stage::Score(row) => write!(f, "score-{row}"),
             Stage::ValidationSplit => write!(f, "data-validation-split"),
@@ -151,6 +154,21 @@ impl Layout {
             },
         )?;
         Ok(None)
+    }
+
+    /// The record of `stage` when it is finished under `key`, without recording anything.
+    pub fn recorded<T: DeserializeOwned>(&self, stage: Stage, key: &Value) -> Result<Option<T>> {
+        let path = self.state(stage);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        match serde_json::from_str::<StageState>(&text) {
+            Ok(state) if state.finished && &state.key == key => Ok(Some(
+                serde_json::from_value(state.record)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )),
+            _ => Ok(None),
+        }
     }
 
     /// Starts `stage` over: clears its folder `dir` and records it as unfinished under `key`.

@@ -10,6 +10,7 @@ use crate::data::{Dataset, DatasetOptions, Split};
 use crate::model::vae::{load_vae_weights, AutoencoderKL, VaeConfig};
 use crate::model::weights::save_tensors;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::util::progress::Progress;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
@@ -154,16 +155,7 @@ fn fit(
         size: settings.batch_size,
         crop,
     };
-    let bar = match progress {
-        true => indicatif::ProgressBar::new(settings.steps as u64),
-        false => indicatif::ProgressBar::hidden(),
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "tiny VAE {bar:30} {pos}/{len} mse {msg} {per_sec} ETA {eta}",
-        )
-        .expect("valid template"),
-    );
+    let bar = Progress::new("tiny VAE", settings.steps as u64, "steps", progress);
     let mut losses = Vec::with_capacity(settings.steps);
     for step in 0..settings.steps {
         let x = batches.next(images);
@@ -181,7 +173,7 @@ fn fit(
             .step(settings.learning_rate, Some(1.0))
             .with_context(|| format!("tiny VAE step {}", step + 1))?;
         losses.push(mse.double_value(&[]));
-        bar.set_message(format!("{:.4}", losses[step]));
+        bar.set_message(format!("mse {:.4}", losses[step]));
         bar.inc(1);
     }
     bar.finish_and_clear();

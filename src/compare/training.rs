@@ -153,7 +153,10 @@ impl Study<'_> {
             cache: Some(self.cache_dir(&job.data)),
             out: dir.to_path_buf(),
             config,
-            resume,
+            resume: match resume {
+                true => crate::train::Resume::Newest,
+                false => crate::train::Resume::No,
+            },
             strict: false,
             stop_after,
             interrupt: self.opts.interrupt.clone(),

@@ -136,5 +136,6 @@ pub fn load(root: &Path, opts: &DatasetOptions) -> Result<Dataset> {
         split: opts.split,
         classes,
         samples,
+        skipped: Vec::new(),
     })
 }

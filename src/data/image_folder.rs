@@ -73,5 +73,6 @@ pub fn load(path: &Path, opts: &DatasetOptions) -> Result<Dataset> {
         split: opts.split,
         classes: Vec::new(),
         samples,
+        skipped: Vec::new(),
     })
 }

@@ -4,12 +4,18 @@
 //! caption file is captioned with its folder's name (the `name` of `N_name`), and the listing says
 //! how many were. The caption options (dropout, tag shuffling) are in [`super::captions`], the
 //! seeded epochs with their repeats in [`super::epochs`].
-use super::{Dataset, DatasetOptions, ImageSource, Layout, PerClassLimit, Sample};
+use super::{
+    Dataset, DatasetOptions, ImageSource, Layout, PerClassLimit, Sample, SkipReason, SkippedEntry,
+};
 use crate::util::fs::sorted_entries;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
+/// Image formats found in training folders that difftune does not decode: such files are
+/// listed as skipped rather than passed over like captions or kohya's `.npz` latents.
+const UNSUPPORTED_IMAGE_EXTENSIONS: &[&str] =
+    &["gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl"];
 const CAPTION_EXTENSIONS: &[&str] = &["txt", "caption"];
 
 /// One image of the folder.
@@ -29,12 +35,71 @@ pub struct Item {
 pub struct KohyaFolder {
     pub root: PathBuf,
     pub items: Vec<Item>,
+    /// Entries of the root and its `N_name` folders that are not listed, and why: folders other
+    /// than `N_name` ones, unreadable entries (symlink loops, broken links), image formats
+    /// difftune does not decode.
+    pub skipped: Vec<SkippedEntry>,
+}
+
+fn extension(path: &Path) -> Option<String> {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
 }
 
 fn is_image(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    extension(path).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+}
+
+/// What an entry of the root or of an `N_name` folder is to the listing.
+enum Entry {
+    Image(PathBuf),
+    RepeatFolder {
+        path: PathBuf,
+        repeats: usize,
+    },
+    /// Captions, kohya's cached latents, notes: not part of the listing, not worth a word.
+    Other,
+    Skipped(SkippedEntry),
+}
+
+impl Entry {
+    /// Classifies `path`; folders are repeat folders only `in_root`.
+    fn of(path: PathBuf, in_root: bool) -> Self {
+        let skipped = |reason| {
+            Entry::Skipped(SkippedEntry {
+                path: path.clone(),
+                reason,
+            })
+        };
+        // Follows symlinks: a link to an image is an image; a loop or a dangling link fails.
+        let kind = match std::fs::metadata(&path) {
+            Ok(meta) => meta.file_type(),
+            Err(e) => return skipped(SkipReason::Unreadable(e.to_string())),
+        };
+        let ext = extension(&path).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if kind.is_dir() {
+            return match repeat_folder(name).filter(|_| in_root) {
+                Some((repeats, _)) => Entry::RepeatFolder {
+                    path: path.clone(),
+                    repeats,
+                },
+                None => skipped(SkipReason::Folder),
+            };
+        }
+        if UNSUPPORTED_IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            return skipped(SkipReason::UnsupportedFormat(ext));
+        }
+        match (IMAGE_EXTENSIONS.contains(&ext.as_str()), kind.is_file()) {
+            (true, true) => Entry::Image(path),
+            (true, false) => skipped(SkipReason::NotAFile),
+            (false, _) => Entry::Other,
+        }
+    }
 }
 
 /// `N_name` -> `(N, name)`.
@@ -81,31 +146,60 @@ fn read_caption(path: &Path) -> Result<String> {
 
 impl KohyaFolder {
     /// Lists the root's images (repeats 1) and each `N_name` folder's images (repeats N), in
-    /// sorted order.
+    /// sorted order, and the entries left out.
     pub fn open(root: &Path) -> Result<Self> {
-        let mut items = Vec::new();
         let root_name = root
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("images")
             .to_string();
-        list_images(root, 1, &root_name, &mut items)?;
-        for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+        let mut folder = Self {
+            root: root.to_path_buf(),
+            items: Vec::new(),
+            skipped: Vec::new(),
+        };
+        let mut repeat_folders = Vec::new();
+        for entry in sorted_entries(root)? {
+            match Entry::of(entry, true) {
+                Entry::RepeatFolder { path, repeats } => repeat_folders.push((path, repeats)),
+                entry => folder.add(entry, 1, &root_name)?,
+            }
+        }
+        for (dir, repeats) in repeat_folders {
             let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if let Some((repeats, concept)) = repeat_folder(name) {
-                let concept = concept.replace('_', " ");
-                list_images(&dir, repeats, &concept, &mut items)?;
+            let concept = repeat_folder(name).map_or("", |(_, c)| c).replace('_', " ");
+            for entry in sorted_entries(&dir)? {
+                folder.add(Entry::of(entry, false), repeats, &concept)?;
             }
         }
         ensure!(
-            !items.is_empty(),
+            !folder.items.is_empty(),
             "{} has no images (.jpg, .jpeg, .png, .webp) in it or in N_name folders",
             root.display()
         );
-        Ok(Self {
-            root: root.to_path_buf(),
-            items,
-        })
+        Ok(folder)
+    }
+
+    /// Adds an image (with its caption, or `fallback`) or a skipped entry of a folder whose
+    /// images repeat `repeats` times.
+    fn add(&mut self, entry: Entry, repeats: usize, fallback: &str) -> Result<()> {
+        match entry {
+            Entry::Image(image) => {
+                let (caption, is_fallback) = match caption_file(&image) {
+                    Some(path) => (read_caption(&path)?, false),
+                    None => (fallback.to_string(), true),
+                };
+                self.items.push(Item {
+                    image,
+                    caption,
+                    repeats,
+                    fallback: is_fallback,
+                });
+            }
+            Entry::Skipped(skipped) => self.skipped.push(skipped),
+            Entry::RepeatFolder { .. } | Entry::Other => {}
+        }
+        Ok(())
     }
 
     /// How many images use the folder-name fallback caption.
@@ -139,27 +233,9 @@ impl KohyaFolder {
             split: opts.split,
             classes: Vec::new(),
             samples,
+            skipped: self.skipped.clone(),
         }
     }
-}
-
-fn list_images(dir: &Path, repeats: usize, fallback: &str, items: &mut Vec<Item>) -> Result<()> {
-    for image in sorted_entries(dir)?
-        .into_iter()
-        .filter(|p| p.is_file() && is_image(p))
-    {
-        let (caption, is_fallback) = match caption_file(&image) {
-            Some(path) => (read_caption(&path)?, false),
-            None => (fallback.to_string(), true),
-        };
-        items.push(Item {
-            image,
-            caption,
-            repeats,
-            fallback: is_fallback,
-        });
-    }
-    Ok(())
 }
 
 /// Lists a kohya folder as a [`Dataset`] (train split only), saying how many images had no caption.

@@ -130,6 +130,37 @@ pub enum Layout {
     Kohya,
 }
 
+impl Layout {
+    /// The layout of the dataset at `path` and the folder it was found in, from the names of its
+    /// files alone (no image is read), so that a command can refuse a folder that holds no
+    /// dataset before it does any work:
+    /// - `meta/train.txt` and `meta/classes.txt` (in `path` or `path/food-101`): Food101 ETH;
+    /// - `metadata.jsonl` (in `path`, or `path/train` and `path/test`): image folder;
+    /// - `*.parquet` files (in `path`, or up to two levels below): Hugging Face parquet;
+    /// - images with `.txt`/`.caption` files or `N_name` folders: kohya.
+    pub fn detect(path: &Path) -> Result<(Self, PathBuf)> {
+        if !path.is_dir() {
+            bail!("dataset path {} is not a directory", path.display());
+        }
+        if let Some(root) = food101::find_root(path) {
+            Ok((Self::Food101, root))
+        } else if image_folder::is_image_folder(path) {
+            Ok((Self::ImageFolder, path.to_path_buf()))
+        } else if parquet::has_parquet_files(path)? {
+            Ok((Self::Parquet, path.to_path_buf()))
+        } else if kohya::is_kohya_folder(path) {
+            Ok((Self::Kohya, path.to_path_buf()))
+        } else {
+            bail!(
+                "{} matches no dataset layout: expected meta/train.txt + meta/classes.txt (Food101), \
+                 metadata.jsonl (image folder), *.parquet files (Hugging Face) or images with .txt \
+                 captions / N_name folders (kohya)",
+                path.display()
+            )
+        }
+    }
+}
+
 /// How to list a dataset.
 #[derive(Debug, Clone)]
 pub struct DatasetOptions {
@@ -157,6 +188,43 @@ impl Default for DatasetOptions {
     }
 }
 
+/// An entry of a dataset folder that its listing leaves out, and why. Caches list these with the
+/// images that failed to decode, so nothing in a dataset folder is left out without a word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEntry {
+    pub path: PathBuf,
+    pub reason: SkipReason,
+}
+
+/// Why a [`SkippedEntry`] was left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A folder where the layout reads images (or, in a kohya root, `N_name` folders).
+    Folder,
+    /// Its metadata could not be read: a symlink loop, a dangling link, no permission.
+    Unreadable(String),
+    /// An image format difftune does not decode (its lower-case extension).
+    UnsupportedFormat(String),
+    /// Named as an image but not a regular file (a FIFO, a socket, a device).
+    NotAFile,
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Folder => f.write_str(
+                "a folder, not an image (images are read from the dataset folder and its N_name folders)",
+            ),
+            Self::Unreadable(error) => write!(f, "unreadable ({error})"),
+            Self::UnsupportedFormat(ext) => write!(
+                f,
+                "a .{ext} image, a format difftune does not read (convert it to .png, .jpg or .webp)"
+            ),
+            Self::NotAFile => f.write_str("not a regular file"),
+        }
+    }
+}
+
 /// The listing of one split of a dataset, in a deterministic order.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -167,33 +235,20 @@ pub struct Dataset {
     /// Empty for datasets without classes.
     pub classes: Vec<Class>,
     pub samples: Vec<Sample>,
+    /// Entries of the folder the listing left out (kohya folders; the other layouts name their
+    /// images in metadata, and an unusable one is skipped when it fails to decode).
+    pub skipped: Vec<SkippedEntry>,
 }
 
 impl Dataset {
-    /// Lists a dataset, detecting its layout:
-    /// - `meta/train.txt` and `meta/classes.txt` (in `path` or `path/food-101`): Food101 ETH;
-    /// - `metadata.jsonl` (in `path`, or `path/train` and `path/test`): image folder;
-    /// - `*.parquet` files (in `path`, or up to two levels below): Hugging Face parquet;
-    /// - images with `.txt`/`.caption` files or `N_name` folders: kohya.
+    /// Lists a dataset, detecting its layout ([`Layout::detect`]).
     pub fn open(path: &Path, opts: &DatasetOptions) -> Result<Self> {
-        if !path.is_dir() {
-            bail!("dataset path {} is not a directory", path.display());
-        }
-        let dataset = if let Some(root) = food101::find_root(path) {
-            food101::load(&root, opts)
-        } else if image_folder::is_image_folder(path) {
-            image_folder::load(path, opts)
-        } else if parquet::has_parquet_files(path)? {
-            parquet::load(path, opts)
-        } else if kohya::is_kohya_folder(path) {
-            kohya::load(path, opts)
-        } else {
-            bail!(
-                "{} matches no dataset layout: expected meta/train.txt + meta/classes.txt (Food101), \
-                 metadata.jsonl (image folder), *.parquet files (Hugging Face) or images with .txt \
-                 captions / N_name folders (kohya)",
-                path.display()
-            )
+        let (layout, root) = Layout::detect(path)?;
+        let dataset = match layout {
+            Layout::Food101 => food101::load(&root, opts),
+            Layout::ImageFolder => image_folder::load(&root, opts),
+            Layout::Parquet => parquet::load(&root, opts),
+            Layout::Kohya => kohya::load(&root, opts),
         };
         dataset.with_context(|| format!("loading the {} split of {}", opts.split, path.display()))
     }

@@ -387,5 +387,6 @@ pub fn load(root: &Path, opts: &DatasetOptions) -> Result<Dataset> {
         split: opts.split,
         classes: classes.unwrap_or_default(),
         samples,
+        skipped: Vec::new(),
     })
 }

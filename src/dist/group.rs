@@ -2,6 +2,7 @@
 //! (CUDA). A single process gets a trivial group whose collectives cost nothing.
 use super::ffi;
 use super::launch::{Launch, StoreHost};
+use crate::util::device::DeviceChoice;
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::{c_int, c_void, CString};
 use std::net::TcpListener;
@@ -117,6 +118,14 @@ impl ProcessGroup {
     /// Rendezvous with the other ranks of `launch` and build the `backend` process group.
     /// Fails (never hangs beyond `timeout`) when a rank does not arrive.
     pub fn connect(launch: Launch, backend: Backend, timeout: Duration) -> Result<ProcessGroup> {
+        if backend == Backend::Nccl {
+            // Asked before NCCL is: without a GPU that is the answer, whatever the build has.
+            DeviceChoice::Cuda(launch.local_rank)
+                .resolve()
+                .with_context(|| {
+                    format!("rank {} (LOCAL_RANK {})", launch.rank, launch.local_rank)
+                })?;
+        }
         if !backend.is_available() {
             bail!(
                 "this difftune was built without NCCL support (nccl.h and the CUDA headers were \

@@ -14,7 +14,7 @@ use super::files::{fingerprint, ModelFiles};
 use super::ldm::{self, UnetLayout, VaeLayout};
 use super::unet::UNetConfig;
 use super::vae::VaeConfig;
-use super::weights::{read_all, save_tensors};
+use super::weights::{read_all, save_tensors, write_safetensors};
 use crate::schedulers::PredictionType;
 use crate::util::fs::write_json;
 use anyhow::{bail, ensure, Context, Result};
@@ -513,17 +513,13 @@ pub enum Precision {
 }
 
 impl Precision {
-    fn apply(self, t: &Tensor) -> Tensor {
-        let kind = match self {
-            Precision::Keep => return t.shallow_clone(),
-            Precision::F32 => Kind::Float,
-            Precision::F16 => Kind::Half,
-            Precision::BF16 => Kind::BFloat16,
-        };
-        if t.is_floating_point() {
-            t.to_kind(kind)
-        } else {
-            t.shallow_clone()
+    /// The kind `t` is stored as: floating-point tensors in the chosen precision, others as they are.
+    fn stored_kind(self, t: &Tensor) -> Kind {
+        match self {
+            Precision::F32 if t.is_floating_point() => Kind::Float,
+            Precision::F16 if t.is_floating_point() => Kind::Half,
+            Precision::BF16 if t.is_floating_point() => Kind::BFloat16,
+            _ => t.kind(),
         }
     }
 }
@@ -561,10 +557,7 @@ pub fn write_single_file(
         let ldm_name = unet_map
             .to_ldm(name)
             .with_context(|| format!("U-Net tensor `{name}` has no LDM name"))?;
-        ldm_tensors.push((
-            format!("{}{ldm_name}", ldm::UNET_PREFIX),
-            precision.apply(t),
-        ));
+        ldm_tensors.push((format!("{}{ldm_name}", ldm::UNET_PREFIX), t.shallow_clone()));
     }
     let vae_map = VaeLayout::from_config(&vae_config).names();
     for (name, t) in read(&files.vae.weights)? {
@@ -577,10 +570,7 @@ pub fn write_single_file(
         } else {
             t
         };
-        ldm_tensors.push((
-            format!("{}{ldm_name}", ldm::VAE_PREFIX),
-            precision.apply(&t),
-        ));
+        ldm_tensors.push((format!("{}{ldm_name}", ldm::VAE_PREFIX), t));
     }
     let text: BTreeMap<String, Tensor> = read(&files.text_encoder.weights)?
         .into_iter()
@@ -589,22 +579,21 @@ pub fn write_single_file(
         .collect();
     if text_config.hidden_act == "gelu" && text_config.hidden_size == 1024 {
         for (name, t) in ldm::diffusers_to_open_clip(&text)? {
-            ldm_tensors.push((
-                format!("{}{name}", ldm::OPEN_CLIP_PREFIX),
-                precision.apply(&t),
-            ));
+            ldm_tensors.push((format!("{}{name}", ldm::OPEN_CLIP_PREFIX), t));
         }
     } else {
         for (name, t) in text {
-            ldm_tensors.push((format!("{}{name}", ldm::CLIP_PREFIX), precision.apply(&t)));
+            ldm_tensors.push((format!("{}{name}", ldm::CLIP_PREFIX), t));
         }
     }
-    ldm_tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    save_tensors(
+    // Converted to the chosen precision a piece at a time as they are written.
+    write_safetensors(
         out,
         &ldm_tensors,
+        |t| precision.stored_kind(t),
         Some(HashMap::from([("format".to_string(), "pt".to_string())])),
     )
+    .map(|_| ())
 }
 
 fn ignored_text(name: &str) -> bool {

@@ -26,6 +26,28 @@ pub struct AdapterMeta {
     pub difftune_version: String,
 }
 
+impl AdapterMeta {
+    /// Reads the sidecar of the difftune adapter `path` (not its tensors).
+    pub fn read(path: &Path) -> Result<Self> {
+        let sidecar = sidecar_path(path);
+        let meta: Self = crate::util::fs::read_json(&sidecar)
+            .with_context(|| format!("the sidecar of the difftune adapter {}", path.display()))?;
+        if meta.format != FORMAT {
+            bail!(
+                "{} is not a difftune adapter sidecar (format `{}`, expected `{FORMAT}`)",
+                sidecar.display(),
+                meta.format
+            );
+        }
+        Ok(meta)
+    }
+
+    /// The method the adapter was trained with, built from its settings.
+    pub fn method(&self) -> Result<Box<dyn TuningMethod>> {
+        method_from_json(&self.method, &self.settings)
+    }
+}
+
 #[derive(Debug)]
 pub struct AdapterFile {
     pub meta: AdapterMeta,
@@ -88,14 +110,14 @@ impl AdapterFile {
     /// Reads a difftune adapter (`path` and its sidecar).
     pub fn load(path: &Path) -> Result<Self> {
         Ok(Self {
-            meta: read_meta(path)?,
+            meta: AdapterMeta::read(path)?,
             tensors: read_all(path)?,
         })
     }
 
     /// The method the adapter was trained with.
     pub fn method(&self) -> Result<Box<dyn TuningMethod>> {
-        method_from_json(&self.meta.method, &self.meta.settings)
+        self.meta.method()
     }
 
     /// Refuses a base U-Net other than the one the adapter was trained on.
@@ -127,21 +149,6 @@ impl AdapterFile {
         )?;
         Ok(tuned)
     }
-}
-
-/// The sidecar of the difftune adapter `path`.
-pub fn read_meta(path: &Path) -> Result<AdapterMeta> {
-    let sidecar = sidecar_path(path);
-    let meta: AdapterMeta = crate::util::fs::read_json(&sidecar)
-        .with_context(|| format!("the sidecar of the difftune adapter {}", path.display()))?;
-    if meta.format != FORMAT {
-        bail!(
-            "{} is not a difftune adapter sidecar (format `{}`, expected `{FORMAT}`)",
-            sidecar.display(),
-            meta.format
-        );
-    }
-    Ok(meta)
 }
 
 /// Saves the trained tensors of `method` as a difftune adapter at `path` (plus its sidecar).

@@ -10,6 +10,9 @@
 //!   The `_`-joined names are mapped back through the U-Net's own layer names. DoRA has no kohya
 //!   form here.
 //!
+//! Which formats an adapter can be written in is the method's to say ([`TuningMethod::exports`]);
+//! [`export`] refuses the others, naming the ones it can go to.
+//!
 //! Text-encoder LoRA weights are refused rather than dropped: difftune adapts only the U-Net, and
 //! ignoring part of a LoRA would silently give another model.
 use super::file::{sidecar_path, AdapterFile, AdapterMeta, FORMAT};
@@ -19,16 +22,121 @@ use super::{Identity, Registered, Tuned, TuningMethod};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::weights::{read_all, read_metadata, save_tensors};
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraFormat {
-    Peft,
-    Diffusers,
+/// Other tools' adapter file formats, and the tools that load each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterFormat {
+    /// sd-scripts' LoRA file: ComfyUI's and A1111's LoRA loaders.
     Kohya,
+    /// diffusers' `pytorch_lora_weights.safetensors`: `pipe.load_lora_weights(FOLDER)`.
+    Diffusers,
+    /// A peft adapter folder: `PeftModel.from_pretrained(unet, FOLDER)`.
+    Peft,
+}
+
+impl AdapterFormat {
+    pub const ALL: [Self; 3] = [Self::Kohya, Self::Diffusers, Self::Peft];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kohya => "kohya",
+            Self::Diffusers => "diffusers",
+            Self::Peft => "peft",
+        }
+    }
+
+    /// Whether it is written as one file (a `.safetensors`) rather than a folder.
+    pub fn is_file(self) -> bool {
+        self == Self::Kohya
+    }
+
+    /// Where a run writes it beside its adapter file `adapter` (`OUT/adapter.safetensors`):
+    /// `OUT/adapter-kohya.safetensors`, `OUT/adapter-diffusers/`, `OUT/adapter-peft/`.
+    pub fn beside(self, adapter: &Path) -> PathBuf {
+        let stem = adapter.file_stem().unwrap_or_default().to_string_lossy();
+        let name = match self.is_file() {
+            true => format!("{stem}-{}.safetensors", self.name()),
+            false => format!("{stem}-{}", self.name()),
+        };
+        adapter.with_file_name(name)
+    }
+}
+
+impl std::str::FromStr for AdapterFormat {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| format!("unknown adapter format `{name}` (kohya, diffusers or peft)"))
+    }
+}
+
+impl std::fmt::Display for AdapterFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Writes an adapter in one format at a path (a file or a folder, as the format is).
+pub type ExportFn = fn(&AdapterFile, &Path) -> Result<()>;
+
+/// The formats `method`, with its settings, can be written in.
+pub fn export_formats(method: &dyn TuningMethod) -> Vec<AdapterFormat> {
+    method.exports().into_iter().map(|(f, _)| f).collect()
+}
+
+/// Refuses a format `method` cannot be written in, naming those it can go to.
+pub fn check_exports(method: &dyn TuningMethod, formats: &[AdapterFormat]) -> Result<()> {
+    let can = export_formats(method);
+    if let Some(format) = formats.iter().find(|f| !can.contains(f)) {
+        let names: Vec<&str> = can.iter().map(|f| f.name()).collect();
+        let to = match names.is_empty() {
+            true => "none of them: keep difftune's adapter file (difftune sample --adapter), or bake it into \
+                     the U-Net with difftune merge where the method allows"
+                .to_string(),
+            false => names.join(", "),
+        };
+        bail!(
+            "a `{}` adapter with these settings ({}) cannot be written as {format}; the formats it can go to: {to}",
+            method.name(),
+            method.settings()
+        );
+    }
+    Ok(())
+}
+
+/// Writes the difftune adapter `adapter` in `format` at `out` (a `.safetensors` file for kohya,
+/// a folder for diffusers and peft), after checking that its method can go to that format.
+pub fn export(adapter: &AdapterFile, format: AdapterFormat, out: &Path) -> Result<()> {
+    let method = adapter.method()?;
+    check_exports(method.as_ref(), &[format])?;
+    let (_, write) = method
+        .exports()
+        .into_iter()
+        .find(|(f, _)| *f == format)
+        .expect("checked above");
+    let written = match format.is_file() {
+        true if out.extension().is_none_or(|e| e != "safetensors") => Err(anyhow::anyhow!(
+            "a {format} adapter is one file: name it NAME.safetensors"
+        )),
+        true => write(adapter, out),
+        // A folder is written whole or not at all: beside it, then swapped into place.
+        false => write_folder(out, |dir| write(adapter, dir)),
+    };
+    written.with_context(|| {
+        format!(
+            "exporting the `{}` adapter as {format} to {}",
+            adapter.meta.method,
+            out.display()
+        )
+    })
 }
 
 const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
@@ -180,21 +288,35 @@ fn adapter_of(layers: Vec<LoraLayer>, source: &Path) -> Result<AdapterFile> {
     })
 }
 
-/// Writes a difftune LoRA adapter in another tool's format: `out` is a folder for peft and
-/// diffusers, a `.safetensors` file for kohya.
-pub fn export_lora(adapter: &AdapterFile, format: LoraFormat, out: &Path) -> Result<()> {
-    let layers = layers_of(adapter)?;
-    match format {
-        LoraFormat::Peft => export_peft(&layers, out),
-        LoraFormat::Diffusers => export_diffusers(&layers, out),
-        LoraFormat::Kohya => export_kohya(&layers, out),
-    }
-    .with_context(|| {
-        format!(
-            "exporting the LoRA adapter as {format:?} to {}",
-            out.display()
-        )
-    })
+/// Writes the folder `out` with `write` into a temp folder beside it, then puts it in place of
+/// whatever folder is at `out` in one step ([`crate::util::fs::replace_dir`]).
+fn write_folder(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let temp = tempfile::Builder::new()
+        .prefix(crate::util::fs::TEMP_FILE_PREFIX)
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a temp folder in {}", parent.display()))?;
+    write(temp.path())?;
+    crate::util::fs::replace_dir(&temp.keep(), out)
+}
+
+/// A LoRA adapter as a peft adapter folder ([`Lora`]'s [`ExportFn`] for peft).
+pub(crate) fn write_lora_peft(adapter: &AdapterFile, dir: &Path) -> Result<()> {
+    export_peft(&layers_of(adapter)?, dir)
+}
+
+/// A LoRA adapter as a diffusers LoRA folder.
+pub(crate) fn write_lora_diffusers(adapter: &AdapterFile, dir: &Path) -> Result<()> {
+    export_diffusers(&layers_of(adapter)?, dir)
+}
+
+/// A LoRA adapter as a kohya LoRA file.
+pub(crate) fn write_lora_kohya(adapter: &AdapterFile, file: &Path) -> Result<()> {
+    export_kohya(&layers_of(adapter)?, file)
 }
 
 /// A JSON number, integral when the value is (peft declares `lora_alpha` an int).

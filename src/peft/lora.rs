@@ -7,6 +7,7 @@
 //! convolution. DoRA re-derives the weight as `m * (W + s B A) / ||W + s B A||` (norm per output
 //! channel, treated as a constant in the backward pass as peft does), with the magnitude `m`
 //! initialised to `||W||` so it also starts from the base model.
+use super::formats::{self, AdapterFormat, ExportFn};
 use super::pattern::{glob_matches, no_match_error};
 use super::{check_tensor_shapes, fill_slot, install_by_path, nested, Registered, TuningMethod};
 use crate::model::layers::{Conv2d, Conv2dExtension, Linear, LinearExtension};
@@ -316,6 +317,18 @@ impl TuningMethod for Lora {
             }
         }
         Ok(())
+    }
+
+    /// peft and diffusers carry LoRA and DoRA; kohya's LoRA files (ComfyUI, A1111) LoRA only.
+    fn exports(&self) -> Vec<(AdapterFormat, ExportFn)> {
+        let mut formats: Vec<(AdapterFormat, ExportFn)> = vec![
+            (AdapterFormat::Peft, formats::write_lora_peft),
+            (AdapterFormat::Diffusers, formats::write_lora_diffusers),
+        ];
+        if !self.dora {
+            formats.insert(0, (AdapterFormat::Kohya, formats::write_lora_kohya));
+        }
+        formats
     }
 
     fn apply(

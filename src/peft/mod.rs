@@ -18,6 +18,7 @@
 use crate::error::SettingsError;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::visit::{ModuleMut, VisitModules};
+use crate::model::weights::NamedTensors;
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -101,6 +102,12 @@ pub trait TuningMethod: Identity + std::fmt::Debug + Send + Sync {
                 .map(|(n, t)| (n.clone(), t.detach()))
                 .collect(),
         ))
+    }
+
+    /// The other tools' adapter formats this method, with these settings, can be written in, each
+    /// with its writer: [`formats::export`] refuses any other, naming these. None by default.
+    fn exports(&self) -> Vec<(formats::AdapterFormat, formats::ExportFn)> {
+        Vec::new()
     }
 
     /// Folds an adapter's tensors into the weights of a plain (not yet adapted) base U-Net, so the
@@ -286,23 +293,23 @@ pub(crate) fn nested<'a>(root: &nn::Path<'a>, dotted: &str) -> nn::Path<'a> {
 /// Checks that `tensors` holds exactly the tensors named in `expected`, each with its shape.
 pub(crate) fn check_tensor_shapes(
     expected: &[(String, Vec<i64>)],
-    tensors: &BTreeMap<String, Tensor>,
+    tensors: &impl NamedTensors,
     source: &str,
 ) -> Result<()> {
+    let shapes = tensors.shapes();
     for (name, shape) in expected {
-        let Some(t) = tensors.get(name) else {
+        let Some(found) = shapes.get(name) else {
             bail!("{source} has no tensor `{name}`, which the method with these settings needs");
         };
-        if &t.size() != shape {
+        if found != shape {
             bail!(
-                "tensor `{name}` in {source} has shape {:?} but the method with these settings expects {shape:?} \
-                 (an adapter for another rank, length or base model?)",
-                t.size()
+                "tensor `{name}` in {source} has shape {found:?} but the method with these settings expects {shape:?} \
+                 (an adapter for another rank, length or base model?)"
             );
         }
     }
     let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let extra: Vec<String> = tensors
+    let extra: Vec<String> = shapes
         .keys()
         .filter(|k| !known.contains(k.as_str()))
         .map(|k| format!("`{k}`"))
@@ -356,10 +363,11 @@ pub(crate) fn merge_own_variables(
     copy_named(&trained, tensors, source)
 }
 
-/// Copies `tensors` into the trained tensors of the same names, after checking names and shapes.
+/// Copies `tensors` into the trained tensors of the same names, after checking names and shapes;
+/// a file's tensors are read one at a time.
 pub(crate) fn copy_named(
     trained: &[(String, Tensor)],
-    tensors: &BTreeMap<String, Tensor>,
+    tensors: &impl NamedTensors,
     source: &str,
 ) -> Result<()> {
     let expected: Vec<(String, Vec<i64>)> =
@@ -367,9 +375,8 @@ pub(crate) fn copy_named(
     check_tensor_shapes(&expected, tensors, source)?;
     tch::no_grad(|| {
         for (name, t) in trained {
-            let src = &tensors[name];
-            t.shallow_clone()
-                .f_copy_(&src.to_device(t.device()).to_kind(t.kind()))
+            tensors
+                .read_into(name, &mut t.shallow_clone())
                 .with_context(|| format!("copying tensor `{name}` from {source}"))?;
         }
         Ok(())

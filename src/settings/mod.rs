@@ -93,8 +93,7 @@ pub fn check_adapter(path: &Path) -> Result<()> {
     let check = || -> Result<()> {
         let sidecar = crate::peft::file::sidecar_path(path);
         if path.is_file() && sidecar.is_file() {
-            let meta = crate::peft::file::read_meta(path)?;
-            crate::peft::method_from_json(&meta.method, &meta.settings)?;
+            crate::peft::file::AdapterMeta::read(path)?.method()?;
         }
         let mut weights = vec![path.to_path_buf()];
         if path.is_dir() {

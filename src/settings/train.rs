@@ -126,6 +126,7 @@ fn route_overrides(overrides: toml::Table, train: &mut toml::Table, method: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peft::formats::AdapterFormat;
     use crate::train::optim::LrSchedule;
 
     fn settings(file: &str, method: Option<&str>, set: &[&str]) -> Result<RunConfig> {
@@ -156,6 +157,7 @@ mod tests {
                 "method.alpha=4",
                 "optimizer.beta2=0.99",
                 "ema.decay=0.9",
+                "export=[\"kohya\"]",
             ],
         )
         .unwrap();
@@ -163,6 +165,7 @@ mod tests {
         assert_eq!(config.train.learning_rate, 1e-4);
         assert_eq!(config.train.optimizer.beta2, 0.99);
         assert_eq!(config.train.ema.map(|e| e.decay), Some(0.9));
+        assert_eq!(config.train.export, [AdapterFormat::Kohya]);
         // The flag wins over the file.
         assert_eq!(config.train.steps, 7);
         assert_eq!(config.method.name(), "lora");

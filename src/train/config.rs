@@ -12,6 +12,7 @@ use crate::data::captions::CaptionOptions;
 use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::data::PromptTemplate;
 use crate::error::SettingsError;
+use crate::peft::formats::AdapterFormat;
 use crate::peft::MethodSettings;
 use crate::schedulers::SchedulerKind;
 use anyhow::{Context, Result};
@@ -146,6 +147,13 @@ pub struct TrainConfig {
     /// `--set ema.decay=0.999`), kept in checkpoints and saved as the adapter file. Default off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaSettings>,
+    /// Other tools' formats the adapter file is also written in at the end of a run, beside it
+    /// (`adapter-kohya.safetensors`, `adapter-diffusers/`, `adapter-peft/`): `kohya` for ComfyUI
+    /// and A1111, `diffusers` for `load_lora_weights`, `peft` for `PeftModel`; e.g.
+    /// `export = ["kohya"]`. The method must be able to go to each (LoRA: all three; DoRA: not
+    /// kohya). Default none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub export: Vec<AdapterFormat>,
 }
 
 impl Default for TrainConfig {
@@ -191,6 +199,7 @@ impl Default for TrainConfig {
             validation_steps: 25,
             validation_guidance: 7.5,
             ema: None,
+            export: Vec::new(),
         }
     }
 }
@@ -304,6 +313,7 @@ impl TrainConfig {
     pub fn is_setting(key: &str) -> bool {
         let all = Self {
             ema: Some(EmaSettings::default()),
+            export: vec![AdapterFormat::Kohya],
             ..Self::default()
         };
         toml::Table::try_from(all).is_ok_and(|table| table.contains_key(key))
@@ -348,8 +358,9 @@ impl TrainConfig {
 
     /// These settings with those a resumed run may change reset: they do not change what is
     /// trained (how long it runs, how often it saves, how many checkpoints it keeps, the device,
-    /// the memory layout, validation), or they set how fast it moves, which a run that diverged
-    /// resumes with changed (learning rate, its schedule and warm-up, gradient clipping).
+    /// the memory layout, validation, the formats exported at the end), or they set how fast it
+    /// moves, which a run that diverged resumes with changed (learning rate, its schedule and
+    /// warm-up, gradient clipping).
     pub fn trajectory(&self) -> Self {
         let defaults = Self::default();
         Self {
@@ -369,6 +380,7 @@ impl TrainConfig {
             validation_scheduler: defaults.validation_scheduler,
             validation_steps: defaults.validation_steps,
             validation_guidance: defaults.validation_guidance,
+            export: Vec::new(),
             ..self.clone()
         }
     }
@@ -401,7 +413,9 @@ impl RunConfig {
 
     /// Checks every setting (the method's were checked when it was built).
     pub fn validate(&self) -> Result<()> {
-        self.train.validate()
+        self.train.validate()?;
+        crate::peft::formats::check_exports(self.method.method(), &self.train.export)
+            .map_err(|e| SettingsError::invalid("train.export", format!("{e:#}")).into())
     }
 
     /// Reads a run config that a run recorded (`run.toml`, a checkpoint's state): the method is

@@ -2,9 +2,9 @@
 //! of its example scripts) keeps it: same decay schedule, same update, checked against it by
 //! tools/make_ema_fixtures.py. Checkpoints keep it beside the optimizer state; the adapter file of
 //! a run with EMA holds the averaged tensors.
+use crate::model::weights::NamedTensors;
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use tch::Tensor;
 
 /// How the average's decay grows with the optimizer step.
@@ -112,20 +112,21 @@ impl Ema {
         self.updates
     }
 
-    /// Continues an average saved in a checkpoint: `tensors` by name and the updates done.
-    pub fn restore(&mut self, tensors: &BTreeMap<String, Tensor>, updates: usize) -> Result<()> {
+    /// Continues an average saved in a checkpoint: `tensors` by name (read one at a time) and
+    /// the updates done.
+    pub fn restore(&mut self, tensors: &impl NamedTensors, updates: usize) -> Result<()> {
         tch::no_grad(|| {
+            let shapes = tensors.shapes();
             for (name, shadow) in &mut self.shadow {
-                let saved = tensors
+                let saved = shapes
                     .get(name.as_str())
                     .with_context(|| format!("the checkpoint has no EMA copy of {name}"))?;
                 ensure!(
-                    saved.size() == shadow.size(),
-                    "the checkpoint's EMA copy of {name} has shape {:?}, the run {:?}",
-                    saved.size(),
+                    *saved == shadow.size(),
+                    "the checkpoint's EMA copy of {name} has shape {saved:?}, the run {:?}",
                     shadow.size()
                 );
-                shadow.copy_(saved);
+                tensors.read_into(name, shadow)?;
             }
             Ok(())
         })?;

@@ -3,6 +3,7 @@
 pub mod batches;
 pub mod checkpoint;
 pub mod config;
+pub mod divergence;
 pub mod ema;
 pub mod flops;
 pub mod metrics;
@@ -16,4 +17,4 @@ pub mod trainer;
 pub mod validation;
 
 pub use config::{RunConfig, TrainConfig};
-pub use trainer::{train, train_in, TrainOptions, TrainSummary};
+pub use trainer::{train, train_in, Resume, TrainOptions, TrainSummary};

@@ -5,6 +5,7 @@
 //! Each tensor keeps its memory layout as a view (channels-last convolution weights stay
 //! channels-last: their slice holds the values in NHWC order), while the optimizer state it
 //! hands to checkpoints is in the standard order, so a checkpoint does not depend on the layout.
+use crate::model::weights::NamedTensors;
 use crate::util::shim;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -397,28 +398,39 @@ impl AdamW {
         }
     }
 
-    pub fn load_state(&mut self, state: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
+    /// Takes the state [`AdamW::state`] saved, reading one moment buffer at a time.
+    pub fn load_state(&mut self, state: &impl NamedTensors) -> Result<()> {
         let get = |k: &str| {
             state
-                .get(k)
+                .read(k)?
                 .ok_or_else(|| anyhow::anyhow!("checkpoint has no `{k}`"))
         };
-        let (m, v) = (get("optimizer.exp_avg")?, get("optimizer.exp_avg_sq")?);
-        if m.size() != self.exp_avg.size() || v.size() != self.exp_avg_sq.size() {
-            bail!(
-                "checkpoint optimizer state has {:?} elements, this run trains {}: different method or settings",
-                m.size(),
-                self.numel()
-            );
+        let buffers = [
+            ("optimizer.exp_avg", self.exp_avg.shallow_clone()),
+            ("optimizer.exp_avg_sq", self.exp_avg_sq.shallow_clone()),
+        ];
+        // Both checked before either is written.
+        let shapes = state.shapes();
+        for (name, flat) in &buffers {
+            let saved = shapes
+                .get(*name)
+                .with_context(|| format!("checkpoint has no `{name}`"))?;
+            if *saved != flat.size() {
+                bail!(
+                    "checkpoint optimizer state has {saved:?} elements, this run trains {}: different method or settings",
+                    self.numel()
+                );
+            }
         }
-        tch::no_grad(|| {
-            let (mut exp_avg, mut exp_avg_sq) = (
-                self.exp_avg.shallow_clone(),
-                self.exp_avg_sq.shallow_clone(),
-            );
-            self.copy_from_standard(&mut exp_avg, m);
-            self.copy_from_standard(&mut exp_avg_sq, v);
-        });
+        let standard = self.slots.iter().all(Slot::is_standard);
+        for (name, mut flat) in buffers {
+            if standard {
+                state.read_into(name, &mut flat)?;
+            } else {
+                let saved = get(name)?.to_device(flat.device());
+                tch::no_grad(|| self.copy_from_standard(&mut flat, &saved));
+            }
+        }
         self.step = get("optimizer.step")?.int64_value(&[]);
         Ok(())
     }

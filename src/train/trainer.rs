@@ -3,8 +3,9 @@
 //! [`Trainer`] holds the run's state and does each part (see [`super::batches`] for how every
 //! random draw is seeded from the run's seed and the sample's position).
 use super::batches::Batches;
-use super::checkpoint::{self, Checkpoint, CheckpointState};
+use super::checkpoint::{self, Checkpoint, CheckpointState, Retention};
 use super::config::{Precision, RunConfig};
+use super::divergence::{self, Divergence};
 use super::ema::Ema;
 use super::metrics::{peak_rss_bytes, MetricsLog, StepMetrics};
 use super::optim::AdamW;
@@ -15,9 +16,11 @@ use super::validation::{TrainedUnet, Validation};
 use crate::dist::ProcessGroup;
 use crate::error::SettingsError;
 use crate::model::source::ModelFiles;
-use crate::peft::Tuned;
+use crate::model::weights::Prefixed;
+use crate::peft::file::AdapterFile;
+use crate::peft::{formats, Tuned};
+use crate::util::progress::Progress;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use indicatif::ProgressBar;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,8 +39,8 @@ pub struct TrainOptions {
     pub cache: Option<PathBuf>,
     pub out: PathBuf,
     pub config: RunConfig,
-    /// Continue from the newest checkpoint in `OUT/checkpoints`.
-    pub resume: bool,
+    /// Whether to continue from a checkpoint in `OUT/checkpoints`, and which.
+    pub resume: Resume,
     /// Fail on an unreadable image instead of skipping it.
     pub strict: bool,
     /// Stop after this many optimizer steps in this invocation, saving a checkpoint, as an
@@ -51,19 +54,18 @@ pub struct TrainOptions {
 
 impl TrainOptions {
     /// Checks everything the run is given before it touches the data or writes anything: every
-    /// setting (the method's were checked when it was built), that the data is there, and the
-    /// model's configs and weight headers. Returns the model's files.
+    /// setting (the method's were checked when it was built), the model's configs and weight
+    /// headers, and that the data is a latent cache or a dataset of a known layout (from its file
+    /// names; no image is read). Returns the model's files.
     pub fn check(&self) -> Result<ModelFiles> {
         self.config.validate()?;
-        if !self.data.exists() {
-            return Err(SettingsError::invalid(
-                "data",
-                format!("{} does not exist", self.data.display()),
-            )
-            .into());
-        }
         let files = ModelFiles::resolve(&self.model, None)?;
         files.check()?;
+        let is_cache = self.data.join(crate::data::cache::MANIFEST_FILE).is_file();
+        if !is_cache {
+            crate::data::Layout::detect(&self.data)
+                .map_err(|e| SettingsError::invalid("data", format!("{e:#}")))?;
+        }
         Ok(files)
     }
 
@@ -71,6 +73,17 @@ impl TrainOptions {
     fn dataset_cache_dir(&self) -> PathBuf {
         self.cache.clone().unwrap_or_else(|| self.out.join("cache"))
     }
+}
+
+/// Where a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// A new run (an output folder holding checkpoints is refused).
+    No,
+    /// From the newest checkpoint whose files verify (a new run when there is none).
+    Newest,
+    /// From the checkpoint of this step; newer ones are set aside (`step-N.abandoned`).
+    From(usize),
 }
 
 /// How a call of [`train`] ended.
@@ -109,8 +122,8 @@ pub fn uses_autocast(precision: Precision, device: Device) -> bool {
 }
 
 /// Creates the output folder and writes the run config (on the main rank only); returns the
-/// newest verified checkpoint when the run is to resume from it. Checkpoints in a folder that is
-/// not resumed are an error. Only the main rank moves damaged checkpoints aside; the others read.
+/// checkpoint the run resumes from ([`Resume`]). Checkpoints in a folder that is not resumed are
+/// an error. Only the main rank moves checkpoints aside; the others read.
 fn open_run_folder(
     opts: &TrainOptions,
     config_text: &str,
@@ -121,15 +134,18 @@ fn open_run_folder(
             .with_context(|| format!("creating {}", opts.out.display()))?;
     }
     let checkpoints = opts.out.join(CHECKPOINTS_DIR);
-    if checkpoint::any(&checkpoints)? && !opts.resume {
+    if checkpoint::any(&checkpoints)? && opts.resume == Resume::No {
         bail!(
             "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
             opts.out.display()
         );
     }
-    let latest = match group.is_main() {
-        true => checkpoint::resume_point(&checkpoints)?,
-        false => checkpoint::latest(&checkpoints)?,
+    let latest = match (opts.resume, group.is_main()) {
+        (Resume::No, _) => None,
+        (Resume::Newest, true) => checkpoint::resume_point(&checkpoints)?,
+        (Resume::Newest, false) => checkpoint::latest(&checkpoints)?,
+        (Resume::From(step), true) => Some(checkpoint::resume_at(&checkpoints, step)?),
+        (Resume::From(step), false) => Some(checkpoint::open_step(&checkpoints, step)?),
     };
     if group.is_main() {
         crate::util::fs::write_atomic_str(&opts.out.join(RUN_CONFIG_FILE), config_text)?;
@@ -171,6 +187,8 @@ pub struct Trainer<'a> {
     validation: Option<Validation>,
     /// The checkpoint [`Trainer::restore`] continues from.
     resume_from: Option<Checkpoint>,
+    /// The step of the checkpoint this invocation continued from.
+    resumed_at: Option<usize>,
     steps_done: usize,
     last_saved: Option<(usize, PathBuf)>,
     /// Some rank was interrupted by the end of the last step (all ranks agree on it).
@@ -252,6 +270,7 @@ impl<'a> Trainer<'a> {
             ema,
             validation,
             resume_from,
+            resumed_at: None,
             steps_done: 0,
             last_saved: None,
             interrupted: false,
@@ -270,7 +289,7 @@ impl<'a> Trainer<'a> {
 
     fn restore_checkpoint(&mut self) -> Result<()> {
         let Some(found) = self.resume_from.take() else {
-            if self.opts.resume && self.group.is_main() {
+            if self.opts.resume != Resume::No && self.group.is_main() {
                 eprintln!(
                     "difftune train: no checkpoint in {} to resume from; starting a new run",
                     self.opts.out.join(CHECKPOINTS_DIR).display()
@@ -290,18 +309,15 @@ impl<'a> Trainer<'a> {
         );
         checkpoint::ensure_compatible(&found.state, &self.checkpoint_state(found.state.step))
             .with_context(|| format!("refusing to resume from {source}"))?;
-        crate::peft::copy_named(&self.tuned.trained, &found.trainable()?, &source)?;
-        let (ema_state, optimizer_state): (BTreeMap<_, _>, BTreeMap<_, _>) = found
-            .optimizer()?
-            .into_iter()
-            .map(|(k, v)| (k, v.to_device(self.device)))
-            .partition(|(k, _)| k.starts_with(EMA_PREFIX));
-        self.optimizer.load_state(&optimizer_state)?;
+        // Each file's tensors are read one at a time, straight into the run's.
+        crate::peft::copy_named(&self.tuned.trained, &found.trainable_file()?, &source)?;
+        let state = found.optimizer_file()?;
+        self.optimizer.load_state(&state)?;
         if let Some(ema) = &mut self.ema {
-            let ema_state: BTreeMap<String, Tensor> = ema_state
-                .into_iter()
-                .map(|(k, v)| (k[EMA_PREFIX.len()..].to_string(), v))
-                .collect();
+            let ema_state = Prefixed {
+                inner: &state,
+                prefix: EMA_PREFIX,
+            };
             ema.restore(&ema_state, found.state.step)
                 .with_context(|| format!("{source}: restoring the EMA"))?;
         }
@@ -312,6 +328,7 @@ impl<'a> Trainer<'a> {
             found.state.step
         );
         self.steps_done = found.state.step;
+        self.resumed_at = Some(found.state.step);
         Ok(())
     }
 
@@ -436,45 +453,22 @@ impl<'a> Trainer<'a> {
 
     /// The error that stops a run whose step `steps_done + 1` found a non-finite `loss` or
     /// gradient norm: computed on the weights of step `steps_done`, which are therefore not to be
-    /// continued. Nothing of the step is applied or saved; the checkpoints of those weights (or
-    /// later) are set aside (on the main rank), and the message names the newest one left, which
-    /// `--resume` continues, with a lower learning rate.
+    /// continued. Nothing of the step is applied or saved; the main rank sets aside the
+    /// checkpoints of those weights (or later) and names where to resume ([`divergence::stop`]).
     fn stop_diverged(&self, loss: f64, grad_norm: f64) -> anyhow::Error {
-        let step = self.steps_done;
-        let what = format!(
-            "the loss is {loss} and the gradient norm {grad_norm} at step {}",
-            step + 1
-        );
+        let step = self.steps_done + 1;
+        let what = format!("the loss is {loss} and the gradient norm {grad_norm} at step {step}");
         if !self.group.is_main() {
             return anyhow!(
                 "{what}: stopping without applying it (rank 0 names the checkpoint to resume)"
             );
         }
-        let root = self.opts.out.join(CHECKPOINTS_DIR);
-        let (set_aside, left) = match checkpoint::set_aside_from(&root, step) {
-            Ok(found) => found,
-            Err(e) => return e.context(format!("{what}: stopping; setting aside its checkpoints")),
+        let divergence = Divergence {
+            step,
+            learning_rate: self.opts.config.train.learning_rate,
+            resumed_from: self.resumed_at,
         };
-        let set_aside = match set_aside.as_slice() {
-            [] => String::new(),
-            dirs => format!(
-                "; set aside the checkpoint(s) of those weights: {}",
-                dirs.iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        let next = match left {
-            Some(found) => format!(
-                "resume from {} (step {}, weights with a finite loss) with --resume and a lower learning rate (--lr); \
-                 learning_rate, lr_schedule, lr_warmup_steps and max_grad_norm may change on resume",
-                found.dir.display(),
-                found.state.step
-            ),
-            None => "no earlier checkpoint is left: start again with a lower learning rate (--lr), or check the data".into(),
-        };
-        anyhow!("{what}, computed on the weights of step {step}: stopping without applying or saving the update{set_aside}; {next}")
+        divergence::stop(&self.opts.out.join(CHECKPOINTS_DIR), &divergence, &what)
     }
 
     /// What `state.json` records for a checkpoint at `step`.
@@ -515,7 +509,7 @@ impl<'a> Trainer<'a> {
             &self.checkpoint_state(self.steps_done),
             &weights,
             &self.training_state(),
-            self.opts.config.train.keep_checkpoints,
+            Retention::of(&self.opts.config.train),
         )?;
         self.last_saved = Some((self.steps_done, dir.clone()));
         Ok(Some(dir))
@@ -553,23 +547,27 @@ impl<'a> Trainer<'a> {
         Ok(self.summary(None))
     }
 
-    /// After the last step: a checkpoint and the adapter file (of the EMA's tensors when on).
+    /// After the last step: a checkpoint and the adapter file (of the EMA's tensors when on),
+    /// and beside it the adapter in each of the other tools' formats of `train.export`.
     pub fn finish(mut self) -> Result<TrainSummary> {
         self.save()?;
-        let adapter = self.opts.out.join(ADAPTER_FILE);
+        let path = self.opts.out.join(ADAPTER_FILE);
         if self.group.is_main() {
             let weights = match &self.ema {
                 Some(ema) => ema.tensors(),
                 None => &self.tuned.trained,
             };
-            crate::peft::file::save_adapter(
-                &adapter,
+            let adapter = AdapterFile::from_trained(
                 self.tuned.method.as_ref(),
                 weights,
-                &self.base_unet,
+                Some(self.base_unet.clone()),
             )?;
+            adapter.save(&path)?;
+            for &format in &self.opts.config.train.export {
+                formats::export(&adapter, format, &format.beside(&path))?;
+            }
         }
-        Ok(self.summary(Some(adapter)))
+        Ok(self.summary(Some(path)))
     }
 
     fn summary(self, adapter: Option<PathBuf>) -> TrainSummary {
@@ -592,7 +590,7 @@ impl<'a> Trainer<'a> {
 /// no files).
 struct RunLog {
     files: Option<(MetricsLog, TensorBoardLog)>,
-    bar: ProgressBar,
+    bar: Progress,
 }
 
 impl RunLog {
@@ -605,18 +603,9 @@ impl RunLog {
             )),
             false => None,
         };
-        let bar = match opts.progress && main {
-            true => ProgressBar::new(opts.config.train.steps as u64),
-            false => ProgressBar::hidden(),
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} loss {msg} {per_sec} ETA {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar.set_position(resumed_at as u64);
-        bar.reset_eta();
+        let steps = opts.config.train.steps as u64;
+        let bar = Progress::new("train", steps, "steps", opts.progress && main);
+        bar.start_at(resumed_at as u64);
         Ok(Self { files, bar })
     }
 
@@ -625,7 +614,7 @@ impl RunLog {
             metrics.append(step)?;
             tensorboard.scalars(step.step, &step.scalars())?;
         }
-        self.bar.set_message(format!("{:.4}", step.loss));
+        self.bar.set_message(format!("loss {:.4}", step.loss));
         self.bar.set_position(step.step as u64);
         Ok(())
     }

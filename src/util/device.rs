@@ -26,8 +26,18 @@ impl DeviceChoice {
             DeviceChoice::Cpu => Ok(Device::Cpu),
             DeviceChoice::Cuda(index) => {
                 let available = tch::Cuda::device_count() as usize;
+                if available == 0 {
+                    bail!(
+                        "device `{self}`: no CUDA device (libtorch sees none: no NVIDIA GPU or \
+                         driver here)"
+                    );
+                }
                 if index >= available {
-                    bail!("device `{self}`: libtorch sees {available} CUDA device(s)");
+                    bail!(
+                        "device `{self}`: no such CUDA device (libtorch sees {available}: cuda:0 \
+                         to cuda:{})",
+                        available - 1
+                    );
                 }
                 Ok(Device::Cuda(index))
             }

@@ -7,23 +7,72 @@ use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` atomically, creating parent directories.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_streamed(path, |out| Ok(out.write_all(bytes)?)).map(|_| ())
+}
+
+/// Writes `path` atomically from what `write` streams into `out` (buffered), creating parent
+/// directories: nothing of the file is held in memory beyond the buffer. Returns the SHA-256 of
+/// the bytes written, hex, computed as they pass (a checksum of the file without reading it back).
+pub fn write_atomic_streamed(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<String> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(TEMP_FILE_PREFIX)
         .tempfile_in(dir)
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    tmp.write_all(bytes)
+    let mut out = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, tmp.as_file()));
+    write(&mut out).with_context(|| format!("writing {}", path.display()))?;
+    let digest = out
+        .finish()
         .with_context(|| format!("writing {}", path.display()))?;
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
     tmp.persist(path)
         .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
+    Ok(digest)
+}
+
+/// A writer that hashes (SHA-256) what passes through it.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: sha2::Sha256,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        use sha2::Digest;
+        Self {
+            inner,
+            hasher: sha2::Sha256::new(),
+        }
+    }
+
+    /// Flushes the inner writer; the hex digest of everything written.
+    fn finish(mut self) -> std::io::Result<String> {
+        use sha2::Digest;
+        self.inner.flush()?;
+        Ok(hex(&self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.write(bytes)?;
+        self.hasher.update(&bytes[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// `write_atomic` for text.

@@ -7,7 +7,7 @@ use difftune::data::cache::CacheSettings;
 use difftune::data::synthetic::{generate_food101_like, SyntheticSpec};
 use difftune::model::source::ModelFiles;
 use difftune::train::config::{DeviceChoice, RunConfig};
-use difftune::train::TrainOptions;
+use difftune::train::{Resume, TrainOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -84,7 +84,7 @@ impl TinyRun {
             cache: Some(self.root.join("cache")),
             out: self.root.join(out),
             config,
-            resume: false,
+            resume: Resume::No,
             strict: false,
             stop_after: None,
             interrupt: Arc::new(AtomicBool::new(false)),

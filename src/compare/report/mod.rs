@@ -388,7 +388,7 @@ pub(crate) mod example {
                 total_seconds: seconds,
                 median_step_seconds: seconds / 10_000.0,
                 peak_memory_bytes: Some(3 << 30),
-                memory_kind: MemoryKind::CudaUsed,
+                memory_kind: MemoryKind::CudaAllocated,
                 final_loss: Some(0.1),
             }),
             sample_seconds: 12.0,

@@ -9,8 +9,8 @@ use super::{CacheReport, CacheSettings};
 use crate::model::vae::AutoencoderKL;
 use crate::model::weights::save_tensors;
 use crate::util::fs::sha256_file;
+use crate::util::progress::Progress;
 use anyhow::Result;
-use indicatif::ProgressBar;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -51,7 +51,7 @@ pub(super) struct ShardEncoder<'a> {
     pub buckets: &'a [Bucket],
     pub vae: AutoencoderKL,
     pub dir: &'a Path,
-    pub progress: ProgressBar,
+    pub progress: Progress,
 }
 
 impl ShardEncoder<'_> {

@@ -31,6 +31,7 @@ use crate::dist::ProcessGroup;
 use crate::model::source::ModelFiles;
 use crate::model::weights::save_tensors;
 use crate::util::fs::{sha256_file, write_json};
+use crate::util::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
 use encode::ShardEncoder;
 use manifest::FORMAT_VERSION;
@@ -260,6 +261,13 @@ fn open_dataset(dataset_path: &Path, settings: &CacheSettings) -> Result<Dataset
         ..DatasetOptions::default()
     };
     let dataset = Dataset::open(dataset_path, &options)?;
+    if let Some(first) = dataset.skipped.first().filter(|_| settings.strict) {
+        bail!(
+            "strict mode: {} in the dataset is {}",
+            first.path.display(),
+            first.reason
+        );
+    }
     if dataset.is_empty() {
         bail!(
             "the {} split of {} has no images",
@@ -283,6 +291,7 @@ impl Build<'_> {
             for message in &self.report.discarded {
                 eprintln!("difftune cache: {message}");
             }
+            self.add_listing_skips();
             remove_rank_parts(self.dir)?;
             self.manifest.write(self.dir)?;
         }
@@ -293,6 +302,25 @@ impl Build<'_> {
             self.manifest = Manifest::read(self.dir)?;
         }
         Ok(())
+    }
+
+    /// Lists the entries the dataset's listing left out with the skipped images, and says so.
+    fn add_listing_skips(&mut self) {
+        for entry in &self.dataset.skipped {
+            let path = entry.path.display().to_string();
+            let id = entry
+                .path
+                .strip_prefix(&self.dataset.root)
+                .unwrap_or(&entry.path);
+            let skipped = SkippedImage {
+                id: id.display().to_string(),
+                path: path.clone(),
+                error: entry.reason.to_string(),
+            };
+            eprintln!("difftune cache: skipping {path}: {}", skipped.error);
+            self.report.skipped.push(skipped.clone());
+            self.manifest.skipped.push(skipped);
+        }
     }
 
     /// The earlier manifest in the folder when its key is this build's.
@@ -366,8 +394,10 @@ impl Build<'_> {
             buckets: &buckets,
             vae: crate::model::pipeline::load_vae(self.model, self.settings.device)?,
             dir: self.dir,
-            progress: progress_bar(
-                (todo.len() * shard_size).min(self.dataset.len()),
+            progress: Progress::new(
+                "cache",
+                (todo.len() * shard_size).min(self.dataset.len()) as u64,
+                "images",
                 self.group.is_main(),
             ),
         };
@@ -407,17 +437,4 @@ impl Build<'_> {
         }
         Ok((self.manifest, self.report))
     }
-}
-
-fn progress_bar(images: usize, visible: bool) -> indicatif::ProgressBar {
-    let progress = indicatif::ProgressBar::new(images as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "encoding {bar:30} {pos}/{len} images {per_sec} ETA {eta}",
-        )
-        .expect("valid template"),
-    );
-    if !visible {
-        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    progress
 }
