@@ -4,8 +4,9 @@
 use difftune::error::SettingsError;
 use difftune::model::unet::{UNet2DConditionModel, UNetConfig};
 use difftune::model::weights::{load_into, read_all, LoadOptions};
+use difftune::peft::export::{check_exports, export, AdapterFormat};
 use difftune::peft::file::{random_init_identity, save_adapter, AdapterFile};
-use difftune::peft::formats::{check_exports, export, load_adapter, read_adapter, AdapterFormat};
+use difftune::peft::formats::{load_adapter, read_adapter};
 use difftune::peft::merge::{merge_adapter, save_unet};
 use difftune::peft::InitSeed;
 use difftune::peft::{
@@ -79,12 +80,25 @@ fn perturb(trained: &[(String, Tensor)]) {
 }
 
 /// Settings other than the defaults that every invariant must hold for too.
-const VARIANTS: [(&str, &str); 4] = [
+const VARIANTS: [(&str, &str); 10] = [
     ("lora", "dora = true\nalpha = 8\ntargets = ['*.attn2.to_q', '*.resnets.*.conv1', '*.proj_in']\nrank_pattern = { '*.conv1' = 2 }"),
     ("prefix", "reparam_hidden = 8"),
     ("adapter", "input = 'attn2_out'\noutput = 'ff_in'\nactivation = 'relu'"),
     ("bitfit", "scope = 'all'"),
+    ("loha", LOHA_CONV),
+    ("lokr", LOKR_CONV),
+    ("oft", OFT_CONSTRAINED),
+    ("oft", "block_share = true\nblocks = { size = 4 }\nneumann_terms = 3"),
+    ("difffit", "scales = 'transformer_blocks'"),
+    ("svdiff", "targets = ['*.attn1.*', 'conv_in']"),
 ];
+
+/// LoHa on linear, 3x3 (Tucker form) and 1x1 layers with per-layer ranks.
+const LOHA_CONV: &str = "rank = 2\nalpha = 4\neffective_conv2d = true\ntargets = ['*.attn2.to_q', '*.resnets.*.conv1', '*.proj_in']\nrank_pattern = { '*.conv1' = 1 }";
+/// LoKr with full, low-rank and Tucker factors (the tiny U-Net's widths 16 and 32 at rank 2).
+const LOKR_CONV: &str = "rank = 2\ndecompose_both = true\neffective_conv2d = true\ntargets = ['*.attn2.to_k', '*.resnets.*.conv1']";
+/// COFT with the exact Cayley transform, by block count, on a linear and a 3x3 layer.
+const OFT_CONSTRAINED: &str = "blocks = { count = 2 }\ncoft = true\ncayley = 'exact'\ntargets = ['*.attn2.to_q', '*.resnets.*.conv1']";
 
 /// Every registered method with its default settings, then the [`VARIANTS`].
 fn cases() -> Vec<(&'static str, &'static str)> {
@@ -109,6 +123,15 @@ fn sd14_counts_match_the_study() {
         ("adapter", "", 1_236_304),
         ("adapter", "width = 48", 24_976 * 48 + 12_480),
         ("full", "", 859_520_964),
+        ("loha", "", 2 * 8 * 49_728),
+        ("loha", "rank = 4", 2 * 4 * 49_728),
+        ("lokr", "", 34_448),
+        // 496 parameters per block of 32 inputs; the placement's layers have 24,768 inputs.
+        ("oft", "", 24_768 / 32 * 496),
+        ("oft", "blocks = { size = 16 }", 24_768 / 16 * 120),
+        ("difffit", "", 501_444),
+        ("difffit", "scales = 'transformer_blocks'", 501_444 - 20_160),
+        ("svdiff", "", 222_696),
     ];
     for (name, settings, count) in expected {
         let m = method(name, settings);
@@ -253,13 +276,13 @@ fn settings_come_from_toml_and_set_pairs() {
         "comes before input site",
     );
     refused("bitfit", "scope = 'some'", "unknown variant `some`");
-    let err = MethodSettings::defaults("loha").unwrap_err();
+    let err = MethodSettings::defaults("vera").unwrap_err();
     let known: Vec<&str> = difftune::peft::method_names().collect();
     assert!(
         matches!(
             err.downcast_ref::<SettingsError>(),
             Some(SettingsError::UnknownMethod { name, known: listed })
-                if name == "loha" && *listed == known.join(", ")
+                if name == "vera" && *listed == known.join(", ")
         ),
         "{err:#}"
     );
@@ -400,7 +423,7 @@ fn lora_formats_round_trip() {
             } else {
                 out
             };
-            export(&adapter, format, &out).unwrap();
+            export(&adapter, format, Some(&trainer.unet.config), &out).unwrap();
             let mut user = Tiny::new();
             let imported = read_adapter(&out, &user.vs).unwrap();
             assert_eq!(imported.meta.base_model, None);
@@ -417,11 +440,11 @@ fn lora_formats_round_trip() {
             let out = tmp.path().join("dora.safetensors");
             let err = format!(
                 "{:#}",
-                export(&adapter, AdapterFormat::Kohya, &out).unwrap_err()
+                export(&adapter, AdapterFormat::Kohya, None, &out).unwrap_err()
             );
             assert!(
                 err.contains(
-                    "cannot be written as kohya; the formats it can go to: peft, diffusers"
+                    "cannot be written as kohya (DoRA has no kohya form); the formats it can go to: diffusers, peft"
                 ) && err.contains("\"dora\":true"),
                 "{err}"
             );
@@ -576,7 +599,7 @@ fn kohya_exports_load_by_comfyui_and_a1111_key_rules_as_the_merged_weights() {
     let adapter = AdapterFile::from_trained(m.as_ref(), &trained, Some(identity.clone())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("lora.safetensors");
-    export(&adapter, AdapterFormat::Kohya, &file).unwrap();
+    export(&adapter, AdapterFormat::Kohya, Some(&config), &file).unwrap();
     let kohya = read_all(&file).unwrap();
 
     let comfyui = comfyui_keys(&vs);
@@ -677,7 +700,10 @@ fn each_method_names_the_formats_it_can_go_to() {
         );
     }
     let err = refused("lora", "dora = true", AdapterFormat::Kohya);
-    assert!(err.contains("it can go to: peft, diffusers"), "{err}");
+    assert!(
+        err.contains("(DoRA has no kohya form); the formats it can go to: diffusers, peft"),
+        "{err}"
+    );
     check_exports(method("lora", "").as_ref(), &AdapterFormat::ALL).unwrap();
 }
 
@@ -779,6 +805,12 @@ fn merged_unets_compute_what_the_adapters_compute() {
         ("lora", "dora = true\ntargets = ['*.attn2.to_k', '*.resnets.*.conv1', '*.proj_in']\nrank_pattern = { '*.conv1' = 2 }"),
         ("bitfit", "scope = 'all'"),
         ("full", ""),
+        ("loha", LOHA_CONV),
+        ("lokr", LOKR_CONV),
+        ("oft", OFT_CONSTRAINED),
+        ("oft", ""),
+        ("difffit", ""),
+        ("svdiff", ""),
     ];
     for (name, settings) in mergeable {
         let what = format!("{name} [{settings}]");
@@ -823,4 +855,79 @@ fn merged_unets_compute_what_the_adapters_compute() {
         );
         assert!(!has_extensions(&mut base.unet));
     }
+}
+
+/// DiffFit and SVDiff start from the base model bit for bit, as their papers state: DiffFit's
+/// scales start at 1 (an exact multiplication), SVDiff's update is the change of the spectrum
+/// (`ReLU(s + 0) - s`, exactly 0). SVDiff's shifts act on singular values: merging zero shifts
+/// leaves every weight as it was, and a shift of minus the largest singular value clamps the
+/// whole spectrum to 0 (ReLU), zeroing the layer.
+#[test]
+fn difffit_and_svdiff_start_from_the_base_model_exactly() {
+    for (name, settings) in [("difffit", ""), ("svdiff", "")] {
+        let mut tiny = Tiny::new();
+        let base = tiny.output();
+        let params = nn::VarStore::new(Device::Cpu);
+        let trained = method(name, settings)
+            .apply(
+                &mut tiny.unet,
+                &tiny.vs,
+                params.root(),
+                &InitSeed::new(0, "test"),
+            )
+            .unwrap();
+        assert!(tiny.output().equal(&base), "{name}: output differs at init");
+        if name == "difffit" {
+            let scales: Vec<&Tensor> = trained
+                .iter()
+                .filter(|(n, _)| n.ends_with(".gamma"))
+                .map(|(_, t)| t)
+                .collect();
+            // 7 transformer blocks (3 branches each) and 11 resnets in the tiny U-Net.
+            assert_eq!(scales.len(), 7 * 3 + 11);
+            assert!(scales.iter().all(|g| g.equal(&g.ones_like())));
+        }
+    }
+
+    let mut tiny = Tiny::new();
+    let before: Vec<(String, Tensor)> = tiny
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect();
+    let svdiff = method("svdiff", "");
+    let params = nn::VarStore::new(Device::Cpu);
+    let trained = svdiff
+        .apply(
+            &mut tiny.unet,
+            &tiny.vs,
+            params.root(),
+            &InitSeed::new(0, "test"),
+        )
+        .unwrap();
+    let zero: BTreeMap<String, Tensor> = trained
+        .iter()
+        .map(|(n, t)| (n.clone(), t.zeros_like()))
+        .collect();
+    let mut base = Tiny::new();
+    svdiff.merge(&mut base.unet, &base.vs, &zero).unwrap();
+    let merged = base.vs.variables();
+    for (name, t) in &before {
+        assert!(merged[name].equal(t), "`{name}` changed by zero shifts");
+    }
+    let layer = "down_blocks.0.resnets.0.conv1";
+    let mut clamped = zero;
+    let largest = tch::no_grad(|| {
+        let w = &merged[&format!("{layer}.weight")];
+        w.reshape([w.size()[0], -1]).svd(true, false).1.max()
+    });
+    clamped.insert(
+        format!("{layer}.spectral_shift"),
+        -largest.expand([16], false),
+    );
+    let mut base = Tiny::new();
+    svdiff.merge(&mut base.unet, &base.vs, &clamped).unwrap();
+    let zeroed = base.vs.variables()[&format!("{layer}.weight")].abs().max();
+    assert!(zeroed.double_value(&[]) < 1e-5, "{zeroed:?}");
 }

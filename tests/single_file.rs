@@ -1,5 +1,9 @@
 //! Single-file (LDM layout) checkpoints in and out, the restricted torch-pickle reader and the
 //! shipped CLIP vocabulary. Fixtures: tools/make_single_file_fixtures.py.
+#[path = "common/manifest.rs"]
+mod common;
+
+use common::{fixture_manifest, manifest};
 use difftune::model::clip_vocab::{write_tokenizer_folder, Padding};
 use difftune::model::pipeline::{load_text_encoder, load_unet, load_vae};
 use difftune::model::source::ModelFiles;
@@ -56,49 +60,17 @@ fn convert(dir: &Path, name: &str, precision: &str) -> PathBuf {
     out
 }
 
-fn manifest(path: &Path) -> BTreeMap<String, (Vec<i64>, String)> {
-    use sha2::Digest;
-    weights::read_all(path)
-        .unwrap()
-        .into_iter()
-        .map(|(name, t)| {
-            let n = t.numel() * t.kind().elt_size_in_bytes();
-            let mut bytes = vec![0u8; n];
-            t.contiguous().copy_data_u8(&mut bytes, t.numel());
-            let hash: String = sha2::Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            (name, (t.size(), hash))
-        })
-        .collect()
-}
-
-fn fixture_manifest(which: &str) -> BTreeMap<String, (Vec<i64>, String)> {
-    let text = std::fs::read_to_string(format!("{FIXTURES}/tiny_ldm_manifest.json")).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json[which]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            let shape = v[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_i64().unwrap())
-                .collect();
-            (k.clone(), (shape, v[2].as_str().unwrap().to_string()))
-        })
-        .collect()
-}
-
 #[test]
 fn convert_writes_the_file_diffusers_reads_exactly() {
     let dir = tempfile::tempdir().unwrap();
     for (precision, which) in [("keep", "fp32"), ("fp16", "fp16")] {
         let file = convert(dir.path(), &format!("{which}.safetensors"), precision);
-        assert_eq!(manifest(&file), fixture_manifest(which), "{which}");
+        let fixture = Path::new(FIXTURES).join("tiny_ldm_manifest.json");
+        assert_eq!(
+            manifest(&file),
+            fixture_manifest(&fixture, which),
+            "{which}"
+        );
     }
 }
 

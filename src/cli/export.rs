@@ -1,5 +1,6 @@
+use crate::model::unet::UNetConfig;
+use crate::peft::export::{check_exports, export, AdapterFormat};
 use crate::peft::file::{sidecar_path, AdapterFile, AdapterMeta};
-use crate::peft::formats::{check_exports, export, AdapterFormat};
 use crate::util::fs::ensure_absent_or_empty;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -20,6 +21,11 @@ pub struct ExportArgs {
     /// overwritten.
     #[arg(long)]
     pub out: PathBuf,
+    /// The base model (folder, hub id or single file). Needed only for an SDXL adapter as kohya:
+    /// with it the file gets sd-scripts' LDM layer names (`lora_unet_input_blocks_4_1_...`);
+    /// without it, the diffusers names, which A1111, ComfyUI and diffusers read for SDXL too.
+    #[arg(long)]
+    pub model: Option<String>,
 }
 
 /// The format names, listed in `--help`.
@@ -50,9 +56,16 @@ pub fn run(args: ExportArgs) -> Result<()> {
     // header is checked as they are read): all before anything is written.
     let meta = AdapterMeta::read(&args.adapter)?;
     check_exports(meta.method()?.as_ref(), &[args.format])?;
+    let unet = match &args.model {
+        Some(spec) => {
+            let files = crate::settings::check_model(spec, None)?;
+            Some(UNetConfig::from_file(&files.unet.config)?)
+        }
+        None => None,
+    };
     let adapter = AdapterFile::load(&args.adapter)
         .with_context(|| format!("reading the adapter {}", args.adapter.display()))?;
-    export(&adapter, args.format, &args.out)?;
+    export(&adapter, args.format, unet.as_ref(), &args.out)?;
     println!(
         "wrote the `{}` adapter {} as {} to {}",
         adapter.meta.method,

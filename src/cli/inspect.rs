@@ -10,8 +10,9 @@ use tch::{nn, Device};
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A folder of configs: unet_config.json, and optionally vae_config.json and
-    /// text_encoder_config.json (models are built with random weights; nothing is downloaded).
+    /// A folder of configs: unet_config.json, and optionally vae_config.json,
+    /// text_encoder_config.json and (SDXL) text_encoder_2_config.json (models are built with
+    /// random weights; nothing is downloaded).
     #[arg(long, conflicts_with = "model")]
     pub config_dir: Option<PathBuf>,
     /// A diffusers model folder or hub id: its models are built and their weights loaded and checked.
@@ -24,7 +25,7 @@ pub struct InspectArgs {
     #[arg(long)]
     pub json: bool,
     /// Also count what each tuning method trains, with its default settings: `all` or a
-    /// comma-separated list (full, adapter, lora, prefix, bitfit).
+    /// comma-separated list of registered methods (full, lora, loha, oft, svdiff, ...).
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Setting overrides (key=value) for the one method named by --methods.
@@ -37,6 +38,8 @@ struct Sources {
     unet: (PathBuf, Vec<PathBuf>),
     vae: Option<(PathBuf, Vec<PathBuf>)>,
     text_encoder: Option<(PathBuf, Vec<PathBuf>)>,
+    /// SDXL's second text encoder (CLIPTextModelWithProjection).
+    text_encoder_2: Option<(PathBuf, Vec<PathBuf>)>,
 }
 
 impl Sources {
@@ -47,6 +50,9 @@ impl Sources {
                 unet: (files.unet.config, files.unet.weights),
                 vae: Some((files.vae.config, files.vae.weights)),
                 text_encoder: Some((files.text_encoder.config, files.text_encoder.weights)),
+                text_encoder_2: files
+                    .text_encoder_2
+                    .map(|second| (second.encoder.config, second.encoder.weights)),
             });
         }
         let dir = args
@@ -61,6 +67,7 @@ impl Sources {
             unet: (dir.join("unet_config.json"), Vec::new()),
             vae: optional("vae_config.json"),
             text_encoder: optional("text_encoder_config.json"),
+            text_encoder_2: optional("text_encoder_2_config.json"),
         })
     }
 }
@@ -90,13 +97,24 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
         counts.push(("vae", count(&vs)));
     }
-    if let Some((config, weights)) = &sources.text_encoder {
+    for (name, source, projection) in [
+        ("text_encoder", &sources.text_encoder, false),
+        ("text_encoder_2", &sources.text_encoder_2, true),
+    ] {
+        let Some((config, weights)) = source else {
+            continue;
+        };
+        let config = ClipTextConfig::from_file(config)?;
         let vs = nn::VarStore::new(Device::Cpu);
-        ClipTextModel::new(vs.root(), &ClipTextConfig::from_file(config)?)?;
+        if projection {
+            ClipTextModel::new_with_projection(vs.root(), &config)?;
+        } else {
+            ClipTextModel::new(vs.root(), &config)?;
+        }
         if !weights.is_empty() {
             ClipTextModel::load_weights(&vs, weights)?;
         }
-        counts.push(("text_encoder", count(&vs)));
+        counts.push((name, count(&vs)));
     }
 
     let methods = method_counts(&args.methods, &args.set, &mut unet, &unet_vs)?;

@@ -11,10 +11,10 @@ use crate::schedulers::SchedulerKind;
 use crate::util::device::DeviceChoice;
 use crate::util::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::ops::Range;
 use std::path::PathBuf;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Generates images: `OUT/00000.png`, `OUT/00001.png`, ... (the generation parameters in PNG text
 /// chunks) and `OUT/grid.png`. Image i is drawn from seed `SEED + i` alone, so it is the same
@@ -23,7 +23,7 @@ use tch::{Device, Tensor};
 /// same bytes, as in one process.
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// A diffusers Stable Diffusion folder or a hub id.
+    /// A diffusers Stable Diffusion folder (SD v1.x, v2.x or SDXL), a hub id or a single file.
     #[arg(long)]
     pub model: String,
     /// Weight variant of the model (e.g. fp16).
@@ -69,8 +69,30 @@ pub struct SampleArgs {
     /// cpu, cuda, cuda:N, or auto (cuda when available).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
+    /// Precision of the model's weights. Under fp16 a VAE whose config sets `force_upcast`
+    /// (SD's and SDXL's) stays in fp32, as in diffusers; latents stay in fp32.
+    #[arg(long, value_enum, default_value_t = WeightDtype::Fp32)]
+    pub dtype: WeightDtype,
     #[command(flatten)]
     pub dist: DistArgs,
+}
+
+/// `--dtype` of `sample`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl WeightDtype {
+    fn kind(self) -> Kind {
+        match self {
+            WeightDtype::Fp32 => Kind::Float,
+            WeightDtype::Fp16 => Kind::Half,
+            WeightDtype::Bf16 => Kind::BFloat16,
+        }
+    }
 }
 
 /// The scheduler names, listed in `--help`.
@@ -184,7 +206,7 @@ fn render(
     device: Device,
     show_progress: bool,
 ) -> Result<()> {
-    let mut models = SdModels::load(files, device)?;
+    let mut models = SdModels::load_in(files, device, args.dtype.kind())?;
     if let Some(path) = &args.adapter {
         let method = models.apply_adapter(path, files)?;
         if show_progress {
@@ -266,6 +288,9 @@ fn png_text(
     ];
     if let Some(negative) = &args.negative_prompt {
         text.push(("negative_prompt", negative.clone()));
+    }
+    if args.dtype != WeightDtype::Fp32 {
+        text.push(("dtype", format!("{:?}", args.dtype).to_lowercase()));
     }
     text
 }

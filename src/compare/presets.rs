@@ -4,8 +4,9 @@ use crate::error::SettingsError;
 use anyhow::Result;
 
 /// Name and text of every preset.
-pub const PRESETS: [(&str, &str); 2] = [
+pub const PRESETS: [(&str, &str); 3] = [
     ("tiny", include_str!("../../presets/tiny.toml")),
+    ("tiny-all", include_str!("../../presets/tiny-all.toml")),
     (
         "sd14-food101",
         include_str!("../../presets/sd14-food101.toml"),

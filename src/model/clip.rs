@@ -1,5 +1,6 @@
-//! transformers' CLIPTextModel (SD v1.x's text encoder), configured from its `config.json`, with
-//! the parameter names of SD checkpoints (`text_model.…`).
+//! transformers' CLIPTextModel (SD v1.x's text encoder) and CLIPTextModelWithProjection (SDXL's
+//! second), configured from their `config.json`, with the parameter names of SD checkpoints
+//! (`text_model.…`, `text_projection`).
 use super::layers::{LayerNorm, Linear};
 use super::visit::{ModuleMut, VisitModules};
 use super::weights::{self, LoadOptions};
@@ -67,7 +68,17 @@ pub struct ClipTextConfig {
     pub bos_token_id: Option<i64>,
     #[serde(default)]
     pub eos_token_id: Option<i64>,
+    /// The width of `text_projection` (CLIPTextModelWithProjection).
+    #[serde(default)]
+    pub projection_dim: Option<i64>,
 }
+
+/// transformers' CLIPTextConfig default `eos_token_id`, the last id of CLIP's vocabulary.
+const DEFAULT_EOS_TOKEN_ID: i64 = 49_407;
+/// The `eos_token_id` configs written before transformers PR #24773 carry (SD's and SDXL's): the
+/// pooled position is then that of the largest id, which is the end-of-text token in CLIP's
+/// vocabulary.
+const LEGACY_EOS_TOKEN_ID: i64 = 2;
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -239,15 +250,21 @@ pub struct ClipTextModel {
     pub embeddings: ClipTextEmbeddings,
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
+    /// CLIPTextModelWithProjection's `text_projection` (no bias), applied to the pooled output.
+    pub text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
     /// Creates the variables under `vs / "text_model"`; pass the VarStore's root to get the
     /// checkpoint names.
     pub fn new(vs: nn::Path, cfg: &ClipTextConfig) -> Result<Self> {
+        Self::build(&vs, cfg)
+    }
+
+    fn build(vs: &nn::Path, cfg: &ClipTextConfig) -> Result<Self> {
         cfg.validate()?;
         let activation = cfg.activation()?;
-        let vs = &vs / "text_model";
+        let vs = vs / "text_model";
         let layers_vs = &vs / "encoder" / "layers";
         Ok(Self {
             config: cfg.clone(),
@@ -260,7 +277,26 @@ impl ClipTextModel {
                 cfg.hidden_size,
                 cfg.layer_norm_eps,
             ),
+            text_projection: None,
         })
+    }
+
+    /// transformers' CLIPTextModelWithProjection: the text model and `text_projection`
+    /// (`hidden_size` -> `projection_dim`, which the config must give), on the root of `vs`.
+    pub fn new_with_projection(vs: nn::Path, cfg: &ClipTextConfig) -> Result<Self> {
+        let Some(dim) = cfg.projection_dim.filter(|&d| d > 0) else {
+            bail!(
+                "a CLIP text model with projection needs a positive `projection_dim` in its config"
+            );
+        };
+        let mut model = Self::build(&vs, cfg)?;
+        model.text_projection = Some(Linear::new(
+            &vs / "text_projection",
+            cfg.hidden_size,
+            dim,
+            false,
+        ));
+        Ok(model)
     }
 
     /// Loads SD text-encoder safetensors into `vs` (built with [`ClipTextModel::new`] on its root),
@@ -274,7 +310,7 @@ impl ClipTextModel {
                 // transformers 5's save_pretrained drops the `text_model.` prefix that SD
                 // checkpoints on the hub carry; accept both.
                 rename: Some(&|name: &str| {
-                    if name.starts_with("text_model.") {
+                    if name.starts_with("text_model.") || name.starts_with("text_projection.") {
                         name.to_string()
                     } else {
                         format!("text_model.{name}")
@@ -320,6 +356,36 @@ impl ClipTextModel {
             .forward(&self.hidden_states_after(ids, num_layers)?))
     }
 
+    /// transformers' `hidden_states[num_layers]` and the pooled output of one pass: the final
+    /// layer norm's output at each row's end-of-text position, through `text_projection` when
+    /// the model has one (CLIPTextModelWithProjection's `text_embeds`).
+    pub fn hidden_and_pooled(&self, ids: &Tensor, num_layers: usize) -> Result<(Tensor, Tensor)> {
+        let hidden = self.hidden_states_after(ids, num_layers)?;
+        let last = self.layers[num_layers..]
+            .iter()
+            .fold(hidden.shallow_clone(), |x, layer| layer.forward(&x));
+        let last = self.final_layer_norm.forward(&last);
+        let rows = Tensor::arange(ids.size()[0], (tch::Kind::Int64, last.device()));
+        let pooled = last.index(&[Some(rows), Some(self.pooled_positions(ids))]);
+        let pooled = match &self.text_projection {
+            Some(projection) => projection.forward(&pooled),
+            None => pooled,
+        };
+        Ok((hidden, pooled))
+    }
+
+    /// The position of each row's end-of-text token, as transformers finds it: the largest id
+    /// under the legacy `eos_token_id` 2, else the first `eos_token_id`.
+    fn pooled_positions(&self, ids: &Tensor) -> Tensor {
+        let eos = self.config.eos_token_id.unwrap_or(DEFAULT_EOS_TOKEN_ID);
+        let ids = ids.to_device(self.final_layer_norm.weight.device());
+        if eos == LEGACY_EOS_TOKEN_ID {
+            ids.argmax(-1, false)
+        } else {
+            ids.eq(eos).to_kind(tch::Kind::Int).argmax(-1, false)
+        }
+    }
+
     /// `[batch, seq]` int64 ids (seq <= max_position_embeddings, as the tokenizer makes them) ->
     /// `last_hidden_state` `[batch, seq, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
@@ -343,5 +409,6 @@ impl VisitModules for ClipTextModel {
             layer.mlp.fc1.visit_modules(f);
             layer.mlp.fc2.visit_modules(f);
         }
+        self.text_projection.visit_modules(f);
     }
 }

@@ -1,5 +1,8 @@
 //! The files of a diffusers Stable Diffusion model, once found (see [`super::source`] for how a
 //! folder, hub id or single file is resolved to them), and the fingerprints that identify them.
+use super::clip::ClipTextConfig;
+use super::family::ModelFamily;
+use super::unet::UNetConfig;
 use crate::error::SettingsError;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -13,6 +16,14 @@ pub struct ComponentFiles {
     pub weights: Vec<PathBuf>,
 }
 
+/// A text encoder and its tokenizer folder (SDXL's second: `text_encoder_2/`, `tokenizer_2/`).
+#[derive(Debug, Clone)]
+pub struct TextEncoderFiles {
+    pub encoder: ComponentFiles,
+    /// Folder holding `vocab.json` and `merges.txt`.
+    pub tokenizer_dir: PathBuf,
+}
+
 /// The files of a diffusers Stable Diffusion model.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
@@ -23,7 +34,12 @@ pub struct ModelFiles {
     pub text_encoder: ComponentFiles,
     /// Folder holding `vocab.json` and `merges.txt`.
     pub tokenizer_dir: PathBuf,
+    /// SDXL's second text encoder and tokenizer.
+    pub text_encoder_2: Option<TextEncoderFiles>,
     pub scheduler_config: PathBuf,
+    /// The pipeline's `model_index.json`, when the source has one (it holds pipeline options
+    /// such as SDXL's `force_zeros_for_empty_prompt`).
+    pub model_index: Option<PathBuf>,
 }
 
 impl ModelFiles {
@@ -33,12 +49,16 @@ impl ModelFiles {
     /// are [`SettingsError`]s for the model.
     pub fn check(&self) -> Result<()> {
         let check = || -> Result<()> {
-            super::unet::UNetConfig::from_file(&self.unet.config)?;
+            self.family()?;
             super::vae::VaeConfig::from_file(&self.vae.config)?;
-            super::clip::ClipTextConfig::from_file(&self.text_encoder.config)?;
             crate::schedulers::SchedulerConfig::load(&self.scheduler_config)?;
+            let second = self.text_encoder_2.as_ref().map(|t| &t.encoder);
+            if let Some(second) = second {
+                ClipTextConfig::from_file(&second.config)?;
+            }
             let weights = [&self.unet, &self.vae, &self.text_encoder]
                 .into_iter()
+                .chain(second)
                 .flat_map(|c| &c.weights);
             for path in weights {
                 super::weights::MappedSafetensors::open(path)?;
@@ -46,6 +66,27 @@ impl ModelFiles {
             Ok(())
         };
         check().map_err(|e| SettingsError::invalid(format!("model {}", self.spec), e).into())
+    }
+
+    /// The generation of the model, from its U-Net and text encoder configs; a second text
+    /// encoder must be there exactly for SDXL.
+    pub fn family(&self) -> Result<ModelFamily> {
+        let unet = UNetConfig::from_file(&self.unet.config)?;
+        let text = ClipTextConfig::from_file(&self.text_encoder.config)?;
+        let family = ModelFamily::of_configs(&unet, &text)?;
+        family
+            .check_text_encoders(self.text_encoder_2.is_some())
+            .with_context(|| self.spec.clone())?;
+        Ok(family)
+    }
+
+    /// A boolean option of the pipeline's `model_index.json`, `default` when absent.
+    pub fn pipeline_flag(&self, name: &str, default: bool) -> Result<bool> {
+        let Some(path) = &self.model_index else {
+            return Ok(default);
+        };
+        let index: serde_json::Value = crate::util::fs::read_json(path)?;
+        Ok(index.get(name).and_then(|v| v.as_bool()).unwrap_or(default))
     }
 
     /// A fingerprint of the base U-Net (its config and weights), recorded with adapters and

@@ -1,9 +1,11 @@
 //! The original Stable Diffusion ("LDM") checkpoint layout of A1111/ComfyUI single files, and its
 //! correspondence with our modules' names (identical to diffusers'): `model.diffusion_model.*`
 //! (the openaimodel U-Net), `first_stage_model.*` (the VAE), and `cond_stage_model.transformer.*`
-//! (transformers' CLIP, SD v1.x) or `cond_stage_model.model.*` (OpenCLIP, SD v2.x). The block
-//! numbering depends on the architecture, so each table is built from a layout read either from
-//! the checkpoint's keys or from a diffusers config.
+//! (transformers' CLIP, SD v1.x) or `cond_stage_model.model.*` (OpenCLIP, SD v2.x); SDXL's
+//! (Stability's sgm layout) has its two text encoders under `conditioner.embedders.0.transformer.*`
+//! (CLIP) and `conditioner.embedders.1.model.*` (OpenCLIP). The block numbering depends on the
+//! architecture, so each table is built from a layout read either from the checkpoint's keys or
+//! from a diffusers config.
 use super::unet::UNetConfig;
 use super::vae::VaeConfig;
 use anyhow::{bail, ensure, Context, Result};
@@ -14,6 +16,11 @@ pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+pub const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+/// OpenCLIP's text projection, `[width, projection_dim]` (applied as `x @ text_projection`):
+/// the transpose of transformers' `text_projection.weight`.
+pub const OPEN_CLIP_PROJECTION: &str = "text_projection";
 
 /// One LDM name prefix and its diffusers counterpart (both ending in `.`), with renames of the
 /// first segments after it (e.g. a resnet's `in_layers.0.` is `norm1.`).
@@ -101,6 +108,8 @@ pub struct UnetLayout {
     pub down_attention: Vec<bool>,
     /// Per up block (deepest first), whether it has cross-attention.
     pub up_attention: Vec<bool>,
+    /// Whether the U-Net has SDXL's added embedding (`label_emb.0` in LDM files).
+    pub added_embedding: bool,
 }
 
 impl UnetLayout {
@@ -110,6 +119,7 @@ impl UnetLayout {
             layers_per_block: c.layers_per_block as usize,
             down_attention: c.down_block_types.iter().map(attn).collect(),
             up_attention: c.up_block_types.iter().map(attn).collect(),
+            added_embedding: c.addition_embed_type.is_some(),
         }
     }
 
@@ -155,6 +165,36 @@ impl UnetLayout {
             layers_per_block: layers,
             down_attention,
             up_attention,
+            added_embedding: names.iter().any(|n| n.starts_with("label_emb.")),
+        })
+    }
+
+    /// Reads the layout from our (diffusers) U-Net names: the down blocks' resnets, which
+    /// blocks have attentions, and whether there is an `add_embedding`.
+    pub fn from_diffusers_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+        let names: Vec<&str> = names.into_iter().collect();
+        let index = |prefix: &str| -> BTreeSet<usize> {
+            names
+                .iter()
+                .filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse().ok())
+                .collect()
+        };
+        let levels = index("down_blocks.").len();
+        let layers = index("down_blocks.0.resnets.").len();
+        ensure!(
+            levels >= 1 && layers >= 1,
+            "the U-Net has no down_blocks.*.resnets.*"
+        );
+        let has = |prefix: String| names.iter().any(|n| n.starts_with(&prefix));
+        Ok(Self {
+            layers_per_block: layers,
+            down_attention: (0..levels)
+                .map(|i| has(format!("down_blocks.{i}.attentions.")))
+                .collect(),
+            up_attention: (0..levels)
+                .map(|i| has(format!("up_blocks.{i}.attentions.")))
+                .collect(),
+            added_embedding: has("add_embedding.".to_string()),
         })
     }
 
@@ -184,6 +224,10 @@ impl UnetLayout {
                 UNET_RESNET,
             ),
         ];
+        if self.added_embedding {
+            pairs.push(plain("label_emb.0.0.", "add_embedding.linear_1."));
+            pairs.push(plain("label_emb.0.2.", "add_embedding.linear_2."));
+        }
         for i in 0..n {
             for j in 0..l {
                 let k = 1 + i * (l + 1) + j;

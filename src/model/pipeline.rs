@@ -7,7 +7,7 @@ use super::vae::{load_vae_weights, AutoencoderKL, VaeConfig};
 use super::weights::{load_into, LoadOptions};
 use crate::schedulers::SchedulerConfig;
 use anyhow::{Context, Result};
-use tch::{nn, Device};
+use tch::{nn, Device, Kind};
 
 /// The U-Net and the VarStore holding its weights (tuning methods need both).
 pub fn load_unet(
@@ -24,12 +24,22 @@ pub fn load_unet(
 
 /// The VAE, frozen.
 pub fn load_vae(files: &ModelFiles, device: Device) -> Result<AutoencoderKL> {
+    load_vae_in(files, device, Kind::Float)
+}
+
+/// The VAE, frozen, in the precision a pipeline running in `kind` keeps it in (see
+/// [`VaeConfig::pipeline_kind`]).
+pub fn load_vae_in(files: &ModelFiles, device: Device, kind: Kind) -> Result<AutoencoderKL> {
     let config = VaeConfig::from_file(&files.vae.config)?;
     let mut vs = nn::VarStore::new(device);
     let vae = AutoencoderKL::new(vs.root(), &config)?;
     load_vae_weights(&vs, &files.vae.weights)
         .with_context(|| format!("loading the VAE of {}", files.spec))?;
     vs.freeze();
+    let kind = config.pipeline_kind(kind);
+    if kind != Kind::Float {
+        vs.set_kind(kind);
+    }
     Ok(vae)
 }
 

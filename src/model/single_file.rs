@@ -1,15 +1,16 @@
 //! Single-file Stable Diffusion checkpoints (A1111/ComfyUI `.safetensors`, original `.ckpt`), in
 //! and out. A single file is converted once into a diffusers folder in difftune's cache (keyed by
 //! the file's fingerprint and the options), so every command that takes `--model` reads it through
-//! the same path as a diffusers folder. SD v1.x and v2.x are recognised from their keys and shapes
-//! and get built-in configs and the shipped CLIP tokenizer; nothing is downloaded.
+//! the same path as a diffusers folder. SD v1.x, v2.x and SDXL (base) are recognised from their
+//! keys and shapes and get built-in configs (SDXL's are presets/configs/sdxl-base) and the shipped
+//! CLIP tokenizer; nothing is downloaded.
 //!
 //! A model spec is `FILE[#option,...]`, options: `ema` (use the `model_ema.*` U-Net weights),
 //! `epsilon` / `v_prediction` (override the detected prediction type), `config=DIR` (take the
 //! configs and tokenizer from a diffusers folder, as diffusers' `from_single_file(config=...)`,
-//! for architectures other than SD v1.x/v2.x).
-use super::clip::ClipTextConfig;
+//! for architectures other than the built-in ones).
 use super::clip_vocab::{write_tokenizer_folder, Padding};
+use super::family::ModelFamily;
 use super::files::{fingerprint, ModelFiles};
 use super::ldm::{self, UnetLayout, VaeLayout};
 use super::unet::UNetConfig;
@@ -116,13 +117,13 @@ impl SingleFileSpec {
         }
         let parts = split(checkpoint.tensors, self.ema, family).with_context(|| shown.clone())?;
         let prediction = self.prediction.unwrap_or(match family {
-            Family::V1 => PredictionType::Epsilon,
+            ModelFamily::Sd1 | ModelFamily::Sdxl => PredictionType::Epsilon,
             // SD 2.x's 512-pixel base model is the one trained for 110,000 steps on epsilon.
-            Family::V2 if checkpoint.global_step == Some(110_000) => PredictionType::Epsilon,
-            Family::V2 => PredictionType::VPrediction,
+            ModelFamily::Sd2 if checkpoint.global_step == Some(110_000) => PredictionType::Epsilon,
+            ModelFamily::Sd2 => PredictionType::VPrediction,
         });
         match &self.config {
-            Some(dir) => copy_configs(dir, out)?,
+            Some(dir) => copy_configs(dir, out, family)?,
             None => write_builtin_configs(family, prediction, out)?,
         }
         if self.prediction.is_some() || self.config.is_none() {
@@ -140,8 +141,15 @@ impl SingleFileSpec {
         save("unet/diffusion_pytorch_model.safetensors", parts.unet)?;
         save("vae/diffusion_pytorch_model.safetensors", parts.vae)?;
         save("text_encoder/model.safetensors", parts.text_encoder)?;
+        if let Some(second) = parts.text_encoder_2 {
+            save("text_encoder_2/model.safetensors", second)?;
+        }
         // model_index.json last: its presence marks a complete folder.
-        write_json(&out.join("model_index.json"), &super::tiny::model_index())
+        let index = match family {
+            ModelFamily::Sd1 | ModelFamily::Sd2 => super::tiny::model_index(),
+            ModelFamily::Sdxl => sdxl_model_index(),
+        };
+        write_json(&out.join("model_index.json"), &index)
     }
 }
 
@@ -189,42 +197,45 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     })
 }
 
-/// The SD generations difftune knows from their keys and shapes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// OpenAI CLIP ViT-L/14 text encoder, 768-wide cross-attention.
-    V1,
-    /// OpenCLIP ViT-H/14 text encoder, 1024-wide cross-attention.
-    V2,
-}
-
 fn shape(tensors: &BTreeMap<String, Tensor>, name: &str) -> Option<Vec<i64>> {
     tensors.get(name).map(Tensor::size)
 }
 
-/// Tells SD v1.x from v2.x, and refuses what is neither with a message saying what it is.
-pub fn detect(tensors: &BTreeMap<String, Tensor>) -> Result<Family> {
+/// Tells SD v1.x, v2.x and SDXL apart, and refuses what is none of them with a message saying
+/// what it is.
+pub fn detect(tensors: &BTreeMap<String, Tensor>) -> Result<ModelFamily> {
     let has = |prefix: &str| tensors.keys().any(|k| k.starts_with(prefix));
-    if has("conditioner.embedders.") {
-        bail!("this is an SDXL checkpoint (conditioner.embedders.*); difftune supports SD v1.x and v2.x");
+    let sdxl = has("conditioner.embedders.");
+    if sdxl && !(has(ldm::SDXL_CLIP_PREFIX) && has(ldm::SDXL_OPEN_CLIP_PREFIX)) {
+        if has("conditioner.embedders.0.model.") {
+            bail!("this is an SDXL refiner checkpoint (one OpenCLIP text encoder, conditioner.embedders.0.model.*, and aesthetic-score conditioning); difftune supports SDXL base models");
+        }
+        bail!(
+            "an SDXL checkpoint without SDXL base's two text encoders ({}* and {}*)",
+            ldm::SDXL_CLIP_PREFIX,
+            ldm::SDXL_OPEN_CLIP_PREFIX
+        );
     }
-    if has("model.diffusion_model.label_emb.") {
-        bail!("this U-Net is class-conditioned (model.diffusion_model.label_emb.*: SDXL or SD 2.x unCLIP); difftune supports SD v1.x and v2.x text-to-image models");
+    if !sdxl && has("model.diffusion_model.label_emb.") {
+        bail!("this U-Net is class-conditioned (model.diffusion_model.label_emb.* without SDXL's text encoders: SD 2.x unCLIP?); difftune supports text-to-image SD v1.x, v2.x and SDXL models");
     }
     let conv_in = format!("{}input_blocks.0.0.weight", ldm::UNET_PREFIX);
     let Some(conv_in_shape) = shape(tensors, &conv_in) else {
         bail!(
-            "not an SD v1.x/v2.x checkpoint: no `{conv_in}` (a full model has model.diffusion_model.*, first_stage_model.* and cond_stage_model.*; is this a LoRA, a VAE or a U-Net alone?)"
+            "not an SD v1.x/v2.x/SDXL checkpoint: no `{conv_in}` (a full model has model.diffusion_model.*, first_stage_model.* and its text encoders; is this a LoRA, a VAE or a U-Net alone?)"
         );
     };
     match conv_in_shape.get(1) {
         Some(4) => {}
         Some(9) => bail!("this is an inpainting checkpoint (`{conv_in}` has shape {conv_in_shape:?}: 9 input channels); difftune fine-tunes text-to-image models with 4"),
-        _ => bail!("`{conv_in}` has shape {conv_in_shape:?}; SD v1.x/v2.x text-to-image U-Nets take 4 latent channels (this may be a depth, pix2pix or other conditioned model)"),
+        _ => bail!("`{conv_in}` has shape {conv_in_shape:?}; SD text-to-image U-Nets take 4 latent channels (this may be a depth, pix2pix or other conditioned model)"),
+    }
+    if sdxl {
+        return Ok(ModelFamily::Sdxl);
     }
     match (has(ldm::CLIP_PREFIX), has(ldm::OPEN_CLIP_PREFIX)) {
-        (true, false) => Ok(Family::V1),
-        (false, true) => Ok(Family::V2),
+        (true, false) => Ok(ModelFamily::Sd1),
+        (false, true) => Ok(ModelFamily::Sd2),
         _ => bail!(
             "expected one text encoder, {}* (SD v1.x) or {}* (SD v2.x)",
             ldm::CLIP_PREFIX,
@@ -233,8 +244,9 @@ pub fn detect(tensors: &BTreeMap<String, Tensor>) -> Result<Family> {
     }
 }
 
-/// The built-in configs fit SD v1.x's 768-wide and v2.x's 1024-wide cross-attention only.
-fn check_builtin(tensors: &BTreeMap<String, Tensor>, family: Family) -> Result<()> {
+/// The built-in configs fit SD v1.x's 768-wide, v2.x's 1024-wide and SDXL's 2048-wide
+/// cross-attention only.
+fn check_builtin(tensors: &BTreeMap<String, Tensor>, family: ModelFamily) -> Result<()> {
     let (name, width) = tensors
         .iter()
         .find(|(k, _)| k.starts_with(ldm::UNET_PREFIX) && k.ends_with("attn2.to_k.weight"))
@@ -243,23 +255,25 @@ fn check_builtin(tensors: &BTreeMap<String, Tensor>, family: Family) -> Result<(
             "the U-Net has no cross-attention (no model.diffusion_model.*.attn2.to_k.weight)",
         )?;
     let expected = match family {
-        Family::V1 => 768,
-        Family::V2 => 1024,
+        ModelFamily::Sd1 => 768,
+        ModelFamily::Sd2 => 1024,
+        ModelFamily::Sdxl => 2048,
     };
     ensure!(
         width.get(1) == Some(&expected),
-        "not SD v1.x (CLIP text encoder, cross-attention [*, 768]) or v2.x (OpenCLIP, [*, 1024]): \
-         `{name}` has shape {width:?} with the {family:?} text-encoder layout; pass the model's \
-         diffusers configs with `#config=DIR`"
+        "not {family} ({expected}-wide cross-attention with its text-encoder layout): `{name}` has \
+         shape {width:?}; pass the model's diffusers configs with `#config=DIR`"
     );
     Ok(())
 }
 
-/// The three models' tensors under our (diffusers) names.
+/// The models' tensors under our (diffusers) names.
 pub struct Components {
     pub unet: BTreeMap<String, Tensor>,
     pub vae: BTreeMap<String, Tensor>,
     pub text_encoder: BTreeMap<String, Tensor>,
+    /// SDXL's second text encoder (CLIPTextModelWithProjection).
+    pub text_encoder_2: Option<BTreeMap<String, Tensor>>,
 }
 
 /// Tensors the LDM file carries that no model needs: the diffusion schedule's buffers, the EMA's
@@ -267,7 +281,8 @@ pub struct Components {
 fn ignored(name: &str) -> bool {
     !(name.starts_with(ldm::UNET_PREFIX)
         || name.starts_with(ldm::VAE_PREFIX)
-        || name.starts_with("cond_stage_model."))
+        || name.starts_with("cond_stage_model.")
+        || name.starts_with("conditioner."))
         || name.ends_with("embeddings.position_ids")
         || name.starts_with("first_stage_model.loss.")
 }
@@ -277,7 +292,7 @@ fn ignored(name: &str) -> bool {
 pub fn split(
     mut tensors: BTreeMap<String, Tensor>,
     ema: bool,
-    family: Family,
+    family: ModelFamily,
 ) -> Result<Components> {
     let mut take = |prefix: &str| -> BTreeMap<String, Tensor> {
         let names: Vec<String> = tensors
@@ -296,9 +311,13 @@ pub fn split(
     let mut unet_ldm = take(ldm::UNET_PREFIX);
     let ema_tensors = take("model_ema.");
     let vae_ldm = take(ldm::VAE_PREFIX);
-    let text_ldm = match family {
-        Family::V1 => take(ldm::CLIP_PREFIX),
-        Family::V2 => take(ldm::OPEN_CLIP_PREFIX),
+    let (text_ldm, text_2_ldm) = match family {
+        ModelFamily::Sd1 => (take(ldm::CLIP_PREFIX), None),
+        ModelFamily::Sd2 => (take(ldm::OPEN_CLIP_PREFIX), None),
+        ModelFamily::Sdxl => (
+            take(ldm::SDXL_CLIP_PREFIX),
+            Some(take(ldm::SDXL_OPEN_CLIP_PREFIX)),
+        ),
     };
     if ema {
         ensure!(
@@ -319,35 +338,67 @@ pub fn split(
         }
     }
     if let Some(name) = tensors.keys().find(|k| !ignored(k)) {
-        bail!(
-            "unexpected tensor `{name}` (not part of an SD v1.x/v2.x U-Net, VAE or text encoder)"
-        );
+        bail!("unexpected tensor `{name}` (not part of an {family} U-Net, VAE or text encoder)");
     }
     Ok(Components {
         unet: convert_unet(unet_ldm)?,
         vae: convert_vae(vae_ldm)?,
         text_encoder: match family {
-            Family::V1 => text_ldm
-                .into_iter()
-                .filter(|(k, _)| !ignored_text(k))
-                .map(|(k, t)| (ldm::clip_to_diffusers(&k), t))
-                .collect(),
-            Family::V2 => {
-                let blocks = text_ldm
-                    .keys()
-                    .filter_map(|k| {
-                        k.strip_prefix("transformer.resblocks.")?
-                            .split('.')
-                            .next()?
-                            .parse::<usize>()
-                            .ok()
-                    })
-                    .max()
-                    .map_or(0, |m| m + 1);
+            ModelFamily::Sd1 | ModelFamily::Sdxl => clip_to_diffusers(text_ldm),
+            // SD v2.x uses the penultimate layer's output: diffusers drops the last block.
+            ModelFamily::Sd2 => {
+                let blocks = open_clip_blocks(&text_ldm);
                 ldm::open_clip_to_diffusers(text_ldm, blocks.saturating_sub(1))?
             }
         },
+        text_encoder_2: text_2_ldm.map(open_clip_with_projection).transpose()?,
     })
+}
+
+/// transformers' CLIP names of `cond_stage_model.transformer.…` tensors (or SDXL's first
+/// encoder's), without the position ids older files carry.
+fn clip_to_diffusers(tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .filter(|(k, _)| !ignored_text(k))
+        .map(|(k, t)| (ldm::clip_to_diffusers(&k), t))
+        .collect()
+}
+
+/// The number of residual blocks of an OpenCLIP text tower.
+fn open_clip_blocks(tensors: &BTreeMap<String, Tensor>) -> usize {
+    tensors
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("transformer.resblocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
+/// SDXL's second text encoder: every block of the OpenCLIP tower, and its projection as
+/// CLIPTextModelWithProjection's `text_projection.weight` (the transpose of OpenCLIP's).
+fn open_clip_with_projection(
+    mut tensors: BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let projection = tensors.remove(ldm::OPEN_CLIP_PROJECTION).with_context(|| {
+        format!(
+            "SDXL's second text encoder has no `{}{}`",
+            ldm::SDXL_OPEN_CLIP_PREFIX,
+            ldm::OPEN_CLIP_PROJECTION
+        )
+    })?;
+    let blocks = open_clip_blocks(&tensors);
+    let mut out = ldm::open_clip_to_diffusers(tensors, blocks)?;
+    out.insert(
+        "text_projection.weight".into(),
+        projection.transpose(0, 1).contiguous(),
+    );
+    Ok(out)
 }
 
 fn convert_unet(tensors: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
@@ -392,20 +443,35 @@ const CONFIG_FILES: &[&str] = &[
     "tokenizer/merges.txt",
     "tokenizer/special_tokens_map.json",
     "tokenizer/tokenizer_config.json",
+    "text_encoder_2/config.json",
+    "tokenizer_2/vocab.json",
+    "tokenizer_2/merges.txt",
+    "tokenizer_2/special_tokens_map.json",
+    "tokenizer_2/tokenizer_config.json",
 ];
 
-/// Copies a diffusers folder's configs and tokenizer (not its weights).
-fn copy_configs(dir: &Path, out: &Path) -> Result<()> {
+/// Copies a diffusers folder's configs and tokenizers (not its weights): the second text
+/// encoder's and tokenizer's only for SDXL, which needs them.
+fn copy_configs(dir: &Path, out: &Path, family: ModelFamily) -> Result<()> {
     for file in CONFIG_FILES {
+        let second = file.starts_with("text_encoder_2/") || file.starts_with("tokenizer_2/");
+        if second && !family.has_second_text_encoder() {
+            continue;
+        }
         let from = dir.join(file);
         if !from.is_file() {
-            let optional = file.starts_with("tokenizer/")
+            let optional = file.starts_with("tokenizer")
                 && !file.ends_with("vocab.json")
                 && !file.ends_with("merges.txt");
             ensure!(
                 optional,
-                "the config folder {} has no {file}",
-                dir.display()
+                "the config folder {} has no {file}{}",
+                dir.display(),
+                if second {
+                    " (an SDXL model needs it)"
+                } else {
+                    ""
+                }
             );
             continue;
         }
@@ -416,9 +482,69 @@ fn copy_configs(dir: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The configs of the SD v1.x / v2.x hub models (stable-diffusion-v1-5, stable-diffusion-2-1).
-fn write_builtin_configs(family: Family, prediction: PredictionType, out: &Path) -> Result<()> {
-    let v2 = family == Family::V2;
+/// SDXL base 1.0's configs (presets/configs/sdxl-base, its Euler scheduler included).
+const SDXL_CONFIGS: [(&str, &str); 5] = [
+    (
+        "unet/config.json",
+        include_str!("../../presets/configs/sdxl-base/unet_config.json"),
+    ),
+    (
+        "vae/config.json",
+        include_str!("../../presets/configs/sdxl-base/vae_config.json"),
+    ),
+    (
+        "text_encoder/config.json",
+        include_str!("../../presets/configs/sdxl-base/text_encoder_config.json"),
+    ),
+    (
+        "text_encoder_2/config.json",
+        include_str!("../../presets/configs/sdxl-base/text_encoder_2_config.json"),
+    ),
+    (
+        "scheduler/scheduler_config.json",
+        include_str!("../../presets/configs/sdxl-base/scheduler_config.json"),
+    ),
+];
+
+/// A diffusers `model_index.json` for an SDXL pipeline folder (no watermarker), with the
+/// pipeline's default `force_zeros_for_empty_prompt`.
+fn sdxl_model_index() -> serde_json::Value {
+    json!({
+        "_class_name": "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": true,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]
+    })
+}
+
+/// SDXL base's configs and the shipped tokenizer twice: the second pads with `!`, as
+/// stable-diffusion-xl-base-1.0's `tokenizer_2` does.
+fn write_sdxl_configs(out: &Path) -> Result<()> {
+    for (file, text) in SDXL_CONFIGS {
+        let config: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("built-in SDXL {file}"))?;
+        write_json(&out.join(file), &config)?;
+    }
+    write_tokenizer_folder(&out.join("tokenizer"), Padding::EndOfText)?;
+    write_tokenizer_folder(&out.join("tokenizer_2"), Padding::Exclamation)
+}
+
+/// The configs of the SD v1.x / v2.x hub models (stable-diffusion-v1-5, stable-diffusion-2-1) and
+/// of SDXL base 1.0.
+fn write_builtin_configs(
+    family: ModelFamily,
+    prediction: PredictionType,
+    out: &Path,
+) -> Result<()> {
+    if family == ModelFamily::Sdxl {
+        return write_sdxl_configs(out);
+    }
+    let v2 = family == ModelFamily::Sd2;
     let size = if v2 && prediction == PredictionType::VPrediction {
         96
     } else {
@@ -524,7 +650,7 @@ impl Precision {
     }
 }
 
-/// Writes `files` as one LDM-layout `.safetensors` (U-Net, VAE, text encoder), with `unet`
+/// Writes `files` as one LDM-layout `.safetensors` (U-Net, VAE, text encoders), with `unet`
 /// replacing the folder's U-Net weights when given (a merged fine-tune).
 pub fn write_single_file(
     files: &ModelFiles,
@@ -537,20 +663,12 @@ pub fn write_single_file(
         "{}: single files are written as .safetensors (difftune never writes pickles)",
         out.display()
     );
-    let read = |paths: &[PathBuf]| -> Result<BTreeMap<String, Tensor>> {
-        let mut all = BTreeMap::new();
-        for p in paths {
-            all.extend(read_all(p)?);
-        }
-        Ok(all)
-    };
     let unet = match unet {
         Some(u) => u,
-        None => read(&files.unet.weights)?,
+        None => read_weights(&files.unet.weights)?,
     };
     let unet_config = UNetConfig::from_file(&files.unet.config)?;
     let vae_config = VaeConfig::from_file(&files.vae.config)?;
-    let text_config = ClipTextConfig::from_file(&files.text_encoder.config)?;
     let mut ldm_tensors: Vec<(String, Tensor)> = Vec::new();
     let unet_map = UnetLayout::from_config(&unet_config).names();
     for (name, t) in &unet {
@@ -560,7 +678,7 @@ pub fn write_single_file(
         ldm_tensors.push((format!("{}{ldm_name}", ldm::UNET_PREFIX), t.shallow_clone()));
     }
     let vae_map = VaeLayout::from_config(&vae_config).names();
-    for (name, t) in read(&files.vae.weights)? {
+    for (name, t) in read_weights(&files.vae.weights)? {
         let name = super::vae::legacy_attention_key(&name);
         let ldm_name = vae_map
             .to_ldm(&name)
@@ -572,19 +690,8 @@ pub fn write_single_file(
         };
         ldm_tensors.push((format!("{}{ldm_name}", ldm::VAE_PREFIX), t));
     }
-    let text: BTreeMap<String, Tensor> = read(&files.text_encoder.weights)?
-        .into_iter()
-        .map(|(k, t)| (ldm::clip_to_diffusers(&k), t))
-        .filter(|(k, _)| !ignored_text(k))
-        .collect();
-    if text_config.hidden_act == "gelu" && text_config.hidden_size == 1024 {
-        for (name, t) in ldm::diffusers_to_open_clip(&text)? {
-            ldm_tensors.push((format!("{}{name}", ldm::OPEN_CLIP_PREFIX), t));
-        }
-    } else {
-        for (name, t) in text {
-            ldm_tensors.push((format!("{}{name}", ldm::CLIP_PREFIX), t));
-        }
+    for (name, t) in text_encoder_tensors(files)? {
+        ldm_tensors.push((name, t));
     }
     // Converted to the chosen precision a piece at a time as they are written.
     write_safetensors(
@@ -598,4 +705,70 @@ pub fn write_single_file(
 
 fn ignored_text(name: &str) -> bool {
     name.ends_with("embeddings.position_ids")
+}
+
+/// Every tensor of `files`' weight files.
+fn read_weights(paths: &[PathBuf]) -> Result<BTreeMap<String, Tensor>> {
+    let mut all = BTreeMap::new();
+    for p in paths {
+        all.extend(read_all(p)?);
+    }
+    Ok(all)
+}
+
+/// The text encoders' tensors under their LDM names, for the family's layout.
+fn text_encoder_tensors(files: &ModelFiles) -> Result<Vec<(String, Tensor)>> {
+    let family = files.family()?;
+    let text = clip_to_diffusers(read_weights(&files.text_encoder.weights)?);
+    let prefixed = |prefix: &str, tensors: BTreeMap<String, Tensor>| {
+        tensors
+            .into_iter()
+            .map(|(name, t)| (format!("{prefix}{name}"), t))
+            .collect::<Vec<_>>()
+    };
+    Ok(match family {
+        ModelFamily::Sd1 => prefixed(ldm::CLIP_PREFIX, text),
+        ModelFamily::Sd2 => prefixed(ldm::OPEN_CLIP_PREFIX, ldm::diffusers_to_open_clip(&text)?),
+        ModelFamily::Sdxl => {
+            let second = files.text_encoder_2.as_ref().expect("family checks it");
+            let mut tensors = read_weights(&second.encoder.weights)?;
+            let projection = tensors
+                .remove("text_projection.weight")
+                .context("SDXL's second text encoder has no text_projection.weight")?;
+            let mut open_clip = ldm::diffusers_to_open_clip(&clip_to_diffusers(tensors))?;
+            open_clip.insert(
+                ldm::OPEN_CLIP_PROJECTION.into(),
+                projection.transpose(0, 1).contiguous(),
+            );
+            let mut all = prefixed(ldm::SDXL_CLIP_PREFIX, text);
+            all.extend(prefixed(ldm::SDXL_OPEN_CLIP_PREFIX, open_clip));
+            all
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::clip::ClipTextConfig;
+    use crate::model::tokenizer::ClipTokenizer;
+
+    #[test]
+    fn builtin_sdxl_configs_are_sdxl_base() {
+        let dir = tempfile::tempdir().unwrap();
+        write_builtin_configs(ModelFamily::Sdxl, PredictionType::Epsilon, dir.path()).unwrap();
+        let unet = UNetConfig::from_file(&dir.path().join("unet/config.json")).unwrap();
+        let text = ClipTextConfig::from_file(&dir.path().join("text_encoder/config.json")).unwrap();
+        assert_eq!(
+            ModelFamily::of_configs(&unet, &text).unwrap(),
+            ModelFamily::Sdxl
+        );
+        assert_eq!(unet.transformer_block_widths().len(), 70);
+        let second =
+            ClipTextConfig::from_file(&dir.path().join("text_encoder_2/config.json")).unwrap();
+        assert_eq!(second.projection_dim, Some(1280));
+        let tokenizer = ClipTokenizer::from_dir(&dir.path().join("tokenizer")).unwrap();
+        let tokenizer_2 = ClipTokenizer::from_dir(&dir.path().join("tokenizer_2")).unwrap();
+        assert_eq!((tokenizer.pad_id(), tokenizer_2.pad_id()), (49_407, 0));
+    }
 }

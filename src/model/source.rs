@@ -3,7 +3,7 @@
 //! the hf-hub cache (`HF_HOME`; `HF_HUB_OFFLINE=1` uses the cache only), `owner/name@revision`
 //! for a branch, tag or commit other than `main`, or a single-file checkpoint (see
 //! [`super::single_file`]), read through its converted folder.
-use super::files::ComponentFiles;
+use super::files::{ComponentFiles, TextEncoderFiles};
 // What a source resolves to lives in `files`, below both this module and `single_file` (which
 // this module calls to convert single files, and which writes models from their files).
 pub use super::files::{fingerprint, ModelFiles};
@@ -159,19 +159,31 @@ impl ModelFiles {
                 weights: weight_files(src, dir, stem, variant)?,
             })
         };
-        let tokenizer_vocab = need("tokenizer/vocab.json")?;
-        need("tokenizer/merges.txt")?;
-        Ok(Self {
+        let tokenizer = |dir: &str| -> Result<PathBuf> {
+            let vocab = need(&format!("{dir}/vocab.json"))?;
+            need(&format!("{dir}/merges.txt"))?;
+            Ok(vocab.parent().expect("file has a parent").to_path_buf())
+        };
+        // SDXL's second text encoder; `family` checks that it is there exactly for SDXL.
+        let text_encoder_2 = match src.get("text_encoder_2/config.json")? {
+            Some(_) => Some(TextEncoderFiles {
+                encoder: component("text_encoder_2", "model")?,
+                tokenizer_dir: tokenizer("tokenizer_2")?,
+            }),
+            None => None,
+        };
+        let files = Self {
             spec: spec.to_string(),
             unet: component("unet", "diffusion_pytorch_model")?,
             vae: component("vae", "diffusion_pytorch_model")?,
             text_encoder: component("text_encoder", "model")?,
-            tokenizer_dir: tokenizer_vocab
-                .parent()
-                .expect("file has a parent")
-                .to_path_buf(),
+            tokenizer_dir: tokenizer("tokenizer")?,
+            text_encoder_2,
             scheduler_config: need("scheduler/scheduler_config.json")?,
-        })
+            model_index: src.get("model_index.json")?,
+        };
+        files.family()?;
+        Ok(files)
     }
 }
 

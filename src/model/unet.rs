@@ -1,5 +1,7 @@
-//! diffusers' UNet2DConditionModel for the SD 1.x / 2.x family, configured from its `config.json`.
+//! diffusers' UNet2DConditionModel for the SD 1.x / 2.x and SDXL families, configured from its
+//! `config.json`.
 use super::checkpoint::Scope;
+use super::conditioning::TextConditioning;
 use super::layers::{Conv2d, GroupNorm, Linear};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerConfig};
@@ -82,8 +84,9 @@ impl BlockKind {
     }
 }
 
-/// The fields of a diffusers `unet/config.json` that the SD 1.x/2.x architecture uses. Options that
-/// select architectures we do not implement are read so they can be refused with a clear error.
+/// The fields of a diffusers `unet/config.json` that the SD 1.x/2.x and SDXL architectures use.
+/// Options that select architectures we do not implement are read so they can be refused with a
+/// clear error.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UNetConfig {
     pub in_channels: i64,
@@ -124,6 +127,12 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL: the width each size/crop number is embedded at (`text_time`).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    /// SDXL: the width of the added embedding's input, pooled text plus embedded time ids.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
     #[serde(default)]
     pub resnet_time_scale_shift: Option<String>,
     #[serde(default)]
@@ -155,9 +164,7 @@ impl UNetConfig {
         if let Some(t) = &self.class_embed_type {
             bail!("class_embed_type `{t}` is not supported");
         }
-        if let Some(t) = &self.addition_embed_type {
-            bail!("addition_embed_type `{t}` is not supported (SDXL-style U-Nets are not)");
-        }
+        self.added_embedding()?;
         if !matches!(
             self.resnet_time_scale_shift.as_deref(),
             None | Some("default")
@@ -200,6 +207,33 @@ impl UNetConfig {
             .as_ref()
             .unwrap_or(&self.attention_head_dim)
             .expand("attention_head_dim", n)
+    }
+
+    /// The added embedding of `addition_embed_type`, if any.
+    pub fn added_embedding(&self) -> Result<Option<AddedEmbedding>> {
+        match self.addition_embed_type.as_deref() {
+            None => Ok(None),
+            Some("text_time") => {
+                let (Some(time_dim), Some(input_dim)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    bail!("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim");
+                };
+                if time_dim <= 0 || time_dim % 2 != 0 || input_dim <= TIME_IDS * time_dim {
+                    bail!(
+                        "text_time embedding: addition_time_embed_dim {time_dim} must be even and positive, and projection_class_embeddings_input_dim {input_dim} larger than {TIME_IDS} of them (the pooled text embedding takes the rest)"
+                    );
+                }
+                Ok(Some(AddedEmbedding::TextTime {
+                    time_dim,
+                    input_dim,
+                }))
+            }
+            Some(other) => bail!(
+                "addition_embed_type `{other}` is not supported (supported: text_time, as SDXL)"
+            ),
+        }
     }
 
     /// What each down block is, from `down_block_types`.
@@ -260,6 +294,56 @@ impl UNetConfig {
     }
 }
 
+/// The size and crop numbers of SDXL's added conditions (diffusers' `add_time_ids`).
+pub const TIME_IDS: i64 = 6;
+
+/// An embedding added to the timestep embedding (diffusers' `addition_embed_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddedEmbedding {
+    /// SDXL's: the pooled text embedding and [`TIME_IDS`] numbers, each embedded sinusoidally at
+    /// `time_dim`, concatenated (`input_dim` wide) into a [`TimestepEmbedding`] MLP.
+    TextTime { time_dim: i64, input_dim: i64 },
+}
+
+impl AddedEmbedding {
+    /// The width of the pooled text embedding it takes.
+    pub fn text_embeds_dim(self) -> i64 {
+        match self {
+            AddedEmbedding::TextTime {
+                time_dim,
+                input_dim,
+            } => input_dim - TIME_IDS * time_dim,
+        }
+    }
+}
+
+/// diffusers' `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`.
+#[derive(Debug)]
+pub struct TimestepEmbedding {
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vs: nn::Path, input_dim: i64, dim: i64) -> Self {
+        Self {
+            linear_1: Linear::new(&vs / "linear_1", input_dim, dim, true),
+            linear_2: Linear::new(&vs / "linear_2", dim, dim, true),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.linear_2.forward(&self.linear_1.forward(x).silu())
+    }
+}
+
+impl VisitModules for TimestepEmbedding {
+    fn visit_modules(&mut self, f: &mut dyn FnMut(ModuleMut<'_>)) {
+        self.linear_1.visit_modules(f);
+        self.linear_2.visit_modules(f);
+    }
+}
+
 /// CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without).
 #[derive(Debug)]
 pub struct DownBlock {
@@ -286,8 +370,9 @@ pub struct MidBlock {
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     pub conv_in: Conv2d,
-    pub time_linear_1: Linear,
-    pub time_linear_2: Linear,
+    pub time_embedding: TimestepEmbedding,
+    /// SDXL's `add_embedding`, with what it takes.
+    pub add_embedding: Option<(AddedEmbedding, TimestepEmbedding)>,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: MidBlock,
     pub up_blocks: Vec<UpBlock>,
@@ -425,8 +510,12 @@ impl UNet2DConditionModel {
         let temb = blocks.temb;
         // Built in diffusers' order: with random initialisation the order fixes the weights.
         let conv_in = Conv2d::new(&vs / "conv_in", c.in_channels, ch0, 3, 1, 1);
-        let time_linear_1 = Linear::new(&vs / "time_embedding" / "linear_1", ch0, temb, true);
-        let time_linear_2 = Linear::new(&vs / "time_embedding" / "linear_2", temb, temb, true);
+        let time_embedding = TimestepEmbedding::new(&vs / "time_embedding", ch0, temb);
+        let add_embedding = c.added_embedding()?.map(|added| {
+            let AddedEmbedding::TextTime { input_dim, .. } = added;
+            let mlp = TimestepEmbedding::new(&vs / "add_embedding", input_dim, temb);
+            (added, mlp)
+        });
         let mut down_blocks = Vec::new();
         let mut out_ch = ch0;
         for (i, kind) in c.down_block_kinds()?.into_iter().enumerate() {
@@ -443,8 +532,8 @@ impl UNet2DConditionModel {
         Ok(Self {
             config: config.clone(),
             conv_in,
-            time_linear_1,
-            time_linear_2,
+            time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -459,14 +548,14 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// Sinusoidal timestep features as diffusers' `Timesteps` computes them.
-    fn timestep_features(&self, timesteps: &Tensor) -> Tensor {
-        let dim = self.config.block_out_channels[0];
+    /// Sinusoidal features of `values` `[n]` at width `dim`, as diffusers' `Timesteps` computes
+    /// them: `[n, dim]` f32.
+    fn sinusoidal_features(&self, values: &Tensor, dim: i64) -> Tensor {
         let half = dim / 2;
         let shift = self.config.freq_shift as f64;
-        let exponent = Tensor::arange(half, (Kind::Float, timesteps.device()))
+        let exponent = Tensor::arange(half, (Kind::Float, values.device()))
             * (-(10000f64).ln() / (half as f64 - shift));
-        let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
+        let args = values.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
         let (sin, cos) = (args.sin(), args.cos());
         if self.config.flip_sin_to_cos {
             Tensor::cat(&[cos, sin], -1)
@@ -476,9 +565,45 @@ impl UNet2DConditionModel {
     }
 
     /// Predicts noise (or v) for `sample` `[b, in_ch, h, w]` at `timesteps` (a scalar or `[b]`),
-    /// conditioned on `context` `[b, seq, cross_attention_dim]`.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
-        self.forward_in(None, sample, timesteps, context)
+    /// conditioned on `conditioning`: a [`TextConditioning`], or for SD 1.x/2.x U-Nets the context
+    /// `[b, seq, cross_attention_dim]` alone.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        conditioning: impl Into<TextConditioning>,
+    ) -> Tensor {
+        self.forward_in(None, sample, timesteps, conditioning)
+    }
+
+    /// The timestep embedding, plus the added embedding of SDXL's conditions: `[b, temb]`.
+    fn embedding(&self, timesteps: &Tensor, conditioning: &TextConditioning, kind: Kind) -> Tensor {
+        let t_feat = self
+            .sinusoidal_features(timesteps, self.config.block_out_channels[0])
+            .to_kind(kind);
+        let temb = self.time_embedding.forward(&t_feat);
+        match (&self.add_embedding, &conditioning.added) {
+            (None, None) => temb,
+            (Some((added, mlp)), Some(conditions)) => {
+                let AddedEmbedding::TextTime { time_dim, .. } = *added;
+                let batch = conditions.text_embeds.size()[0];
+                let time_embeds = self
+                    .sinusoidal_features(&conditions.time_ids.flatten(0, -1), time_dim)
+                    .reshape([batch, -1]);
+                let kind = temb.kind();
+                let input = Tensor::cat(
+                    &[conditions.text_embeds.to_kind(kind), time_embeds.to_kind(kind)],
+                    -1,
+                );
+                temb + mlp.forward(&input)
+            }
+            (Some(_), None) => panic!(
+                "this U-Net has a text_time added embedding (SDXL): its conditioning needs the pooled text embedding and the time ids"
+            ),
+            (None, Some(_)) => panic!(
+                "added conditions (pooled text embedding, time ids) given to a U-Net without an added embedding"
+            ),
+        }
     }
 
     /// [`UNet2DConditionModel::forward`]; with `gradient_checkpointing` set, every resnet and
@@ -488,8 +613,10 @@ impl UNet2DConditionModel {
         scope: Option<&Scope<'_, 'env>>,
         sample: &Tensor,
         timesteps: &Tensor,
-        context: &Tensor,
+        conditioning: impl Into<TextConditioning>,
     ) -> Tensor {
+        let conditioning = conditioning.into();
+        let context = &conditioning.context;
         let scope = scope.filter(|_| self.gradient_checkpointing);
         let batch = sample.size()[0];
         let timesteps = if timesteps.dim() == 0 {
@@ -497,10 +624,7 @@ impl UNet2DConditionModel {
         } else {
             timesteps.shallow_clone()
         };
-        let t_feat = self.timestep_features(&timesteps).to_kind(sample.kind());
-        let temb = self
-            .time_linear_2
-            .forward(&self.time_linear_1.forward(&t_feat).silu());
+        let temb = self.embedding(&timesteps, &conditioning, sample.kind());
 
         let sample = if self.config.center_input_sample {
             sample * 2.0 - 1.0
@@ -559,8 +683,10 @@ impl UNet2DConditionModel {
 impl VisitModules for UNet2DConditionModel {
     fn visit_modules(&mut self, f: &mut dyn FnMut(ModuleMut<'_>)) {
         self.conv_in.visit_modules(f);
-        self.time_linear_1.visit_modules(f);
-        self.time_linear_2.visit_modules(f);
+        self.time_embedding.visit_modules(f);
+        if let Some((_, mlp)) = &mut self.add_embedding {
+            mlp.visit_modules(f);
+        }
         for b in &mut self.down_blocks {
             for j in 0..b.resnets.len() {
                 b.resnets[j].visit_modules(f);

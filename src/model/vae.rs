@@ -45,8 +45,8 @@ fn default_true() -> bool {
     true
 }
 
-/// The fields of a diffusers `vae/config.json`, with diffusers' defaults. `force_upcast` and
-/// `sample_size` only matter to diffusers' pipelines and tiling, so they are not read.
+/// The fields of a diffusers `vae/config.json`, with diffusers' defaults. `sample_size` only
+/// matters to diffusers' tiling, so it is not read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VaeConfig {
     #[serde(default = "default_three")]
@@ -83,6 +83,10 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
+    /// The VAE overflows in float16 (SD v1.x's and SDXL's do): pipelines running in float16 keep
+    /// it in float32, as diffusers' `needs_upcasting` does.
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -152,6 +156,16 @@ impl VaeConfig {
             );
         }
         Ok(())
+    }
+
+    /// The precision a pipeline running in `kind` keeps this VAE in: f32 under float16 when the
+    /// config forces the upcast (diffusers' `needs_upcasting`), else `kind`.
+    pub fn pipeline_kind(&self, kind: tch::Kind) -> tch::Kind {
+        if kind == tch::Kind::Half && self.force_upcast {
+            tch::Kind::Float
+        } else {
+            kind
+        }
     }
 
     fn resnet(&self, in_channels: i64, out_channels: i64) -> ResnetConfig {
@@ -439,9 +453,10 @@ impl AutoencoderKL {
         self.encode(images).mean * self.config.scaling_factor
     }
 
-    /// Decodes latents from the U-Net's (scaled) latent space.
+    /// Decodes latents from the U-Net's (scaled) latent space, in the VAE's own precision.
     pub fn decode_scaled(&self, latents: &Tensor) -> Tensor {
-        self.decode(&(latents / self.config.scaling_factor))
+        let kind = self.decoder.conv_in.weight.kind();
+        self.decode(&(latents / self.config.scaling_factor).to_kind(kind))
     }
 }
 

@@ -6,145 +6,35 @@
 //!   alpha from diffusers' `lora_adapter_metadata` header or `<path>.alpha` scalars if present, else
 //!   alpha = rank (scale 1); on export the scale is folded into B so every diffusers version loads it;
 //! - kohya (sd-scripts, A1111, ComfyUI): `lora_unet_<path with . replaced by _>.lora_down.weight`
-//!   (A), `.lora_up.weight` (B) and `.alpha` (a scalar), in the diffusers layout of the SD 1.x U-Net.
-//!   The `_`-joined names are mapped back through the U-Net's own layer names. DoRA has no kohya
-//!   form here.
+//!   (A), `.lora_up.weight` (B) and `.alpha` (a scalar). The path is the layer's as sd-scripts
+//!   names it: in the diffusers layout for SD 1.x/2.x (sd-scripts trains those on diffusers'
+//!   U-Net: `lora_unet_down_blocks_0_attentions_0_...`), in the LDM layout for SDXL (sd-scripts
+//!   trains SDXL on Stability's U-Net: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q`).
+//!   A1111, ComfyUI and diffusers read both layouts for every family, and so does difftune: the
+//!   `_`-joined names are mapped back through the U-Net's own layer names and their LDM names.
+//!   DoRA has no kohya form here.
 //!
-//! Which formats an adapter can be written in is the method's to say ([`TuningMethod::exports`]);
-//! [`export`] refuses the others, naming the ones it can go to.
+//! The LoRA writers here are registered with LoRA in [`super::METHODS`]; [`super::export`] writes
+//! an adapter with them (and refuses the formats a method cannot go to).
 //!
-//! Text-encoder LoRA weights are refused rather than dropped: difftune adapts only the U-Net, and
-//! ignoring part of a LoRA would silently give another model.
+//! Text-encoder LoRA weights (kohya's `lora_te_`, `lora_te1_`, `lora_te2_`; diffusers'
+//! `text_encoder.`, `text_encoder_2.`) are refused rather than dropped: difftune adapts only the
+//! U-Net, and ignoring part of a LoRA would silently give another model.
+use super::export::{kohya_names, KohyaLayout, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS};
 use super::file::{sidecar_path, AdapterFile, AdapterMeta, FORMAT};
 use super::lora::{lora_a_name, lora_b_name, magnitude_name, Lora};
 use super::pattern::no_match_error;
 use super::{Identity, Registered, Tuned, TuningMethod};
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::weights::{read_all, read_metadata, save_tensors};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{nn, Kind, Tensor};
 
-/// Other tools' adapter file formats, and the tools that load each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdapterFormat {
-    /// sd-scripts' LoRA file: ComfyUI's and A1111's LoRA loaders.
-    Kohya,
-    /// diffusers' `pytorch_lora_weights.safetensors`: `pipe.load_lora_weights(FOLDER)`.
-    Diffusers,
-    /// A peft adapter folder: `PeftModel.from_pretrained(unet, FOLDER)`.
-    Peft,
-}
-
-impl AdapterFormat {
-    pub const ALL: [Self; 3] = [Self::Kohya, Self::Diffusers, Self::Peft];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Kohya => "kohya",
-            Self::Diffusers => "diffusers",
-            Self::Peft => "peft",
-        }
-    }
-
-    /// Whether it is written as one file (a `.safetensors`) rather than a folder.
-    pub fn is_file(self) -> bool {
-        self == Self::Kohya
-    }
-
-    /// Where a run writes it beside its adapter file `adapter` (`OUT/adapter.safetensors`):
-    /// `OUT/adapter-kohya.safetensors`, `OUT/adapter-diffusers/`, `OUT/adapter-peft/`.
-    pub fn beside(self, adapter: &Path) -> PathBuf {
-        let stem = adapter.file_stem().unwrap_or_default().to_string_lossy();
-        let name = match self.is_file() {
-            true => format!("{stem}-{}.safetensors", self.name()),
-            false => format!("{stem}-{}", self.name()),
-        };
-        adapter.with_file_name(name)
-    }
-}
-
-impl std::str::FromStr for AdapterFormat {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|f| f.name() == name)
-            .ok_or_else(|| format!("unknown adapter format `{name}` (kohya, diffusers or peft)"))
-    }
-}
-
-impl std::fmt::Display for AdapterFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Writes an adapter in one format at a path (a file or a folder, as the format is).
-pub type ExportFn = fn(&AdapterFile, &Path) -> Result<()>;
-
-/// The formats `method`, with its settings, can be written in.
-pub fn export_formats(method: &dyn TuningMethod) -> Vec<AdapterFormat> {
-    method.exports().into_iter().map(|(f, _)| f).collect()
-}
-
-/// Refuses a format `method` cannot be written in, naming those it can go to.
-pub fn check_exports(method: &dyn TuningMethod, formats: &[AdapterFormat]) -> Result<()> {
-    let can = export_formats(method);
-    if let Some(format) = formats.iter().find(|f| !can.contains(f)) {
-        let names: Vec<&str> = can.iter().map(|f| f.name()).collect();
-        let to = match names.is_empty() {
-            true => "none of them: keep difftune's adapter file (difftune sample --adapter), or bake it into \
-                     the U-Net with difftune merge where the method allows"
-                .to_string(),
-            false => names.join(", "),
-        };
-        bail!(
-            "a `{}` adapter with these settings ({}) cannot be written as {format}; the formats it can go to: {to}",
-            method.name(),
-            method.settings()
-        );
-    }
-    Ok(())
-}
-
-/// Writes the difftune adapter `adapter` in `format` at `out` (a `.safetensors` file for kohya,
-/// a folder for diffusers and peft), after checking that its method can go to that format.
-pub fn export(adapter: &AdapterFile, format: AdapterFormat, out: &Path) -> Result<()> {
-    let method = adapter.method()?;
-    check_exports(method.as_ref(), &[format])?;
-    let (_, write) = method
-        .exports()
-        .into_iter()
-        .find(|(f, _)| *f == format)
-        .expect("checked above");
-    let written = match format.is_file() {
-        true if out.extension().is_none_or(|e| e != "safetensors") => Err(anyhow::anyhow!(
-            "a {format} adapter is one file: name it NAME.safetensors"
-        )),
-        true => write(adapter, out),
-        // A folder is written whole or not at all: beside it, then swapped into place.
-        false => write_folder(out, |dir| write(adapter, dir)),
-    };
-    written.with_context(|| {
-        format!(
-            "exporting the `{}` adapter as {format} to {}",
-            adapter.meta.method,
-            out.display()
-        )
-    })
-}
-
-const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
-const PEFT_CONFIG: &str = "adapter_config.json";
-const PEFT_PREFIX: &str = "base_model.model.";
 const DIFFUSERS_WEIGHTS: &str = "pytorch_lora_weights.safetensors";
 const DIFFUSERS_PREFIX: &str = "unet.";
-const KOHYA_PREFIX: &str = "lora_unet_";
 
 /// One adapted layer, format-neutral.
 #[derive(Debug)]
@@ -288,35 +178,31 @@ fn adapter_of(layers: Vec<LoraLayer>, source: &Path) -> Result<AdapterFile> {
     })
 }
 
-/// Writes the folder `out` with `write` into a temp folder beside it, then puts it in place of
-/// whatever folder is at `out` in one step ([`crate::util::fs::replace_dir`]).
-fn write_folder(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let temp = tempfile::Builder::new()
-        .prefix(crate::util::fs::TEMP_FILE_PREFIX)
-        .tempdir_in(parent)
-        .with_context(|| format!("creating a temp folder in {}", parent.display()))?;
-    write(temp.path())?;
-    crate::util::fs::replace_dir(&temp.keep(), out)
-}
-
-/// A LoRA adapter as a peft adapter folder ([`Lora`]'s [`ExportFn`] for peft).
-pub(crate) fn write_lora_peft(adapter: &AdapterFile, dir: &Path) -> Result<()> {
+/// A LoRA adapter as a peft adapter folder (the writer [`super::METHODS`] registers for LoRA).
+pub(crate) fn write_lora_peft(
+    adapter: &AdapterFile,
+    _: Option<&UNetConfig>,
+    dir: &Path,
+) -> Result<()> {
     export_peft(&layers_of(adapter)?, dir)
 }
 
 /// A LoRA adapter as a diffusers LoRA folder.
-pub(crate) fn write_lora_diffusers(adapter: &AdapterFile, dir: &Path) -> Result<()> {
+pub(crate) fn write_lora_diffusers(
+    adapter: &AdapterFile,
+    _: Option<&UNetConfig>,
+    dir: &Path,
+) -> Result<()> {
     export_diffusers(&layers_of(adapter)?, dir)
 }
 
-/// A LoRA adapter as a kohya LoRA file.
-pub(crate) fn write_lora_kohya(adapter: &AdapterFile, file: &Path) -> Result<()> {
-    export_kohya(&layers_of(adapter)?, file)
+/// A LoRA adapter as a kohya LoRA file, named as sd-scripts names the layers of `unet`.
+pub(crate) fn write_lora_kohya(
+    adapter: &AdapterFile,
+    unet: Option<&UNetConfig>,
+    file: &Path,
+) -> Result<()> {
+    export_kohya(&layers_of(adapter)?, &KohyaLayout::written_for(unet)?, file)
 }
 
 /// A JSON number, integral when the value is (peft declares `lora_alpha` an int).
@@ -410,17 +296,13 @@ fn export_diffusers(layers: &[LoraLayer], dir: &Path) -> Result<()> {
     )
 }
 
-fn kohya_name(path: &str) -> String {
-    format!("{KOHYA_PREFIX}{}", path.replace('.', "_"))
-}
-
-fn export_kohya(layers: &[LoraLayer], file: &Path) -> Result<()> {
+fn export_kohya(layers: &[LoraLayer], layout: &KohyaLayout, file: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for l in layers {
         if l.magnitude.is_some() {
             bail!("DoRA adapters have no kohya form here; export them as peft or diffusers");
         }
-        let stem = kohya_name(&l.path);
+        let stem = layout.name(&l.path)?;
         tensors.push((format!("{stem}.lora_down.weight"), l.a.shallow_clone()));
         tensors.push((format!("{stem}.lora_up.weight"), l.b.shallow_clone()));
         tensors.push((
@@ -569,6 +451,9 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 fn import_peft(dir: &Path) -> Result<AdapterFile> {
+    if let Some(adapter) = super::lycoris::import_peft(dir)? {
+        return Ok(adapter);
+    }
     let config_path = dir.join(PEFT_CONFIG);
     let config: PeftConfig = crate::util::fs::read_json(&config_path).context("peft config")?;
     config
@@ -630,10 +515,11 @@ fn import_diffusers(file: &Path) -> Result<AdapterFile> {
         file,
         |stem| match stem.strip_prefix(DIFFUSERS_PREFIX) {
             Some(path) => Ok(Some(path.to_string())),
-            None if stem.starts_with("text_encoder") => {
+            None if text_encoder_of(stem).is_some() => {
                 bail!(
-                    "{} has text-encoder LoRA weights (`{stem}`); difftune adapts only the U-Net",
-                    file.display()
+                    "{} has LoRA weights for {} (`{stem}`); difftune adapts only the U-Net",
+                    file.display(),
+                    text_encoder_of(stem).expect("matched")
                 )
             }
             None => bail!(
@@ -651,19 +537,22 @@ fn import_diffusers(file: &Path) -> Result<AdapterFile> {
     adapter_of(layers, file)
 }
 
+/// Which text encoder a kohya or diffusers LoRA key adapts, if it adapts one.
+fn text_encoder_of(stem: &str) -> Option<&'static str> {
+    [
+        ("lora_te1_", "the first text encoder"),
+        ("lora_te2_", "the second text encoder"),
+        ("lora_te_", "the text encoder"),
+        ("text_encoder_2.", "the second text encoder"),
+        ("text_encoder.", "the text encoder"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| stem.starts_with(prefix))
+    .map(|(_, which)| which)
+}
+
 fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
-    let layer_names: Vec<String> = unet_vs
-        .variables()
-        .keys()
-        .filter_map(|n| n.strip_suffix(".weight"))
-        .map(str::to_string)
-        .collect();
-    let mut by_kohya: HashMap<String, String> = HashMap::new();
-    for path in &layer_names {
-        if let Some(other) = by_kohya.insert(kohya_name(path), path.clone()) {
-            bail!("layers `{other}` and `{path}` have the same kohya name");
-        }
-    }
+    let by_kohya = kohya_names(unet_vs)?;
     let kohya_names: Vec<String> = by_kohya.keys().cloned().collect();
     let parts = [
         (".lora_down.weight", 0),
@@ -675,9 +564,9 @@ fn import_kohya(file: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> {
         read_all(file)?,
         file,
         |stem| {
-            if stem.starts_with("lora_te") {
+            if let Some(which) = text_encoder_of(stem) {
                 bail!(
-                    "{} has text-encoder LoRA weights (`{stem}`); difftune adapts only the U-Net",
+                    "{} has LoRA weights for {which} (`{stem}`); difftune adapts only the U-Net",
                     file.display()
                 );
             }
@@ -752,6 +641,9 @@ pub fn read_adapter(path: &Path, unet_vs: &nn::VarStore) -> Result<AdapterFile> 
         .iter()
         .any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te"))
     {
+        if super::lycoris::is_lycoris(&names) {
+            return super::lycoris::import_kohya(path, unet_vs);
+        }
         return import_kohya(path, unet_vs);
     }
     if names

@@ -7,12 +7,12 @@
 //! convolution. DoRA re-derives the weight as `m * (W + s B A) / ||W + s B A||` (norm per output
 //! channel, treated as a constant in the backward pass as peft does), with the magnitude `m`
 //! initialised to `||W||` so it also starts from the base model.
-use super::formats::{self, AdapterFormat, ExportFn};
-use super::pattern::{glob_matches, no_match_error};
+use super::export::AdapterFormat;
+use super::targets::{check_patterns_apply, pattern_value, select_layers, validate_ranked};
 use super::{check_tensor_shapes, fill_slot, install_by_path, nested, Registered, TuningMethod};
 use crate::model::layers::{Conv2d, Conv2dExtension, Linear, LinearExtension};
 use crate::model::unet::UNet2DConditionModel;
-use crate::model::visit::{ModuleMut, VisitModules};
+use crate::model::visit::ModuleMut;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -191,84 +191,35 @@ impl Conv2dExtension for LoraConv2d {
 impl Lora {
     /// The rank of the layer at `path`.
     pub fn rank_for(&self, path: &str) -> Result<i64> {
-        let ranks: Vec<(&String, i64)> = self
-            .rank_pattern
-            .iter()
-            .filter(|(glob, _)| glob_matches(glob, path))
-            .map(|(g, &r)| (g, r))
-            .collect();
-        match ranks.as_slice() {
-            [] => Ok(self.rank),
-            [(_, rank), rest @ ..] if rest.iter().all(|(_, r)| r == rank) => Ok(*rank),
-            _ => bail!(
-                "layer `{path}` matches rank_pattern entries with different ranks: {}",
-                ranks
-                    .iter()
-                    .map(|(g, r)| format!("`{g}` = {r}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
+        pattern_value(&self.rank_pattern, path, self.rank, "rank_pattern")
     }
 
     /// The alpha of the layer at `path`, whose rank is `rank`.
     pub fn alpha_for(&self, path: &str, rank: i64) -> Result<f64> {
-        let alphas: Vec<(&String, f64)> = self
-            .alpha_pattern
-            .iter()
-            .filter(|(glob, _)| glob_matches(glob, path))
-            .map(|(g, &a)| (g, a))
-            .collect();
-        match alphas.as_slice() {
-            [] => Ok(self.alpha.unwrap_or(rank as f64)),
-            [(_, alpha), rest @ ..] if rest.iter().all(|(_, a)| a == alpha) => Ok(*alpha),
-            _ => bail!(
-                "layer `{path}` matches alpha_pattern entries with different alphas: {}",
-                alphas
-                    .iter()
-                    .map(|(g, a)| format!("`{g}` = {a}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
+        let default = self.alpha.unwrap_or(rank as f64);
+        pattern_value(&self.alpha_pattern, path, default, "alpha_pattern")
     }
 
     /// Resolves the targets against the U-Net's Linear and Conv2d layers, in model order.
     fn targets(&self, unet: &mut UNet2DConditionModel) -> Result<Vec<Target>> {
-        let mut layers: Vec<(String, Tensor)> = Vec::new();
-        unet.visit_modules(&mut |m| match m {
-            ModuleMut::Linear(l) => layers.push((l.path.clone(), l.weight.shallow_clone())),
-            ModuleMut::Conv2d(c) => layers.push((c.path.clone(), c.weight.shallow_clone())),
-            _ => {}
-        });
-        let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
-        for glob in &self.targets {
-            if !paths.iter().any(|p| glob_matches(glob, p)) {
-                return Err(no_match_error("LoRA target", glob, &paths));
-            }
-        }
+        let layers = select_layers(unet, &self.targets, "LoRA target")?;
+        check_patterns_apply(
+            self.rank_pattern.keys().chain(self.alpha_pattern.keys()),
+            &layers,
+            "LoRA rank/alpha",
+        )?;
         let mut targets = Vec::new();
-        for (path, weight) in layers {
-            if !self.targets.iter().any(|glob| glob_matches(glob, &path)) {
-                continue;
-            }
-            let rank = self.rank_for(&path)?;
-            let scale = self.alpha_for(&path, rank)? / rank as f64;
-            let weight_shape = weight.size();
-            ensure_rank_fits(&path, rank, &weight_shape)?;
+        for layer in layers {
+            let rank = self.rank_for(&layer.path)?;
+            let scale = self.alpha_for(&layer.path, rank)? / rank as f64;
+            ensure_rank_fits(&layer.path, rank, &layer.shape)?;
             targets.push(Target {
-                path,
+                path: layer.path,
                 rank,
                 scale,
-                weight,
-                weight_shape,
+                weight: layer.weight,
+                weight_shape: layer.shape,
             });
-        }
-        let targeted: Vec<String> = targets.iter().map(|t| t.path.clone()).collect();
-        for glob in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
-            if !targeted.iter().any(|p| glob_matches(glob, p)) {
-                return Err(no_match_error("LoRA rank/alpha", glob, &targeted));
-            }
         }
         Ok(targets)
     }
@@ -301,34 +252,20 @@ impl Registered for Lora {
 
 impl TuningMethod for Lora {
     fn validate(&self) -> Result<()> {
-        if self.targets.is_empty() {
-            bail!("`targets` is empty: name at least one layer pattern");
-        }
-        for (what, rank) in std::iter::once(("rank", &self.rank))
-            .chain(self.rank_pattern.values().map(|r| ("rank_pattern", r)))
-        {
-            if *rank < 1 {
-                bail!("{what}: rank {rank} must be at least 1");
-            }
-        }
-        for alpha in self.alpha.iter().chain(self.alpha_pattern.values()) {
-            if !alpha.is_finite() || *alpha <= 0.0 {
-                bail!("alpha {alpha} must be a finite number above 0");
-            }
-        }
-        Ok(())
+        validate_ranked(
+            &self.targets,
+            std::iter::once(("rank", self.rank))
+                .chain(self.rank_pattern.values().map(|&r| ("rank_pattern", r))),
+            self.alpha
+                .iter()
+                .chain(self.alpha_pattern.values())
+                .copied(),
+        )
     }
 
-    /// peft and diffusers carry LoRA and DoRA; kohya's LoRA files (ComfyUI, A1111) LoRA only.
-    fn exports(&self) -> Vec<(AdapterFormat, ExportFn)> {
-        let mut formats: Vec<(AdapterFormat, ExportFn)> = vec![
-            (AdapterFormat::Peft, formats::write_lora_peft),
-            (AdapterFormat::Diffusers, formats::write_lora_diffusers),
-        ];
-        if !self.dora {
-            formats.insert(0, (AdapterFormat::Kohya, formats::write_lora_kohya));
-        }
-        formats
+    /// kohya's LoRA files (ComfyUI, A1111) have no magnitude vector.
+    fn export_refusal(&self, format: AdapterFormat) -> Option<&'static str> {
+        (self.dora && format == AdapterFormat::Kohya).then_some("DoRA has no kohya form")
     }
 
     fn apply(

@@ -27,15 +27,24 @@ use tch::{nn, Tensor};
 
 pub mod adapter;
 pub mod bitfit;
+pub mod difffit;
+pub mod export;
 pub mod file;
 pub mod formats;
 pub mod full;
 pub mod init;
+mod layer_update;
+pub mod loha;
+pub mod lokr;
 pub mod lora;
+pub mod lycoris;
 pub mod merge;
+pub mod oft;
 pub mod pattern;
 pub mod prefix;
 mod settings;
+pub mod svdiff;
+mod targets;
 mod tuned;
 
 pub use init::InitSeed;
@@ -104,10 +113,10 @@ pub trait TuningMethod: Identity + std::fmt::Debug + Send + Sync {
         ))
     }
 
-    /// The other tools' adapter formats this method, with these settings, can be written in, each
-    /// with its writer: [`formats::export`] refuses any other, naming these. None by default.
-    fn exports(&self) -> Vec<(formats::AdapterFormat, formats::ExportFn)> {
-        Vec::new()
+    /// Why this method, with these settings, cannot be written in `format` although its
+    /// registration has a writer for it (DoRA has no kohya form); `None` when it can.
+    fn export_refusal(&self, _format: export::AdapterFormat) -> Option<&'static str> {
+        None
     }
 
     /// Folds an adapter's tensors into the weights of a plain (not yet adapted) base U-Net, so the
@@ -126,11 +135,13 @@ pub trait TuningMethod: Identity + std::fmt::Debug + Send + Sync {
     }
 }
 
-/// A method in [`METHODS`]: its name, label and how to build it from settings.
+/// A method in [`METHODS`]: its name, label, how to build it from settings, and its writers of
+/// other tools' formats ([`export::export`]).
 pub struct Registration {
     pub name: &'static str,
     pub label: &'static str,
     build: fn(serde_json::Value) -> Result<Box<dyn TuningMethod>>,
+    writers: &'static [(export::AdapterFormat, export::ExportFn)],
 }
 
 const fn register<M: Registered + TuningMethod + 'static>() -> Registration {
@@ -138,16 +149,37 @@ const fn register<M: Registered + TuningMethod + 'static>() -> Registration {
         name: M::NAME,
         label: M::LABEL,
         build: build::<M>,
+        writers: &[],
     }
 }
+
+impl Registration {
+    /// This registration with `writers`: how its adapters are written in other tools' formats.
+    const fn writing(self, writers: &'static [(export::AdapterFormat, export::ExportFn)]) -> Self {
+        Self { writers, ..self }
+    }
+}
+
+use export::AdapterFormat::{Diffusers, Kohya, Peft};
 
 /// Every method, in the study's order.
 pub const METHODS: &[Registration] = &[
     register::<full::Full>(),
     register::<adapter::Adapter>(),
-    register::<lora::Lora>(),
+    register::<lora::Lora>().writing(&[
+        (Kohya, formats::write_lora_kohya),
+        (Diffusers, formats::write_lora_diffusers),
+        (Peft, formats::write_lora_peft),
+    ]),
     register::<prefix::Prefix>(),
     register::<bitfit::BitFit>(),
+    register::<loha::Loha>()
+        .writing(&[(Kohya, lycoris::export_kohya), (Peft, lycoris::export_peft)]),
+    register::<lokr::Lokr>()
+        .writing(&[(Kohya, lycoris::export_kohya), (Peft, lycoris::export_peft)]),
+    register::<oft::Oft>().writing(&[(Peft, lycoris::export_peft)]),
+    register::<difffit::DiffFit>(),
+    register::<svdiff::SvDiff>(),
 ];
 
 fn build<M: TuningMethod + DeserializeOwned + 'static>(

@@ -1,10 +1,12 @@
-//! Text-to-image generation as diffusers' `StableDiffusionPipeline.__call__` does it: prompt
-//! embeddings, classifier-free guidance with the unconditional and conditional halves in one U-Net
-//! batch (`[uncond, cond]`), the scheduler's denoising loop, and the VAE decode to `[0, 1]` images.
-use crate::model::clip::ClipTextModel;
-use crate::model::pipeline::{load_text_encoder, load_tokenizer, load_unet, load_vae};
+//! Text-to-image generation as diffusers' `StableDiffusionPipeline.__call__` (and, for SDXL,
+//! `StableDiffusionXLPipeline.__call__`) does it: prompt embeddings, classifier-free guidance with
+//! the unconditional and conditional halves in one U-Net batch (`[uncond, cond]`), the
+//! scheduler's denoising loop, and the VAE decode to `[0, 1]` images.
+use crate::model::conditioning::{SizeConditions, TextConditioning};
+use crate::model::family::ModelFamily;
+use crate::model::pipeline::{load_unet, load_vae_in};
+use crate::model::prompt::{PromptEmbeddings, PromptEncoder};
 use crate::model::source::ModelFiles;
-use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::{AutoencoderKL, VaeConfig};
 use crate::peft::formats::load_adapter;
@@ -57,8 +59,10 @@ pub struct SdModels {
     pub unet_vars: nn::VarStore,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
-    pub text_encoder: ClipTextModel,
-    pub tokenizer: ClipTokenizer,
+    pub prompts: PromptEncoder,
+    /// SDXL's pipeline option (`model_index.json`): without a negative prompt the unconditional
+    /// half of guidance gets zero embeddings instead of the empty prompt's.
+    pub force_zeros_for_empty_prompt: bool,
     /// The method of an applied adapter file, with the parameters it added to the U-Net.
     pub tuning: Option<Tuned>,
 }
@@ -66,13 +70,56 @@ pub struct SdModels {
 impl SdModels {
     /// Loads every component of the model `files` onto `device` (f32).
     pub fn load(files: &ModelFiles, device: Device) -> Result<Self> {
-        let (unet_vars, unet) = load_unet(files, device)?;
+        Self::load_in(files, device, Kind::Float)
+    }
+
+    /// Loads every component with its weights in `kind` (f32, f16 or bf16), except a VAE whose
+    /// config forces float32 under float16 (SD's and SDXL's do: they overflow). Latents and the
+    /// scheduler's arithmetic stay in f32.
+    pub fn load_in(files: &ModelFiles, device: Device, kind: Kind) -> Result<Self> {
+        let (mut unet_vars, unet) = load_unet(files, device)?;
+        if kind != Kind::Float {
+            unet_vars.set_kind(kind);
+        }
+        Self::around_in(files, unet_vars, unet, kind)
+    }
+
+    /// A pipeline around a U-Net already loaded (e.g. the one being trained), with `files`' VAE
+    /// and text encoders on the U-Net's device, in f32.
+    pub fn around(
+        files: &ModelFiles,
+        unet_vars: nn::VarStore,
+        unet: UNet2DConditionModel,
+    ) -> Result<Self> {
+        Self::around_in(files, unet_vars, unet, Kind::Float)
+    }
+
+    fn around_in(
+        files: &ModelFiles,
+        unet_vars: nn::VarStore,
+        unet: UNet2DConditionModel,
+        kind: Kind,
+    ) -> Result<Self> {
+        let device = unet_vars.device();
+        let prompts = PromptEncoder::load(files, device, kind)?;
+        if let Some(added) = unet.config.added_embedding()? {
+            let (expected, got) = (added.text_embeds_dim(), prompts.pooled_dim());
+            ensure!(
+                got == Some(expected),
+                "{}: the U-Net's added embedding takes a {expected}-wide pooled text embedding, the text encoders give {got:?}",
+                files.spec
+            );
+        }
+        let force_zeros = match files.family()? {
+            ModelFamily::Sdxl => files.pipeline_flag("force_zeros_for_empty_prompt", true)?,
+            ModelFamily::Sd1 | ModelFamily::Sd2 => false,
+        };
         Ok(Self {
             unet_vars,
             unet,
-            vae: load_vae(files, device)?,
-            text_encoder: load_text_encoder(files, device)?,
-            tokenizer: load_tokenizer(files)?,
+            vae: load_vae_in(files, device, kind)?,
+            prompts,
+            force_zeros_for_empty_prompt: force_zeros,
             tuning: None,
         })
     }
@@ -80,12 +127,17 @@ impl SdModels {
     /// Applies the adapter file at `path` (any format [`load_adapter`] reads) to the U-Net,
     /// checking that it was trained on `files`' U-Net. Returns the adapter's method name.
     pub fn apply_adapter(&mut self, path: &Path, files: &ModelFiles) -> Result<&'static str> {
-        let tuned = load_adapter(
+        let mut tuned = load_adapter(
             path,
             &mut self.unet,
             &self.unet_vars,
             &files.unet_identity()?,
         )?;
+        // The parameters it added compute with the U-Net's, in the U-Net's precision.
+        let kind = self.unet_kind();
+        if kind != Kind::Float {
+            tuned.params.set_kind(kind);
+        }
         let name = tuned.method.name();
         self.tuning = Some(tuned);
         Ok(name)
@@ -95,20 +147,38 @@ impl SdModels {
         self.unet_vars.device()
     }
 
+    /// The precision of the U-Net's weights.
+    pub fn unet_kind(&self) -> Kind {
+        self.unet.conv_in.weight.kind()
+    }
+
     pub fn geometry(&self) -> LatentGeometry {
         LatentGeometry::of_vae(&self.vae.config)
     }
 
     /// diffusers' default image side: the U-Net's `sample_size` (64 when the config has none, as
-    /// in SD v1) times the VAE's factor: 512 for SD v1.x, 768 for SD 2.x-768.
+    /// in SD v1) times the VAE's factor: 512 for SD v1.x, 768 for SD 2.x-768, 1024 for SDXL.
     pub fn default_size(&self) -> usize {
         (self.unet.config.sample_size.unwrap_or(64) * self.geometry().scale_factor) as usize
     }
 
-    /// `[n, seq, hidden]` text-encoder embeddings of `prompts` (padded to the tokenizer's length).
-    pub fn encode_prompts<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Tensor> {
-        let ids = self.tokenizer.input_ids(prompts)?.to_device(self.device());
-        Ok(tch::no_grad(|| self.text_encoder.forward(&ids)))
+    /// The embeddings of `prompts` (padded to the tokenizers' length).
+    pub fn encode_prompts<S: AsRef<str>>(&self, prompts: &[S]) -> Result<PromptEmbeddings> {
+        self.prompts.encode(prompts)
+    }
+
+    /// The unconditional half of guidance for `cond`'s prompts: the negative prompt's
+    /// embeddings (`negative`, encoded once), or zeros where the pipeline forces them.
+    fn unconditional(
+        &self,
+        negative: Option<&PromptEmbeddings>,
+        cond: &PromptEmbeddings,
+        sizes: &SizeConditions,
+    ) -> TextConditioning {
+        match negative {
+            Some(negative) => negative.conditioning(sizes).expand(cond.context.size()[0]),
+            None => cond.zeros_like().conditioning(sizes),
+        }
     }
 }
 
@@ -148,34 +218,46 @@ pub fn generate(
     ensure!(opts.steps > 0, "the number of steps must be at least 1");
     let device = models.device();
     let guided = opts.guidance_scale > 1.0;
-    let negative = models.encode_prompts(&[opts.negative_prompt.as_deref().unwrap_or("")])?;
+    let factor = models.geometry().scale_factor;
+    let sizes = SizeConditions::uncropped(shape[2] * factor, shape[3] * factor);
+    // diffusers encodes the empty prompt unless the pipeline forces zeros for it.
+    let negative = match (&opts.negative_prompt, models.force_zeros_for_empty_prompt) {
+        _ if !guided => None,
+        (None, true) => None,
+        (negative, _) => Some(models.encode_prompts(&[negative.as_deref().unwrap_or("")])?),
+    };
     let mut images = Vec::new();
     for (chunk, prompts) in prompts.chunks(opts.batch_size).enumerate() {
         let start = (chunk * opts.batch_size) as i64;
         let count = prompts.len() as i64;
         let cond = models.encode_prompts(prompts)?;
-        let context = if guided {
-            Tensor::cat(&[negative.expand([count, -1, -1], false), cond], 0)
+        let conditioning = if guided {
+            let uncond = models.unconditional(negative.as_ref(), &cond, &sizes);
+            TextConditioning::cat(&[&uncond, &cond.conditioning(&sizes)])?
         } else {
-            cond
+            cond.conditioning(&sizes)
         };
         let latents = init_latents
             .narrow(0, start, count)
             .to_device(device)
             .to_kind(Kind::Float);
-        let latents = denoise(models, scheduler, &context, latents, opts, on_step)
+        let latents = denoise(models, scheduler, &conditioning, latents, opts, on_step)
             .with_context(|| format!("denoising images {start}..{}", start + count))?;
         let decoded = tch::no_grad(|| models.vae.decode_scaled(&latents));
-        images.push((decoded / 2.0 + 0.5).clamp(0.0, 1.0).to_device(Device::Cpu));
+        images.push(
+            (decoded.to_kind(Kind::Float) / 2.0 + 0.5)
+                .clamp(0.0, 1.0)
+                .to_device(Device::Cpu),
+        );
     }
     Ok(Tensor::cat(&images, 0))
 }
 
-/// The scheduler loop for one batch; `context` holds `[uncond, cond]` embeddings when guided.
+/// The scheduler loop for one batch; `conditioning` holds `[uncond, cond]` when guided.
 fn denoise(
     models: &SdModels,
     scheduler: &mut dyn Scheduler,
-    context: &Tensor,
+    conditioning: &TextConditioning,
     latents: Tensor,
     opts: &GenerateOptions,
     on_step: &mut dyn FnMut(),
@@ -190,9 +272,11 @@ fn denoise(
         } else {
             latents.shallow_clone()
         };
-        let input = scheduler.scale_model_input(&input, i)?;
+        let input = scheduler
+            .scale_model_input(&input, i)?
+            .to_kind(models.unet_kind());
         let timestep = Tensor::from(t as f32).to_device(input.device());
-        let noise_pred = tch::no_grad(|| models.unet.forward(&input, &timestep, context));
+        let noise_pred = tch::no_grad(|| models.unet.forward(&input, &timestep, conditioning));
         let noise_pred = if guided {
             let halves = noise_pred.chunk(2, 0);
             let (uncond, cond) = (&halves[0], &halves[1]);

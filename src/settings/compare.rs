@@ -295,6 +295,22 @@ mod tests {
         assert!(err.downcast_ref::<SettingsError>().is_some(), "{err:#}");
     }
 
+    /// tiny-all is the tiny preset with every registered method.
+    #[test]
+    fn tiny_all_names_every_method_and_otherwise_is_tiny() {
+        let (tiny, all) = (
+            preset("tiny", &[]).unwrap(),
+            preset("tiny-all", &[]).unwrap(),
+        );
+        let names: Vec<&str> = all.methods.iter().map(|m| m.name()).collect();
+        assert_eq!(names, crate::peft::method_names().collect::<Vec<_>>());
+        assert_eq!(all.methods[..tiny.methods.len()], tiny.methods[..]);
+        assert_eq!(
+            (all.train, all.pretrain, all.eval.must_improve),
+            (tiny.train, tiny.pretrain, tiny.eval.must_improve)
+        );
+    }
+
     #[test]
     fn the_study_preset_has_the_study_settings() {
         let c = preset("sd14-food101", &[]).unwrap();

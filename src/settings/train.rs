@@ -126,7 +126,7 @@ fn route_overrides(overrides: toml::Table, train: &mut toml::Table, method: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peft::formats::AdapterFormat;
+    use crate::peft::export::AdapterFormat;
     use crate::train::optim::LrSchedule;
 
     fn settings(file: &str, method: Option<&str>, set: &[&str]) -> Result<RunConfig> {

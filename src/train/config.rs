@@ -12,7 +12,7 @@ use crate::data::captions::CaptionOptions;
 use crate::data::images::{DecodeOptions, ExifOrientation, ResizeFilter, DEFAULT_MAX_IMAGE_PIXELS};
 use crate::data::PromptTemplate;
 use crate::error::SettingsError;
-use crate::peft::formats::AdapterFormat;
+use crate::peft::export::AdapterFormat;
 use crate::peft::MethodSettings;
 use crate::schedulers::SchedulerKind;
 use anyhow::{Context, Result};
@@ -414,7 +414,7 @@ impl RunConfig {
     /// Checks every setting (the method's were checked when it was built).
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
-        crate::peft::formats::check_exports(self.method.method(), &self.train.export)
+        crate::peft::export::check_exports(self.method.method(), &self.train.export)
             .map_err(|e| SettingsError::invalid("train.export", format!("{e:#}")).into())
     }
 

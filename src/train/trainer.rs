@@ -18,7 +18,7 @@ use crate::error::SettingsError;
 use crate::model::source::ModelFiles;
 use crate::model::weights::Prefixed;
 use crate::peft::file::AdapterFile;
-use crate::peft::{formats, Tuned};
+use crate::peft::{export, Tuned};
 use crate::util::progress::Progress;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::collections::BTreeMap;
@@ -563,8 +563,9 @@ impl<'a> Trainer<'a> {
                 Some(self.base_unet.clone()),
             )?;
             adapter.save(&path)?;
+            let unet = &self.model.unet().config;
             for &format in &self.opts.config.train.export {
-                formats::export(&adapter, format, &format.beside(&path))?;
+                export::export(&adapter, format, Some(unet), &format.beside(&path))?;
             }
         }
         Ok(self.summary(Some(path)))

@@ -26,15 +26,9 @@ impl TrainedUnet {
         unet_vars: nn::VarStore,
         unet: UNet2DConditionModel,
     ) -> Result<Self> {
-        let device = unet_vars.device();
-        Ok(Self::InPipeline(Box::new(SdModels {
-            unet_vars,
-            unet,
-            vae: crate::model::pipeline::load_vae(files, device)?,
-            text_encoder: crate::model::pipeline::load_text_encoder(files, device)?,
-            tokenizer: crate::model::pipeline::load_tokenizer(files)?,
-            tuning: None,
-        })))
+        Ok(Self::InPipeline(Box::new(SdModels::around(
+            files, unet_vars, unet,
+        )?)))
     }
 
     pub fn unet(&self) -> &UNet2DConditionModel {

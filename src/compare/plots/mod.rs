@@ -33,9 +33,9 @@ pub fn register_font() -> Result<()> {
 }
 
 /// One colour per method, stable across figures: the base row grey, then a qualitative palette
-/// in row order.
+/// in row order (ten colours: every registered method gets its own).
 pub fn method_color(index: usize, method: &str) -> RGBColor {
-    const PALETTE: [RGBColor; 8] = [
+    const PALETTE: [RGBColor; 10] = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
@@ -44,6 +44,8 @@ pub fn method_color(index: usize, method: &str) -> RGBColor {
         RGBColor(140, 86, 75),
         RGBColor(227, 119, 194),
         RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+        RGBColor(174, 199, 232),
     ];
     if method == BASE_ROW {
         RGBColor(127, 127, 127)

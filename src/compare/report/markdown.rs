@@ -40,7 +40,7 @@ impl StudyResults {
         writeln!(md, "# difftune compare: {}\n", self.name)?;
         writeln!(
             md,
-            "Fine-tuning the U-Net with several methods on the same data and budget, after \
+            "Fine-tuning the U-Net with each method on the same data and budget, after \
              Kim, Ahn & Jung, *Comparative Study of Efficient Parameter Tuning Techniques in Diffusion Models*.\n"
         )?;
         self.write_table1(&mut md)?;

@@ -213,6 +213,14 @@ pub fn build_in(
     group: &ProcessGroup,
 ) -> Result<(Manifest, CacheReport)> {
     settings.validate()?;
+    // The cache holds one encoder's states per caption; SDXL's (two encoders, the pooled
+    // embedding, each image's size and crop conditions) is not there yet.
+    if model.family()? == crate::model::family::ModelFamily::Sdxl {
+        bail!(
+            "{} is an SDXL model: difftune samples, converts and inspects SDXL models but does not train them yet",
+            model.spec
+        );
+    }
     let dataset = open_dataset(dataset_path, settings)?;
     let captions = CaptionTable::new(&dataset, &settings.captions);
     let manifest = Manifest {
