@@ -504,7 +504,11 @@ fn check_the_study_s_parts(config: &CompareConfig, out: &Path, results: &StudyRe
     check_the_run_continues_exactly(config, out);
 
     // The timing pass: every method timed in every round, a finite ratio inside its interval, and
-    // full fine-tuning's step the most FLOPs.
+    // full fine-tuning's step more FLOPs than the study's PEFT methods' (which add little to the
+    // forward pass and compute no gradient of the frozen weights). The methods that rebuild their
+    // weight every step (SVDiff's U diag(s) V^T, OFT's rotation, LoHa's and LoKr's products) can
+    // count more than full fine-tuning at the tiny U-Net's size, where a step's activations are
+    // small beside its weights (SVDiff: 0.73 GFLOP).
     let timing = results.timing.as_ref().expect("the timing pass");
     let full = timing.methods.iter().find(|m| m.method == "full").unwrap();
     assert_eq!(full.ratio, 1.0);
@@ -514,7 +518,8 @@ fn check_the_study_s_parts(config: &CompareConfig, out: &Path, results: &StudyRe
             row.ratio_low <= row.ratio && row.ratio <= row.ratio_high,
             "{row:?}"
         );
-        if row.method != "full" {
+        assert!(row.flops_per_step > 0.0, "{row:?}");
+        if ["adapter", "lora", "prefix", "bitfit"].contains(&row.method.as_str()) {
             assert!(row.flops_per_step < full.flops_per_step, "{row:?}");
         }
     }

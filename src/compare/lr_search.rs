@@ -194,17 +194,17 @@ impl Study<'_> {
             if candidates.is_empty() {
                 continue;
             }
-            let best = candidates
+            let scored: Vec<(f64, Option<f64>)> = candidates
                 .iter()
-                .filter_map(|&(u, s)| Some((u, s?)))
-                .min_by(|a, b| by(a.1).total_cmp(&by(b.1)))
-                .with_context(|| {
-                    format!(
-                        "every learning-rate candidate of {} diverged: give it lower candidates",
-                        method.name()
-                    )
-                })?;
-            rates[index] = best.0.learning_rate;
+                .map(|(u, s)| (u.learning_rate, s.map(by)))
+                .collect();
+            let chosen = lowest(&scored).with_context(|| {
+                format!(
+                    "every learning-rate candidate of {} diverged: give it lower candidates",
+                    method.name()
+                )
+            })?;
+            rates[index] = chosen;
             methods.push(LrChoice {
                 method: method.name().to_string(),
                 candidates: candidates
@@ -215,7 +215,7 @@ impl Study<'_> {
                         kid: s.map(|s| (&s.kid).into()),
                     })
                     .collect(),
-                chosen: best.0.learning_rate,
+                chosen,
             });
         }
         let steps = units
@@ -246,7 +246,8 @@ impl Study<'_> {
     /// interrupted.
     fn train_candidate(&self, unit: &CandidateUnit) -> Result<Option<Option<RunRecord>>> {
         let stage = Stage::Diverged(&unit.run.name);
-        let diverged: Option<usize> = self.on_main(|| self.layout.recorded(stage, &unit.run.key))?;
+        let diverged: Option<usize> =
+            self.on_main(|| self.layout.recorded(stage, &unit.run.key))?;
         if let Some(step) = diverged {
             if self.group.is_main() {
                 eprintln!("compare: {} diverged at step {step} before", unit.run.name);
@@ -260,7 +261,10 @@ impl Study<'_> {
                     return Err(e);
                 };
                 if self.group.is_main() {
-                    eprintln!("compare: {} diverged, not a candidate: {e:#}", unit.run.name);
+                    eprintln!(
+                        "compare: {} diverged, not a candidate: {e:#}",
+                        unit.run.name
+                    );
                     self.layout.finish(stage, &unit.run.key, &diverged.step)?;
                 }
                 Ok(Some(None))
@@ -294,6 +298,16 @@ impl Study<'_> {
     }
 }
 
+/// The learning rate of the lowest-scoring candidate among `(learning rate, score)`, leaving out
+/// those that diverged (no score); `None` when all did.
+fn lowest(candidates: &[(f64, Option<f64>)]) -> Option<f64> {
+    candidates
+        .iter()
+        .filter_map(|&(rate, score)| Some((rate, score?)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(rate, _)| rate)
+}
+
 /// The validation samples of a candidate's run.
 fn candidate_set(unit: &CandidateUnit) -> SetId {
     SetId {
@@ -302,5 +316,21 @@ fn candidate_set(unit: &CandidateUnit) -> SetId {
             kind: RunKind::Candidate(unit.learning_rate),
         }),
         step: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lowest;
+
+    #[test]
+    fn the_lowest_score_wins_and_a_diverged_candidate_never_does() {
+        assert_eq!(lowest(&[(1e-3, Some(0.2)), (3e-3, Some(0.1))]), Some(3e-3));
+        // The highest rate diverged: it has no score, however the others scored.
+        assert_eq!(
+            lowest(&[(1e-3, Some(0.2)), (3e-3, Some(0.3)), (1e-2, None)]),
+            Some(1e-3)
+        );
+        assert_eq!(lowest(&[(1e-2, None), (3e-2, None)]), None);
     }
 }

@@ -17,7 +17,7 @@ use super::config::{CompareConfig, DataSource, ModelSource};
 use super::lr_search::LearningRates;
 use super::prepare::{BaseModel, PreparedData};
 use super::report::StudyResults;
-use super::sampling::{sample_plan, SampledSet, SampleItem, SampleJob, StudySet};
+use super::sampling::{sample_plan, SampleItem, SampleJob, SampledSet, StudySet};
 use super::score::{Content, Score, Scorer, ScorerWeights};
 use super::stage::Layout;
 use super::training::{RunJob, TrainedRun};

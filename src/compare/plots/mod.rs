@@ -250,11 +250,14 @@ fn draw_fid_point(
     Ok(())
 }
 
+/// A bar of [`train_time`]: the row's index, method, label, ratio and its interval.
+type TimeBar<'a> = (usize, &'a str, &'a str, f64, Option<(f64, f64)>);
+
 /// Each method's step time relative to full fine-tuning's (the timing pass's ratio, with its
 /// 95% interval as a whisker), as bars labelled with the ratio and, from the timing pass, the
 /// share of full fine-tuning's FLOPs per step.
 pub fn train_time(results: &StudyResults, path: &Path) -> Result<()> {
-    let bars: Vec<(usize, &str, &str, f64, Option<(f64, f64)>)> = results
+    let bars: Vec<TimeBar> = results
         .rows
         .iter()
         .enumerate()
