@@ -92,6 +92,17 @@ pub struct LostRank {
     pub message: String,
 }
 
+/// A training run stopped because a step's loss or gradient norm was not finite: nothing of that
+/// step was applied or saved, and the message says which checkpoint to resume from (with a lower
+/// learning rate). `compare` counts a learning-rate candidate that diverges as one not to choose.
+#[derive(Debug, Error)]
+#[error("{message}")]
+pub struct Diverged {
+    /// The step whose loss or gradient norm was not finite.
+    pub step: usize,
+    pub message: String,
+}
+
 /// The signals that stop a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {

@@ -1,6 +1,7 @@
 //! `difftune compare` end to end on the tiny preset with a very small budget: every artefact is
-//! written, the numbers agree with each other and with the peft module, an interrupted comparison
-//! resumes, and a finished one is reused.
+//! written, the numbers agree with each other and with the peft module, a comparison interrupted
+//! inside any of its stages resumes, a finished one is reused, and a changed setting redoes only
+//! what depends on it.
 #[path = "common/tiny_run.rs"]
 mod tiny_run;
 
@@ -51,8 +52,51 @@ fn small_tiny() -> CompareConfig {
         "eval.feature_weights=\"random\"",
         "eval.kid_subsets=5",
         "eval.bootstrap=20",
+        // Two runs per method, two learning rates to choose from for two of the methods (the
+        // others train at the configured rate), the scores along the budget, a short timing pass
+        // and content classifier.
+        "study.runs=2",
+        "study.lr_search.candidates=[]",
+        "methods.full.lr_candidates=[1e-3, 3e-3]",
+        "methods.lora.lr_candidates=[1e-3, 1e-2]",
+        "study.lr_search.steps=2",
+        "study.lr_search.validation_per_class=1",
+        "study.lr_search.samples_per_class=2",
+        "eval.at_steps=[1, 2]",
+        "study.timing.rounds=2",
+        "study.timing.steps=2",
+        "study.timing.warmup=1",
+        "eval.classifier.steps=10",
     ];
     compare_config(&text, &overrides.map(String::from)).unwrap()
+}
+
+/// Sets `options`' interrupt flag (from another thread) once `out/path` exists: the comparison
+/// stops at the next safe point of the stage that wrote it. The stages write their state file
+/// before they start working, and every training run, sampling and timing pass takes longer to
+/// set up than the watcher takes to see it.
+fn interrupt_when(options: &CompareOptions, path: &str) -> std::thread::JoinHandle<()> {
+    let flag = options.interrupt.clone();
+    let file = options.out.join(path);
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while !file.exists() && started.elapsed().as_secs() < 600 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        flag.store(true, Ordering::SeqCst);
+    })
+}
+
+/// Runs `config` into `out`, interrupted once `path` exists; the comparison must stop early.
+fn interrupted_at(config: &CompareConfig, out: &Path, path: &str) {
+    let options = options(config, out);
+    let watcher = interrupt_when(&options, path);
+    let outcome = run(&options).unwrap();
+    watcher.join().unwrap();
+    assert!(
+        matches!(outcome, Outcome::Interrupted),
+        "the comparison did not stop inside the stage that wrote {path}"
+    );
 }
 
 fn options(config: &CompareConfig, out: &Path) -> CompareOptions {
@@ -102,9 +146,23 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
     assert!(matches!(run(&interrupted).unwrap(), Outcome::Interrupted));
     assert!(!out.join(RESULTS_JSON).exists());
 
+    // Interrupted inside each new stage in turn, each invocation resuming the last: a learning
+    // rate candidate's run (while the target's test images are away: the search must not read
+    // them), a final run that keeps its weights along the budget, the timing pass and the
+    // sampling along the budget.
+    let test_images = target_test_images(&config, &out);
+    interrupted_at(&config, &out, "state/run-full-lr1e-3.json");
+    hide(&test_images, true);
+    interrupted_at(&config, &out, "state/run-full.json");
+    hide(&test_images, false);
+    interrupted_at(&config, &out, "state/run-lora-r1.json");
+    interrupted_at(&config, &out, "state/timing.json");
+    interrupted_at(&config, &out, "state/samples-full-step1.json");
+
     let started = Instant::now();
     let results = finished(run(&options(&config, &out)).unwrap());
     let first_seconds = started.elapsed().as_secs_f64();
+    check_the_study_s_parts(&config, &out, &results);
 
     // Every artefact.
     for file in [RESULTS_JSON, RESULTS_CSV, REPORT_MD] {
@@ -226,15 +284,18 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
         assert!(table1.contains(&format!("| {} |", row.label)), "{table1}");
         assert!(table2.contains(&format!("| {} |", row.label)), "{table2}");
     }
-    assert!(table2.contains("(100%) | 100% | 100% |"), "{table2}");
+    // Full fine-tuning is the reference of time, FLOPs and wall time.
+    assert!(table2.contains("(100%) | 100% | ["), "{table2}");
+    assert!(table2.contains("FLOP (100%) | 100% |"), "{table2}");
     let report = std::fs::read_to_string(out.join(REPORT_MD)).unwrap();
     assert!(report.contains(&table1) && report.contains(&table2));
     assert!(report.contains(&results.differences_table()));
+    // FID, KID, precision, recall and the content score's two shares.
     assert!(
         table1
             .lines()
             .skip(2)
-            .all(|l| l.matches(" ± ").count() == 2),
+            .all(|l| l.matches(" ± ").count() == 6),
         "{table1}"
     );
     assert!(
@@ -276,6 +337,8 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
     );
     let fids = |r: &StudyResults| r.rows.iter().map(|row| row.fid).collect::<Vec<_>>();
     assert_eq!(fids(&again), fids(&results));
+    assert_eq!(again.lr_search, results.lr_search);
+    assert_eq!(again.curves, results.curves);
     // The report's wall time covers every invocation, the reusing one included.
     assert_eq!(again.invocations, results.invocations + 1);
     // The earlier invocations' time was kept: at least what the first report said, at most the
@@ -287,6 +350,216 @@ fn tiny_compare_writes_consistent_artefacts_resumes_and_reuses() {
         results.wall_seconds
     );
     println!("first run {first_seconds:.1} s, reusing run {second_seconds:.1} s");
+
+    // A third run per method and a third candidate for full fine-tuning: only the new units run.
+    let mut more = config.clone();
+    more.study.runs = 3;
+    let full = more
+        .methods
+        .iter_mut()
+        .find(|m| m.name() == "full")
+        .unwrap();
+    full.lr_candidates.as_mut().unwrap().push(1e-4);
+    let kept: Vec<_> = [
+        "runs/full-lr1e-3",
+        "runs/full-lr3e-3",
+        "runs/lora-lr1e-2",
+        "runs/lora-r1",
+    ]
+    .iter()
+    .map(|run| out.join(run).join("adapter.safetensors"))
+    .collect();
+    let kept_stamps: Vec<_> = kept.iter().map(|p| modified(p)).collect();
+    let started = Instant::now();
+    let grown = finished(run(&options(&more, &out)).unwrap());
+    println!(
+        "with a run and a candidate more: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        kept.iter().map(|p| modified(p)).collect::<Vec<_>>(),
+        kept_stamps
+    );
+    assert!(out.join("runs/full-lr1e-4/adapter.safetensors").is_file());
+    assert!(grown.methods().all(|row| row.runs.len() == 3));
+}
+
+/// The test images of the synthetic target domain (the files of its test listing).
+fn target_test_images(config: &CompareConfig, out: &Path) -> Vec<std::path::PathBuf> {
+    let s = &config.data.synthetic;
+    let listing = std::fs::read_to_string(out.join("data/target/meta/test.txt"));
+    // The data is generated by the first (interrupted) invocation.
+    let listing = listing.expect("the target domain is generated by now");
+    let files: Vec<_> = listing
+        .lines()
+        .map(|entry| out.join("data/target/images").join(format!("{entry}.jpg")))
+        .collect();
+    assert_eq!(files.len(), s.classes * s.test_per_class);
+    files
+}
+
+/// Moves `files` aside (`hidden`) or back.
+fn hide(files: &[std::path::PathBuf], hidden: bool) {
+    for file in files {
+        let aside = file.with_extension("jpg.away");
+        let (from, to) = if hidden {
+            (file, &aside)
+        } else {
+            (&aside, file)
+        };
+        std::fs::rename(from, to).unwrap();
+    }
+}
+
+/// The parts a study with several runs, a learning-rate search, scores along the budget, a timing
+/// pass and a content classifier adds to the results.
+fn check_the_study_s_parts(config: &CompareConfig, out: &Path, results: &StudyResults) {
+    // Every method's two runs, with their seeds, in results.json.
+    for row in results.methods() {
+        let seeds: Vec<u64> = row.runs.iter().map(|r| r.seed).collect();
+        assert_eq!(
+            seeds,
+            [config.train.seed, config.train.seed + 1],
+            "{}",
+            row.method
+        );
+        assert!(row
+            .runs
+            .iter()
+            .all(|r| r.fid.is_finite() && r.kid.is_finite()));
+        let mean = row.runs.iter().map(|r| r.fid).sum::<f64>() / 2.0;
+        assert!(
+            (mean - row.fid).abs() < 1e-12,
+            "{}: {} against {mean}",
+            row.method,
+            row.fid
+        );
+        for share in [
+            row.precision,
+            row.recall,
+            row.class_accuracy,
+            row.target_share,
+        ] {
+            let share = share.expect("a score of every row").value;
+            assert!((0.0..=1.0).contains(&share), "{}: {share}", row.method);
+        }
+    }
+    // The learning rates: each searching method's rate is its lowest validation KID, and its runs
+    // trained at it (their run config says so); the others kept theirs.
+    let search = results.lr_search.as_ref().expect("the search's results");
+    assert_eq!(search.methods.len(), 2);
+    for choice in &search.methods {
+        let best = choice
+            .candidates
+            .iter()
+            .min_by(|a, b| a.kid.unwrap().value.total_cmp(&b.kid.unwrap().value))
+            .unwrap();
+        assert_eq!(choice.chosen, best.learning_rate, "{}", choice.method);
+        let row = results
+            .rows
+            .iter()
+            .find(|r| r.method == choice.method)
+            .unwrap();
+        assert_eq!(row.learning_rate, Some(choice.chosen));
+        let run = std::fs::read_to_string(out.join(format!("runs/{}-r1/run.toml", choice.method)));
+        let run = difftune::train::RunConfig::from_toml(&run.unwrap()).unwrap();
+        assert_eq!(run.train.learning_rate, choice.chosen);
+        assert_eq!(run.train.seed, config.train.seed + 1);
+    }
+    let adapter = results.rows.iter().find(|r| r.method == "adapter").unwrap();
+    assert_eq!(adapter.learning_rate, Some(config.train.learning_rate));
+    // The candidates trained on the training images less one per class, and were scored on those.
+    let fit = std::fs::read_to_string(out.join("data/target-validation/meta/train.txt")).unwrap();
+    let held = std::fs::read_to_string(out.join("data/target-validation/meta/test.txt")).unwrap();
+    let s = &config.data.synthetic;
+    assert_eq!(held.lines().count(), s.classes);
+    assert_eq!(fit.lines().count(), s.classes * (s.train_per_class - 1));
+
+    // Scores along the budget, from the weights the runs kept there: the adapter file at step 1
+    // holds the checkpoint of step 1 (still kept at this budget), and steps 1, 2 and the end are
+    // scored for every method.
+    let at_one = difftune::model::weights::read_all(
+        &out.join("runs/lora-r1/adapter-step-00000001.safetensors"),
+    )
+    .unwrap();
+    let checkpoint = out.join("runs/lora-r1/checkpoints/step-00000001");
+    let trained = difftune::train::checkpoint::Checkpoint::open_verified(&checkpoint)
+        .unwrap()
+        .trainable()
+        .unwrap();
+    assert_eq!(at_one.len(), trained.len());
+    for (name, tensor) in &trained {
+        assert!(at_one[name].equal(tensor), "{name}");
+    }
+    for row in results.methods() {
+        let steps: Vec<usize> = results
+            .curves
+            .iter()
+            .filter(|p| p.method == row.method)
+            .map(|p| p.step)
+            .collect();
+        assert_eq!(steps, [0, 1, 2, config.train.steps], "{}", row.method);
+    }
+    // Stopping at steps 1 and 2 and resuming trains what one uninterrupted run trains.
+    check_the_run_continues_exactly(config, out);
+
+    // The timing pass: every method timed in every round, a finite ratio inside its interval, and
+    // full fine-tuning's step more FLOPs than the study's PEFT methods' (which add little to the
+    // forward pass and compute no gradient of the frozen weights). The methods that rebuild their
+    // weight every step (SVDiff's U diag(s) V^T, OFT's rotation, LoHa's and LoKr's products) can
+    // count more than full fine-tuning at the tiny U-Net's size, where a step's activations are
+    // small beside its weights (SVDiff: 0.73 GFLOP).
+    let timing = results.timing.as_ref().expect("the timing pass");
+    let full = timing.methods.iter().find(|m| m.method == "full").unwrap();
+    assert_eq!(full.ratio, 1.0);
+    for row in &timing.methods {
+        assert_eq!(row.round_ratios.len(), 2, "{}", row.method);
+        assert!(
+            row.ratio_low <= row.ratio && row.ratio <= row.ratio_high,
+            "{row:?}"
+        );
+        assert!(row.flops_per_step > 0.0, "{row:?}");
+        if ["adapter", "lora", "prefix", "bitfit"].contains(&row.method.as_str()) {
+            assert!(row.flops_per_step < full.flops_per_step, "{row:?}");
+        }
+    }
+    let classifier = results.classifier.as_ref().expect("the content classifier");
+    assert_eq!(classifier.test_images, 2 * s.classes * s.test_per_class);
+    for plot in ["lr_search", "fid_curves"] {
+        assert_png(&out.join(format!("plots/{plot}.png")));
+    }
+}
+
+/// LoRA's run 1, trained by the study in three pieces (to steps 1 and 2, then on), against the
+/// same run trained in one piece: the same weights.
+fn check_the_run_continues_exactly(config: &CompareConfig, out: &Path) {
+    let lora = config.methods.iter().find(|m| m.name() == "lora").unwrap();
+    let mut run = difftune::train::RunConfig::from_toml(
+        &std::fs::read_to_string(out.join("runs/lora-r1/run.toml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run.method, lora.run.method);
+    run.train.keep_checkpoints = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let options = difftune::train::TrainOptions {
+        model: out.join("model/base").display().to_string(),
+        data: out.join("data/target"),
+        cache: Some(out.join("cache/target")),
+        out: dir.path().join("lora"),
+        config: run,
+        resume: difftune::train::Resume::No,
+        strict: false,
+        stop_after: None,
+        interrupt: Arc::new(AtomicBool::new(false)),
+        progress: false,
+    };
+    let summary = difftune::train::train(&options).unwrap();
+    let straight = difftune::model::weights::read_all(&summary.adapter.unwrap()).unwrap();
+    let pieces =
+        difftune::model::weights::read_all(&out.join("runs/lora-r1/adapter.safetensors")).unwrap();
+    for (name, tensor) in &straight {
+        assert!(pieces[name].equal(tensor), "{name}");
+    }
 }
 
 /// The tiny preset's VAE, trained as the preset trains it on the preset's two domains,
@@ -335,4 +608,63 @@ fn tiny_preset_vae_reconstructs_the_test_images() {
     );
     assert_eq!(vae.downsampling, 4);
     assert!(report.test_mse < 0.05, "{report:?}");
+}
+
+/// The content classifier, trained as the preset trains it on the preset's two domains, reads the
+/// held-out test images of both: their dish and their domain (the content score of every sample set
+/// rests on this).
+#[test]
+fn tiny_preset_classifier_reads_the_test_images() {
+    let _guard = serial();
+    use difftune::data::synthetic::{generate_food101_like, Domain};
+    use difftune::data::{Dataset, DatasetOptions, ImageSource, Split};
+    use difftune::eval::classifier::{ContentClassifier, LabelledImages, TARGET_DOMAIN};
+    let config = preset("tiny", &[]).unwrap();
+    let settings = config
+        .eval
+        .classifier
+        .clone()
+        .expect("the preset's classifier");
+    let dir = tempfile::tempdir().unwrap();
+    let s = &config.data.synthetic;
+    let domains: Vec<_> = [
+        (Domain::Source, 1 - TARGET_DOMAIN),
+        (Domain::Target, TARGET_DOMAIN),
+    ]
+    .into_iter()
+    .map(|(domain, label)| {
+        let path = dir.path().join(format!("{domain:?}"));
+        generate_food101_like(&path, &s.spec(domain)).unwrap();
+        (path, label)
+    })
+    .collect();
+    let labelled = |split: Split| {
+        let mut items: Vec<(ImageSource, i64, i64)> = Vec::new();
+        for (path, domain) in &domains {
+            let options = DatasetOptions {
+                split,
+                ..Default::default()
+            };
+            for sample in Dataset::open(path, &options).unwrap().samples {
+                items.push((sample.image, sample.label.unwrap() as i64, *domain));
+            }
+        }
+        LabelledImages::load(&items, settings.image_size).unwrap()
+    };
+    let started = Instant::now();
+    let classifier =
+        ContentClassifier::train(&labelled(Split::Train), s.classes, &settings).unwrap();
+    let test = labelled(Split::Test);
+    let classes = Vec::<i64>::try_from(&test.classes).unwrap();
+    let domains = Vec::<i64>::try_from(&test.domains).unwrap();
+    let (score, domain_accuracy) = classifier.score_loaded(&test.images, &classes, Some(&domains));
+    let domain_accuracy = domain_accuracy.unwrap();
+    println!(
+        "classifier: {:.3} of the dishes, {domain_accuracy:.3} of the domains in {:.1} s",
+        score.class_accuracy,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(score.class_accuracy > 0.9, "{score:?}");
+    assert!(domain_accuracy > 0.95, "{domain_accuracy}");
+    assert!((score.target_share - 0.5).abs() < 0.05, "{score:?}");
 }

@@ -4,30 +4,23 @@
 //! the forward, loss and backward, the flat AdamW updates. `bench/peer/peer_bench.py` runs the same
 //! step with diffusers + peft and prints the same JSON, with every timed step's time, so that
 //! `bench/run.sh` can interleave the two tools and state the ratio with its spread.
-pub mod profiler;
-
 use crate::compare::machine::{MachineInfo, PeakMemory};
-use crate::model::conditioning::{AddedConditions, SizeConditions, TextConditioning};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::VaeConfig;
-use crate::peft::{MethodSettings, Tuned};
+use crate::peft::MethodSettings;
 use crate::sample::LatentGeometry;
 use crate::schedulers::SchedulerConfig;
 use crate::train::config::TrainConfig;
-use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::step::{
-    attach_method, forward_backward, lay_out_for_training, Objective, StepInputs,
-};
+use crate::train::step::Objective;
+use crate::train::timed_step::{StepShape, TimedStep};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device};
 
 /// Length of the text context the U-Net cross-attends to (CLIP's 77 tokens).
 pub const CONTEXT_TOKENS: i64 = crate::model::tokenizer::DEFAULT_MAX_LENGTH as i64;
-/// Learning rate of the measured steps (its value does not change the work done).
-const LEARNING_RATE: f64 = 1e-5;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -113,7 +106,6 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     } else {
         SchedulerConfig::stable_diffusion_v1()
     };
-    let objective = Objective::new(&scheduler, &TrainConfig::default())?;
     if let Some(dir) = &opts.profile {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -146,7 +138,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 scale_factor,
                 gradient_checkpointing: recompute,
             };
-            let (result, kind) = bench_one(opts, &config, &objective, &step)
+            let (result, kind) = bench_one(opts, &config, &scheduler, &step)
                 .with_context(|| format!("benchmarking `{method}` at batch {batch}"))?;
             eprintln!(
                 "{method:8} batch {batch:3}{}: {:.3} s/step, {:.2} samples/s",
@@ -184,119 +176,40 @@ struct StepSetup<'a> {
     gradient_checkpointing: bool,
 }
 
-/// One method's training step on a random-weight U-Net and random inputs, ready to time.
-struct BenchedStep<'a> {
-    objective: &'a Objective,
-    unet: UNet2DConditionModel,
-    /// The U-Net's and the method's variables, kept alive while the step runs.
-    _vars: (nn::VarStore, Tuned),
-    optimizer: AdamW,
-    inputs: StepInputs,
-    autocast: bool,
-    device: Device,
-    trainable_params: i64,
-}
-
-impl<'a> BenchedStep<'a> {
-    fn new(
-        opts: &BenchOptions,
-        config: &UNetConfig,
-        objective: &'a Objective,
-        setup: &StepSetup,
-    ) -> Result<Self> {
-        let device = opts.device;
-        // bf16 autocast with frozen weights in bf16 on CUDA, as the trainer's `precision = "auto"`.
-        let autocast = device.is_cuda();
-        tch::manual_seed(0);
-        let mut unet_vs = nn::VarStore::new(device);
-        let mut unet = UNet2DConditionModel::new(unet_vs.root(), config)?;
-        unet.gradient_checkpointing = setup.gradient_checkpointing;
-        let method = MethodSettings::defaults(setup.method)?;
-        let tuned = attach_method(&mut unet, &mut unet_vs, &method, 0)?;
-        let tensors = lay_out_for_training(&unet_vs, &tuned, autocast, opts.channels_last);
-        let trainable_params = tensors.iter().map(|t| t.numel() as i64).sum();
-        let mut optimizer = AdamW::new(tensors, AdamWConfig::default())?;
-        if opts.fused_adamw {
-            optimizer.use_fused()?;
-        }
-        let inputs = random_inputs(opts, config, objective, setup)?;
-        Ok(Self {
-            objective,
-            unet,
-            _vars: (unet_vs, tuned),
-            optimizer,
-            inputs,
-            autocast,
-            device,
-            trainable_params,
-        })
-    }
-
-    fn step(&mut self) -> Result<()> {
-        self.optimizer.zero_grad();
-        let _loss = forward_backward(&self.unet, self.objective, &self.inputs, self.autocast, 1.0)?;
-        self.optimizer.step(LEARNING_RATE, Some(1.0))?;
-        // CUDA kernels run asynchronously: wait for the update so the step is fully timed.
-        if let Device::Cuda(index) = self.device {
-            tch::Cuda::synchronize(index as i64);
-        }
-        Ok(())
-    }
-}
-
-/// Random latents (channels-last when asked) and conditioning, with the objective's noise and
-/// timesteps.
-fn random_inputs(
+/// One method's training step on a random-weight U-Net (seed 0) and random inputs.
+fn timed_step(
     opts: &BenchOptions,
     config: &UNetConfig,
-    objective: &Objective,
+    objective: Objective,
     setup: &StepSetup,
-) -> Result<StepInputs> {
+) -> Result<TimedStep> {
     let device = opts.device;
-    let latent = opts.resolution / setup.scale_factor;
-    let latents = Tensor::randn(
-        [setup.batch, config.in_channels, latent, latent],
-        (Kind::Float, device),
-    );
-    let (noise, timesteps) = objective.draw(&latents)?;
-    let inputs = StepInputs {
-        latents,
-        conditioning: random_conditioning(config, setup.batch, opts.resolution, device)?,
-        noise,
-        timesteps,
+    tch::manual_seed(0);
+    let unet_vs = nn::VarStore::new(device);
+    let mut unet = UNet2DConditionModel::new(unet_vs.root(), config)?;
+    unet.gradient_checkpointing = setup.gradient_checkpointing;
+    let method = MethodSettings::defaults(setup.method)?;
+    let shape = StepShape {
+        batch: setup.batch,
+        resolution: opts.resolution,
+        latent: opts.resolution / setup.scale_factor,
+        context_tokens: CONTEXT_TOKENS,
+        // bf16 autocast with frozen weights in bf16 on CUDA, as the trainer's `precision = "auto"`.
+        autocast: device.is_cuda(),
+        channels_last: opts.channels_last,
+        fused_adamw: opts.fused_adamw,
     };
-    Ok(match opts.channels_last {
-        true => inputs.into_channels_last(),
-        false => inputs,
-    })
-}
-
-/// Random text states and, for a U-Net with SDXL's added embedding, a random pooled embedding
-/// with the time ids of an uncropped `resolution`-pixel square image.
-fn random_conditioning(
-    config: &UNetConfig,
-    batch: i64,
-    resolution: i64,
-    device: Device,
-) -> Result<TextConditioning> {
-    let context = Tensor::randn(
-        [batch, CONTEXT_TOKENS, config.cross_attention_dim],
-        (Kind::Float, device),
-    );
-    let added = config.added_embedding()?.map(|added| AddedConditions {
-        text_embeds: Tensor::randn([batch, added.text_embeds_dim()], (Kind::Float, device)),
-        time_ids: SizeConditions::uncropped(resolution, resolution).time_ids(batch, device),
-    });
-    Ok(TextConditioning { context, added })
+    TimedStep::new(unet_vs, unet, &method, objective, &shape)
 }
 
 fn bench_one(
     opts: &BenchOptions,
     config: &UNetConfig,
-    objective: &Objective,
+    scheduler: &SchedulerConfig,
     setup: &StepSetup,
 ) -> Result<(BenchResult, crate::compare::machine::MemoryKind)> {
-    let mut bench = BenchedStep::new(opts, config, objective, setup)?;
+    let objective = Objective::new(scheduler, &TrainConfig::default())?;
+    let mut bench = timed_step(opts, config, objective, setup)?;
     for _ in 0..opts.warmup {
         bench.step()?;
     }
@@ -310,7 +223,7 @@ fn bench_one(
     let (kind, peak_memory_bytes) = probe.finish();
     if let Some(dir) = &opts.profile {
         let trace = dir.join(format!("difftune-{}-b{}.json", setup.method, setup.batch));
-        profiler::profile(&trace, || bench.step())?;
+        crate::util::profiler::profile(&trace, || bench.step())?;
     }
     let step_times_s = times.clone();
     let median_step_s = crate::util::stats::median(&mut times);

@@ -114,7 +114,7 @@ fn compare_config(args: &CompareArgs) -> Result<CompareConfig> {
 fn print_results(results: &StudyResults, out: &Path) {
     println!("Table 1. FID (lower is better)\n\n{}", results.table1());
     println!(
-        "Table 2. Trained parameters and training time relative to full fine-tuning\n\n{}",
+        "Table 2. Trained parameters and training cost relative to full fine-tuning\n\n{}",
         results.table2()
     );
     for check in &results.checks {

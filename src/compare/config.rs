@@ -6,6 +6,7 @@
 use super::tiny_vae::TinyVaeTraining;
 use crate::data::synthetic::{Domain, SyntheticSpec};
 use crate::error::SettingsError;
+use crate::eval::classifier::ClassifierSettings;
 use crate::model::tiny::TinyUnetShape;
 use crate::schedulers::config::PredictionType;
 use crate::schedulers::SchedulerKind;
@@ -31,6 +32,9 @@ pub struct CompareConfig {
     pub train: TrainConfig,
     /// The methods compared, in report order.
     pub methods: Vec<MethodEntry>,
+    /// How many training runs per method, how each method's learning rate is chosen, and the
+    /// timing pass.
+    pub study: StudySection,
     pub sample: SampleSection,
     pub eval: EvalSection,
 }
@@ -59,6 +63,8 @@ pub struct MethodEntry {
     pub run: RunConfig,
     /// The entry's `train` overrides as written (what `compare.toml` writes back).
     pub train_overrides: toml::Table,
+    /// Learning rates to choose this method's from (replacing `study.lr_search.candidates`).
+    pub lr_candidates: Option<Vec<f64>>,
 }
 
 impl MethodEntry {
@@ -72,6 +78,125 @@ impl MethodEntry {
             .clone()
             .unwrap_or_else(|| study_label(self.name()))
     }
+
+    /// The learning rates this method's is chosen from under `search`: its own list, else the
+    /// study's; empty when it trains at its configured rate.
+    pub fn lr_candidates<'a>(&'a self, search: &'a LrSearch) -> &'a [f64] {
+        self.lr_candidates.as_deref().unwrap_or(&search.candidates)
+    }
+}
+
+/// `[study]`: the training runs per method, how each method's learning rate is chosen, and how
+/// its step is timed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StudySection {
+    /// Training runs per method. Run `r` trains from the same base model on the same data with
+    /// seed `train.seed + r` (run 0 is the one-run study's run; run `r` is what `--set
+    /// train.seed=SEED+r` trains as run 0). Every run is sampled and scored; Table 1 gives the mean
+    /// over runs. Default 1.
+    pub runs: usize,
+    pub lr_search: LrSearch,
+    pub timing: TimingSettings,
+}
+
+impl Default for StudySection {
+    fn default() -> Self {
+        Self {
+            runs: 1,
+            lr_search: LrSearch::default(),
+            timing: TimingSettings::default(),
+        }
+    }
+}
+
+/// `[study.lr_search]`: each method's learning rate chosen on held-out training data. A
+/// validation split (`validation_per_class` images of each class, drawn with `seed`) is carved
+/// from the target's training images; each candidate trains on the rest (for `steps` steps),
+/// samples the validation classes' prompts and is scored on the validation images; the lowest
+/// score wins, and the method's final runs train with it on all the training images. The test
+/// split is never read for the choice. Without candidates every method trains at its own
+/// configured rate (the study's fixed-rate protocol).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LrSearch {
+    /// Learning rates every method chooses from (a method's `lr_candidates` replaces them).
+    /// Default none.
+    pub candidates: Vec<f64>,
+    /// Optimizer steps of each candidate's run; 0: the method's `train.steps`. Default 0.
+    pub steps: usize,
+    /// Training images per class held out to score the candidates on. Default 8.
+    pub validation_per_class: usize,
+    /// Images each candidate samples per validation class; 0: as many as are held out. Default 0.
+    pub samples_per_class: usize,
+    /// The score the choice minimises: `kid` (unbiased at any set size) or `fid` (biased and
+    /// noisy on small sets, the more so the more feature dimensions). Default `kid`.
+    pub score: SelectionScore,
+    /// Seeds which images are held out. Default 0.
+    pub seed: u64,
+}
+
+impl Default for LrSearch {
+    fn default() -> Self {
+        Self {
+            candidates: Vec::new(),
+            steps: 0,
+            validation_per_class: 8,
+            samples_per_class: 0,
+            score: SelectionScore::Kid,
+            seed: 0,
+        }
+    }
+}
+
+impl LrSearch {
+    /// Images each candidate samples per validation class.
+    pub fn samples_per_class(&self) -> usize {
+        match self.samples_per_class {
+            0 => self.validation_per_class,
+            n => n,
+        }
+    }
+}
+
+/// Which validation score a learning rate is chosen by.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SelectionScore {
+    Kid,
+    Fid,
+}
+
+/// `[study.timing]`: the timing pass. Every method's training step (the trainer's own, on the base
+/// model, at the study's batch and resolution, on random latents) is timed in one process, the
+/// methods taking turns: each round times every method (`warmup` untimed steps, then `steps`
+/// timed ones), starting one method later than the round before. Table 2's time is each method's
+/// median ratio over rounds to full fine-tuning's step time in the same round, so that load which
+/// changes between rounds does not move it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimingSettings {
+    /// Rounds; 0 skips the timing pass (Table 2 then divides median step times of the runs).
+    /// Default 5.
+    pub rounds: usize,
+    /// Timed steps per method per round. Default 10.
+    pub steps: usize,
+    /// Untimed steps before them. Default 3.
+    pub warmup: usize,
+    /// Bootstrap resamples of the ratios' 95% intervals (the steps resampled within each
+    /// round). Default 1000.
+    pub bootstrap: usize,
+}
+
+impl Default for TimingSettings {
+    fn default() -> Self {
+        Self {
+            rounds: 5,
+            steps: 10,
+            warmup: 3,
+            bootstrap: 1000,
+        }
+    }
 }
 
 /// Written as the run file has it: `name`, `label`, the method's `settings`, `train` overrides.
@@ -84,6 +209,9 @@ impl Serialize for MethodEntry {
         }
         map.serialize_entry("settings", self.run.method.written())?;
         map.serialize_entry("train", &self.train_overrides)?;
+        if let Some(candidates) = &self.lr_candidates {
+            map.serialize_entry("lr_candidates", candidates)?;
+        }
         map.end()
     }
 }
@@ -331,6 +459,16 @@ pub struct EvalSection {
     pub bootstrap_seed: u64,
     /// Methods whose FID must come out below the base model's; the report checks it.
     pub must_improve: Vec<String>,
+    /// Steps at which every final run is also sampled and scored (from its checkpoint there), for
+    /// FID along the budget; the end is always scored. Default none.
+    pub at_steps: Vec<usize>,
+    /// Neighbourhood size of precision and recall (Kynkäänniemi et al. 2019). Default 3.
+    pub precision_recall_k: usize,
+    /// `[eval.classifier]`, for synthetic data: a small classifier of dish and domain trained on
+    /// both synthetic domains, whose content score (share drawn as the prompted dish, share in
+    /// the target domain) every sample set gets. Default off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<ClassifierSettings>,
 }
 
 impl Default for EvalSection {
@@ -346,6 +484,9 @@ impl Default for EvalSection {
             bootstrap: crate::eval::bootstrap::DEFAULT_RESAMPLES,
             bootstrap_seed: 0,
             must_improve: Vec::new(),
+            at_steps: Vec::new(),
+            precision_recall_k: crate::eval::precision_recall::DEFAULT_K,
+            classifier: None,
         }
     }
 }
@@ -385,6 +526,7 @@ impl CompareConfig {
         }
         self.sample.validate()?;
         self.eval.validate()?;
+        self.validate_study()?;
         for m in &self.eval.must_improve {
             if !self.methods.iter().any(|entry| entry.name() == m) {
                 return Err(invalid(
@@ -412,6 +554,84 @@ impl CompareConfig {
                 .with_context(|| format!("the run of method `{}` (its `train` table)", m.name()))?;
         }
         Ok(())
+    }
+
+    /// Checks `[study]`, the learning-rate candidates, `eval.at_steps` against every method's
+    /// budget and that the content classifier has synthetic data to learn from.
+    fn validate_study(&self) -> Result<()> {
+        let study = &self.study;
+        if study.runs == 0 {
+            return Err(invalid("study.runs", "must be at least 1"));
+        }
+        let search = &study.lr_search;
+        for m in &self.methods {
+            let candidates = m.lr_candidates(search);
+            let setting = match &m.lr_candidates {
+                Some(_) => format!("methods.{}.lr_candidates", m.name()),
+                None => "study.lr_search.candidates".to_string(),
+            };
+            if let Some(bad) = candidates.iter().find(|c| !(c.is_finite() && **c > 0.0)) {
+                return Err(invalid(
+                    &setting,
+                    format!("{bad} is not a positive learning rate"),
+                ));
+            }
+            if (1..candidates.len()).any(|i| candidates[..i].contains(&candidates[i])) {
+                return Err(invalid(&setting, "lists a learning rate twice"));
+            }
+            let steps = m.run.train.steps;
+            let eval = &self.eval;
+            if let Some(bad) = eval.at_steps.iter().find(|s| **s == 0 || **s >= steps) {
+                return Err(invalid(
+                    "eval.at_steps",
+                    format!(
+                        "step {bad} is not inside method `{}`'s {steps} steps (the end is always scored)",
+                        m.name()
+                    ),
+                ));
+            }
+        }
+        if self
+            .methods
+            .iter()
+            .any(|m| !m.lr_candidates(search).is_empty())
+            && search.validation_per_class == 0
+        {
+            return Err(invalid(
+                "study.lr_search.validation_per_class",
+                "must be at least 1 to score the candidates on",
+            ));
+        }
+        if !self.eval.at_steps.windows(2).all(|w| w[0] < w[1]) {
+            return Err(invalid("eval.at_steps", "must be increasing"));
+        }
+        let timing = &study.timing;
+        if timing.rounds > 0 && (timing.steps == 0 || timing.bootstrap < 2) {
+            return Err(invalid(
+                "study.timing",
+                "steps must be positive and bootstrap at least 2 when rounds is",
+            ));
+        }
+        if let Some(classifier) = &self.eval.classifier {
+            if self.data.source != DataSource::Synthetic {
+                return Err(invalid(
+                    "eval.classifier",
+                    "learns the synthetic domains, so it needs data.source = \"synthetic\"",
+                ));
+            }
+            classifier
+                .validate()
+                .map_err(|e| invalid("eval.classifier", e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether some method chooses its learning rate on the validation split.
+    pub fn searches_learning_rates(&self) -> bool {
+        let search = &self.study.lr_search;
+        self.methods
+            .iter()
+            .any(|m| !m.lr_candidates(search).is_empty())
     }
 
     /// The training runs the comparison makes, by run name: each method's, and the
@@ -492,6 +712,9 @@ impl EvalSection {
                 "eval.bootstrap",
                 format!("must be at least 2 resamples, got {}", self.bootstrap),
             ));
+        }
+        if self.precision_recall_k == 0 {
+            return Err(invalid("eval.precision_recall_k", "must be at least 1"));
         }
         Ok(())
     }

@@ -71,6 +71,19 @@ fn nvidia_smi(args: &[&str]) -> Vec<String> {
     }
 }
 
+/// The 1-, 5- and 15-minute load averages of the machine (`/proc/loadavg`); `None` where it
+/// cannot be read. Timings are reported with it: on a shared machine they depend on it.
+pub fn load_averages() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut values = text.split_whitespace().map(|v| v.parse().ok());
+    Some([values.next()??, values.next()??, values.next()??])
+}
+
+/// The 1-minute load average (see [`load_averages`]).
+pub fn load_average() -> Option<f64> {
+    load_averages().map(|l| l[0])
+}
+
 /// The commit of the git checkout at `dir`, or "unknown" outside one (or without git).
 pub fn git_commit(dir: &Path) -> String {
     Command::new("git")

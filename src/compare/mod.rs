@@ -1,6 +1,9 @@
 //! `difftune compare`: the study in one command. Trains every tuning method on the same data and
-//! budget, samples the same prompts and seeds with each (and with the base model), scores them
-//! with FID/KID, measures their costs and writes the study's tables, plots and sample grids.
+//! budget (several runs each, at a learning rate chosen per method on held-out training images
+//! when asked), samples the same prompts and seeds with each (and with the base model, and along
+//! each run's budget), scores them with FID, KID, precision and recall (and a content classifier
+//! on synthetic data), times every method's step interleaved with the others, and writes the
+//! study's tables, plots and sample grids.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -17,19 +20,25 @@
 //! # Ok(()) }
 //! ```
 pub mod config;
+pub mod content;
 pub mod grid;
+mod lr_search;
 pub mod machine;
 mod outputs;
 pub mod plots;
 mod prepare;
 pub mod presets;
 pub mod report;
+mod results;
 pub mod runner;
 mod sampling;
 pub mod score;
+pub mod split;
 mod stage;
+pub mod timing;
 pub mod tiny_vae;
 mod training;
+pub mod units;
 
 pub use config::CompareConfig;
 pub use report::StudyResults;

@@ -1,10 +1,12 @@
 //! What a finished comparison writes: results.json, results.csv, the plots, the sample grids and
 //! report.md.
 use super::grid::{compose, read_rgb, write_png, GridRow};
+use super::plots::study::{fid_curves, lr_search};
 use super::plots::{fid_vs_params, loss_curves, train_time, LossCurve};
 use super::report::{Figure, StudyResults};
-use super::runner::{TrainedRun, REPORT_MD, RESULTS_CSV, RESULTS_JSON};
+use super::runner::{REPORT_MD, RESULTS_CSV, RESULTS_JSON};
 use super::sampling::SampleItem;
+use super::training::TrainedRun;
 use super::Study;
 use crate::data::Dataset;
 use crate::util::fs::{write_atomic_str, write_json};
@@ -35,10 +37,27 @@ impl Study<'_> {
             "FID against trainable parameters",
         );
         fid_vs_params(results, &root.join(&fid.file))?;
-        let time = Figure::new("plots/train_time.png", "Training time per method");
+        let time = Figure::new(
+            "plots/train_time.png",
+            "Step time relative to full fine-tuning",
+        );
         train_time(results, &root.join(&time.file))?;
+        let mut figures = vec![fid, time];
+        if results.lr_search.is_some() {
+            let search = Figure::new(
+                "plots/lr_search.png",
+                "Learning rates on the validation split",
+            );
+            lr_search(results, &root.join(&search.file))?;
+            figures.push(search);
+        }
+        if !results.curves.is_empty() {
+            let curves = Figure::new("plots/fid_curves.png", "FID along the budget");
+            fid_curves(results, &root.join(&curves.file))?;
+            figures.push(curves);
+        }
         let mut curves = Vec::new();
-        for TrainedRun { method, record, .. } in runs {
+        for TrainedRun { method, record, .. } in runs.iter().filter(|r| r.run == 0) {
             let index = results
                 .rows
                 .iter()
@@ -51,9 +70,13 @@ impl Study<'_> {
                 points: super::training::loss_points(&record.adapter)?,
             });
         }
-        let loss = Figure::new("plots/loss_curves.png", "Training loss");
+        let loss = Figure::new(
+            "plots/loss_curves.png",
+            "Training loss (each method's first run)",
+        );
         loss_curves(&curves, &root.join(&loss.file))?;
-        Ok(vec![fid, time, loss])
+        figures.push(loss);
+        Ok(figures)
     }
 
     /// A grid per row (classes by seeds), and one comparing every row (classes by rows, first

@@ -17,6 +17,14 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
+/// The base model every row starts from.
+pub struct BaseModel {
+    pub spec: String,
+    pub files: ModelFiles,
+    /// Its U-Net's fingerprint, for the stage keys.
+    pub identity: String,
+}
+
 /// A dataset ready to train on or score against.
 pub struct PreparedData {
     pub path: PathBuf,
@@ -84,10 +92,11 @@ impl Study<'_> {
             eprintln!("compare: pre-training the base model on the source domain");
         }
         let job = RunJob {
-            name: PRETRAIN_RUN,
-            model: &initial,
-            data: &source.path,
+            name: PRETRAIN_RUN.to_string(),
+            model: initial.clone(),
+            data: source.path.clone(),
             config,
+            at_steps: Vec::new(),
             key: key.clone(),
         };
         let Some(record) = self.train_run(job)? else {

@@ -1,27 +1,32 @@
-//! Running a comparison: data, base model, one training run per method, samples of the same
-//! prompts and seeds from every model, their scores, and the report. Each step is a resumable
-//! stage (see [`super::stage`]): an interrupted comparison picks up where it stopped, and
-//! editing, say, the sampling settings redoes only sampling and scoring.
+//! Running a comparison: data, base model, the learning-rate search, every method's training
+//! runs, the timing pass and the content classifier, samples of the same prompts and seeds from
+//! every model (at the end of every run and along it), their scores, and the report. The study is
+//! a sequence of waves of independent units (see [`super::units`]), each a resumable stage (see
+//! [`super::stage`]): an interrupted comparison picks up where it stopped, and editing, say, the
+//! sampling settings redoes only sampling and scoring; adding a run or a candidate adds its units
+//! and reuses the others.
 //!
 //! Under a launcher ([`run_in`] with a group of several ranks) every stage runs on every rank:
 //! rank 0 alone holds the lock, reads and writes the stage states (and broadcasts what it
-//! decided), generates the data, writes the tiny model and merges the base model, while the
-//! others wait; the training runs are data-parallel (the configured batch × accumulation is the
-//! global batch, shared evenly by the ranks); each rank samples a contiguous share of whole
-//! sampling batches and extracts the Inception features of a share of the images; rank 0
-//! computes the scores and writes the outputs.
-use super::config::{CompareConfig, DataSource, MethodEntry, ModelSource};
-use super::machine::{git_commit, MachineInfo};
-use super::prepare::{count_unet_parameters, PreparedData};
-use super::report::{Check, Difference, MethodRow, StudyResults, BASE_ROW};
-use super::sampling::{sample_plan, SampleItem, SampleJob, SampleRecord};
-use super::score::{differences, Score, Scorer, ScorerWeights};
-use super::stage::{Layout, Stage};
-use super::training::{RunJob, RunRecord};
+//! decided), generates the data, writes the tiny model and merges the base model, times the steps
+//! and trains the content classifier, while the others wait; the training runs are data-parallel
+//! (the configured batch × accumulation is the global batch, shared evenly by the ranks); each
+//! rank samples a contiguous share of whole sampling batches and extracts the Inception features
+//! of a share of the images; rank 0 computes the scores and writes the outputs.
+use super::config::{CompareConfig, DataSource, ModelSource};
+use super::lr_search::LearningRates;
+use super::prepare::{BaseModel, PreparedData};
+use super::report::StudyResults;
+use super::sampling::{sample_plan, SampleItem, SampleJob, SampledSet, StudySet};
+use super::score::{Content, Score, Scorer, ScorerWeights};
+use super::stage::Layout;
+use super::training::{RunJob, TrainedRun};
+use super::units::{serial, RunId, SetId};
 use crate::data::synthetic::Domain;
 use crate::data::{Dataset, DatasetOptions, Split};
 use crate::dist::ProcessGroup;
 use crate::error::SettingsError;
+use crate::eval::classifier::ContentClassifier;
 use crate::model::source::ModelFiles;
 use crate::schedulers::SchedulerKind;
 use crate::util::fs::write_atomic_str;
@@ -29,8 +34,8 @@ use crate::util::progress::Progress;
 use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use serde_json::json;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tch::Device;
@@ -71,33 +76,8 @@ pub(crate) struct Study<'a> {
     pub settings_toml: String,
     /// The ranks taking part (a group of one without a launcher).
     pub group: &'a ProcessGroup,
-}
-
-/// A method's finished run with the stage key it was trained under.
-pub struct TrainedRun<'a> {
-    pub method: &'a MethodEntry,
-    pub key: Value,
-    pub record: RunRecord,
-}
-
-/// One row of the study: the base model, or the base model with a method's run applied.
-struct StudyRow<'a> {
-    name: String,
-    label: String,
-    run: Option<&'a TrainedRun<'a>>,
-}
-
-/// A row's finished sampling with the stage key it was sampled under.
-struct SampledRow {
-    key: Value,
-    record: SampleRecord,
-}
-
-/// The base model every row starts from.
-struct BaseModel {
-    spec: String,
-    files: ModelFiles,
-    identity: String,
+    /// The machine's load averages when this invocation started.
+    pub load_at_start: Option<[f64; 3]>,
 }
 
 /// Returns from the enclosing function with [`Outcome::Interrupted`] on `None`.
@@ -138,25 +118,45 @@ pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
         device: group.local_device(config.train.device.resolve()?),
         settings_toml: config.to_toml()?,
         group,
+        load_at_start: super::machine::load_averages(),
     };
     if main {
         write_atomic_str(&study.layout.root.join(CONFIG_FILE), &study.settings_toml)?;
     }
 
+    // Wave 1: the data and the base model.
     let target = study.prepare_dataset(Domain::Target)?;
-    let source = match config.pretrain {
-        Some(_) => Some(study.prepare_dataset(Domain::Source)?),
-        None => None,
+    let source = match config.pretrain.is_some() || config.eval.classifier.is_some() {
+        true => Some(study.prepare_dataset(Domain::Source)?),
+        false => None,
     };
-    let spec = or_interrupted!(study.prepare_base_model(&target, source.as_ref())?);
+    let pretrain_source = source.as_ref().filter(|_| config.pretrain.is_some());
+    let spec = or_interrupted!(study.prepare_base_model(&target, pretrain_source)?);
     let files = ModelFiles::resolve(&spec, None)?;
     let base = BaseModel {
         identity: files.unet_identity()?,
         files,
         spec,
     };
-    let runs = or_interrupted!(study.train_methods(&base, &target)?);
+    let weights = study.on_main(|| ScorerWeights::choose(&config.eval, &study.layout.eval()))?;
+    let scorer = Scorer::new(&config.eval, study.device, weights)?;
 
+    // Wave 2: the learning-rate search.
+    let rates = or_interrupted!(study.choose_learning_rates(&base, &target, &scorer)?);
+    // Wave 3: the final runs, the timing pass and the content classifier.
+    let runs = or_interrupted!(study.train_methods(&base, &target, &rates)?);
+    let timing = match config.study.timing.rounds {
+        0 => None,
+        _ => Some(or_interrupted!(
+            study.time_steps(&study.timing_job(&base), &base.files)?
+        )),
+    };
+    let classifier = match &source {
+        Some(source) => study.train_classifier(&target, source)?,
+        None => None,
+    };
+
+    // Waves 4 and 5: every sample set, then its scores.
     let test = Dataset::open(
         &target.path,
         &DatasetOptions {
@@ -165,15 +165,41 @@ pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
         },
     )?;
     let plan = sample_plan(config, &test)?;
-    let rows = study_rows(&runs);
-    let sampled = or_interrupted!(study.sample_rows(&base, &rows, &plan)?);
+    let sets = study_sets(&runs);
+    let sampled = or_interrupted!(study.sample_sets(&base, &sets, &plan)?);
     if group.any(opts.interrupt.load(Ordering::SeqCst))? {
         return Ok(Outcome::Interrupted);
     }
-    let scored = study.score_rows(&base, &target, &test, &rows, &sampled, &plan)?;
-    let Some(results) = scored else {
+    let content = match &classifier {
+        Some(record) => Some(ContentClassifier::load(&record.weights)?),
+        None => None,
+    };
+    let scores = study.score_sets(
+        &target,
+        &test,
+        &sets,
+        &sampled,
+        &plan,
+        &scorer,
+        content.as_ref(),
+    )?;
+    let Some(scores) = scores else {
         return Ok(Outcome::FinishedOnMainRank);
     };
+    let records = super::results::Records {
+        base: &base,
+        target: &target,
+        test: &test,
+        scorer: &scorer,
+        rates,
+        runs: &runs,
+        sets: &sets,
+        sampled: &sampled,
+        scores: &scores,
+        timing,
+        classifier,
+    };
+    let results = study.results(records)?;
     study.write_outputs(&results, &runs, &plan, &test)?;
     study.layout.save_clock()?;
     Ok(Outcome::Finished(Box::new(results)))
@@ -220,112 +246,143 @@ fn check_inputs(config: &CompareConfig) -> Result<()> {
     Ok(())
 }
 
-/// The study's rows: the base model, then each method's run.
-fn study_rows<'a>(runs: &'a [TrainedRun<'a>]) -> Vec<StudyRow<'a>> {
-    let base = StudyRow {
-        name: BASE_ROW.to_string(),
-        label: "No fine-tuning (base model)".to_string(),
+/// The study's sample sets: the base model's, then each method's runs in order, each at its end
+/// and then at each of its kept steps.
+fn study_sets<'a>(runs: &'a [TrainedRun<'a>]) -> Vec<StudySet<'a>> {
+    let mut sets = vec![StudySet {
+        id: SetId::base(),
+        adapter: None,
         run: None,
-    };
-    let methods = runs.iter().map(|run| StudyRow {
-        name: run.method.name().to_string(),
-        label: run.method.label(),
-        run: Some(run),
-    });
-    std::iter::once(base).chain(methods).collect()
+    }];
+    for run in runs {
+        let id = RunId::final_run(run.method.name(), run.run);
+        sets.push(StudySet {
+            id: SetId {
+                run: Some(id.clone()),
+                step: None,
+            },
+            adapter: Some(run.record.adapter.clone()),
+            run: Some(run),
+        });
+        for (&step, adapter) in &run.record.at_steps {
+            sets.push(StudySet {
+                id: SetId {
+                    run: Some(id.clone()),
+                    step: Some(step),
+                },
+                adapter: Some(adapter.clone()),
+                run: Some(run),
+            });
+        }
+    }
+    sets
 }
 
 impl<'a> Study<'a> {
-    /// Trains every method from the base model on the target data. `None` when interrupted.
+    /// Trains every method's runs from the base model on the target data, at the rates chosen.
+    /// `None` when interrupted.
     fn train_methods(
         &self,
         base: &BaseModel,
         target: &PreparedData,
+        rates: &LearningRates,
     ) -> Result<Option<Vec<TrainedRun<'a>>>> {
         let methods = &self.config.methods;
-        let mut runs = Vec::new();
-        for (i, method) in methods.iter().enumerate() {
-            if self.group.is_main() {
-                eprintln!("compare: [{}/{}] {}", i + 1, methods.len(), method.label());
+        let runs = self.config.study.runs;
+        let mut units = Vec::new();
+        for (method, &learning_rate) in methods.iter().zip(&rates.rates) {
+            for run in 0..runs {
+                let mut config = method.run.clone();
+                config.train.learning_rate = learning_rate;
+                config.train.seed = method.run.train.seed + run as u64;
+                let key =
+                    json!({ "base": base.identity, "data": target.key, "run": config.to_toml()? });
+                units.push((method, run, key, config));
             }
-            let config = method.run.clone();
-            let key =
-                json!({ "base": base.identity, "data": target.key, "run": config.to_toml()? });
+        }
+        let total = units.len();
+        let mut index = 0;
+        serial(units, |(method, run, key, config)| {
+            index += 1;
+            if self.group.is_main() {
+                eprintln!("compare: [{index}/{total}] {} run {run}", method.label());
+            }
+            let seed = config.train.seed;
             let job = RunJob {
-                name: method.name(),
-                model: &base.spec,
-                data: &target.path,
+                name: RunId::final_run(method.name(), run).name(),
+                model: base.spec.clone(),
+                data: target.path.clone(),
                 config,
+                at_steps: self.config.eval.at_steps.clone(),
                 key: key.clone(),
             };
-            let Some(record) = self.train_run(job)? else {
-                return Ok(None);
-            };
-            runs.push(TrainedRun {
+            Ok(self.train_run(job)?.map(|record| TrainedRun {
                 method,
+                run,
+                seed,
                 key,
                 record,
-            });
-        }
-        Ok(Some(runs))
+            }))
+        })
     }
 
-    /// Samples the plan with every row. `None` when interrupted.
-    fn sample_rows(
+    /// Samples the plan with every set. `None` when interrupted.
+    fn sample_sets(
         &self,
         base: &BaseModel,
-        rows: &[StudyRow],
+        sets: &[StudySet],
         plan: &[SampleItem],
-    ) -> Result<Option<Vec<SampledRow>>> {
+    ) -> Result<Option<Vec<SampledSet>>> {
         let samples_key = json!({
             "base": base.identity,
             "sample": self.config.sample,
             "resolution": self.config.sample_resolution(),
             "plan": plan,
         });
-        let mut sampled = Vec::new();
-        for row in rows {
+        serial(sets, |set| {
+            let mut key = json!({ "samples": samples_key, "run": set.run.map(|r| &r.key) });
+            if let Some(step) = set.id.step {
+                key["step"] = json!(step);
+            }
             let job = SampleJob {
-                row: &row.name,
-                adapter: row.run.map(|r| r.record.adapter.as_path()),
-                key: json!({ "samples": samples_key, "run": row.run.map(|r| &r.key) }),
+                set: set.id.name(),
+                adapter: set.adapter.clone(),
+                key,
             };
             if self.group.is_main() {
-                eprintln!("compare: sampling {} images with {}", plan.len(), row.label);
+                eprintln!("compare: sampling {} images with {}", plan.len(), job.set);
             }
-            let Some(record) = self.sample_row(&job, &base.files, plan)? else {
-                return Ok(None);
-            };
-            sampled.push(SampledRow {
-                key: job.key,
-                record,
-            });
-        }
-        Ok(Some(sampled))
+            Ok(self
+                .sample_row(&job, &base.files, plan)?
+                .map(|record| SampledSet {
+                    key: job.key,
+                    record,
+                }))
+        })
     }
 
-    /// Scores every row's samples against the test split: every rank extracts the features of
-    /// its share of the images, rank 0 computes the scores. `None` on the other ranks.
-    fn score_rows(
+    /// Scores every set against the test split (and with the content classifier): every rank
+    /// extracts the features of its share of the images, rank 0 computes the scores. `None` on
+    /// the other ranks.
+    #[allow(clippy::too_many_arguments)]
+    fn score_sets(
         &self,
-        base: &BaseModel,
         target: &PreparedData,
         test: &Dataset,
-        rows: &[StudyRow],
-        sampled: &[SampledRow],
+        sets: &[StudySet],
+        sampled: &[SampledSet],
         plan: &[SampleItem],
-    ) -> Result<Option<StudyResults>> {
+        scorer: &Scorer,
+        classifier: Option<&ContentClassifier>,
+    ) -> Result<Option<Vec<Score>>> {
         if self.group.is_main() {
             eprintln!("compare: scoring");
         }
-        let eval = &self.config.eval;
-        let weights = self.on_main(|| ScorerWeights::choose(eval, &self.layout.eval()))?;
-        let scorer = Scorer::new(eval, self.device, weights)?;
         let reference_key = format!("{}|{}|test|{}", scorer.identity, target.key, test.len());
         let visible = self.opts.progress && self.group.is_main();
         let progress = Progress::new(
             "compare scoring",
-            rows.len() as u64 + 1,
+            sets.len() as u64 + 1,
             "image sets",
             visible,
         );
@@ -338,66 +395,29 @@ impl<'a> Study<'a> {
         // The message names the image set just scored.
         progress.set_message("test split".into());
         progress.inc(1);
+        let intended: Vec<i64> = plan.iter().map(|item| item.class as i64).collect();
+        let content_key = self.config.eval.classifier.as_ref().map(|s| json!(s));
         let mut scores = Vec::new();
-        for (row, sampled) in rows.iter().zip(sampled) {
+        for (set, sampled) in sets.iter().zip(sampled) {
+            let name = set.id.name();
             let key = json!({
                 "samples": sampled.key,
-                "scorer": scorer.identity,
+                "scores": scorer.key(),
                 "reference": reference_key,
-                "kid": [eval.kid_subsets, eval.kid_subset_size, eval.random_seed],
-                "bootstrap": scorer.bootstrap(),
+                "content": content_key,
             });
-            let stage = Stage::Score(&row.name);
-            let done: Option<Score> = self.on_main(|| self.layout.enter(stage, None, &key))?;
-            let score = match done {
-                Some(score) => Some(score),
-                None => {
-                    let paths = self.sample_paths(&row.name, plan);
-                    let score = scorer
-                        .score(reference.as_ref(), &paths, self.group)
-                        .with_context(|| format!("scoring {}", row.label))?;
-                    if let Some(score) = &score {
-                        self.layout.finish(stage, &key, score)?;
-                    }
-                    score
-                }
-            };
-            scores.extend(score.map(|score| (row.name.clone(), score)));
-            progress.set_message(row.label.clone());
+            let content = classifier.map(|classifier| Content {
+                classifier,
+                intended: &intended,
+            });
+            let paths = self.sample_paths(&name, plan);
+            let score = self.score_set(&name, &key, scorer, reference.as_ref(), &paths, content)?;
+            scores.extend(score);
+            progress.set_message(name);
             progress.inc(1);
         }
         progress.finish_and_clear();
-        if !self.group.is_main() {
-            return Ok(None);
-        }
-        let unet_params = count_unet_parameters(&base.files)?;
-        let scored = rows
-            .iter()
-            .zip(sampled)
-            .zip(&scores)
-            .map(|((row, sampled), (_, score))| MethodRow {
-                method: row.name.clone(),
-                label: row.label.clone(),
-                fid: score.fid.value,
-                fid_uncertainty: (&score.fid).into(),
-                kid_mean: score.kid.value,
-                kid_uncertainty: (&score.kid).into(),
-                kid_std: score.kid_subset_std,
-                images: score.images,
-                trainable_params: row.run.map(|r| r.record.trainable_params),
-                unet_params,
-                train: row.run.map(|r| r.record.train.clone()),
-                sample_seconds: sampled.record.seconds,
-            })
-            .collect();
-        let differences = differences(&scores)?;
-        Ok(Some(self.results(
-            scored,
-            differences,
-            &scorer,
-            target,
-            test,
-        )))
+        Ok(self.group.is_main().then_some(scores))
     }
 
     /// What `decide` gives on rank 0, on every rank: the stage engine's decisions (is a stage
@@ -427,49 +447,5 @@ impl<'a> Study<'a> {
         let shared: Result<T, String> =
             serde_json::from_slice(&bytes).context("reading rank 0's stage decision")?;
         shared.map_err(|e| anyhow!("rank 0 failed: {e}"))
-    }
-
-    /// The study's results from its scored rows.
-    fn results(
-        &self,
-        rows: Vec<MethodRow>,
-        differences: Vec<Difference>,
-        scorer: &Scorer,
-        target: &PreparedData,
-        test: &Dataset,
-    ) -> StudyResults {
-        let mut checks =
-            StudyResults::improvement_checks(&rows, &differences, &self.config.eval.must_improve);
-        checks.push(Check {
-            statement: "every FID and KID is a finite number".into(),
-            passed: rows
-                .iter()
-                .all(|r| r.fid.is_finite() && r.kid_mean.is_finite()),
-        });
-        let clock = &self.layout.clock;
-        StudyResults {
-            name: self.config.name.clone(),
-            git_commit: git_commit(Path::new(env!("CARGO_MANIFEST_DIR"))),
-            machine: MachineInfo::detect(self.device),
-            world_size: self.group.world_size(),
-            fid_features: scorer.description.clone(),
-            reference: format!(
-                "test split of {} ({} images)",
-                target.description,
-                test.len()
-            ),
-            rows,
-            uncertainty: format!(
-                "bootstrap over the generated and the reference features, {} resamples with replacement, seed {}",
-                scorer.bootstrap().resamples,
-                scorer.bootstrap().seed
-            ),
-            differences,
-            checks,
-            wall_seconds: clock.total(),
-            invocations: clock.invocations,
-            invocation_seconds: clock.this_invocation(),
-            settings_toml: self.settings_toml.clone(),
-        }
     }
 }

@@ -31,10 +31,18 @@ pub enum Stage<'a> {
     BaseModel,
     /// One training run: a method's, or [`PRETRAIN_RUN`].
     Run(&'a str),
+    /// A learning-rate candidate's run that diverged: its record is the step.
+    Diverged(&'a str),
     /// Sampling one row of the study (the base model or a method).
     Samples(&'a str),
     /// Scoring one row's samples.
     Score(&'a str),
+    /// Holding out the validation images of the learning-rate search.
+    ValidationSplit,
+    /// Timing every method's training step, interleaved.
+    Timing,
+    /// Training the content classifier.
+    Classifier,
 }
 
 impl fmt::Display for Stage<'_> {
@@ -46,8 +54,12 @@ impl fmt::Display for Stage<'_> {
             Stage::TinyModel => write!(f, "model-tiny"),
             Stage::BaseModel => write!(f, "model-base"),
             Stage::Run(name) => write!(f, "run-{name}"),
+            Stage::Diverged(name) => write!(f, "diverged-{name}"),
             Stage::Samples(row) => write!(f, "samples-{row}"),
             Stage::Score(row) => write!(f, "score-{row}"),
+            Stage::ValidationSplit => write!(f, "data-validation-split"),
+            Stage::Timing => write!(f, "timing"),
+            Stage::Classifier => write!(f, "classifier"),
         }
     }
 }
@@ -95,6 +107,10 @@ impl Layout {
     pub fn eval(&self) -> PathBuf {
         self.root.join("eval")
     }
+    /// The timing pass's folder (its rounds so far, while it runs).
+    pub fn timing(&self) -> PathBuf {
+        self.root.join("timing")
+    }
     fn state(&self, stage: Stage) -> PathBuf {
         self.root.join("state").join(format!("{stage}.json"))
     }
@@ -138,6 +154,36 @@ impl Layout {
             },
         )?;
         Ok(None)
+    }
+
+    /// The record of `stage` when it is finished under `key`, without recording anything.
+    pub fn recorded<T: DeserializeOwned>(&self, stage: Stage, key: &Value) -> Result<Option<T>> {
+        let path = self.state(stage);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        match serde_json::from_str::<StageState>(&text) {
+            Ok(state) if state.finished && &state.key == key => Ok(Some(
+                serde_json::from_value(state.record)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// Starts `stage` over: clears its folder `dir` and records it as unfinished under `key`.
+    pub fn reset(&self, stage: Stage, dir: &Path, key: &Value) -> Result<()> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        write_json(
+            &self.state(stage),
+            &StageState {
+                key: key.clone(),
+                finished: false,
+                record: Value::Null,
+            },
+        )
     }
 
     /// Records `stage` as finished with `record`.

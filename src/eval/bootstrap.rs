@@ -11,6 +11,13 @@
 //! draws, position for position, which pairs them: the spread of the difference of two such scores
 //! over the resamples is the uncertainty of the difference, with the reference's own noise
 //! cancelled ([`difference`]).
+//!
+//! Several training runs per method add a level above the images: [`over_runs`] is the
+//! hierarchical bootstrap of a method's mean over its runs (the runs resampled with replacement,
+//! then each drawn run's image-level resample), so its interval covers the run-to-run spread as
+//! well as the finite image sets; [`paired_over_runs`] resamples the same run indices for both
+//! methods of a difference (runs are paired by index: run r of every method trains with the same
+//! seed).
 use super::{frechet_distance, kid, Kid, Statistics};
 use anyhow::{bail, Result};
 use faer::{Mat, MatRef};
@@ -175,6 +182,104 @@ impl Estimate {
     }
 }
 
+impl Estimate {
+    /// A score known without image-level uncertainty (one that is not bootstrapped over images),
+    /// as `resamples` copies of itself, so that it takes part in [`over_runs`] with its run-to-run
+    /// spread alone.
+    pub fn exact(value: f64, resamples: usize) -> Self {
+        Self::from_resamples(value, vec![value; resamples])
+    }
+}
+
+/// The run indices of every hierarchical resample: `resamples` draws of `runs` indices with
+/// replacement, from their own stream of the bootstrap's seed. The same draws serve every method,
+/// which pairs them by run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunDraws {
+    runs: usize,
+    indices: Vec<Vec<usize>>,
+}
+
+impl RunDraws {
+    pub fn new(runs: usize, bootstrap: &Bootstrap) -> Result<Self> {
+        if runs == 0 {
+            bail!("a mean over runs needs at least one run");
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(bootstrap.seed);
+        // Stream 0 draws the images' indices.
+        rng.set_stream(1);
+        let indices = (0..bootstrap.resamples)
+            .map(|_| draw(&mut rng, runs))
+            .collect();
+        Ok(Self { runs, indices })
+    }
+
+    pub fn runs(&self) -> usize {
+        self.runs
+    }
+}
+
+/// A method's mean over its runs with the hierarchical bootstrap's uncertainty: resample `b` is
+/// the mean, over resample `b`'s drawn run indices, of each drawn run's own resample `b`. `runs`
+/// holds one estimate per run, all with as many resamples as `draws` has; a single estimate
+/// stands for every run (a row without training runs, such as the base model).
+pub fn over_runs(runs: &[&Estimate], draws: &RunDraws) -> Result<Estimate> {
+    let run = |r: usize| -> &Estimate {
+        match runs.len() {
+            1 => runs[0],
+            _ => runs[r],
+        }
+    };
+    if runs.len() != 1 && runs.len() != draws.runs {
+        bail!(
+            "{} runs given where the draws have {}",
+            runs.len(),
+            draws.runs
+        );
+    }
+    if let Some(other) = runs
+        .iter()
+        .find(|e| e.resamples.len() != draws.indices.len())
+    {
+        bail!(
+            "the hierarchical bootstrap needs {} image-level resamples per run, got {}",
+            draws.indices.len(),
+            other.resamples.len()
+        );
+    }
+    let value = (0..draws.runs).map(|r| run(r).value).sum::<f64>() / draws.runs as f64;
+    let resamples = draws
+        .indices
+        .iter()
+        .enumerate()
+        .map(|(b, drawn)| {
+            drawn.iter().map(|&r| run(r).resamples[b]).sum::<f64>() / drawn.len() as f64
+        })
+        .collect();
+    Ok(Estimate::from_resamples(value, resamples))
+}
+
+/// The mean over runs of `a − b`, run `r` of one against run `r` of the other, with the
+/// hierarchical bootstrap's uncertainty (the same run draws for both, and within each run the
+/// image-level draws that pair sets of equal size). Either side may be a single estimate (see
+/// [`over_runs`]).
+pub fn paired_over_runs(a: &[&Estimate], b: &[&Estimate], draws: &RunDraws) -> Result<Estimate> {
+    let pick = |side: &[&Estimate], r: usize| side[if side.len() == 1 { 0 } else { r }].clone();
+    for side in [a, b] {
+        if side.len() != 1 && side.len() != draws.runs {
+            bail!(
+                "{} runs given where the draws have {}",
+                side.len(),
+                draws.runs
+            );
+        }
+    }
+    let differences = (0..draws.runs)
+        .map(|r| difference(&pick(a, r), &pick(b, r)))
+        .collect::<Result<Vec<_>>>()?;
+    over_runs(&differences.iter().collect::<Vec<_>>(), draws)
+}
+
 fn draw(rng: &mut ChaCha8Rng, n: usize) -> Vec<usize> {
     (0..n).map(|_| rng.random_range(0..n)).collect()
 }
@@ -247,6 +352,65 @@ mod tests {
         let (near, also_near, far) = (score(&near), score(&also_near), score(&far));
         assert!(!difference(&far, &near).unwrap().includes_zero());
         assert!(difference(&also_near, &near).unwrap().includes_zero());
+    }
+
+    fn shifted(e: &Estimate, by: f64) -> Estimate {
+        Estimate::from_resamples(e.value + by, e.resamples.iter().map(|v| v + by).collect())
+    }
+
+    #[test]
+    fn identical_runs_give_the_image_level_interval() {
+        let boot = Bootstrap {
+            resamples: 50,
+            seed: 3,
+        };
+        let reference = features(40, 3, 0.0, 1);
+        let run = boot
+            .fid(reference.as_ref(), features(40, 3, 0.2, 2).as_ref())
+            .unwrap();
+        let draws = RunDraws::new(3, &boot).unwrap();
+        let mean = over_runs(&[&run, &run, &run], &draws).unwrap();
+        assert!((mean.value - run.value).abs() < 1e-12);
+        assert!((mean.low - run.low).abs() < 1e-12 && (mean.high - run.high).abs() < 1e-12);
+        // One run is the image-level bootstrap itself.
+        let one = over_runs(&[&run], &RunDraws::new(1, &boot).unwrap()).unwrap();
+        assert_eq!(one, run);
+    }
+
+    #[test]
+    fn run_spread_widens_the_interval_and_pairing_cancels_a_shared_shift() {
+        let boot = Bootstrap {
+            resamples: 200,
+            seed: 0,
+        };
+        let reference = features(40, 3, 0.0, 1);
+        let base = boot
+            .fid(reference.as_ref(), features(40, 3, 0.2, 2).as_ref())
+            .unwrap();
+        let spread = [shifted(&base, -0.3), base.clone(), shifted(&base, 0.3)];
+        let draws = RunDraws::new(3, &boot).unwrap();
+        let same = over_runs(&[&base, &base, &base], &draws).unwrap();
+        let mean = over_runs(&spread.iter().collect::<Vec<_>>(), &draws).unwrap();
+        assert!((mean.value - base.value).abs() < 1e-12);
+        assert!(
+            mean.high - mean.low > same.high - same.low + 0.2,
+            "{mean:?} against {same:?}"
+        );
+        // Another method whose runs move with these (run r shares its seed) plus 0.05: paired by
+        // run, the run spread cancels and the small shift is real; unpaired it would not be.
+        let other: Vec<Estimate> = spread.iter().map(|e| shifted(e, 0.05)).collect();
+        let d = paired_over_runs(
+            &other.iter().collect::<Vec<_>>(),
+            &spread.iter().collect::<Vec<_>>(),
+            &draws,
+        )
+        .unwrap();
+        assert!(
+            (d.value - 0.05).abs() < 1e-12 && !d.includes_zero(),
+            "{d:?}"
+        );
+        let exact = over_runs(&[&Estimate::exact(0.5, 200)], &draws).unwrap();
+        assert_eq!((exact.low, exact.high), (0.5, 0.5));
     }
 
     #[test]

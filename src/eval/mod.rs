@@ -14,11 +14,13 @@
 //! # Ok(()) }
 //! ```
 pub mod bootstrap;
+pub mod classifier;
 pub mod features;
 pub mod fid;
 pub mod images;
 pub mod inception;
 pub mod kid;
+pub mod precision_recall;
 pub mod stats;
 
 pub use bootstrap::{Bootstrap, Estimate};

@@ -4,6 +4,7 @@
 use super::{merge_tables, parse_set_pairs, read_table, SettingsError};
 use crate::compare::config::{
     CompareConfig, DataSection, EvalSection, MethodEntry, ModelSection, Pretrain, SampleSection,
+    StudySection,
 };
 use crate::compare::presets::preset_text;
 use crate::peft::MethodSettings;
@@ -26,6 +27,8 @@ struct CompareFile {
     train: toml::Table,
     methods: Vec<MethodFileEntry>,
     #[serde(default)]
+    study: StudySection,
+    #[serde(default)]
     sample: SampleSection,
     #[serde(default)]
     eval: EvalSection,
@@ -41,6 +44,7 @@ struct MethodFileEntry {
     settings: toml::Table,
     #[serde(default)]
     train: toml::Table,
+    lr_candidates: Option<Vec<f64>>,
 }
 
 /// The comparison in the run file at `path`, with the `set` pairs (`train.steps=5`,
@@ -90,6 +94,7 @@ fn resolve(mut table: toml::Table, set: &[String]) -> Result<CompareConfig> {
         name: file.name,
         model: file.model,
         data: file.data,
+        study: file.study,
         sample: file.sample,
         eval: file.eval,
     };
@@ -140,6 +145,7 @@ fn method_entry(entry: MethodFileEntry, shared: &toml::Table) -> Result<MethodEn
             method: MethodSettings::new(&entry.name, entry.settings)?,
         },
         train_overrides: entry.train,
+        lr_candidates: entry.lr_candidates,
     })
 }
 

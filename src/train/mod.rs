@@ -5,12 +5,14 @@ pub mod checkpoint;
 pub mod config;
 pub mod divergence;
 pub mod ema;
+pub mod flops;
 pub mod metrics;
 pub mod optim;
 pub mod precision;
 pub mod prefetch;
 pub mod step;
 pub mod tensorboard;
+pub mod timed_step;
 pub mod trainer;
 pub mod validation;
 

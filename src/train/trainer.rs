@@ -113,7 +113,7 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
 
 /// How a run computes on `device` under `precision`: whether the U-Net runs under bf16 autocast.
-fn uses_autocast(precision: Precision, device: Device) -> bool {
+pub fn uses_autocast(precision: Precision, device: Device) -> bool {
     match precision {
         Precision::Auto => device.is_cuda(),
         Precision::Fp32 => false,
@@ -384,7 +384,9 @@ impl<'a> Trainer<'a> {
         let (loss, grad_norm) = (read[0], read[2]);
         self.interrupted = read[1] > 0.0;
         if !(loss.is_finite() && grad_norm.is_finite()) {
-            return Err(self.stop_diverged(loss, grad_norm));
+            let message = format!("{:#}", self.stop_diverged(loss, grad_norm));
+            let step = self.steps_done + 1;
+            return Err(crate::error::Diverged { step, message }.into());
         }
         let step = self.steps_done;
         let lr = train.lr_schedule.lr(

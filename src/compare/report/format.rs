@@ -76,6 +76,27 @@ pub fn format_interval(uncertainty: &Uncertainty, scale: f64) -> String {
     )
 }
 
+/// A ratio as a percentage: 56%.
+pub fn format_percent(ratio: f64) -> String {
+    format!("{:.0}%", 100.0 * ratio)
+}
+
+/// FLOPs with an SI prefix: 1.23 GFLOP.
+pub fn format_flops(flops: f64) -> String {
+    let (scaled, prefix) = match flops {
+        f if f >= 1e12 => (f / 1e12, "T"),
+        f if f >= 1e9 => (f / 1e9, "G"),
+        f if f >= 1e6 => (f / 1e6, "M"),
+        f => (f / 1e3, "k"),
+    };
+    format!("{scaled:.2} {prefix}FLOP")
+}
+
+/// A mean over runs with its uncertainty, three decimals: `0.812 ± 0.021`.
+pub fn format_summary(summary: &super::Summary) -> String {
+    format!("{:.3} ± {:.3}", summary.value, summary.uncertainty.std)
+}
+
 /// FID/KID with two decimals, as the study prints FID; non-finite values spelled out.
 pub fn format_score(v: f64) -> String {
     if v.is_finite() {

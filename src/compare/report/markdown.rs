@@ -1,7 +1,7 @@
 //! `report.md`: the study's tables with their notes, the checks, the measurements, plots,
 //! sample grids and the setup that produced them.
 use super::format::format_seconds;
-use super::StudyResults;
+use super::{Metric, StudyResults};
 use crate::compare::machine::MemoryKind;
 use anyhow::Result;
 use std::fmt::Write;
@@ -53,7 +53,11 @@ impl StudyResults {
             }
             md.push('\n');
         }
-        writeln!(md, "## Measurements\n")?;
+        self.write_lr_search(&mut md)?;
+        self.write_curves(&mut md)?;
+        writeln!(md, "## Every run\n")?;
+        md.push_str(&self.runs_table());
+        writeln!(md, "\n## Measurements (each method's first run)\n")?;
         md.push_str(&self.details_table());
         md.push('\n');
         write_figures(&mut md, "Plots", plots)?;
@@ -70,19 +74,46 @@ impl StudyResults {
             self.reference
         )?;
         md.push_str(&self.table1());
+        let runs = match self.runs {
+            1 => "**One training run per method: the intervals cover the finite image sets, not the \
+                  run-to-run spread** (another seed can move a method by more than its interval; set \
+                  `study.runs` to measure it)."
+                .to_string(),
+            n => format!(
+                "Each method's values are the mean over its {n} training runs (seeds `train.seed` to \
+                 `train.seed + {}`); the intervals cover the run-to-run spread as well as the finite \
+                 image sets.",
+                n - 1
+            ),
+        };
         writeln!(
             md,
             "\nThe first row samples the base model before any fine-tuning, with the same prompts and seeds. \
-             Uncertainties (value ± standard deviation, and the 95% interval): {}.\n",
-            self.uncertainty
+             {runs} Uncertainties (value ± standard deviation, and the 95% interval): {}. Precision and \
+             recall (Kynkäänniemi et al. 2019, k-NN radii on the same features): the share of generated \
+             images inside the test images' manifold, and of test images inside the generated images'; \
+             their ± is the spread over runs.{}\n",
+            self.uncertainty,
+            match &self.classifier {
+                Some(c) => format!(
+                    " Dish as prompted / target style: the shares of generated images that a small \
+                     classifier trained on both synthetic domains reads as the prompted dish, and as \
+                     the target domain (on the held-out test images of both domains it reads {:.1}% of \
+                     the dishes and {:.1}% of the domains right).",
+                    100.0 * c.test_class_accuracy,
+                    100.0 * c.test_domain_accuracy
+                ),
+                None => String::new(),
+            }
         )?;
         if !self.differences.is_empty() {
             writeln!(
                 md,
-                "### Which differences are real\n\nPaired over the same bootstrap draws: each method against \
-                 the base model, then each method against the next in the FID ranking. A difference whose \
-                 95% interval holds zero is **within the uncertainty**: these images do not establish which \
-                 of the two is lower.\n"
+                "### Which differences are real\n\nPaired by run (run r of one method against run r of the \
+                 other: both trained with seed `train.seed + r`) and over the same bootstrap draws: each \
+                 method against the base model, then each method against the next in the FID ranking. A \
+                 difference whose 95% interval holds zero is **within the uncertainty**: these runs and \
+                 images do not establish which of the two is lower.\n"
             )?;
             md.push_str(&self.differences_table());
             md.push('\n');
@@ -94,7 +125,7 @@ impl StudyResults {
     fn write_table2(&self, md: &mut String) -> Result<()> {
         writeln!(
             md,
-            "## Table 2. Trained parameters and training time relative to full fine-tuning\n"
+            "## Table 2. Trained parameters and training cost relative to full fine-tuning\n"
         )?;
         md.push_str(&self.table2());
         let kinds: Vec<MemoryKind> = {
@@ -111,12 +142,81 @@ impl StudyResults {
             .map(|k| k.describe())
             .collect::<Vec<_>>()
             .join("; ");
+        let time = match &self.timing {
+            Some(t) => format!(
+                "Time: the timing pass's median ratio of each method's step time to full fine-tuning's, \
+                 measured in one process with the methods taking turns ({} rounds of {} timed steps each \
+                 after {} warm-up steps, {} torch thread(s); the ratio is taken within each round, so load \
+                 that changes between rounds cancels), with its 95% bootstrap interval (steps resampled \
+                 within rounds); 1-minute load average at the rounds' starts: {}. FLOPs per step: counted \
+                 from torch's profiler trace of one step (matrix products, convolutions and attention: \
+                 the forward pass, the activation gradients and the trained tensors' weight gradients; \
+                 element-wise ops not counted), with the share of full fine-tuning's.",
+                t.rounds,
+                t.steps,
+                t.warmup,
+                t.threads,
+                format_loads(&t.load_average)
+            ),
+            None => "Time: median step time × steps of each method's first run (no timing pass: \
+                     `study.timing.rounds = 0`)."
+                .to_string(),
+        };
         writeln!(
             md,
-            "\n# params: parameters trained, with their share of the U-Net's parameters. Time: median step \
-             time × steps, which load on the machine barely moves; wall time: the training loop's wall time \
-             (both relative to full fine-tuning's). Peak memory: {memory_note}.\n"
+            "\n# params: parameters trained, with their share of the U-Net's parameters. {time} Wall time: \
+             the training loops' wall time (mean over runs) relative to full fine-tuning's, which load on \
+             the machine bends. Peak memory: {memory_note}.\n"
         )?;
+        Ok(())
+    }
+
+    fn write_lr_search(&self, md: &mut String) -> Result<()> {
+        let (Some(search), Some(table)) = (&self.lr_search, self.lr_table()) else {
+            return Ok(());
+        };
+        let steps: Vec<String> = search
+            .steps
+            .iter()
+            .map(|(m, s)| format!("{m} {s}"))
+            .collect();
+        let score = match search.score {
+            Metric::Kid => "KID",
+            Metric::Fid => "FID",
+        };
+        writeln!(
+            md,
+            "## Learning rates, chosen on held-out training images\n\nEach candidate trained on the \
+             training images less the validation split ({}; steps per candidate run: {}), sampled the \
+             validation classes' prompts and was scored against the held-out images; the lowest {score} \
+             was chosen, and the method's runs above train at it on all the training images. The test \
+             split was not read for the choice.\n",
+            search.validation,
+            steps.join(", ")
+        )?;
+        md.push_str(&table);
+        md.push('\n');
+        Ok(())
+    }
+
+    fn write_curves(&self, md: &mut String) -> Result<()> {
+        if self
+            .curves
+            .iter()
+            .all(|p| self.curves.iter().filter(|q| q.method == p.method).count() < 2)
+        {
+            return Ok(());
+        }
+        writeln!(
+            md,
+            "## FID along the budget\n\nEach method's runs sampled and scored at each of `eval.at_steps` \
+             (from their weights there) and at the end, with the base model at step 0 (every method \
+             starts from it unchanged): the mean over runs with the hierarchical bootstrap's interval. \
+             Time: steps × the method's step time relative to full fine-tuning's, in full fine-tuning \
+             steps, so that methods can be compared at equal compute.\n"
+        )?;
+        md.push_str(&self.curve_table());
+        md.push('\n');
         Ok(())
     }
 
@@ -130,10 +230,19 @@ impl StudyResults {
         writeln!(md, "- FID features: {}", self.fid_features)?;
         writeln!(
             md,
-            "- Wall time: {} in all, over {} invocation(s) of `difftune compare` (this one: {})\n",
+            "- Wall time: {} in all, over {} invocation(s) of `difftune compare` (this one: {}; load \
+             averages (1, 5, 15 min) at its start and end: {})\n",
             format_seconds(self.wall_seconds),
             self.invocations,
-            format_seconds(self.invocation_seconds)
+            format_seconds(self.invocation_seconds),
+            self.load_average
+                .iter()
+                .map(|l| match l {
+                    Some([a, b, c]) => format!("{a:.2} {b:.2} {c:.2}"),
+                    None => "unknown".into(),
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
         )?;
         writeln!(
             md,
@@ -142,6 +251,15 @@ impl StudyResults {
         )?;
         Ok(())
     }
+}
+
+/// Load averages as the report lists them.
+fn format_loads(loads: &[Option<f64>]) -> String {
+    loads
+        .iter()
+        .map(|l| l.map_or("unknown".into(), |l| format!("{l:.2}")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -5,13 +5,15 @@ mod markdown;
 mod tables;
 
 pub use format::{
-    format_bytes, format_count, format_estimate, format_interval, format_score, format_seconds,
-    format_share,
+    format_bytes, format_count, format_estimate, format_flops, format_interval, format_percent,
+    format_score, format_seconds, format_share, format_summary,
 };
 pub use markdown::Figure;
 
 use super::machine::{MachineInfo, MemoryKind};
+use crate::eval::classifier::ContentScore;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// Method id of the reference row: the base model sampled before any fine-tuning.
 pub const BASE_ROW: &str = "base";
@@ -32,8 +34,20 @@ pub struct StudyResults {
     pub reference: String,
     /// The base-model row first, then the methods in run-file order.
     pub rows: Vec<MethodRow>,
+    /// Training runs per method (`study.runs`): each method's row is the mean over them.
+    pub runs: usize,
     /// How the uncertainties were estimated, e.g. "bootstrap, 100 resamples, seed 0".
     pub uncertainty: String,
+    /// The learning-rate search, when some method chose its rate.
+    pub lr_search: Option<LrSearchResults>,
+    /// Each method's scores along its budget (`eval.at_steps` and the end).
+    pub curves: Vec<CurvePoint>,
+    /// The timing pass: each method's step time relative to full fine-tuning's, and its FLOPs.
+    pub timing: Option<TimingResults>,
+    /// The content classifier, where the study has one.
+    pub classifier: Option<ClassifierRecord>,
+    /// The 1-, 5- and 15-minute load averages when this invocation started and when it ended.
+    pub load_average: Vec<Option<[f64; 3]>>,
     /// Paired differences between rows (each method against the base row, then neighbours in
     /// the FID ranking), with whether their uncertainty covers zero.
     pub differences: Vec<Difference>,
@@ -49,7 +63,8 @@ pub struct StudyResults {
     pub settings_toml: String,
 }
 
-/// One method's scores and costs.
+/// One method's scores and costs: the mean over its runs, each with the hierarchical bootstrap's
+/// uncertainty (runs, then images), and every run's own.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MethodRow {
     /// `base`, or the tuning method's id (`full`, `adapter`, `lora`, `prefix`, `bitfit`).
@@ -61,18 +76,148 @@ pub struct MethodRow {
     pub kid_mean: f64,
     /// KID's bootstrap uncertainty.
     pub kid_uncertainty: Uncertainty,
-    /// Standard deviation of KID over its random subsets (torch-fidelity's `kid_std`, not an
-    /// uncertainty of the mean).
+    /// Standard deviation of KID over its random subsets in run 0 (torch-fidelity's `kid_std`,
+    /// not an uncertainty of the mean).
     pub kid_std: f64,
-    /// Generated images scored.
+    /// Precision and recall (Kynkäänniemi et al. 2019): mean over runs, with the run-to-run
+    /// spread as uncertainty (none for sets no larger than the neighbourhood size).
+    pub precision: Option<Summary>,
+    pub recall: Option<Summary>,
+    /// The content classifier's share of images drawn as the prompted dish, and in the target's
+    /// style, where the study has a classifier.
+    pub class_accuracy: Option<Summary>,
+    pub target_share: Option<Summary>,
+    /// Generated images scored per run.
     pub images: usize,
     /// Parameters the method trains; `None` for the base row.
     pub trainable_params: Option<u64>,
     /// Parameters of the (unmodified) U-Net, the denominator of the share.
     pub unet_params: u64,
+    /// The learning rate its runs trained at (chosen on the validation split or configured).
+    pub learning_rate: Option<f64>,
+    /// Run 0's costs.
     pub train: Option<TrainMeasure>,
-    /// Seconds spent generating this row's images.
+    /// Seconds spent generating run 0's images.
     pub sample_seconds: f64,
+    /// Every training run's seed and scores (none for the base row).
+    pub runs: Vec<RunResult>,
+}
+
+/// A score summarised over runs: the mean and its uncertainty.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    pub value: f64,
+    pub uncertainty: Uncertainty,
+}
+
+impl From<&crate::eval::Estimate> for Summary {
+    fn from(e: &crate::eval::Estimate) -> Self {
+        Self {
+            value: e.value,
+            uncertainty: e.into(),
+        }
+    }
+}
+
+/// One training run of a method and the scores of its samples.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunResult {
+    pub run: usize,
+    pub seed: u64,
+    pub fid: f64,
+    pub fid_uncertainty: Uncertainty,
+    pub kid: f64,
+    pub kid_uncertainty: Uncertainty,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub content: Option<ContentScore>,
+    pub train: TrainMeasure,
+}
+
+/// The learning-rate search: what each method chose from, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LrSearchResults {
+    /// The score the choice minimised.
+    pub score: Metric,
+    /// What the candidates were scored against, e.g. "8 validation images per class held out
+    /// ...".
+    pub validation: String,
+    /// Steps of each candidate's run.
+    pub steps: Vec<(String, usize)>,
+    pub methods: Vec<LrChoice>,
+}
+
+/// One method's candidates with their validation scores, and the rate chosen.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LrChoice {
+    pub method: String,
+    pub candidates: Vec<LrCandidate>,
+    pub chosen: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LrCandidate {
+    pub learning_rate: f64,
+    /// FID and KID on the validation split, each with its bootstrap uncertainty; none where the
+    /// candidate's run diverged (a non-finite loss).
+    pub fid: Option<Summary>,
+    pub kid: Option<Summary>,
+}
+
+/// One method's scores after `step` steps: the mean over its runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CurvePoint {
+    pub method: String,
+    pub step: usize,
+    /// Its time: steps × the method's step time relative to full fine-tuning's from the timing
+    /// pass (the median step time of its runs without one), in full fine-tuning steps; `None`
+    /// without full fine-tuning to compare with.
+    pub full_steps: Option<f64>,
+    pub fid: Summary,
+    pub kid: Summary,
+    /// Each run's FID there.
+    pub run_fids: Vec<f64>,
+}
+
+/// The trained classifier and how well it reads the held-out test images.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassifierRecord {
+    pub weights: PathBuf,
+    /// Share of both domains' test images classified as their dish.
+    pub test_class_accuracy: f64,
+    /// Share of both domains' test images classified as their domain.
+    pub test_domain_accuracy: f64,
+    pub test_images: usize,
+    pub training_images: usize,
+    pub seconds: f64,
+}
+
+/// A method's time relative to full fine-tuning's, as Table 2 reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TimingRow {
+    pub method: String,
+    /// Median of all its timed steps.
+    pub median_step_seconds: f64,
+    /// Median over rounds of its median step time over full fine-tuning's in the same round.
+    pub ratio: f64,
+    /// 95% bootstrap interval of `ratio`.
+    pub ratio_low: f64,
+    pub ratio_high: f64,
+    /// Each round's ratio.
+    pub round_ratios: Vec<f64>,
+    pub flops_per_step: f64,
+}
+
+/// The timing pass, as Table 2 reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TimingResults {
+    pub rounds: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub threads: i64,
+    /// The 1-minute load average when each round started.
+    pub load_average: Vec<Option<f64>>,
+    pub methods: Vec<TimingRow>,
 }
 
 /// The bootstrap uncertainty of a score: standard deviation and 95% interval.
@@ -163,7 +308,8 @@ impl StudyResults {
     }
 
     /// The standard checks: for each method named in `must_improve`, that fine-tuning lowered the
-    /// FID below the base model's; each says whether the drop is beyond its uncertainty.
+    /// FID below the base model's beyond its uncertainty (the paired difference's 95% interval
+    /// below zero; the point estimates alone where there is no difference).
     pub fn improvement_checks(
         rows: &[MethodRow],
         differences: &[Difference],
@@ -176,30 +322,31 @@ impl StudyResults {
             .iter()
             .filter_map(|m| rows.iter().find(|r| &r.method == m))
             .map(|row| {
-                let judged = differences
-                    .iter()
-                    .find(|d| {
-                        d.metric == Metric::Fid && d.first == row.method && d.second == BASE_ROW
-                    })
-                    .map(|d| {
-                        let verdict = match d.within_uncertainty() {
-                            true => "within",
-                            false => "beyond",
-                        };
-                        format!(
-                            "; the difference, {}, is {verdict} its uncertainty",
-                            format_estimate(d.value, &d.uncertainty, 1.0)
+                let judged = differences.iter().find(|d| {
+                    d.metric == Metric::Fid && d.first == row.method && d.second == BASE_ROW
+                });
+                let (passed, verdict) = match judged {
+                    Some(d) => {
+                        let beyond = !d.within_uncertainty();
+                        let verdict = if beyond { "beyond" } else { "within" };
+                        (
+                            beyond && d.value < 0.0,
+                            format!(
+                                "; the difference, {}, is {verdict} its uncertainty",
+                                format_estimate(d.value, &d.uncertainty, 1.0)
+                            ),
                         )
-                    })
-                    .unwrap_or_default();
+                    }
+                    None => (row.fid < base.fid, String::new()),
+                };
                 Check {
                     statement: format!(
-                        "FID after {} ({}) is lower than before fine-tuning ({}){judged}",
+                        "FID after {} ({}) is lower than before fine-tuning ({}){verdict}",
                         row.label,
                         format_estimate(row.fid, &row.fid_uncertainty, 1.0),
                         format_estimate(base.fid, &base.fid_uncertainty, 1.0)
                     ),
-                    passed: row.fid < base.fid,
+                    passed,
                 }
             })
             .collect()
@@ -228,9 +375,14 @@ pub(crate) mod example {
                 high: 0.0131,
             },
             kid_std: 0.0002,
+            precision: Some(summary(0.8)),
+            recall: Some(summary(0.6)),
+            class_accuracy: None,
+            target_share: None,
             images: 100,
             trainable_params: params,
             unet_params: 859_520_964,
+            learning_rate: params.map(|_| 1e-5),
             train: params.map(|_| TrainMeasure {
                 steps: 10_000,
                 total_seconds: seconds,
@@ -240,6 +392,18 @@ pub(crate) mod example {
                 final_loss: Some(0.1),
             }),
             sample_seconds: 12.0,
+            runs: Vec::new(),
+        }
+    }
+
+    fn summary(value: f64) -> Summary {
+        Summary {
+            value,
+            uncertainty: Uncertainty {
+                std: 0.02,
+                low: value - 0.04,
+                high: value + 0.04,
+            },
         }
     }
 
@@ -277,7 +441,13 @@ pub(crate) mod example {
             fid_features: "test".into(),
             reference: "test split".into(),
             rows,
+            runs: 1,
             uncertainty: "bootstrap, 100 resamples".into(),
+            lr_search: None,
+            curves: Vec::new(),
+            timing: None,
+            classifier: None,
+            load_average: vec![Some([0.5, 0.4, 0.3]), None],
             differences,
             checks,
             wall_seconds: 3.0,

@@ -1,6 +1,9 @@
 //! The report's figures, drawn with plotters into memory and written atomically as PNG: FID
-//! against trainable parameters (log x, with each FID's bootstrap 95% interval), training time
-//! per method, and training-loss curves.
+//! against trainable parameters (log x, each run's FID and the mean with its 95% interval), step
+//! time relative to full fine-tuning, training-loss curves, and (in [`study`]) the learning-rate
+//! search and FID along the budget.
+pub mod study;
+
 use super::report::{StudyResults, BASE_ROW};
 use crate::util::fs::write_atomic;
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,7 +18,7 @@ const SIZE: (u32, u32) = (960, 600);
 const FONT: &str = "sans-serif";
 
 /// DejaVu Sans, subset to Latin-1 and a few symbols (assets/fonts/README.md says how and why).
-static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
+static FONT_BYTES: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans-subset.ttf");
 
 /// plotters' ab_glyph backend draws text only with fonts registered at runtime.
 pub fn register_font() -> Result<()> {
@@ -52,7 +55,7 @@ pub fn method_color(index: usize, method: &str) -> RGBColor {
 }
 
 /// Renders `draw` on a white canvas of `SIZE` and writes it to `path` as PNG.
-fn render_png(
+pub(super) fn render_png(
     path: &Path,
     draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> Result<()>,
 ) -> Result<()> {
@@ -74,7 +77,7 @@ fn render_png(
     write_atomic(path, &png).with_context(|| format!("writing plot {}", path.display()))
 }
 
-fn plot_error<E: std::error::Error + Send + Sync + 'static>(
+pub(super) fn plot_error<E: std::error::Error + Send + Sync + 'static>(
     e: DrawingAreaErrorKind<E>,
 ) -> anyhow::Error {
     anyhow!("drawing a plot: {e}")
@@ -90,6 +93,8 @@ struct FidPoint<'a> {
     fid: f64,
     /// The FID's 95% interval (the bootstrap's).
     interval: (f64, f64),
+    /// Each run's FID.
+    runs: Vec<f64>,
 }
 
 /// The methods with a finite FID and a parameter count.
@@ -106,6 +111,12 @@ fn fid_points(results: &StudyResults) -> Vec<FidPoint<'_>> {
                 params: n.max(1) as f64,
                 fid: r.fid,
                 interval: interval_or_point(r.fid, r.fid_uncertainty.low, r.fid_uncertainty.high),
+                runs: r
+                    .runs
+                    .iter()
+                    .map(|run| run.fid)
+                    .filter(|f| f.is_finite())
+                    .collect(),
             })
         })
         .filter(|p| p.fid.is_finite())
@@ -114,7 +125,7 @@ fn fid_points(results: &StudyResults) -> Vec<FidPoint<'_>> {
 
 /// The interval `[low, high]` around `value`, or the point itself when the interval is not
 /// finite (a score without a bootstrap).
-fn interval_or_point(value: f64, low: f64, high: f64) -> (f64, f64) {
+pub(super) fn interval_or_point(value: f64, low: f64, high: f64) -> (f64, f64) {
     match low.is_finite() && high.is_finite() {
         true => (low.min(value), high.max(value)),
         false => (value, value),
@@ -122,13 +133,13 @@ fn interval_or_point(value: f64, low: f64, high: f64) -> (f64, f64) {
 }
 
 /// The smallest and largest of `values`.
-fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(super) fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
     values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)))
 }
 
-/// FID of each method against its trainable parameters on a log axis, with its 95% interval as
-/// an error bar; the base model (nothing trained) is a dashed horizontal line in a grey band of
-/// its interval.
+/// FID of each method against its trainable parameters on a log axis: each run's FID as a small
+/// ring, the mean over runs as a dot with its 95% interval as an error bar; the base model
+/// (nothing trained) is a dashed horizontal line in a grey band of its interval.
 pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
     let points = fid_points(results);
     if points.is_empty() {
@@ -145,7 +156,11 @@ pub fn fid_vs_params(results: &StudyResults, path: &Path) -> Result<()> {
     let (y_lo, y_hi) = span(
         points
             .iter()
-            .flat_map(|p| [p.interval.0, p.interval.1])
+            .flat_map(|p| {
+                [p.interval.0, p.interval.1]
+                    .into_iter()
+                    .chain(p.runs.iter().copied())
+            })
             .chain(base.iter().flat_map(|(_, (lo, hi))| [*lo, *hi])),
     );
     let y_pad = ((y_hi - y_lo) * 0.15).max(y_hi.abs() * 0.05).max(1e-3);
@@ -220,6 +235,11 @@ fn draw_fid_point(
     let caps = [lo, hi]
         .map(|end| EmptyElement::at((x, end)) + PathElement::new([(-8, 0), (8, 0)], stroke));
     chart.draw_series(caps).map_err(plot_error)?;
+    let rings = point
+        .runs
+        .iter()
+        .map(|&fid| EmptyElement::at((x, fid)) + Circle::new((14, 0), 4, color.stroke_width(1)));
+    chart.draw_series(rings).map_err(plot_error)?;
     let style = TextStyle::from((FONT, 18).into_font())
         .color(&color)
         .pos(Pos::new(anchor, VPos::Center));
@@ -230,31 +250,49 @@ fn draw_fid_point(
     Ok(())
 }
 
-/// Training wall time per method, as bars labelled with the share of full fine-tuning's time.
+/// A bar of [`train_time`]: the row's index, method, label, ratio and its interval.
+type TimeBar<'a> = (usize, &'a str, &'a str, f64, Option<(f64, f64)>);
+
+/// Each method's step time relative to full fine-tuning's (the timing pass's ratio, with its
+/// 95% interval as a whisker), as bars labelled with the ratio and, from the timing pass, the
+/// share of full fine-tuning's FLOPs per step.
 pub fn train_time(results: &StudyResults, path: &Path) -> Result<()> {
-    let bars: Vec<(usize, &str, &str, f64)> = results
+    let bars: Vec<TimeBar> = results
         .rows
         .iter()
         .enumerate()
+        .filter(|(_, r)| r.train.is_some())
         .filter_map(|(i, r)| {
-            r.train
-                .as_ref()
-                .map(|t| (i, r.method.as_str(), r.label.as_str(), t.total_seconds))
+            let (ratio, interval) = results.time_ratio(&r.method)?;
+            Some((i, r.method.as_str(), r.label.as_str(), ratio, interval))
         })
         .collect();
     if bars.is_empty() {
         bail!("no method has a training time to plot");
     }
-    let full = results
-        .full()
-        .and_then(|r| r.train.as_ref())
-        .map(|t| t.total_seconds)
-        .filter(|&s| s > 0.0);
-    let y_hi = bars.iter().map(|b| b.3).fold(0.0, f64::max).max(1e-3) * 1.15;
+    let flops = |method: &str| -> Option<f64> {
+        let timing = results.timing.as_ref()?;
+        let of = |m: &str| {
+            Some(
+                timing
+                    .methods
+                    .iter()
+                    .find(|t| t.method == m)?
+                    .flops_per_step,
+            )
+        };
+        Some(of(method)? / of("full")?)
+    };
+    let y_hi = bars
+        .iter()
+        .map(|b| b.4.map_or(b.3, |i| i.1).max(b.3))
+        .fold(0.0, f64::max)
+        .max(1e-3)
+        * 1.2;
     let labels: Vec<String> = bars.iter().map(|b| b.2.to_string()).collect();
     render_png(path, |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption("Training time per method", (FONT, 28))
+            .caption("Step time relative to full fine-tuning", (FONT, 28))
             .margin(20)
             .x_label_area_size(50)
             .y_label_area_size(70)
@@ -269,33 +307,37 @@ pub fn train_time(results: &StudyResults, path: &Path) -> Result<()> {
             .disable_x_mesh()
             .x_labels(bars.len())
             .x_label_formatter(&label_of)
-            .y_desc("training wall time (s)")
+            .y_desc("step time / full fine-tuning's")
             .label_style((FONT, 16))
             .axis_desc_style((FONT, 18))
             .draw()
             .map_err(plot_error)?;
-        for (slot, &(i, method, _, seconds)) in bars.iter().enumerate() {
+        for (slot, &(i, method, _, ratio, interval)) in bars.iter().enumerate() {
             let color = method_color(i, method);
             let mut bar = Rectangle::new(
                 [
                     (SegmentValue::Exact(slot), 0.0),
-                    (SegmentValue::Exact(slot + 1), seconds),
+                    (SegmentValue::Exact(slot + 1), ratio),
                 ],
                 color.filled(),
             );
             bar.set_margin(0, 0, 12, 12);
             chart.draw_series([bar]).map_err(plot_error)?;
-            let text = match full {
-                Some(f) => format!(
-                    "{} ({:.0}%)",
-                    super::report::format_seconds(seconds),
-                    100.0 * seconds / f
-                ),
-                None => super::report::format_seconds(seconds),
+            let mut top = ratio;
+            if let Some((low, high)) = interval {
+                let centre = || SegmentValue::CenterOf(slot);
+                let whisker =
+                    PathElement::new([(centre(), low), (centre(), high)], BLACK.stroke_width(2));
+                chart.draw_series([whisker]).map_err(plot_error)?;
+                top = high.max(ratio);
+            }
+            let text = match flops(method) {
+                Some(share) => format!("{:.0}% (FLOPs {:.0}%)", 100.0 * ratio, 100.0 * share),
+                None => format!("{:.0}%", 100.0 * ratio),
             };
             let style =
                 TextStyle::from((FONT, 16).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
-            let caption = EmptyElement::at((SegmentValue::CenterOf(slot), seconds))
+            let caption = EmptyElement::at((SegmentValue::CenterOf(slot), top))
                 + Text::new(text, (0, -4), style);
             chart.draw_series([caption]).map_err(plot_error)?;
         }

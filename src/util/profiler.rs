@@ -1,6 +1,7 @@
-//! torch's own profiler around part of a benchmark (csrc/profiler.cpp): every op the step runs,
-//! written as the Chrome trace torch.profiler writes for the Python peer, so that
-//! `bench/profile_summary.py` summarises both tools alike.
+//! torch's own profiler around part of a run (csrc/profiler.cpp): every op the code runs, with
+//! its input shapes, written as the Chrome trace torch.profiler writes for the Python peer, so
+//! that `bench/profile_summary.py` summarises both tools alike and
+//! [`crate::train::flops`] counts a training step's FLOPs from it.
 use crate::util::shim;
 use anyhow::{anyhow, Result};
 use std::ffi::{c_char, CString};
