@@ -47,9 +47,18 @@ fn small_config_with(set: &[&str]) -> CompareConfig {
         "eval.feature_weights=\"random\"",
         "eval.kid_subsets=5",
         "eval.bootstrap=20",
+        // One run per method at its configured rate, scored also along the budget; the study's
+        // other stages (repeated runs, the search, the timing pass, the classifier) have their
+        // tests in tests/compare.rs.
+        "study.runs=1",
+        "study.lr_search.candidates=[]",
+        "methods.full.lr_candidates=[]",
+        "eval.at_steps=[2]",
+        "study.timing.rounds=0",
     ];
     let overrides: Vec<String> = overrides.iter().chain(set).map(|s| s.to_string()).collect();
     let mut config = preset("tiny", &overrides).unwrap();
+    config.eval.classifier = None;
     config
         .methods
         .retain(|m| m.name() == "lora" || m.name() == "full");
@@ -151,7 +160,11 @@ fn two_rank_compare_equals_one_process() {
         .keys()
         .filter(|p| p.starts_with("samples"))
         .collect();
-    assert_eq!(samples.len(), 27, "9 images for each of 3 rows");
+    assert_eq!(
+        samples.len(),
+        45,
+        "9 images for each of 5 sets: the base model's, and each method's at its end and at step 2"
+    );
     let mut differing = Vec::new();
     for path in samples {
         let (a, b) = (&expected[path], &got[path]);
