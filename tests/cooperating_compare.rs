@@ -23,7 +23,7 @@ fn small_config() -> CompareConfig {
         "data.synthetic.train_per_class=4",
         "data.synthetic.test_per_class=4",
         "train.batch_size=4",
-        "train.steps=4",
+        "train.steps=8",
         "train.device=\"cpu\"",
         "pretrain.steps=3",
         "sample.per_class=3",
@@ -204,8 +204,18 @@ fn a_killed_invocation_s_unit_is_taken_over_and_resumed() {
     let out = dir.path().join("study");
     let mut job = start(&[args(&config, &out, &[])]);
     let deadline = Instant::now() + LIMIT;
-    // Killed while training a final run (holding its unit).
+    // Killed while training the second final run (holding its unit), past its checkpoint at
+    // step 2 (`eval.at_steps`).
     job.ranks[0].wait_for_stderr("compare: [2/4]", deadline);
+    loop {
+        let stderr = job.ranks[0].output().1;
+        let second = &stderr[stderr.find("compare: [2/4]").unwrap()..];
+        if second.contains("difftune train: 3/8 steps") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stderr}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let pid = job.ranks[0].child.id();
     job.ranks[0].child.kill().unwrap();
     job.ranks[0].child.wait().unwrap();
@@ -224,7 +234,7 @@ fn a_killed_invocation_s_unit_is_taken_over_and_resumed() {
     // A different run file on a folder in use is refused; the same one joins.
     let other = write_config(dir.path(), &{
         let mut c = small_config();
-        c.train.steps = 5;
+        c.train.steps = 9;
         c
     });
     let held = difftune::compare::claim::FolderUse::enter(
