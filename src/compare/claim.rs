@@ -56,12 +56,19 @@ thread_local! {
     static DEFERRING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `unit` with held units skipped (an error [`UnitHeld`]) rather than waited for.
-pub fn deferring<T>(unit: impl FnOnce() -> T) -> T {
+thread_local! {
+    /// The first unit claimed inside [`deferring`]: the unit it ran, for the progress lines.
+    static FIRST_CLAIMED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `unit` with held units skipped (an error [`UnitHeld`]) rather than waited for; with its
+/// result, the name of the first unit it claimed.
+pub fn deferring<T>(unit: impl FnOnce() -> T) -> (T, Option<String>) {
     let before = DEFERRING.replace(true);
+    FIRST_CLAIMED.set(None);
     let result = unit();
     DEFERRING.set(before);
-    result
+    (result, FIRST_CLAIMED.take())
 }
 
 /// The unit locks this process holds in a study folder.
@@ -111,6 +118,9 @@ impl Claims {
             None => DirLock::acquire_waiting(&path, COMMAND)?,
         };
         held.insert(unit.to_string(), lock);
+        FIRST_CLAIMED.with_borrow_mut(|first| {
+            first.get_or_insert_with(|| unit.to_string());
+        });
         Ok(())
     }
 
@@ -236,14 +246,16 @@ mod tests {
         first.claim("run-lora").unwrap();
         // A second holder in this process stands for another process (flock is per open file).
         let second = Claims::in_folder(dir.path());
-        let err = deferring(|| second.claim("run-lora")).unwrap_err();
+        let err = deferring(|| second.claim("run-lora")).0.unwrap_err();
         let held = err.downcast_ref::<UnitHeld>().unwrap();
         assert_eq!(held.unit, "run-lora");
         assert!(!held.is_free());
         second.claim("run-full").unwrap();
         first.release("run-lora");
         assert!(held.is_free());
-        deferring(|| second.claim("run-lora")).unwrap();
+        let (claimed, first) = deferring(|| second.claim("run-lora"));
+        claimed.unwrap();
+        assert_eq!(first.as_deref(), Some("run-lora"));
     }
 
     #[test]

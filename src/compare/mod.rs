@@ -40,6 +40,7 @@ pub mod timing;
 pub mod tiny_vae;
 mod training;
 pub mod units;
+mod wave_progress;
 pub mod workers;
 
 pub use config::CompareConfig;

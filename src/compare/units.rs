@@ -18,8 +18,9 @@
 //! cooperating processes on the same folder are doing (see [`super::claim`]); `compare --jobs K`
 //! runs K such processes.
 use super::claim::{deferring, UnitHeld};
+use super::wave_progress::WaveProgress;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Which training run of a method.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -99,12 +100,20 @@ pub fn serial<U, T>(
 ) -> anyhow::Result<Option<Vec<T>>> {
     let mut left: Vec<(usize, U)> = units.into_iter().enumerate().collect();
     let mut done: Vec<(usize, T)> = Vec::with_capacity(left.len());
+    let mut progress = WaveProgress::new(left.len());
+    let mut held_before = 0;
     while !left.is_empty() {
         let mut held = Vec::new();
         let mut holds = Vec::new();
         for (index, unit) in left {
-            match deferring(|| execute(&unit)) {
-                Ok(Some(result)) => done.push((index, result)),
+            let started = Instant::now();
+            let (outcome, claimed) = deferring(|| execute(&unit));
+            match outcome {
+                Ok(Some(result)) => {
+                    let elsewhere = holds.len().max(held_before);
+                    progress.unit_done(claimed.as_deref(), started.elapsed(), elsewhere);
+                    done.push((index, result));
+                }
                 Ok(None) => return Ok(None),
                 Err(e) => match e.downcast::<UnitHeld>() {
                     Ok(hold) => {
@@ -125,6 +134,7 @@ pub fn serial<U, T>(
                 std::thread::sleep(HELD_POLL);
             }
         }
+        held_before = holds.len();
         left = held;
     }
     done.sort_by_key(|(index, _)| *index);
