@@ -10,12 +10,12 @@ rounds=${2:-1}
 bin=${DIFFTUNE:-target/release/difftune}
 [ -x "$bin" ] || bin=target/debug/difftune
 budget=(
-  --set train.steps=30 --set pretrain.steps=100 --set model.tiny_vae.steps=20
+  --set train.steps=10 --set pretrain.steps=20 --set model.tiny_vae.steps=5
   --set data.synthetic.train_per_class=12 --set data.synthetic.test_per_class=8
-  --set study.runs=2 --set study.lr_search.steps=10 --set study.lr_search.validation_per_class=2
-  --set 'eval.at_steps=[15]' --set eval.classifier.steps=30
-  --set study.timing.rounds=2 --set study.timing.steps=4 --set study.timing.warmup=1
-  --set sample.per_class=4 --set sample.steps=10 --set sample.batch_size=12
+  --set study.runs=2 --set study.lr_search.steps=4 --set study.lr_search.validation_per_class=2
+  --set 'eval.at_steps=[5]' --set eval.classifier.steps=10
+  --set study.timing.rounds=1 --set study.timing.steps=2 --set study.timing.warmup=1
+  --set sample.per_class=4 --set sample.steps=5 --set sample.batch_size=12
   --set eval.kid_subset_size=20 --set eval.kid_subsets=10 --set eval.bootstrap=50
 )
 cores=$(nproc)

@@ -413,8 +413,8 @@ impl<'a> Study<'a> {
         progress.inc(1);
         let intended: Vec<i64> = plan.iter().map(|item| item.class as i64).collect();
         let content_key = self.config.eval.classifier.as_ref().map(|s| json!(s));
-        let mut scores = Vec::new();
-        for (set, sampled) in sets.iter().zip(sampled) {
+        // Units like the others: cooperating processes score different sets.
+        let scores = serial(sets.iter().zip(sampled), |(set, sampled)| {
             let name = set.id.name();
             let key = json!({
                 "samples": sampled.key,
@@ -428,10 +428,11 @@ impl<'a> Study<'a> {
             });
             let paths = self.sample_paths(&name, plan);
             let score = self.score_set(&name, &key, scorer, reference.as_ref(), &paths, content)?;
-            scores.extend(score);
             progress.set_message(name);
             progress.inc(1);
-        }
+            Ok(Some(score))
+        })?;
+        let scores: Vec<Score> = scores.into_iter().flatten().flatten().collect();
         progress.finish_and_clear();
         Ok(self.group.is_main().then_some(scores))
     }
