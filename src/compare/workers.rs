@@ -10,7 +10,7 @@
 //! array or a second terminal.
 use anyhow::{Context, Result};
 use std::ffi::OsString;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 
 /// The environment variable naming a worker (1..K; this process is worker 0): its progress lines
 /// say which worker they are from.
@@ -41,7 +41,7 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `jobs - 1` copies of this command (its arguments `args`, the program's name first,
-    /// without `--jobs`), each with `threads` torch threads.
+    /// without `--jobs`), each with `threads` torch threads and its stdout discarded.
     pub fn spawn(args: &[OsString], jobs: usize, threads: usize) -> Result<Self> {
         let program = std::env::current_exe().context("finding the difftune executable")?;
         let args = without_jobs(&args[1..]);
@@ -51,6 +51,8 @@ impl Workers {
                 .args(&args)
                 .env("OMP_NUM_THREADS", threads.to_string())
                 .env(WORKER_VAR, worker.to_string())
+                // This process prints the tables; the workers' progress goes to stderr.
+                .stdout(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting worker {worker} ({})", program.display()))?;
             children.push(child);
