@@ -246,8 +246,7 @@ impl Study<'_> {
     /// interrupted.
     fn train_candidate(&self, unit: &CandidateUnit) -> Result<Option<Option<RunRecord>>> {
         let stage = Stage::Diverged(&unit.run.name);
-        let diverged: Option<usize> =
-            self.on_main(|| self.layout.recorded(stage, &unit.run.key))?;
+        let diverged: Option<usize> = self.on_main(|| self.layout.recorded(stage, &unit.run.key))?;
         if let Some(step) = diverged {
             if self.group.is_main() {
                 eprintln!("compare: {} diverged at step {step} before", unit.run.name);
@@ -261,10 +260,7 @@ impl Study<'_> {
                     return Err(e);
                 };
                 if self.group.is_main() {
-                    eprintln!(
-                        "compare: {} diverged, not a candidate: {e:#}",
-                        unit.run.name
-                    );
+                    eprintln!("compare: {} diverged, not a candidate: {e:#}", unit.run.name);
                     self.layout.finish(stage, &unit.run.key, &diverged.step)?;
                 }
                 Ok(Some(None))

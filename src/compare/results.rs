@@ -5,13 +5,12 @@ use super::lr_search::LearningRates;
 use super::machine::{git_commit, load_averages, MachineInfo};
 use super::prepare::{count_unet_parameters, BaseModel, PreparedData};
 use super::report::{
-    Check, ClassifierRecord, CurvePoint, MethodRow, RunResult, StudyResults, Summary,
-    TimingResults, BASE_ROW,
+    Check, ClassifierRecord, CurvePoint, MethodRow, RunResult, StudyResults, Summary, TimingResults, BASE_ROW,
 };
 use super::sampling::{SampledSet, StudySet};
+use super::training::TrainedRun;
 use super::score::{differences, summarise, RowScores, Score, Scorer};
 use super::timing::{ratios, TimingRecord};
-use super::training::TrainedRun;
 use super::Study;
 use crate::data::Dataset;
 use crate::eval::bootstrap::RunDraws;
