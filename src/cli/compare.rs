@@ -3,9 +3,10 @@ use super::interrupt::{FirstSignal, Interrupt};
 use crate::compare::config::CompareConfig;
 use crate::compare::presets::DEFAULT_PRESET;
 use crate::compare::runner::{check_world_size, run_in, CompareOptions, Outcome, REPORT_MD};
+use crate::compare::workers;
 use crate::compare::StudyResults;
 use crate::dist::Launch;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,11 @@ pub struct CompareArgs {
     /// Print the resolved run file and exit (under a launcher, rank 0 prints).
     #[arg(long)]
     pub print_config: bool,
+    /// Run K units of the study at once, as K processes on the output folder with an even share
+    /// of the cores as torch threads each (not under a launcher). Other `compare` processes on
+    /// the same folder (a job array, another terminal) join in the same way.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: u32,
     #[command(flatten)]
     pub dist: DistArgs,
 }
@@ -52,6 +58,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
     }
     if let Some(launch) = &launch {
         check_world_size(&config, launch.world_size)?;
+        if args.jobs > 1 {
+            bail!("--jobs runs processes of its own: not under a launcher, which starts the ranks");
+        }
     }
     let out = args
         .out
@@ -63,6 +72,20 @@ pub fn run(args: CompareArgs) -> Result<()> {
     )?;
     // Under a launcher every rank runs every stage (see compare::runner); rank 0 reports.
     let (group, _) = super::launch::join(&args.dist, config.train.device.resolve()?)?;
+    let workers = match args.jobs {
+        1 => None,
+        jobs => {
+            let jobs = jobs as usize;
+            let threads = workers::threads_per_worker(workers::cores(), jobs);
+            eprintln!(
+                "compare: {jobs} worker processes on {}, {threads} torch thread(s) each",
+                out.display()
+            );
+            tch::set_num_threads(threads as i32);
+            let args: Vec<_> = std::env::args_os().collect();
+            Some(workers::Workers::spawn(&args, jobs, threads)?)
+        }
+    };
     let outcome = run_in(
         &CompareOptions {
             config,
@@ -73,6 +96,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
         &group,
     )?;
     group.shutdown()?;
+    if let Some(workers) = workers {
+        workers.wait()?;
+    }
     match outcome {
         Outcome::Finished(results) => print_results(&results, &out),
         Outcome::FinishedOnMainRank => {}

@@ -19,6 +19,7 @@
 //! }
 //! # Ok(()) }
 //! ```
+pub mod claim;
 pub mod config;
 pub mod content;
 pub mod grid;
@@ -39,6 +40,8 @@ pub mod timing;
 pub mod tiny_vae;
 mod training;
 pub mod units;
+mod wave_progress;
+pub mod workers;
 
 pub use config::CompareConfig;
 pub use report::StudyResults;

@@ -13,6 +13,7 @@
 //! (the configured batch × accumulation is the global batch, shared evenly by the ranks); each
 //! rank samples a contiguous share of whole sampling batches and extracts the Inception features
 //! of a share of the images; rank 0 computes the scores and writes the outputs.
+use super::claim::FolderUse;
 use super::config::{CompareConfig, DataSource, ModelSource};
 use super::lr_search::LearningRates;
 use super::prepare::{BaseModel, PreparedData};
@@ -29,7 +30,6 @@ use crate::error::SettingsError;
 use crate::eval::classifier::ContentClassifier;
 use crate::model::source::ModelFiles;
 use crate::schedulers::SchedulerKind;
-use crate::util::fs::write_atomic_str;
 use crate::util::progress::Progress;
 use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
@@ -104,8 +104,15 @@ pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
     check_world_size(config, group.world_size())?;
     check_inputs(config)?;
     let main = group.is_main();
-    let _lock = match main {
-        true => Some(crate::util::lock::DirLock::acquire(&opts.out, "compare")?),
+    let settings_toml = config.to_toml()?;
+    // Without a launcher, processes on one folder cooperate (see super::claim).
+    let folder = match main {
+        true => Some(FolderUse::enter(
+            &opts.out,
+            CONFIG_FILE,
+            &settings_toml,
+            !group.is_distributed(),
+        )?),
         false => None,
     };
     let study = Study {
@@ -116,13 +123,10 @@ pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
             false => Layout::open(&opts.out),
         },
         device: group.local_device(config.train.device.resolve()?),
-        settings_toml: config.to_toml()?,
+        settings_toml,
         group,
         load_at_start: super::machine::load_averages(),
     };
-    if main {
-        write_atomic_str(&study.layout.root.join(CONFIG_FILE), &study.settings_toml)?;
-    }
 
     // Wave 1: the data and the base model.
     let target = study.prepare_dataset(Domain::Target)?;
@@ -200,8 +204,18 @@ pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
         classifier,
     };
     let results = study.results(records)?;
-    study.write_outputs(&results, &runs, &plan, &test)?;
-    study.layout.save_clock()?;
+    // Of the processes on the folder, the last to leave writes the report.
+    match folder.map(|f| f.leave(&opts.out)).transpose()?.flatten() {
+        Some(_turn) => {
+            study.write_outputs(&results, &runs, &plan, &test)?;
+            study.layout.save_clock()?;
+            eprintln!("compare: wrote the report in {}", opts.out.display());
+        }
+        None => eprintln!(
+            "compare: every unit is done; the last process to leave {} writes the report",
+            opts.out.display()
+        ),
+    }
     Ok(Outcome::Finished(Box::new(results)))
 }
 
@@ -301,26 +315,28 @@ impl<'a> Study<'a> {
             }
         }
         let total = units.len();
-        let mut index = 0;
-        serial(units, |(method, run, key, config)| {
-            index += 1;
+        let units = units.into_iter().enumerate();
+        serial(units, |(index, (method, run, key, config))| {
             if self.group.is_main() {
-                eprintln!("compare: [{index}/{total}] {} run {run}", method.label());
+                eprintln!(
+                    "compare: [{}/{total}] {} run {run}",
+                    index + 1,
+                    method.label()
+                );
             }
-            let seed = config.train.seed;
             let job = RunJob {
-                name: RunId::final_run(method.name(), run).name(),
+                name: RunId::final_run(method.name(), *run).name(),
                 model: base.spec.clone(),
                 data: target.path.clone(),
-                config,
+                config: config.clone(),
                 at_steps: self.config.eval.at_steps.clone(),
                 key: key.clone(),
             };
             Ok(self.train_run(job)?.map(|record| TrainedRun {
                 method,
-                run,
-                seed,
-                key,
+                run: *run,
+                seed: config.train.seed,
+                key: key.clone(),
                 record,
             }))
         })
@@ -397,8 +413,8 @@ impl<'a> Study<'a> {
         progress.inc(1);
         let intended: Vec<i64> = plan.iter().map(|item| item.class as i64).collect();
         let content_key = self.config.eval.classifier.as_ref().map(|s| json!(s));
-        let mut scores = Vec::new();
-        for (set, sampled) in sets.iter().zip(sampled) {
+        // Units like the others: cooperating processes score different sets.
+        let scores = serial(sets.iter().zip(sampled), |(set, sampled)| {
             let name = set.id.name();
             let key = json!({
                 "samples": sampled.key,
@@ -412,10 +428,11 @@ impl<'a> Study<'a> {
             });
             let paths = self.sample_paths(&name, plan);
             let score = self.score_set(&name, &key, scorer, reference.as_ref(), &paths, content)?;
-            scores.extend(score);
             progress.set_message(name);
             progress.inc(1);
-        }
+            Ok(Some(score))
+        })?;
+        let scores: Vec<Score> = scores.into_iter().flatten().flatten().collect();
         progress.finish_and_clear();
         Ok(self.group.is_main().then_some(scores))
     }

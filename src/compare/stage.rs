@@ -4,6 +4,7 @@
 //! once finished, what it produced. A finished stage whose key is unchanged is reused; a stage
 //! whose key changed is redone from scratch; an unfinished one resumes (training from its last
 //! checkpoint, sampling from the last image written).
+use super::claim::Claims;
 use crate::data::synthetic::Domain;
 use crate::util::fs::write_json;
 use anyhow::{Context, Result};
@@ -64,10 +65,12 @@ impl fmt::Display for Stage<'_> {
     }
 }
 
-/// The folders of a comparison's output, and the clock of the time spent on it.
+/// The folders of a comparison's output, the clock of the time spent on it, and the locks of
+/// the stages this process is doing (see [`super::claim`]).
 pub struct Layout {
     pub root: PathBuf,
     pub clock: WallClock,
+    claims: Claims,
 }
 
 impl Layout {
@@ -77,6 +80,7 @@ impl Layout {
         Ok(Self {
             root: root.to_path_buf(),
             clock: WallClock::start(&root.join(WALL_TIME_FILE)),
+            claims: Claims::in_folder(root),
         })
     }
 
@@ -86,6 +90,7 @@ impl Layout {
         Self {
             root: root.to_path_buf(),
             clock: WallClock::start(&root.join(WALL_TIME_FILE)),
+            claims: Claims::none(),
         }
     }
 
@@ -122,8 +127,25 @@ impl Layout {
 
     /// The record of `stage` when it is done. Not done: `dir` (the stage's folder) is cleared
     /// when it holds work for other settings (or of unknown origin), and the key is recorded so
-    /// that the work it starts now can be resumed.
+    /// that the work it starts now can be resumed. The stage is claimed first (and, when not
+    /// done, kept claimed until [`Layout::finish`]): when another process holds it, this waits
+    /// for it, or fails with [`super::claim::UnitHeld`] inside [`super::claim::deferring`].
     pub fn enter<T: DeserializeOwned>(
+        &self,
+        stage: Stage,
+        dir: Option<&Path>,
+        key: &Value,
+    ) -> Result<Option<T>> {
+        let unit = stage.to_string();
+        self.claims.claim(&unit)?;
+        let done = self.enter_claimed(stage, dir, key);
+        if !matches!(done, Ok(None)) {
+            self.claims.release(&unit);
+        }
+        done
+    }
+
+    fn enter_claimed<T: DeserializeOwned>(
         &self,
         stage: Stage,
         dir: Option<&Path>,
@@ -171,8 +193,10 @@ impl Layout {
         }
     }
 
-    /// Starts `stage` over: clears its folder `dir` and records it as unfinished under `key`.
+    /// Starts `stage` over (claiming it again): clears its folder `dir` and records it as
+    /// unfinished under `key`.
     pub fn reset(&self, stage: Stage, dir: &Path, key: &Value) -> Result<()> {
+        self.claims.claim(&stage.to_string())?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
         }
@@ -186,7 +210,8 @@ impl Layout {
         )
     }
 
-    /// Records `stage` as finished with `record`.
+    /// Records `stage` as finished with `record`, and gives back its claim (a diverged run's
+    /// record ends its run's stage too).
     pub fn finish<T: Serialize>(&self, stage: Stage, key: &Value, record: &T) -> Result<()> {
         write_json(
             &self.state(stage),
@@ -196,6 +221,10 @@ impl Layout {
                 record: serde_json::to_value(record)?,
             },
         )?;
+        self.claims.release(&stage.to_string());
+        if let Stage::Diverged(run) = stage {
+            self.claims.release(&Stage::Run(run).to_string());
+        }
         self.save_clock()
     }
 }

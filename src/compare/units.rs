@@ -14,9 +14,13 @@
 //!    `eval.at_steps`;
 //! 5. the scores of every sample set; then the report, assembled from the records.
 //!
-//! Today [`serial`] runs each wave's units one after another in this process; running a wave's
-//! units in parallel (threads, processes, ranks) needs nothing else from them.
+//! [`serial`] runs each wave's units one after another in this process, skipping those that
+//! cooperating processes on the same folder are doing (see [`super::claim`]); `compare --jobs K`
+//! runs K such processes.
+use super::claim::{deferring, UnitHeld};
+use super::wave_progress::WaveProgress;
 use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
 
 /// Which training run of a method.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -82,20 +86,59 @@ impl SetId {
     }
 }
 
-/// Runs the units of one wave one after another with `execute`, which returns `None` when
-/// interrupted: then the wave stops (`None`), keeping what is done.
+/// How often a process with only held units left looks whether one is free.
+const HELD_POLL: Duration = Duration::from_millis(500);
+
+/// Runs the units of one wave with `execute`, which returns `None` when interrupted: then the wave
+/// stops (`None`), keeping what is done. A unit another process holds (see [`super::claim`]) is
+/// skipped and come back to once the others are done; when only held units are left, this waits
+/// until one is let go (its record is then reused, or a unit whose holder was killed taken over).
+/// The results are in the units' order.
 pub fn serial<U, T>(
     units: impl IntoIterator<Item = U>,
-    mut execute: impl FnMut(U) -> anyhow::Result<Option<T>>,
+    mut execute: impl FnMut(&U) -> anyhow::Result<Option<T>>,
 ) -> anyhow::Result<Option<Vec<T>>> {
-    let mut done = Vec::new();
-    for unit in units {
-        match execute(unit)? {
-            Some(result) => done.push(result),
-            None => return Ok(None),
+    let mut left: Vec<(usize, U)> = units.into_iter().enumerate().collect();
+    let mut done: Vec<(usize, T)> = Vec::with_capacity(left.len());
+    let mut progress = WaveProgress::new(left.len());
+    let mut held_before = 0;
+    while !left.is_empty() {
+        let mut held = Vec::new();
+        let mut holds = Vec::new();
+        for (index, unit) in left {
+            let started = Instant::now();
+            let (outcome, claimed) = deferring(|| execute(&unit));
+            match outcome {
+                Ok(Some(result)) => {
+                    let elsewhere = holds.len().max(held_before);
+                    progress.unit_done(claimed.as_deref(), started.elapsed(), elsewhere);
+                    done.push((index, result));
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => match e.downcast::<UnitHeld>() {
+                    Ok(hold) => {
+                        held.push((index, unit));
+                        holds.push(hold);
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
         }
+        if !holds.is_empty() {
+            let names: Vec<&str> = holds.iter().map(|h| h.unit.as_str()).collect();
+            eprintln!(
+                "compare: waiting for {}, which other processes are doing",
+                names.join(", ")
+            );
+            while !holds.iter().any(UnitHeld::is_free) {
+                std::thread::sleep(HELD_POLL);
+            }
+        }
+        held_before = holds.len();
+        left = held;
     }
-    Ok(Some(done))
+    done.sort_by_key(|(index, _)| *index);
+    Ok(Some(done.into_iter().map(|(_, result)| result).collect()))
 }
 
 #[cfg(test)]

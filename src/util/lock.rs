@@ -57,16 +57,21 @@ impl DirLock {
         Self::lock(dir, command, true)
     }
 
+    /// Locks `dir` for `command` when no other process holds it: `None` when one does.
+    pub fn try_acquire(dir: &Path, command: &str) -> Result<Option<Self>> {
+        let file = open_lock_file(dir)?;
+        match file.try_lock() {
+            Ok(()) => Self::hold(dir, command, file).map(Some),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("locking {}", dir.join(LOCK_FILE).display()))
+            }
+        }
+    }
+
     fn lock(dir: &Path, command: &str, wait: bool) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut file = open_lock_file(dir)?;
         let path = dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -79,6 +84,13 @@ impl DirLock {
                 return Err(e).with_context(|| format!("locking {}", path.display()))
             }
         }
+        Self::hold(dir, command, file)
+    }
+
+    /// Records this process as the holder of the lock `file` has just taken on `dir` (saying so
+    /// when it takes over what a killed holder left) and removes the temp files left there.
+    fn hold(dir: &Path, command: &str, mut file: File) -> Result<Self> {
+        let path = dir.join(LOCK_FILE);
         if let Some(stale) = read_holder(&mut file) {
             eprintln!(
                 "difftune: {} was left locked by {stale}, which is no longer running; taking it over",
@@ -103,8 +115,21 @@ impl Drop for DirLock {
     }
 }
 
+/// The lock file of `dir` (both created when missing), open for reading and writing.
+pub(crate) fn open_lock_file(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
 /// The holder recorded in a lock file, if any.
-fn read_holder(file: &mut File) -> Option<Holder> {
+pub(crate) fn read_holder(file: &mut File) -> Option<Holder> {
     let mut text = String::new();
     file.rewind().ok()?;
     file.read_to_string(&mut text).ok()?;

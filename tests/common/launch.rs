@@ -171,3 +171,29 @@ pub fn run_to_success(world: usize, args: &[&str]) -> Job {
     }
     job
 }
+
+/// Starts one process of `difftune ARGS` per entry of `commands`, without a launcher (processes
+/// that cooperate on their own, e.g. `compare` invocations on one folder), each printing into
+/// its [`Rank`].
+#[allow(dead_code)] // not every test binary starts independent processes
+pub fn start(commands: &[Vec<String>]) -> Job {
+    let ranks = commands
+        .iter()
+        .map(|args| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut child = difftune(&args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stdout = capture(child.stdout.take().unwrap());
+            let stderr = capture(child.stderr.take().unwrap());
+            Rank {
+                child,
+                stdout,
+                stderr,
+            }
+        })
+        .collect();
+    Job { ranks }
+}
