@@ -59,6 +59,8 @@ fn small_tiny() -> CompareConfig {
         "study.lr_search.candidates=[]",
         "methods.full.lr_candidates=[1e-3, 3e-3]",
         "methods.lora.lr_candidates=[1e-3, 1e-2]",
+        "methods.prefix.lr_candidates=[]",
+        "methods.bitfit.lr_candidates=[]",
         "study.lr_search.steps=2",
         "study.lr_search.validation_per_class=1",
         "study.lr_search.samples_per_class=2",
