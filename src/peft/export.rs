@@ -20,7 +20,7 @@ pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 const KOHYA_PREFIX: &str = "lora_unet_";
 
 /// A U-Net layer's name in kohya's (and LyCORIS's) files: `lora_unet_` + its path with `_` for `.`.
-pub(crate) fn kohya_name(path: &str) -> String {
+fn kohya_name(path: &str) -> String {
     format!("{KOHYA_PREFIX}{}", path.replace('.', "_"))
 }
 
@@ -57,7 +57,7 @@ impl KohyaLayout {
 }
 
 /// The LDM path of the layer at (diffusers) `path`: the map works on parameter names.
-pub(crate) fn ldm_path(map: &NameMap, path: &str) -> Option<String> {
+fn ldm_path(map: &NameMap, path: &str) -> Option<String> {
     let ldm = map.to_ldm(&format!("{path}.weight"))?;
     ldm.strip_suffix(".weight").map(str::to_string)
 }
