@@ -5,11 +5,13 @@
 //! one process (every score, loss and chosen learning rate; not the timings).
 #[path = "common/launch.rs"]
 mod common;
+#[path = "common/science.rs"]
+mod science;
 
 use common::{difftune, start, LIMIT};
 use difftune::compare::CompareConfig;
 use difftune::settings::compare::preset;
-use serde_json::Value;
+use science::science;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -77,48 +79,6 @@ fn one_process(config: &Path, out: &Path, extra: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert!(output.status.success(), "{stderr}");
     stderr
-}
-
-/// `results.json` without what may differ between processes: timings, memory, the machine, the
-/// commit, the wall clock and the paths.
-fn science(out: &Path) -> Value {
-    let text = std::fs::read_to_string(out.join("results.json")).unwrap();
-    let mut results: Value = serde_json::from_str(&text).unwrap();
-    let top = results.as_object_mut().unwrap();
-    for key in [
-        "git_commit",
-        "machine",
-        "timing",
-        "load_average",
-        "wall_seconds",
-        "invocations",
-        "invocation_seconds",
-    ] {
-        top.remove(key);
-    }
-    if let Some(classifier) = top["classifier"].as_object_mut() {
-        classifier.remove("weights");
-        classifier.remove("seconds");
-    }
-    // A point's cost in full fine-tuning steps is measured in time.
-    for point in top["curves"].as_array_mut().unwrap() {
-        point.as_object_mut().unwrap().remove("full_steps");
-    }
-    for row in top["rows"].as_array_mut().unwrap() {
-        row.as_object_mut().unwrap().remove("sample_seconds");
-        keep_loss(&mut row["train"]);
-        for run in row["runs"].as_array_mut().unwrap() {
-            keep_loss(&mut run["train"]);
-        }
-    }
-    results
-}
-
-/// A run's measures less its times and memory.
-fn keep_loss(train: &mut Value) {
-    if let Some(train) = train.as_object_mut() {
-        train.retain(|key, _| key == "steps" || key == "final_loss");
-    }
 }
 
 /// The TensorBoard event files of every run folder: one per training session in it.

@@ -1,13 +1,17 @@
 //! `difftune compare` as 2 Gloo ranks on 127.0.0.1 (see tests/common/launch.rs) against one
 //! process, on the tiny preset at a budget of seconds: the same files, the same sample PNG bytes,
-//! the same numbers, and rank 0 alone reports; a batch the ranks cannot share is refused.
+//! the same numbers, and rank 0 alone reports; a batch the ranks cannot share is refused. With
+//! `study.parallel = "run"` the ranks share out whole units, with one process's science.
 #[path = "common/launch.rs"]
 mod common;
+#[path = "common/science.rs"]
+mod science;
 
 use common::{difftune, launch, run_to_success, LIMIT};
 use difftune::compare::report::BASE_ROW;
 use difftune::compare::{CompareConfig, StudyResults};
 use difftune::settings::compare::preset;
+use science::science;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -218,6 +222,52 @@ fn two_rank_compare_equals_one_process() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// `study.parallel = "run"`: each rank does whole units alone (one torch thread each, as
+/// torchrun gives several ranks a node), so the science equals one process's at one thread bit
+/// for bit, the learning-rate search's choice included; the report is written once.
+#[test]
+fn two_run_parallel_ranks_equal_one_process() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config_with(&[
+        "study.parallel=\"run\"",
+        "study.lr_search.candidates=[1e-2, 3e-2]",
+        "study.lr_search.steps=2",
+        "study.lr_search.validation_per_class=1",
+    ]);
+    let config = write_config(dir.path(), &config);
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let one_args = args(&config, &one);
+    let single = difftune(&one_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .unwrap();
+    assert!(single.status.success(), "{single:?}");
+    let two_args = args(&config, &two);
+    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
+    eprintln!(
+        "1 process and 2 run-parallel ranks in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let outputs: Vec<(String, String)> = job.ranks.iter().map(|r| r.output()).collect();
+    for (rank, (_, stderr)) in outputs.iter().enumerate() {
+        let line = format!("rank {rank} of 2 does whole units on Cpu with 1 torch thread(s)");
+        assert!(stderr.contains(&line), "{stderr}");
+    }
+    let writers = outputs
+        .iter()
+        .filter(|(_, stderr)| stderr.contains("compare: wrote the report"))
+        .count();
+    assert_eq!(writers, 1, "{outputs:?}");
+    assert!(outputs[0].0.contains("Table 1. FID"), "{}", outputs[0].0);
+    assert!(outputs[1].0.is_empty(), "rank 1 printed {}", outputs[1].0);
+    assert!(two.join("report.md").is_file());
+
+    let (a, b) = (science(&one), science(&two));
+    assert!(a["lr_search"]["methods"][0]["chosen"].is_number(), "{a}");
+    assert_eq!(b, a);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 use super::dist_check::DistArgs;
 use super::interrupt::{FirstSignal, Interrupt};
-use crate::compare::config::CompareConfig;
+use crate::compare::config::{CompareConfig, Parallelism};
 use crate::compare::presets::DEFAULT_PRESET;
+use crate::compare::ranks::run_whole_units;
 use crate::compare::runner::{check_world_size, run_in, CompareOptions, Outcome, REPORT_MD};
 use crate::compare::workers;
 use crate::compare::StudyResults;
@@ -56,8 +57,11 @@ pub fn run(args: CompareArgs) -> Result<()> {
         }
         return Ok(());
     }
+    let run_parallel = config.study.parallel == Parallelism::Run;
     if let Some(launch) = &launch {
-        check_world_size(&config, launch.world_size)?;
+        if !run_parallel {
+            check_world_size(&config, launch.world_size)?;
+        }
         if args.jobs > 1 {
             bail!("--jobs runs processes of its own: not under a launcher, which starts the ranks");
         }
@@ -70,7 +74,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
         "compare",
         FirstSignal::Stop("stopping at the next checkpoint"),
     )?;
-    // Under a launcher every rank runs every stage (see compare::runner); rank 0 reports.
+    // Under a launcher every rank runs every stage (see compare::runner), or whole units (see
+    // compare::ranks); rank 0 prints the results.
     let (group, _) = super::launch::join(&args.dist, config.train.device.resolve()?)?;
     let workers = match args.jobs {
         1 => None,
@@ -86,15 +91,16 @@ pub fn run(args: CompareArgs) -> Result<()> {
             Some(workers::Workers::spawn(&args, jobs, threads)?)
         }
     };
-    let outcome = run_in(
-        &CompareOptions {
-            config,
-            out: out.clone(),
-            progress: true,
-            interrupt: interrupt.flag(),
-        },
-        &group,
-    )?;
+    let opts = CompareOptions {
+        config,
+        out: out.clone(),
+        progress: true,
+        interrupt: interrupt.flag(),
+    };
+    let outcome = match run_parallel && group.is_distributed() {
+        true => run_whole_units(&opts, &group)?,
+        false => run_in(&opts, &group)?,
+    };
     group.shutdown()?;
     if let Some(workers) = workers {
         workers.wait()?;

@@ -98,6 +98,8 @@ pub struct StudySection {
     pub runs: usize,
     pub lr_search: LrSearch,
     pub timing: TimingSettings,
+    /// How the ranks of a launcher (torchrun, srun) share the study. Default `data`.
+    pub parallel: Parallelism,
 }
 
 impl Default for StudySection {
@@ -106,8 +108,22 @@ impl Default for StudySection {
             runs: 1,
             lr_search: LrSearch::default(),
             timing: TimingSettings::default(),
+            parallel: Parallelism::Data,
         }
     }
+}
+
+/// How the ranks of a launcher share a study (`[study] parallel`); without a launcher either is
+/// one process.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Parallelism {
+    /// Every stage on every rank: each training run data-parallel over all ranks, the samples
+    /// and features shared out (see [`super::runner`]).
+    Data,
+    /// Each rank does whole units on its own device, as one of the cooperating invocations on
+    /// the folder (see [`super::ranks`]).
+    Run,
 }
 
 /// `[study.lr_search]`: each method's learning rate chosen on held-out training data. A

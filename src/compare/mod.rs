@@ -29,6 +29,7 @@ mod outputs;
 pub mod plots;
 mod prepare;
 pub mod presets;
+pub mod ranks;
 pub mod report;
 mod results;
 pub mod runner;

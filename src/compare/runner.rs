@@ -59,8 +59,8 @@ pub struct CompareOptions {
 /// How a call of [`run`] ended.
 pub enum Outcome {
     Finished(Box<StudyResults>),
-    /// This rank's part of a data-parallel comparison is done; rank 0 holds the results and
-    /// wrote the outputs.
+    /// This rank's part of a comparison under a launcher is done; rank 0 holds the results
+    /// (and, data-parallel, wrote the outputs).
     FinishedOnMainRank,
     /// Stopped by the interrupt flag; running again resumes.
     Interrupted,
@@ -98,6 +98,17 @@ pub fn run(opts: &CompareOptions) -> Result<Outcome> {
 /// Runs (or resumes) a comparison as this process's rank of `group` (see the module
 /// documentation); rank 0 gets the results, the others [`Outcome::FinishedOnMainRank`].
 pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
+    let device = group.local_device(opts.config.train.device.resolve()?);
+    run_on(opts, group, device)
+}
+
+/// [`run_in`] with this rank's tensors on `device` (the run-parallel ranks of
+/// [`super::ranks`] each run alone on their launcher rank's device).
+pub(super) fn run_on(
+    opts: &CompareOptions,
+    group: &ProcessGroup,
+    device: Device,
+) -> Result<Outcome> {
     let config = &opts.config;
     // Everything is checked before the lock, which creates the output folder.
     config.validate()?;
@@ -122,7 +133,7 @@ pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
             true => Layout::create(&opts.out)?,
             false => Layout::open(&opts.out),
         },
-        device: group.local_device(config.train.device.resolve()?),
+        device,
         settings_toml,
         group,
         load_at_start: super::machine::load_averages(),

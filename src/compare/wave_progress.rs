@@ -1,6 +1,6 @@
 //! The study's progress through a wave of units (see [`super::units::serial`]), one plain line
 //! each time this process finishes a unit it worked on, naming the process (the worker of
-//! `--jobs`, or the PID of an independent invocation):
+//! `--jobs`, the rank under a launcher, or the PID of an independent invocation):
 //!
 //! ```text
 //! compare [worker 1]: run-lora-r1 done in 42 s; wave: 5/12 units done, 2 running elsewhere, 5 left, ~1 minute left
@@ -25,9 +25,11 @@ pub struct WaveProgress {
 
 impl WaveProgress {
     pub fn new(total: usize) -> Self {
-        let who = match super::workers::worker_index() {
-            0 => format!("PID {}", std::process::id()),
-            worker => format!("worker {worker}"),
+        let launch = crate::dist::Launch::from_env().ok().flatten();
+        let who = match (super::workers::worker_index(), launch) {
+            (0, Some(launch)) => format!("rank {}", launch.rank),
+            (0, None) => format!("PID {}", std::process::id()),
+            (worker, _) => format!("worker {worker}"),
         };
         Self {
             total,

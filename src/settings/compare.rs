@@ -207,6 +207,21 @@ mod tests {
         assert_eq!(run.train.learning_rate, 0.5);
     }
 
+    #[test]
+    fn study_parallel_is_data_unless_run_is_chosen_and_nothing_else() {
+        use crate::compare::config::Parallelism;
+        let c = compare_config(MINIMAL, &[]).unwrap();
+        assert_eq!(c.study.parallel, Parallelism::Data);
+        let c = compare_config(MINIMAL, &["study.parallel=\"run\"".into()]).unwrap();
+        assert_eq!(c.study.parallel, Parallelism::Run);
+        let err = compare_config(MINIMAL, &["study.parallel=\"batch\"".into()]).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("unknown variant `batch`, expected `data` or `run`"),
+            "{err}"
+        );
+    }
+
     /// A method run's stage key is its run config's TOML: the method's settings as written,
     /// `name` first, as before the settings were typed (so finished comparisons are reused).
     #[test]

@@ -25,8 +25,8 @@ pub struct StudyResults {
     pub name: String,
     pub git_commit: String,
     pub machine: MachineInfo,
-    /// Data-parallel processes the comparison ran on (1 without a launcher); `machine` describes
-    /// rank 0's.
+    /// Data-parallel processes the comparison ran on (1 without a launcher, and with
+    /// run-parallel ranks, each of which runs its units alone); `machine` describes rank 0's.
     pub world_size: usize,
     /// What the FID numbers are computed with, and why (real or random Inception weights).
     pub fid_features: String,
