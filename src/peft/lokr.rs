@@ -19,9 +19,7 @@ use super::layer_update::{
     self, kaiming_uniform, plan_each, LayerPlan, ParamSpec, Planned, Update, WeightUpdate,
 };
 use super::loha::tucker_weight;
-use super::targets::{
-    check_patterns_apply, pattern_value, select_layers, validate_ranked, LayerTarget,
-};
+use super::targets::{pattern_value, select_patterned, validate_ranked, LayerTarget};
 use super::{Registered, TuningMethod};
 use crate::model::unet::UNet2DConditionModel;
 use anyhow::{bail, Result};
@@ -252,12 +250,8 @@ impl Lokr {
     }
 
     fn planned(&self, unet: &mut UNet2DConditionModel) -> Result<Vec<Planned>> {
-        let layers = select_layers(unet, &self.targets, "LoKr target")?;
-        check_patterns_apply(
-            self.rank_pattern.keys().chain(self.alpha_pattern.keys()),
-            &layers,
-            "LoKr rank/alpha",
-        )?;
+        let patterns = self.rank_pattern.keys().chain(self.alpha_pattern.keys());
+        let layers = select_patterned(unet, &self.targets, patterns, "LoKr")?;
         plan_each(layers, |t| self.plan(t))
     }
 }

@@ -8,7 +8,7 @@
 //! channel, treated as a constant in the backward pass as peft does), with the magnitude `m`
 //! initialised to `||W||` so it also starts from the base model.
 use super::export::AdapterFormat;
-use super::targets::{check_patterns_apply, pattern_value, select_layers, validate_ranked};
+use super::targets::{pattern_value, select_patterned, validate_ranked};
 use super::{check_tensor_shapes, fill_slot, install_by_path, nested, Registered, TuningMethod};
 use crate::model::layers::{Conv2d, Conv2dExtension, Linear, LinearExtension};
 use crate::model::unet::UNet2DConditionModel;
@@ -202,12 +202,8 @@ impl Lora {
 
     /// Resolves the targets against the U-Net's Linear and Conv2d layers, in model order.
     fn targets(&self, unet: &mut UNet2DConditionModel) -> Result<Vec<Target>> {
-        let layers = select_layers(unet, &self.targets, "LoRA target")?;
-        check_patterns_apply(
-            self.rank_pattern.keys().chain(self.alpha_pattern.keys()),
-            &layers,
-            "LoRA rank/alpha",
-        )?;
+        let patterns = self.rank_pattern.keys().chain(self.alpha_pattern.keys());
+        let layers = select_patterned(unet, &self.targets, patterns, "LoRA")?;
         let mut targets = Vec::new();
         for layer in layers {
             let rank = self.rank_for(&layer.path)?;

@@ -66,13 +66,21 @@ pub(crate) fn select_layers(
         ModuleMut::Conv2d(c) => push(&c.path, &c.weight, &c.bias),
         _ => {}
     });
-    let paths: Vec<String> = layers.iter().map(|l| l.path.clone()).collect();
-    for glob in globs {
-        if !paths.iter().any(|p| glob_matches(glob, p)) {
-            return Err(no_match_error(what, glob, &paths));
-        }
-    }
+    check_patterns_apply(globs, &layers, what)?;
     layers.retain(|l| globs.iter().any(|glob| glob_matches(glob, &l.path)));
+    Ok(layers)
+}
+
+/// The layers `targets` selects for the method `label` (as [`select_layers`]), after checking
+/// that each glob of its per-layer `patterns` (rank_pattern, alpha_pattern) names one of them.
+pub(crate) fn select_patterned<'a>(
+    unet: &mut UNet2DConditionModel,
+    targets: &[String],
+    patterns: impl IntoIterator<Item = &'a String>,
+    label: &str,
+) -> Result<Vec<LayerTarget>> {
+    let layers = select_layers(unet, targets, &format!("{label} target"))?;
+    check_patterns_apply(patterns, &layers, &format!("{label} rank/alpha"))?;
     Ok(layers)
 }
 
@@ -103,14 +111,14 @@ pub(crate) fn pattern_value<T: Copy + PartialEq + Display>(
     }
 }
 
-/// Errors when one of `globs` (pattern keys) matches none of the targeted layers: an override
-/// that applies nowhere is a typo, not a no-op.
-pub(crate) fn check_patterns_apply<'a>(
+/// Errors when one of `globs` (targets or pattern keys) matches none of `layers`: a glob that
+/// applies nowhere is a typo, not a no-op.
+fn check_patterns_apply<'a>(
     globs: impl IntoIterator<Item = &'a String>,
-    targets: &[LayerTarget],
+    layers: &[LayerTarget],
     what: &str,
 ) -> Result<()> {
-    let targeted: Vec<String> = targets.iter().map(|t| t.path.clone()).collect();
+    let targeted: Vec<String> = layers.iter().map(|t| t.path.clone()).collect();
     for glob in globs {
         if !targeted.iter().any(|p| glob_matches(glob, p)) {
             return Err(no_match_error(what, glob, &targeted));
