@@ -63,6 +63,20 @@ impl Tiny {
     fn output(&self) -> Tensor {
         tch::no_grad(|| self.forward())
     }
+
+    /// Applies `m` to the U-Net, its tensors in `params`, initialised from seed 0.
+    fn apply(
+        &mut self,
+        m: &dyn TuningMethod,
+        params: &nn::VarStore,
+    ) -> anyhow::Result<Vec<(String, Tensor)>> {
+        m.apply(
+            &mut self.unet,
+            &self.vs,
+            params.root(),
+            &InitSeed::new(0, "test"),
+        )
+    }
 }
 
 fn method(name: &str, settings: &str) -> Box<dyn TuningMethod> {
@@ -156,13 +170,8 @@ fn methods_start_from_the_base_model_and_train_only_their_parameters() {
         let mut tiny = Tiny::new();
         let base = tiny.output();
         let params = nn::VarStore::new(Device::Cpu);
-        let trained = method(name, settings)
-            .apply(
-                &mut tiny.unet,
-                &tiny.vs,
-                params.root(),
-                &InitSeed::new(0, "test"),
-            )
+        let trained = tiny
+            .apply(method(name, settings).as_ref(), &params)
             .unwrap();
         let names: std::collections::HashSet<&str> =
             trained.iter().map(|(n, _)| n.as_str()).collect();
@@ -292,12 +301,10 @@ fn settings_come_from_toml_and_set_pairs() {
 fn a_pattern_that_matches_nothing_names_the_closest_modules() {
     let mut tiny = Tiny::new();
     let params = nn::VarStore::new(Device::Cpu);
-    let err = method("lora", "targets = ['*.attn2.to_z']")
+    let err = tiny
         .apply(
-            &mut tiny.unet,
-            &tiny.vs,
-            params.root(),
-            &InitSeed::new(0, "test"),
+            method("lora", "targets = ['*.attn2.to_z']").as_ref(),
+            &params,
         )
         .unwrap_err();
     let err = format!("{err:#}");
@@ -305,13 +312,8 @@ fn a_pattern_that_matches_nothing_names_the_closest_modules() {
         err.contains("`*.attn2.to_z` matches none") && err.contains("attn2.to_q`"),
         "{err}"
     );
-    let err = method("prefix", "targets = ['*.atn2']")
-        .apply(
-            &mut tiny.unet,
-            &tiny.vs,
-            params.root(),
-            &InitSeed::new(0, "test"),
-        )
+    let err = tiny
+        .apply(method("prefix", "targets = ['*.atn2']").as_ref(), &params)
         .unwrap_err();
     assert!(
         format!("{err:#}").contains("transformer_blocks.0.attn2`"),
@@ -325,14 +327,7 @@ fn adapted(
     params: &nn::VarStore,
     m: &dyn TuningMethod,
 ) -> (Vec<(String, Tensor)>, Tensor) {
-    let trained = m
-        .apply(
-            &mut tiny.unet,
-            &tiny.vs,
-            params.root(),
-            &InitSeed::new(0, "test"),
-        )
-        .unwrap();
+    let trained = tiny.apply(m, params).unwrap();
     perturb(&trained);
     let out = tiny.output();
     (trained, out)
@@ -868,13 +863,8 @@ fn difffit_and_svdiff_start_from_the_base_model_exactly() {
         let mut tiny = Tiny::new();
         let base = tiny.output();
         let params = nn::VarStore::new(Device::Cpu);
-        let trained = method(name, settings)
-            .apply(
-                &mut tiny.unet,
-                &tiny.vs,
-                params.root(),
-                &InitSeed::new(0, "test"),
-            )
+        let trained = tiny
+            .apply(method(name, settings).as_ref(), &params)
             .unwrap();
         assert!(tiny.output().equal(&base), "{name}: output differs at init");
         if name == "difffit" {
@@ -898,14 +888,7 @@ fn difffit_and_svdiff_start_from_the_base_model_exactly() {
         .collect();
     let svdiff = method("svdiff", "");
     let params = nn::VarStore::new(Device::Cpu);
-    let trained = svdiff
-        .apply(
-            &mut tiny.unet,
-            &tiny.vs,
-            params.root(),
-            &InitSeed::new(0, "test"),
-        )
-        .unwrap();
+    let trained = tiny.apply(svdiff.as_ref(), &params).unwrap();
     let zero: BTreeMap<String, Tensor> = trained
         .iter()
         .map(|(n, t)| (n.clone(), t.zeros_like()))
