@@ -81,7 +81,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         1 => None,
         jobs => {
             let jobs = jobs as usize;
-            let threads = workers::threads_per_worker(workers::cores(), jobs);
+            let threads = workers::threads_per_worker(crate::compare::machine::cores(), jobs);
             eprintln!(
                 "compare: {jobs} worker processes on {}, {threads} torch thread(s) each",
                 out.display()

@@ -16,13 +16,16 @@ pub struct MachineInfo {
     pub os: String,
 }
 
+/// The machine's cores (what this process may use).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 impl MachineInfo {
     pub fn detect(device: tch::Device) -> Self {
         Self {
             cpu_model: cpu_model().unwrap_or_else(|| "unknown".into()),
-            cpu_cores: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            cpu_cores: cores(),
             gpus: if device.is_cuda() {
                 nvidia_smi(&["--query-gpu=name", "--format=csv,noheader"])
             } else {

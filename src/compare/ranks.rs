@@ -10,8 +10,9 @@
 //! a second launch), where rank 0 could not know whether they are done. The ranks then meet at a
 //! barrier on the launcher's group, so that the launcher sees them finish together, and rank 0
 //! alone returns the results (prints the tables) — by then the report is written.
+use super::machine::cores;
 use super::runner::{run_on, CompareOptions, Outcome};
-use super::workers::{cores, threads_per_worker};
+use super::workers::threads_per_worker;
 use crate::dist::ProcessGroup;
 use anyhow::{Context, Result};
 use tch::Device;

@@ -21,11 +21,6 @@ pub fn threads_per_worker(cores: usize, jobs: usize) -> usize {
     (cores / jobs.max(1)).max(1)
 }
 
-/// The machine's cores (what this process may use).
-pub fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// This process's worker number: 0 unless started by [`Workers::spawn`].
 pub fn worker_index() -> usize {
     std::env::var(WORKER_VAR)
