@@ -23,6 +23,7 @@ use crate::sample::LatentGeometry;
 use crate::train::step::Objective;
 use crate::train::timed_step::{StepShape, TimedStep};
 use crate::util::fs::{read_json, write_json};
+use crate::util::stats::median;
 use anyhow::{Context, Result};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -257,10 +258,6 @@ fn resample(values: &[f64], rng: &mut ChaCha8Rng) -> Vec<f64> {
     (0..values.len())
         .map(|_| values[rng.random_range(0..values.len())])
         .collect()
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    crate::util::stats::median(values)
 }
 
 #[cfg(test)]
