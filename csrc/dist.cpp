@@ -1,5 +1,6 @@
 // difftune's bridge to PyTorch's c10d (TCPStore, PrefixStore, ProcessGroupGloo and, when built
-// with NCCL headers, ProcessGroupNCCL). Every entry point returns NULL on success or a malloc'd
+// with NCCL headers, ProcessGroupNCCL), and sub-groups of a group's ranks as torch's new_group
+// makes them (a backend of their own over the parent's store, under a prefix of their own). Every entry point returns NULL on success or a malloc'd
 // error message the caller frees with dt_free_message (csrc/checkpoint.cpp); no C++ exception crosses into Rust.
 // Tied to the exact torch version the crate pins (class layouts are seen through its headers).
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -21,12 +22,17 @@ using difftune::guarded;
 
 constexpr const char* kUnknown = "unknown C++ exception in c10d";
 
+enum BackendKind { kGloo = 0, kNccl = 1 };
+
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
   // The CUDA device index for NCCL (its barrier needs it), -1 for Gloo.
   int device_index;
+  int backend_kind;
+  // Gloo's network interface, which its sub-groups use too (null for NCCL).
+  std::shared_ptr<gloo::transport::Device> gloo_device;
 };
 
 // How Gloo picks the network interface of this rank (mirrors torch.distributed's choices).
@@ -48,10 +54,9 @@ c10::intrusive_ptr<c10d::Backend> make_gloo(
     int rank,
     int world,
     std::chrono::milliseconds timeout,
-    int device_kind,
-    const char* device_name) {
+    const std::shared_ptr<gloo::transport::Device>& device) {
   auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-  options->devices.push_back(gloo_device(device_kind, device_name));
+  options->devices.push_back(device);
   return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
 }
 
@@ -73,6 +78,17 @@ c10::intrusive_ptr<c10d::Backend> make_nccl(
       "this difftune was built without NCCL support (nccl.h and the CUDA headers were not "
       "found at build time); use Gloo (CPU) or rebuild with them");
 #endif
+}
+
+// The backend of `group`'s kind over `store` (the group's own, or a sub-group's).
+c10::intrusive_ptr<c10d::Backend> make_backend(
+    const Group& group,
+    const c10::intrusive_ptr<c10d::Store>& store,
+    int rank,
+    int world) {
+  return group.backend_kind == kNccl
+      ? make_nccl(store, rank, world, group.timeout)
+      : make_gloo(store, rank, world, group.timeout, group.gloo_device);
 }
 
 void wait_for(const c10::intrusive_ptr<c10d::Work>& work) {
@@ -122,11 +138,31 @@ char* dt_group_new(
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), store_options);
     c10::intrusive_ptr<c10d::Store> store =
         c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
-    auto group = new Group{store, {}, timeout, device_index};
+    auto group = new Group{store, {}, timeout, device_index, backend, nullptr};
     try {
-      group->backend = backend == 1
-          ? make_nccl(store, rank, world, timeout)
-          : make_gloo(store, rank, world, timeout, gloo_device_kind, gloo_device_name);
+      if (backend == kGloo) {
+        group->gloo_device = gloo_device(gloo_device_kind, gloo_device_name);
+      }
+      group->backend = make_backend(*group, store, rank, world);
+    } catch (...) {
+      delete group;
+      throw;
+    }
+    *out = group;
+  });
+}
+
+// A sub-group of `parent`'s ranks, where this rank is `rank` of `world`, its keys under `prefix`
+// in the parent's store: only its members call this, each with the same prefix (so groups of
+// disjoint ranks form at once, and none waits for ranks outside it).
+char* dt_group_sub(void* parent, const char* prefix, int rank, int world, void** out) {
+  return guarded(kUnknown, [&] {
+    auto p = static_cast<Group*>(parent);
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), p->store);
+    auto group = new Group{store, {}, p->timeout, p->device_index, p->backend_kind, p->gloo_device};
+    try {
+      group->backend = make_backend(*group, store, rank, world);
     } catch (...) {
       delete group;
       throw;

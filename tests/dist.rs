@@ -24,6 +24,10 @@ fn two_ranks_compute_every_collective_correctly() {
         "{stdout}"
     );
     assert!(stdout.contains("correct on every rank"), "{stdout}");
+    assert!(
+        stdout.contains("two sub-groups at once (ranks 0..1 and 1..2): correct"),
+        "{stdout}"
+    );
     assert!(stdout.contains("all_reduce_sum of 100000 f32"), "{stdout}");
     // Only rank 0 reports.
     let (stdout_1, stderr_1) = job.ranks[1].output();
@@ -35,11 +39,16 @@ fn two_ranks_compute_every_collective_correctly() {
 }
 
 #[test]
-fn three_ranks_gather_uneven_shares() {
-    // Rank r holds r rows: 0, 1 and 2 rows are gathered in rank order.
+fn three_ranks_gather_uneven_shares_in_the_group_and_in_sub_groups() {
+    // Rank r holds r rows: 0, 1 and 2 rows are gathered in rank order; the same again in a
+    // sub-group of ranks 0 and 1, beside rank 2 alone in its own.
     let job = check_all_succeed(3);
     let (stdout, _) = job.ranks[0].output();
     assert!(stdout.contains("correct on every rank"), "{stdout}");
+    assert!(
+        stdout.contains("two sub-groups at once (ranks 0..2 and 2..3): correct"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -11,6 +11,8 @@ use common::{difftune, launch, run_to_success, LIMIT};
 use difftune::compare::report::BASE_ROW;
 use difftune::compare::{CompareConfig, StudyResults};
 use difftune::settings::compare::preset;
+use difftune::train::metrics::MetricsLog;
+use difftune::train::trainer::METRICS_FILE;
 use science::science;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -270,6 +272,61 @@ fn two_run_parallel_ranks_equal_one_process() {
     assert_eq!(b, a);
 }
 
+/// `methods.full.ranks = 2` in a run-parallel study: full fine-tuning's runs are data-parallel
+/// over a team of both ranks (a c10d sub-group), LoRA's each on one rank. The base model's and
+/// LoRA's science equals one process's bit for bit, full fine-tuning's to float rounding (the
+/// team splits its batch; at this budget its samples come out the same bytes).
+#[test]
+fn a_method_s_runs_are_data_parallel_over_a_team_of_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config_with(&["study.parallel=\"run\"", "methods.full.ranks=2"]);
+    let config = write_config(dir.path(), &config);
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let one_args = args(&config, &one);
+    let single = difftune(&one_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .unwrap();
+    assert!(single.status.success(), "{single:?}");
+    let two_args = args(&config, &two);
+    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let outputs: Vec<(String, String)> = job.ranks.iter().map(|r| r.output()).collect();
+    for (rank, (_, stderr)) in outputs.iter().enumerate() {
+        let line = format!("rank {rank} trains data-parallel runs with ranks 0..2");
+        assert!(stderr.contains(&line), "{stderr}");
+    }
+    assert!(
+        outputs[0]
+            .1
+            .contains("compare: ranks 0..2 train run-full as a team"),
+        "{}",
+        outputs[0].1
+    );
+    // Full fine-tuning's steps all-reduced their gradients over the team; LoRA's ran alone.
+    let steps = |run: &str| MetricsLog::read(&two.join("runs").join(run).join(METRICS_FILE));
+    let (full, lora) = (steps("full").unwrap(), steps("lora").unwrap());
+    assert_eq!((full.len(), lora.len()), (3, 3));
+    assert!(full.iter().all(|s| s.all_reduce_s.is_some()));
+    assert!(lora.iter().all(|s| s.all_reduce_s.is_none()));
+
+    let (a, b) = (science(&one), science(&two));
+    let rows = |s: &serde_json::Value| s["rows"].as_array().unwrap().clone();
+    let (rows_a, rows_b) = (rows(&a), rows(&b));
+    assert_eq!(rows_a.len(), 3);
+    for (x, y) in rows_a.iter().zip(&rows_b) {
+        let method = x["method"].as_str().unwrap();
+        if method != "full" {
+            assert_eq!(x, y, "{method}");
+            continue;
+        }
+        for score in ["fid", "kid_mean"] {
+            let (x, y) = (x[score].as_f64().unwrap(), y[score].as_f64().unwrap());
+            assert_close(&format!("full {score}"), x, y, 1e-3);
+            eprintln!("full {score}: {x} (1 process) against {y} (a team of 2)");
+        }
+    }
+}
+
 #[test]
 fn print_config_prints_once_under_a_launcher() {
     let printed = |rank: &str| {
@@ -289,11 +346,11 @@ fn print_config_prints_once_under_a_launcher() {
     assert_eq!(printed("1"), "");
 }
 
-#[test]
-fn a_batch_the_ranks_cannot_share_is_refused_before_anything_is_written() {
+/// Launches 2 ranks on the small study with the `set` pairs and checks that every rank refuses it
+/// with `message` before anything is written.
+fn refused_before_anything_is_written(set: &[&str], message: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let config = small_config_with(&["train.batch_size=3"]);
-    let config = write_config(dir.path(), &config);
+    let config = write_config(dir.path(), &small_config_with(set));
     let out = dir.path().join("out");
     let args = args(&config, &out);
     let mut job = launch(
@@ -305,10 +362,23 @@ fn a_batch_the_ranks_cannot_share_is_refused_before_anything_is_written() {
         let status = rank.wait(Instant::now() + LIMIT);
         let (_, stderr) = rank.output();
         assert!(!status.success(), "{stderr}");
-        assert!(
-            stderr.contains("global batch of 3 (batch_size 3 x gradient_accumulation_steps 1) cannot be shared evenly by 2 ranks"),
-            "{stderr}"
-        );
+        assert!(stderr.contains(message), "{stderr}");
     }
     assert!(!out.exists(), "{} was written", out.display());
+}
+
+#[test]
+fn a_batch_the_ranks_cannot_share_is_refused_before_anything_is_written() {
+    refused_before_anything_is_written(
+        &["train.batch_size=3"],
+        "global batch of 3 (batch_size 3 x gradient_accumulation_steps 1) cannot be shared evenly by 2 ranks",
+    );
+}
+
+#[test]
+fn teams_the_ranks_cannot_form_are_refused_before_anything_is_written() {
+    refused_before_anything_is_written(
+        &["study.parallel=\"run\"", "methods.full.ranks=3"],
+        "methods.full.ranks: 3 ranks a run cannot form teams from the 2 ranks of this launch",
+    );
 }

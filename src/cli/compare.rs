@@ -4,6 +4,7 @@ use crate::compare::config::{CompareConfig, Parallelism};
 use crate::compare::presets::DEFAULT_PRESET;
 use crate::compare::ranks::run_whole_units;
 use crate::compare::runner::{check_world_size, run_in, CompareOptions, Outcome, REPORT_MD};
+use crate::compare::teams;
 use crate::compare::workers;
 use crate::compare::StudyResults;
 use crate::dist::Launch;
@@ -59,8 +60,12 @@ pub fn run(args: CompareArgs) -> Result<()> {
     }
     let run_parallel = config.study.parallel == Parallelism::Run;
     if let Some(launch) = &launch {
-        if !run_parallel {
-            check_world_size(&config, launch.world_size)?;
+        // Every rank refuses on its own, before the ranks join.
+        match run_parallel {
+            true => {
+                teams::widths(&config, launch, config.train.device.resolve()?)?;
+            }
+            false => check_world_size(&config, launch.world_size)?,
         }
         if args.jobs > 1 {
             bail!("--jobs runs processes of its own: not under a launcher, which starts the ranks");

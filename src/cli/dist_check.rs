@@ -67,6 +67,12 @@ pub fn run(args: DistCheckArgs) -> Result<()> {
     if group.is_main() {
         println!("all_reduce_sum, broadcast_from_main, all_gather_rows (uneven), broadcast_bytes_from_main, any, barrier: correct on every rank");
     }
+    if group.is_distributed() {
+        let halves = check_sub_groups(&group, device)?;
+        if group.is_main() {
+            println!("the same in two sub-groups at once (ranks {halves}): correct");
+        }
+    }
     for &size in &args.sizes {
         time_all_reduce(&group, device, size, args.repeats)?;
     }
@@ -152,6 +158,24 @@ fn check_collectives(group: &ProcessGroup, device: Device) -> Result<()> {
         bail!("any gave a wrong result");
     }
     group.barrier().context("barrier")
+}
+
+/// Splits the ranks into two sub-groups, the first half (rounded up) and the rest, as a
+/// run-parallel study forms its teams, and checks every collective within each, both at once.
+/// Returns the halves, in words.
+fn check_sub_groups(group: &ProcessGroup, device: Device) -> Result<String> {
+    let world = group.world_size();
+    let half = world.div_ceil(2);
+    let (members, name) = match group.rank() < half {
+        true => (0..half, "dist-check-first-half"),
+        false => (half..world, "dist-check-second-half"),
+    };
+    let team = group.sub_group(members.clone(), name)?;
+    check_collectives(&team, device)
+        .with_context(|| format!("in the sub-group of ranks {members:?}"))?;
+    team.shutdown()?;
+    group.barrier()?;
+    Ok(format!("{:?} and {:?}", 0..half, half..world))
 }
 
 fn expect_equal(what: &str, got: &Tensor, expected: &Tensor) -> Result<()> {

@@ -65,6 +65,11 @@ pub struct MethodEntry {
     pub train_overrides: toml::Table,
     /// Learning rates to choose this method's from (replacing `study.lr_search.candidates`).
     pub lr_candidates: Option<Vec<f64>>,
+    /// In a run-parallel study under a launcher (`[study] parallel = "run"`), how many ranks
+    /// each training run of this method is data-parallel over (a c10d sub-group: see
+    /// [`super::teams`]). Default: the node's ranks for full fine-tuning of a large U-Net on
+    /// GPUs, else 1 ([`super::teams::default_width`]).
+    pub ranks: Option<usize>,
 }
 
 impl MethodEntry {
@@ -227,6 +232,9 @@ impl Serialize for MethodEntry {
         map.serialize_entry("train", &self.train_overrides)?;
         if let Some(candidates) = &self.lr_candidates {
             map.serialize_entry("lr_candidates", candidates)?;
+        }
+        if let Some(ranks) = self.ranks {
+            map.serialize_entry("ranks", &ranks)?;
         }
         map.end()
     }
@@ -568,6 +576,10 @@ impl CompareConfig {
             m.run
                 .validate()
                 .with_context(|| format!("the run of method `{}` (its `train` table)", m.name()))?;
+            if m.ranks == Some(0) {
+                let setting = format!("methods.{}.ranks", m.name());
+                return Err(invalid(&setting, "must be at least 1"));
+            }
         }
         Ok(())
     }

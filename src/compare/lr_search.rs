@@ -61,7 +61,12 @@ impl Study<'_> {
                 units.len()
             );
         }
-        let Some(trained) = serial(&units, |unit| self.train_candidate(unit))? else {
+        let trained = self.train_wave(
+            &units,
+            |unit| (unit.method.name(), &unit.run),
+            |study, unit| study.train_candidate(unit),
+        )?;
+        let Some(trained) = trained else {
             return Ok(None);
         };
         let validation = Dataset::open(
@@ -106,22 +111,19 @@ impl Study<'_> {
             &reference_key,
             self.group,
         )?;
-        let mut scored = Vec::new();
-        for job in &jobs {
+        // Units like the others: cooperating processes score different candidates.
+        let scored = serial(&jobs, |job| {
             let key =
                 json!({ "samples": job.key, "scores": scorer.key(), "reference": reference_key });
             let paths = self.sample_paths(&job.set, &plan);
-            scored.extend(self.score_set(
-                &job.set,
-                &key,
-                scorer,
-                reference.as_ref(),
-                &paths,
-                None,
-            )?);
-        }
+            let score = self.score_set(&job.set, &key, scorer, reference.as_ref(), &paths, None)?;
+            Ok(Some(score))
+        })?;
+        let Some(scored) = scored else {
+            return Ok(None);
+        };
         // Each candidate's score, in unit order: none for one that diverged.
-        let mut scored = scored.into_iter();
+        let mut scored = scored.into_iter().flatten();
         let scores: Vec<Option<Score>> = trained
             .iter()
             .map(|record| record.as_ref().and_then(|_| scored.next()))

@@ -37,6 +37,7 @@ mod sampling;
 pub mod score;
 pub mod split;
 mod stage;
+pub mod teams;
 pub mod timing;
 pub mod tiny_vae;
 mod training;

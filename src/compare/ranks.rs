@@ -10,8 +10,12 @@
 //! a second launch), where rank 0 could not know whether they are done. The ranks then meet at a
 //! barrier on the launcher's group, so that the launcher sees them finish together, and rank 0
 //! alone returns the results (prints the tables) — by then the report is written.
+//!
+//! The training runs of a method with `ranks` above 1 (by default full fine-tuning of a large
+//! U-Net on GPUs) are data-parallel over teams of ranks, c10d sub-groups (see [`super::teams`]).
 use super::machine::cores;
 use super::runner::{run_on, CompareOptions, Outcome};
+use super::teams::{widths, Teams};
 use super::workers::threads_per_worker;
 use crate::dist::ProcessGroup;
 use anyhow::{Context, Result};
@@ -35,7 +39,17 @@ pub fn run_whole_units(opts: &CompareOptions, group: &ProcessGroup) -> Result<Ou
         group.rank(),
         group.world_size(),
     );
-    let outcome = run_on(opts, &ProcessGroup::single(), device)?;
+    let launch = group.launch().context("run-parallel ranks need a launch")?;
+    let widths = widths(&opts.config, launch, device)?;
+    let teams = Teams::form(group, widths).context("forming the teams of data-parallel runs")?;
+    for team in teams.iter() {
+        let members = team.first..team.first + team.width;
+        eprintln!(
+            "compare: rank {} trains data-parallel runs with ranks {members:?}",
+            group.rank()
+        );
+    }
+    let outcome = run_on(opts, &ProcessGroup::single(), device, &teams)?;
     group
         .barrier()
         .context("waiting for the other ranks at the end of the study")?;

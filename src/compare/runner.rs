@@ -14,13 +14,14 @@
 //! rank samples a contiguous share of whole sampling batches and extracts the Inception features
 //! of a share of the images; rank 0 computes the scores and writes the outputs.
 use super::claim::FolderUse;
-use super::config::{CompareConfig, DataSource, ModelSource};
+use super::config::{CompareConfig, DataSource, MethodEntry, ModelSource};
 use super::lr_search::LearningRates;
 use super::prepare::{BaseModel, PreparedData};
 use super::report::StudyResults;
 use super::sampling::{sample_plan, SampleItem, SampleJob, SampledSet, StudySet};
 use super::score::{Content, Score, Scorer, ScorerWeights};
 use super::stage::Layout;
+use super::teams::Teams;
 use super::training::{RunJob, TrainedRun};
 use super::units::{serial, RunId, SetId};
 use crate::data::synthetic::Domain;
@@ -76,6 +77,9 @@ pub(crate) struct Study<'a> {
     pub settings_toml: String,
     /// The ranks taking part (a group of one without a launcher).
     pub group: &'a ProcessGroup,
+    /// The teams that train the data-parallel runs of a run-parallel study (see
+    /// [`super::teams`]); none otherwise.
+    pub teams: &'a Teams,
     /// The machine's load averages when this invocation started.
     pub load_at_start: Option<[f64; 3]>,
 }
@@ -99,15 +103,17 @@ pub fn run(opts: &CompareOptions) -> Result<Outcome> {
 /// documentation); rank 0 gets the results, the others [`Outcome::FinishedOnMainRank`].
 pub fn run_in(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
     let device = group.local_device(opts.config.train.device.resolve()?);
-    run_on(opts, group, device)
+    run_on(opts, group, device, &Teams::none())
 }
 
-/// [`run_in`] with this rank's tensors on `device` (the run-parallel ranks of
-/// [`super::ranks`] each run alone on their launcher rank's device).
+/// [`run_in`] with this rank's tensors on `device` and the data-parallel runs trained by
+/// `teams` (the run-parallel ranks of [`super::ranks`] each run alone on their launcher rank's
+/// device, and in teams).
 pub(super) fn run_on(
     opts: &CompareOptions,
     group: &ProcessGroup,
     device: Device,
+    teams: &Teams,
 ) -> Result<Outcome> {
     let config = &opts.config;
     // Everything is checked before the lock, which creates the output folder.
@@ -136,6 +142,7 @@ pub(super) fn run_on(
         device,
         settings_toml,
         group,
+        teams,
         load_at_start: super::machine::load_averages(),
     };
 
@@ -312,45 +319,48 @@ impl<'a> Study<'a> {
         target: &PreparedData,
         rates: &LearningRates,
     ) -> Result<Option<Vec<TrainedRun<'a>>>> {
+        // Its index, method, run and job.
+        type Unit<'m> = (usize, &'m MethodEntry, usize, RunJob);
         let methods = &self.config.methods;
-        let runs = self.config.study.runs;
-        let mut units = Vec::new();
+        let mut units: Vec<Unit<'a>> = Vec::new();
         for (method, &learning_rate) in methods.iter().zip(&rates.rates) {
-            for run in 0..runs {
+            for run in 0..self.config.study.runs {
                 let mut config = method.run.clone();
                 config.train.learning_rate = learning_rate;
                 config.train.seed = method.run.train.seed + run as u64;
                 let key =
                     json!({ "base": base.identity, "data": target.key, "run": config.to_toml()? });
-                units.push((method, run, key, config));
+                let job = RunJob {
+                    name: RunId::final_run(method.name(), run).name(),
+                    model: base.spec.clone(),
+                    data: target.path.clone(),
+                    config,
+                    at_steps: self.config.eval.at_steps.clone(),
+                    key,
+                };
+                units.push((units.len(), method, run, job));
             }
         }
         let total = units.len();
-        let units = units.into_iter().enumerate();
-        serial(units, |(index, (method, run, key, config))| {
-            if self.group.is_main() {
+        let train = |study: &Study<'a>,
+                     (index, method, run, job): &Unit<'a>|
+         -> Result<Option<TrainedRun<'a>>> {
+            if study.group.is_main() {
                 eprintln!(
                     "compare: [{}/{total}] {} run {run}",
                     index + 1,
                     method.label()
                 );
             }
-            let job = RunJob {
-                name: RunId::final_run(method.name(), *run).name(),
-                model: base.spec.clone(),
-                data: target.path.clone(),
-                config: config.clone(),
-                at_steps: self.config.eval.at_steps.clone(),
-                key: key.clone(),
-            };
-            Ok(self.train_run(job)?.map(|record| TrainedRun {
+            Ok(study.train_run(job.clone())?.map(|record| TrainedRun {
                 method,
                 run: *run,
-                seed: config.train.seed,
-                key: key.clone(),
+                seed: job.config.train.seed,
+                key: job.key.clone(),
                 record,
             }))
-        })
+        };
+        self.train_wave(&units, |(_, method, _, job)| (method.name(), job), train)
     }
 
     /// Samples the plan with every set. `None` when interrupted.

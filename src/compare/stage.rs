@@ -4,7 +4,7 @@
 //! once finished, what it produced. A finished stage whose key is unchanged is reused; a stage
 //! whose key changed is redone from scratch; an unfinished one resumes (training from its last
 //! checkpoint, sampling from the last image written).
-use super::claim::Claims;
+use super::claim::{deferring, Claims, UnitHeld};
 use crate::data::synthetic::Domain;
 use crate::util::fs::write_json;
 use anyhow::{Context, Result};
@@ -94,6 +94,19 @@ impl Layout {
         }
     }
 
+    /// The same folder for another group of ranks that this process is part of (a team of a
+    /// run-parallel study: see [`super::teams`]): its rank 0 (`claims`) claims for it.
+    pub fn for_group(&self, claims: bool) -> Self {
+        Self {
+            root: self.root.clone(),
+            clock: self.clock.clone(),
+            claims: match claims {
+                true => Claims::in_folder(&self.root),
+                false => Claims::none(),
+            },
+        }
+    }
+
     pub fn data(&self, domain: Domain) -> PathBuf {
         self.root.join("data").join(domain_name(domain))
     }
@@ -143,6 +156,20 @@ impl Layout {
             self.claims.release(&unit);
         }
         done
+    }
+
+    /// Claims `stage` unless another process holds it (then `false`), without entering it.
+    pub fn try_claim(&self, stage: Stage) -> Result<bool> {
+        match deferring(|| self.claims.claim(&stage.to_string())).0 {
+            Ok(()) => Ok(true),
+            Err(e) if e.is::<UnitHeld>() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives back the claim of `stage`, if held.
+    pub fn release(&self, stage: Stage) {
+        self.claims.release(&stage.to_string());
     }
 
     fn enter_claimed<T: DeserializeOwned>(
@@ -249,6 +276,7 @@ struct StageState {
 
 /// Wall time spent on a comparison over all its invocations, kept in `state/wall-time.json` and
 /// saved whenever a stage finishes, so the work of an interrupted invocation still counts.
+#[derive(Clone)]
 pub struct WallClock {
     earlier_seconds: f64,
     pub invocations: u32,

@@ -20,6 +20,13 @@ extern "C" {
         device_index: c_int,
         out: *mut *mut c_void,
     ) -> *mut c_char;
+    pub fn dt_group_sub(
+        parent: *mut c_void,
+        prefix: *const c_char,
+        rank: c_int,
+        world: c_int,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
     pub fn dt_allreduce_sum(group: *mut c_void, tensor: *mut C_tensor) -> *mut c_char;
     pub fn dt_broadcast(group: *mut c_void, tensor: *mut C_tensor, root: c_int) -> *mut c_char;
     pub fn dt_allgather(

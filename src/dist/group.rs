@@ -3,7 +3,7 @@
 use super::ffi;
 use super::launch::{Launch, StoreHost};
 use crate::util::device::DeviceChoice;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::ffi::{c_int, c_void, CString};
 use std::net::TcpListener;
 use std::ops::Range;
@@ -228,6 +228,50 @@ impl ProcessGroup {
     /// The launch this group was built from; `None` for a single process.
     pub fn launch(&self) -> Option<&Launch> {
         self.connected.as_ref().map(|c| &c.launch)
+    }
+
+    /// The sub-group of this group's ranks `members`, as torch's `new_group` makes it: its own
+    /// collectives among those ranks only, its keys under `name` in the job's rendezvous store
+    /// (`name` tells a job's sub-groups apart). Only its members call this, each with the same
+    /// `members` and `name`, so sub-groups of disjoint ranks form at once. This rank's rank in it
+    /// is its position in `members`; it keeps its device.
+    pub fn sub_group(&self, members: Range<usize>, name: &str) -> Result<ProcessGroup> {
+        ensure!(
+            members.contains(&self.rank()) && members.end <= self.world_size(),
+            "rank {} of {} cannot join the sub-group of ranks {members:?}",
+            self.rank(),
+            self.world_size()
+        );
+        let Some(c) = &self.connected else {
+            return Ok(Self::single());
+        };
+        let mut launch = c.launch.clone();
+        launch.rank -= members.start;
+        launch.world_size = members.len();
+        let prefix = CString::new(format!("subgroup/{name}"))?;
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the parent group and the prefix are live for the call; `out` receives an owned
+        // group on success.
+        unsafe {
+            ffi::check(ffi::dt_group_sub(
+                c.handle.as_ptr(),
+                prefix.as_ptr(),
+                launch.rank as c_int,
+                launch.world_size as c_int,
+                &mut out,
+            ))
+        }
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("forming the sub-group `{name}` of ranks {members:?}"))?;
+        let handle = NonNull::new(out).context("the c10d shim returned no sub-group")?;
+        Ok(ProcessGroup {
+            connected: Some(Connected {
+                handle,
+                launch,
+                backend: c.backend,
+                timeout: c.timeout,
+            }),
+        })
     }
 
     /// The device this rank computes on: CUDA jobs use one GPU per rank, `cuda:LOCAL_RANK`;

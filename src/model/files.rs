@@ -89,6 +89,20 @@ impl ModelFiles {
         Ok(index.get(name).and_then(|v| v.as_bool()).unwrap_or(default))
     }
 
+    /// The U-Net's parameter count, from its weight files' headers.
+    pub fn unet_parameter_count(&self) -> Result<u64> {
+        let mut count = 0;
+        for path in &self.unet.weights {
+            let file = super::weights::MappedSafetensors::open(path)?;
+            let tensors = file.tensors();
+            count += tensors
+                .iter()
+                .map(|(_, view)| view.shape().iter().product::<usize>() as u64)
+                .sum::<u64>();
+        }
+        Ok(count)
+    }
+
     /// A fingerprint of the base U-Net (its config and weights), recorded with adapters and
     /// checkpoints so they are never applied to a different base.
     pub fn unet_identity(&self) -> Result<String> {

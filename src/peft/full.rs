@@ -26,6 +26,10 @@ impl TuningMethod for Full {
         Ok(own_variables(unet_vs, |_| true))
     }
 
+    fn trains_every_weight(&self) -> bool {
+        true
+    }
+
     /// A full fine-tune is a complete U-Net: merging copies it in.
     fn merge(
         &self,

@@ -113,6 +113,12 @@ pub trait TuningMethod: Identity + std::fmt::Debug + Send + Sync {
         ))
     }
 
+    /// Whether it trains every weight of the U-Net (full fine-tuning), whose optimizer state is
+    /// then the model's size several times over.
+    fn trains_every_weight(&self) -> bool {
+        false
+    }
+
     /// Why this method, with these settings, cannot be written in `format` although its
     /// registration has a writer for it (DoRA has no kohya form); `None` when it can.
     fn export_refusal(&self, _format: export::AdapterFormat) -> Option<&'static str> {

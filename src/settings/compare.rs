@@ -3,8 +3,8 @@
 //! method's own `train` overrides and its built method, and `[pretrain]` its training settings.
 use super::{merge_tables, parse_set_pairs, read_table, SettingsError};
 use crate::compare::config::{
-    CompareConfig, DataSection, EvalSection, MethodEntry, ModelSection, Pretrain, SampleSection,
-    StudySection,
+    CompareConfig, DataSection, EvalSection, MethodEntry, ModelSection, Parallelism, Pretrain,
+    SampleSection, StudySection,
 };
 use crate::compare::presets::preset_text;
 use crate::peft::MethodSettings;
@@ -45,6 +45,7 @@ struct MethodFileEntry {
     #[serde(default)]
     train: toml::Table,
     lr_candidates: Option<Vec<f64>>,
+    ranks: Option<usize>,
 }
 
 /// The comparison in the run file at `path`, with the `set` pairs (`train.steps=5`,
@@ -104,6 +105,16 @@ fn resolve(mut table: toml::Table, set: &[String]) -> Result<CompareConfig> {
         .flat_map(|(_, train)| train.warnings())
         .collect();
     warnings.dedup();
+    if config.study.parallel == Parallelism::Data {
+        let teamed = config.methods.iter().filter(|m| m.ranks.is_some());
+        warnings.extend(teamed.map(|m| {
+            format!(
+                "methods.{}.ranks applies to a run-parallel study (study.parallel = \"run\"); \
+                 with \"data\" every run is data-parallel over all ranks",
+                m.name()
+            )
+        }));
+    }
     super::warn("compare", &warnings);
     Ok(config)
 }
@@ -146,6 +157,7 @@ fn method_entry(entry: MethodFileEntry, shared: &toml::Table) -> Result<MethodEn
         },
         train_overrides: entry.train,
         lr_candidates: entry.lr_candidates,
+        ranks: entry.ranks,
     })
 }
 
@@ -218,6 +230,20 @@ mod tests {
         let err = format!("{err:#}");
         assert!(
             err.contains("unknown variant `batch`, expected `data` or `run`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_method_s_ranks_round_trip_and_zero_is_refused() {
+        let set = ["methods.lora.ranks=2".to_string()];
+        let c = compare_config(MINIMAL, &set).unwrap();
+        assert_eq!((c.methods[0].ranks, c.methods[1].ranks), (Some(2), None));
+        assert_eq!(compare_config(&c.to_toml().unwrap(), &[]).unwrap(), c);
+        let err = compare_config(MINIMAL, &["methods.bitfit.ranks=0".into()]).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("methods.bitfit.ranks: must be at least 1"),
             "{err}"
         );
     }
