@@ -40,8 +40,10 @@ def bootstrap(rounds, rng):
     for _ in range(BOOTSTRAP):
         ratios = [round_ratio(rng.choices(o, k=len(o)), rng.choices(p, k=len(p))) for o, p in rounds]
         medians.append(statistics.median(ratios))
-    medians.sort()
-    return medians[int(0.025 * BOOTSTRAP)], medians[int(0.975 * BOOTSTRAP) - 1]
+    # The 2.5th and 97.5th percentiles, interpolated as numpy's default (difftune's
+    # util::stats::interval_95).
+    cuts = statistics.quantiles(medians, n=40, method="inclusive")
+    return cuts[0], cuts[-1]
 
 
 def main():

@@ -1,7 +1,8 @@
 //! `difftune compare` as 2 Gloo ranks on 127.0.0.1 (see tests/common/launch.rs) against one
 //! process, on the tiny preset at a budget of seconds: the same files, the same sample PNG bytes,
 //! the same numbers, and rank 0 alone reports; a batch the ranks cannot share is refused. With
-//! `study.parallel = "run"` the ranks share out whole units, with one process's science.
+//! `study.parallel = "run"` the ranks share out whole units, with one process's science, and a
+//! method's `ranks` trains its runs data-parallel over a team of ranks.
 #[path = "common/launch.rs"]
 mod common;
 #[path = "common/science.rs"]
@@ -9,7 +10,10 @@ mod science;
 
 use common::{difftune, launch, run_to_success, LIMIT};
 use difftune::compare::report::BASE_ROW;
+use difftune::compare::teams::widths;
 use difftune::compare::{CompareConfig, StudyResults};
+use difftune::dist::Launch;
+use difftune::model::source::ModelFiles;
 use difftune::settings::compare::preset;
 use difftune::train::metrics::MetricsLog;
 use difftune::train::trainer::METRICS_FILE;
@@ -17,6 +21,7 @@ use science::science;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use tch::Device;
 
 /// The tiny preset with the pre-training, LoRA and full runs at a budget of seconds. The study's
 /// batch of 4 is 2 per rank on 2 ranks; the 9 sampled images are 3 sampling batches (rank 0
@@ -344,6 +349,60 @@ fn print_config_prints_once_under_a_launcher() {
     };
     assert!(printed("0").contains("name = \"tiny\""));
     assert_eq!(printed("1"), "");
+}
+
+/// A launch of 2 ranks on one node, as its environment describes it.
+fn two_ranks() -> Launch {
+    let vars = [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ];
+    let var = |name: &str| {
+        vars.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
+    };
+    Launch::from_vars(var).unwrap().unwrap()
+}
+
+/// A method's width is its `ranks`, else the default for its kind and the model's size: full
+/// fine-tuning of the tiny U-Net (far below SD's 860M parameters) runs on one GPU.
+#[test]
+fn widths_are_the_settings_or_the_default_for_the_model_s_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    difftune::model::tiny::write_tiny_model(&model, 0, &["a dish".into()]).unwrap();
+    let count = ModelFiles::resolve(model.to_str().unwrap(), None)
+        .unwrap()
+        .unet_parameter_count()
+        .unwrap();
+    assert!(count > 0 && count < 5_000_000, "{count}");
+    let source = format!("model.source={:?}", model.to_str().unwrap());
+    let config = preset("tiny", &[source.clone(), "methods.lora.ranks=2".into()]).unwrap();
+    let chosen = widths(&config, &two_ranks(), Device::Cuda(0)).unwrap();
+    assert_eq!(
+        (chosen["full"], chosen["lora"], chosen["bitfit"]),
+        (1, 2, 1)
+    );
+    for (set, message) in [
+        (
+            "methods.lora.ranks=3",
+            "3 ranks a run cannot form teams from the 2 ranks",
+        ),
+        ("train.batch_size=3", "cannot be shared evenly by 2 ranks"),
+    ] {
+        let set = [source.clone(), "methods.lora.ranks=2".into(), set.into()];
+        let config = preset("tiny", &set).unwrap();
+        let err = widths(&config, &two_ranks(), Device::Cpu).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("methods.lora.ranks") && err.contains(message),
+            "{err}"
+        );
+    }
 }
 
 /// Launches 2 ranks on the small study with the `set` pairs and checks that every rank refuses it

@@ -202,60 +202,6 @@ impl<'a> Study<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::compare::preset;
-
-    /// A launch of 2 ranks on one node.
-    fn two_ranks() -> Launch {
-        let vars = [
-            ("RANK", "0"),
-            ("WORLD_SIZE", "2"),
-            ("LOCAL_WORLD_SIZE", "2"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", "29500"),
-        ];
-        let var = |name: &str| {
-            vars.iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| v.to_string())
-        };
-        Launch::from_vars(var).unwrap().unwrap()
-    }
-
-    #[test]
-    fn widths_are_the_settings_or_the_default_for_the_model_s_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("model");
-        crate::model::tiny::write_tiny_model(&model, 0, &["a dish".into()]).unwrap();
-        let count = ModelFiles::resolve(model.to_str().unwrap(), None)
-            .unwrap()
-            .unet_parameter_count()
-            .unwrap();
-        assert!(count > 0 && count < LARGE_UNET_PARAMETERS, "{count}");
-        let source = format!("model.source={:?}", model.to_str().unwrap());
-        let config = preset("tiny", &[source.clone(), "methods.lora.ranks=2".into()]).unwrap();
-        let chosen = widths(&config, &two_ranks(), Device::Cuda(0)).unwrap();
-        // Full fine-tuning of a small U-Net runs on one GPU; LoRA as its setting says.
-        assert_eq!(
-            (chosen["full"], chosen["lora"], chosen["bitfit"]),
-            (1, 2, 1)
-        );
-        for (set, message) in [
-            (
-                "methods.lora.ranks=3",
-                "3 ranks a run cannot form teams from the 2 ranks",
-            ),
-            ("train.batch_size=3", "cannot be shared evenly by 2 ranks"),
-        ] {
-            let set = [source.clone(), "methods.lora.ranks=2".into(), set.into()];
-            let config = preset("tiny", &set).unwrap();
-            let err = widths(&config, &two_ranks(), Device::Cpu).unwrap_err();
-            let err = format!("{err:#}");
-            assert!(
-                err.contains("methods.lora.ranks") && err.contains(message),
-                "{err}"
-            );
-        }
-    }
 
     #[test]
     fn only_full_fine_tuning_of_a_large_u_net_on_gpus_spans_ranks_by_default() {

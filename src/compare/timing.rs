@@ -23,7 +23,7 @@ use crate::sample::LatentGeometry;
 use crate::train::step::Objective;
 use crate::train::timed_step::{StepShape, TimedStep};
 use crate::util::fs::{read_json, write_json};
-use crate::util::stats::median;
+use crate::util::stats::{interval_95, median};
 use anyhow::{Context, Result};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -224,7 +224,7 @@ pub fn ratios(
                 .map(|(a, b)| (a.as_slice(), b.as_slice()))
                 .collect();
             let round_ratios: Vec<f64> = pairs.iter().map(|(a, b)| ratio(a, b)).collect();
-            let mut draws: Vec<f64> = (0..resamples)
+            let draws: Vec<f64> = (0..resamples)
                 .map(|_| {
                     let mut resampled: Vec<f64> = pairs
                         .iter()
@@ -233,15 +233,14 @@ pub fn ratios(
                     median(&mut resampled)
                 })
                 .collect();
-            draws.sort_by(f64::total_cmp);
-            let at = |q: f64| draws[((q * draws.len() as f64) as usize).min(draws.len() - 1)];
+            let (ratio_low, ratio_high) = interval_95(&draws);
             let mut all: Vec<f64> = m.rounds.iter().flatten().copied().collect();
             TimingRow {
                 method: m.method.clone(),
                 median_step_seconds: median(&mut all),
                 ratio: median(&mut round_ratios.clone()),
-                ratio_low: at(0.025),
-                ratio_high: at(0.975),
+                ratio_low,
+                ratio_high,
                 round_ratios,
                 flops_per_step: m.flops_per_step,
             }

@@ -148,7 +148,7 @@ impl Estimate {
     fn from_resamples(value: f64, resamples: Vec<f64>) -> Self {
         let (mean, std) = mean_std(&resamples);
         let shift = value - mean;
-        let (low, high) = percentiles(&resamples);
+        let (low, high) = crate::util::stats::interval_95(&resamples);
         Self {
             value,
             std,
@@ -297,20 +297,6 @@ fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, variance.sqrt())
 }
 
-/// The 2.5th and 97.5th percentiles (linear interpolation between order statistics, as numpy's
-/// default).
-fn percentiles(values: &[f64]) -> (f64, f64) {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        let position = q * (sorted.len() - 1) as f64;
-        let (below, fraction) = (position.floor() as usize, position.fract());
-        let above = (below + 1).min(sorted.len() - 1);
-        sorted[below] + fraction * (sorted[above] - sorted[below])
-    };
-    (at(0.025), at(0.975))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,12 +397,5 @@ mod tests {
         );
         let exact = over_runs(&[&Estimate::exact(0.5, 200)], &draws).unwrap();
         assert_eq!((exact.low, exact.high), (0.5, 0.5));
-    }
-
-    #[test]
-    fn percentiles_interpolate_like_numpy() {
-        let values: Vec<f64> = (0..=40).map(f64::from).collect();
-        assert_eq!(percentiles(&values), (1.0, 39.0));
-        assert_eq!(percentiles(&[0.0, 1.0]), (0.025, 0.975));
     }
 }
