@@ -190,7 +190,8 @@ impl StudyResults {
              training images less the validation split ({}; steps per candidate run: {}), sampled the \
              validation classes' prompts and was scored against the held-out images; the lowest {score} \
              was chosen, and the method's runs above train at it on all the training images. The test \
-             split was not read for the choice.\n",
+             split was not read for the choice. A candidate whose {score} interval overlaps the chosen \
+             one's is marked a tie: a rerun may choose it instead.\n",
             search.validation,
             steps.join(", ")
         )?;

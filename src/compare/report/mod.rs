@@ -164,6 +164,16 @@ pub struct LrCandidate {
     pub kid: Option<Summary>,
 }
 
+impl LrCandidate {
+    /// Its validation score by `metric`; none when its run diverged.
+    pub fn score(&self, metric: Metric) -> Option<&Summary> {
+        match metric {
+            Metric::Kid => self.kid.as_ref(),
+            Metric::Fid => self.fid.as_ref(),
+        }
+    }
+}
+
 /// One method's scores after `step` steps: the mean over its runs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CurvePoint {

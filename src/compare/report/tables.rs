@@ -5,7 +5,7 @@ use super::format::{
     format_bytes, format_count, format_estimate, format_flops, format_interval, format_percent,
     format_seconds, format_share, format_summary,
 };
-use super::{MethodRow, Metric, StudyResults, Summary};
+use super::{MethodRow, Metric, StudyResults, Summary, Uncertainty};
 use std::fmt::Write;
 
 impl StudyResults {
@@ -230,10 +230,20 @@ impl StudyResults {
             "| method | learning rate | validation FID | validation KID (×10³) | |\n|---|---|---|---|---|\n",
         );
         for choice in &search.methods {
+            let chosen = choice
+                .candidates
+                .iter()
+                .find(|c| c.learning_rate == choice.chosen)
+                .and_then(|c| c.score(search.score));
             for c in &choice.candidates {
-                let mark = match c.learning_rate == choice.chosen {
-                    true => "**chosen**",
-                    false => "",
+                let tied = match (c.score(search.score), chosen) {
+                    (Some(c), Some(chosen)) => overlap(&c.uncertainty, &chosen.uncertainty),
+                    _ => false,
+                };
+                let mark = match (c.learning_rate == choice.chosen, tied) {
+                    (true, _) => "**chosen**",
+                    (false, true) => "tie: its interval overlaps the chosen one's",
+                    (false, false) => "",
                 };
                 let score = |s: &Option<Summary>, scale: f64| {
                     s.as_ref().map_or("diverged".into(), |s| {
@@ -376,6 +386,12 @@ impl StudyResults {
     }
 }
 
+/// Whether two 95% intervals share a value: scores that a rerun (another seed, thread count or
+/// validation split) may rank the other way.
+fn overlap(a: &Uncertainty, b: &Uncertainty) -> bool {
+    a.low <= b.high && b.low <= a.high
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -387,6 +403,52 @@ fn csv_field(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::example::study;
+
+    #[test]
+    fn the_learning_rate_table_marks_candidates_tied_with_the_chosen_one() {
+        use super::super::{LrCandidate, LrChoice, LrSearchResults, Metric, Summary, Uncertainty};
+        let kid = |value, low, high| {
+            let uncertainty = Uncertainty {
+                std: 0.0,
+                low,
+                high,
+            };
+            Some(Summary { value, uncertainty })
+        };
+        let candidate = |learning_rate, kid| LrCandidate {
+            learning_rate,
+            fid: None,
+            kid,
+        };
+        let mut s = study();
+        s.lr_search = Some(LrSearchResults {
+            score: Metric::Kid,
+            validation: "2 images per class".into(),
+            steps: vec![("lora".into(), 10)],
+            methods: vec![LrChoice {
+                method: "lora".into(),
+                chosen: 3e-2,
+                candidates: vec![
+                    candidate(1e-2, kid(0.030, 0.025, 0.035)),
+                    candidate(3e-2, kid(0.014, 0.012, 0.016)),
+                    candidate(1e-1, kid(0.0145, 0.013, 0.017)),
+                    candidate(1.0, None),
+                ],
+            }],
+        });
+        let t = s.lr_table().unwrap();
+        let line = |rate: &str| {
+            let cell = format!("| {rate} |");
+            t.lines().find(|l| l.contains(&cell)).unwrap().to_string()
+        };
+        assert!(line("3e-2").ends_with("| **chosen** |"), "{t}");
+        assert!(line("1e-1").contains("tie"), "{t}");
+        assert!(!line("1e-2").contains("tie"), "{t}");
+        assert!(
+            line("1e0").contains("diverged") && !line("1e0").contains("tie"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn table2_matches_the_study_format() {
