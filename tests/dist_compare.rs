@@ -8,7 +8,7 @@ mod common;
 #[path = "common/science.rs"]
 mod science;
 
-use common::{difftune, launch, run_to_success, LIMIT};
+use common::{difftune, launch, run_to_success, Job, LIMIT};
 use difftune::compare::report::BASE_ROW;
 use difftune::compare::teams::widths;
 use difftune::compare::{CompareConfig, StudyResults};
@@ -116,6 +116,21 @@ fn files_under(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         }
     }
     files
+}
+
+/// The small study with the `set` pairs, run by one process into `DIR/one` and by 2 ranks into
+/// `DIR/two`; the folder and the ranks.
+fn one_process_and_two_ranks(set: &[&str]) -> (tempfile::TempDir, Job) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &small_config_with(set));
+    let one_args = args(&config, &dir.path().join("one"));
+    let single = difftune(&one_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .unwrap();
+    assert!(single.status.success(), "{single:?}");
+    let two_args = args(&config, &dir.path().join("two"));
+    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
+    (dir, job)
 }
 
 fn results(out: &Path) -> StudyResults {
@@ -237,22 +252,13 @@ fn two_rank_compare_equals_one_process() {
 #[test]
 fn two_run_parallel_ranks_equal_one_process() {
     let started = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let config = small_config_with(&[
+    let (dir, job) = one_process_and_two_ranks(&[
         "study.parallel=\"run\"",
         "study.lr_search.candidates=[1e-2, 3e-2]",
         "study.lr_search.steps=2",
         "study.lr_search.validation_per_class=1",
     ]);
-    let config = write_config(dir.path(), &config);
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    let one_args = args(&config, &one);
-    let single = difftune(&one_args.iter().map(String::as_str).collect::<Vec<_>>())
-        .output()
-        .unwrap();
-    assert!(single.status.success(), "{single:?}");
-    let two_args = args(&config, &two);
-    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
     eprintln!(
         "1 process and 2 run-parallel ranks in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -283,17 +289,8 @@ fn two_run_parallel_ranks_equal_one_process() {
 /// team splits its batch; at this budget its samples come out the same bytes).
 #[test]
 fn a_method_s_runs_are_data_parallel_over_a_team_of_ranks() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = small_config_with(&["study.parallel=\"run\"", "methods.full.ranks=2"]);
-    let config = write_config(dir.path(), &config);
+    let (dir, job) = one_process_and_two_ranks(&["study.parallel=\"run\"", "methods.full.ranks=2"]);
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    let one_args = args(&config, &one);
-    let single = difftune(&one_args.iter().map(String::as_str).collect::<Vec<_>>())
-        .output()
-        .unwrap();
-    assert!(single.status.success(), "{single:?}");
-    let two_args = args(&config, &two);
-    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
 
     let outputs: Vec<(String, String)> = job.ranks.iter().map(|r| r.output()).collect();
     for (rank, (_, stderr)) in outputs.iter().enumerate() {
