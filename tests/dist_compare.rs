@@ -118,9 +118,9 @@ fn files_under(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     files
 }
 
-/// The small study with the `set` pairs, run by one process into `DIR/one` and by 2 ranks into
-/// `DIR/two`; the folder and the ranks.
-fn one_process_and_two_ranks(set: &[&str]) -> (tempfile::TempDir, Job) {
+/// The small study with the `set` pairs, run by one process into `DIR/one` and by `world` ranks
+/// into `DIR/ranks`; the folder and the ranks.
+fn one_process_and_ranks(world: usize, set: &[&str]) -> (tempfile::TempDir, Job) {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &small_config_with(set));
     let one_args = args(&config, &dir.path().join("one"));
@@ -128,8 +128,11 @@ fn one_process_and_two_ranks(set: &[&str]) -> (tempfile::TempDir, Job) {
         .output()
         .unwrap();
     assert!(single.status.success(), "{single:?}");
-    let two_args = args(&config, &dir.path().join("two"));
-    let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let ranks_args = args(&config, &dir.path().join("ranks"));
+    let job = run_to_success(
+        world,
+        &ranks_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     (dir, job)
 }
 
@@ -151,7 +154,7 @@ fn two_rank_compare_equals_one_process() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &small_config());
-    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let (one, two) = (dir.path().join("one"), dir.path().join("ranks"));
     let single = difftune(
         &args(&config, &one)
             .iter()
@@ -252,13 +255,16 @@ fn two_rank_compare_equals_one_process() {
 #[test]
 fn two_run_parallel_ranks_equal_one_process() {
     let started = Instant::now();
-    let (dir, job) = one_process_and_two_ranks(&[
-        "study.parallel=\"run\"",
-        "study.lr_search.candidates=[1e-2, 3e-2]",
-        "study.lr_search.steps=2",
-        "study.lr_search.validation_per_class=1",
-    ]);
-    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let (dir, job) = one_process_and_ranks(
+        2,
+        &[
+            "study.parallel=\"run\"",
+            "study.lr_search.candidates=[1e-2, 3e-2]",
+            "study.lr_search.steps=2",
+            "study.lr_search.validation_per_class=1",
+        ],
+    );
+    let (one, two) = (dir.path().join("one"), dir.path().join("ranks"));
     eprintln!(
         "1 process and 2 run-parallel ranks in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -289,8 +295,8 @@ fn two_run_parallel_ranks_equal_one_process() {
 /// team splits its batch; at this budget its samples come out the same bytes).
 #[test]
 fn a_method_s_runs_are_data_parallel_over_a_team_of_ranks() {
-    let (dir, job) = one_process_and_two_ranks(&["study.parallel=\"run\"", "methods.full.ranks=2"]);
-    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let (dir, job) = one_process_and_ranks(2, &["study.parallel=\"run\"", "methods.full.ranks=2"]);
+    let (one, two) = (dir.path().join("one"), dir.path().join("ranks"));
 
     let outputs: Vec<(String, String)> = job.ranks.iter().map(|r| r.output()).collect();
     for (rank, (_, stderr)) in outputs.iter().enumerate() {
@@ -325,6 +331,54 @@ fn a_method_s_runs_are_data_parallel_over_a_team_of_ranks() {
             let (x, y) = (x[score].as_f64().unwrap(), y[score].as_f64().unwrap());
             assert_close(&format!("full {score}"), x, y, 1e-3);
             eprintln!("full {score}: {x} (1 process) against {y} (a team of 2)");
+        }
+    }
+}
+
+/// 4 ranks, `methods.full.ranks = 2`: two teams at once share full fine-tuning's runs (two
+/// learning-rate candidates, two final runs), each trained by exactly one team, while their
+/// first runs need the same latent caches; the one-rank rows equal one process's.
+#[test]
+fn two_teams_share_the_data_parallel_runs() {
+    let (dir, job) = one_process_and_ranks(
+        4,
+        &[
+            "study.parallel=\"run\"",
+            "methods.full.ranks=2",
+            "study.runs=2",
+            "methods.full.lr_candidates=[1e-4, 3e-4]",
+            "study.lr_search.steps=2",
+            "study.lr_search.validation_per_class=1",
+        ],
+    );
+    let stderr: String = job.ranks.iter().map(|r| r.output().1).collect();
+    for run in ["full-lr1e-4", "full-lr3e-4", "full", "full-r1"] {
+        let trained = stderr
+            .lines()
+            .filter(|l| l.ends_with(&format!(" train run-{run} as a team")))
+            .count();
+        assert_eq!(trained, 1, "run-{run}: {stderr}");
+    }
+    // Which team trains which run depends on which claims it first: shown, not asserted.
+    let teams: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.ends_with("as a team"))
+        .collect();
+    eprintln!("{teams:#?}");
+    let (a, b) = (
+        science(&dir.path().join("one")),
+        science(&dir.path().join("ranks")),
+    );
+    let rows = |s: &serde_json::Value| s["rows"].as_array().unwrap().clone();
+    for (x, y) in rows(&a).iter().zip(&rows(&b)) {
+        match x["method"].as_str().unwrap() {
+            "full" => assert_close(
+                "full FID",
+                x["fid"].as_f64().unwrap(),
+                y["fid"].as_f64().unwrap(),
+                1e-3,
+            ),
+            method => assert_eq!(x, y, "{method}"),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::dist::{Launch, ProcessGroup};
 use crate::error::SettingsError;
 use crate::model::source::ModelFiles;
 use anyhow::Result;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use tch::Device;
 
@@ -180,8 +181,14 @@ impl<'a> Study<'a> {
                     .is_some_and(|t| t.width == team.width)
             });
             for unit in ours {
-                let stage = Stage::Run(&job_of(unit).1.name);
-                if !study.on_main(|| study.layout.try_claim(stage))? {
+                let job = job_of(unit).1;
+                let stage = Stage::Run(&job.name);
+                // A run that is done is left to the wave's reuse below.
+                let take = study.on_main(|| {
+                    let done = study.layout.recorded::<Value>(stage, &job.key)?;
+                    Ok(done.is_none() && study.layout.try_claim(stage)?)
+                })?;
+                if !take {
                     continue;
                 }
                 if study.group.is_main() {

@@ -220,39 +220,12 @@ pub fn build_in(
     dir: &Path,
     group: &ProcessGroup,
 ) -> Result<(Manifest, CacheReport)> {
-    settings.validate()?;
-    let dataset = open_dataset(dataset_path, settings)?;
-    let captions = CaptionTable::new(&dataset, &settings.captions);
-    let manifest = Manifest {
-        version: FORMAT_VERSION,
-        key: CacheKey::new(model, &dataset, settings)?,
-        dataset_path: dataset_path.to_path_buf(),
-        prompt_template: settings.prompt_template.as_str().to_string(),
-        limit_per_class: settings.limit_per_class,
-        buckets: settings.buckets()?,
-        captions: settings.captions.clone(),
-        prompts: captions.prompts.clone(),
-        dropped_prompt: captions.dropped,
-        prompt_embeddings: None,
-        shards: Vec::new(),
-        skipped: Vec::new(),
-        complete: false,
-    };
+    let mut build = Build::new(model, dataset_path, settings, dir, group)?;
     // Another process building this cache is waited for; what it built is then reused. Rank 0
     // holds the lock for its whole group (the other ranks would wait on their own rank 0).
     let _lock = match group.is_main() {
         true => Some(crate::util::lock::DirLock::acquire_waiting(dir, "cache")?),
         false => None,
-    };
-    let mut build = Build {
-        model,
-        settings,
-        dir,
-        group,
-        dataset,
-        captions,
-        manifest,
-        report: CacheReport::default(),
     };
     build.start()?;
     build.encode_prompts()?;
@@ -286,15 +259,58 @@ fn open_dataset(dataset_path: &Path, settings: &CacheSettings) -> Result<Dataset
     Ok(dataset)
 }
 
-impl Build<'_> {
+impl<'a> Build<'a> {
+    /// A build of `dataset_path`'s cache in `dir`, nothing done yet.
+    fn new(
+        model: &'a ModelFiles,
+        dataset_path: &Path,
+        settings: &'a CacheSettings,
+        dir: &'a Path,
+        group: &'a ProcessGroup,
+    ) -> Result<Self> {
+        settings.validate()?;
+        let dataset = open_dataset(dataset_path, settings)?;
+        let captions = CaptionTable::new(&dataset, &settings.captions);
+        let manifest = Manifest {
+            version: FORMAT_VERSION,
+            key: CacheKey::new(model, &dataset, settings)?,
+            dataset_path: dataset_path.to_path_buf(),
+            prompt_template: settings.prompt_template.as_str().to_string(),
+            limit_per_class: settings.limit_per_class,
+            buckets: settings.buckets()?,
+            captions: settings.captions.clone(),
+            prompts: captions.prompts.clone(),
+            dropped_prompt: captions.dropped,
+            prompt_embeddings: None,
+            shards: Vec::new(),
+            skipped: Vec::new(),
+            complete: false,
+        };
+        Ok(Self {
+            model,
+            settings,
+            dir,
+            group,
+            dataset,
+            captions,
+            manifest,
+            report: CacheReport::default(),
+        })
+    }
+
     /// Rank 0 takes over the valid part of an earlier cache and writes the manifest; the other
-    /// ranks read it.
+    /// ranks read it. A whole earlier cache stays marked complete while it is checked and
+    /// written again: processes that read it without the lock (another group's run, which
+    /// built it and went on) must never see it incomplete.
     fn start(&mut self) -> Result<()> {
         if self.group.is_main() {
             if let Some(previous) = self.previous() {
+                let was_complete = previous.complete;
                 let dataset = &self.dataset;
                 self.manifest
                     .reuse(previous, self.dir, dataset, &mut self.report);
+                self.manifest.complete =
+                    was_complete && self.report.discarded.is_empty() && self.all_listed();
             }
             for message in &self.report.discarded {
                 eprintln!("difftune cache: {message}");
@@ -310,6 +326,12 @@ impl Build<'_> {
             self.manifest = Manifest::read(self.dir)?;
         }
         Ok(())
+    }
+
+    /// Whether the manifest lists the prompts' embeddings and every shard of the dataset.
+    fn all_listed(&self) -> bool {
+        let shards = self.dataset.len().div_ceil(self.settings.shard_size);
+        self.manifest.prompt_embeddings.is_some() && self.manifest.shards.len() == shards
     }
 
     /// Lists the entries the dataset's listing left out with the skipped images, and says so.
@@ -447,5 +469,56 @@ impl Build<'_> {
             );
         }
         Ok((self.manifest, self.report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synthetic::{captions, generate_food101_like, Domain, SyntheticSpec};
+
+    /// Another process's check of a whole cache (its rank 0 took the lock after this one's run
+    /// built the cache and went on to read it without the lock) never marks it incomplete; a
+    /// cache that lacks a shard is marked incomplete until it is whole again.
+    #[test]
+    fn a_whole_cache_stays_complete_while_another_process_checks_it() {
+        let root = tempfile::tempdir().unwrap();
+        let (model, data, cache) = (
+            root.path().join("model"),
+            root.path().join("data"),
+            root.path().join("cache"),
+        );
+        crate::model::tiny::write_tiny_model(&model, 0, &captions()).unwrap();
+        let spec = SyntheticSpec {
+            classes: 2,
+            train_per_class: 3,
+            test_per_class: 1,
+            resolution: 32,
+            domain: Domain::Target,
+            seed: 0,
+            jpeg_quality: 90,
+        };
+        generate_food101_like(&data, &spec).unwrap();
+        let files = ModelFiles::resolve(model.to_str().unwrap(), None).unwrap();
+        let settings = CacheSettings {
+            resolution: 32,
+            shard_size: 4,
+            ..CacheSettings::default()
+        };
+        let (built, _) = build(&files, &data, &settings, &cache).unwrap();
+        assert_eq!((built.shards.len(), built.complete), (2, true));
+
+        let group = ProcessGroup::single();
+        let mut again = Build::new(&files, &data, &settings, &cache, &group).unwrap();
+        again.start().unwrap();
+        assert!(Manifest::read(&cache).unwrap().complete);
+
+        std::fs::remove_file(cache.join(&built.shards[1].file.file)).unwrap();
+        let mut repair = Build::new(&files, &data, &settings, &cache, &group).unwrap();
+        repair.start().unwrap();
+        assert!(!Manifest::read(&cache).unwrap().complete);
+        repair.encode_prompts().unwrap();
+        repair.encode_shards().unwrap();
+        assert!(repair.finish().unwrap().0.complete);
     }
 }
