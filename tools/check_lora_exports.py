@@ -12,36 +12,17 @@ many of each file's keys diffusers used; exits non-zero above 1e-5.
 Usage: source tools/setup.sh && python tools/check_lora_exports.py --bin target/debug/difftune
 """
 import argparse
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
+from export_checks import image_folder, output, run
 from safetensors.torch import load_file
 
 TARGETS = ("['*.attn1.to_q', '*.attn1.to_k', '*.attn1.to_v', '*.attn1.to_out.0', '*.attn2.to_q', "
            "'*.attn2.to_k', '*.attn2.to_v', '*.attn2.to_out.0', '*.ff.net.0.proj', '*.ff.net.2', "
            "'*.proj_in', '*.proj_out', '*.conv1', '*.conv2', '*.time_emb_proj']")
-
-
-def run(*args: str) -> None:
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-
-
-def image_folder(path: Path) -> None:
-    path.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(8):
-        pixels = (torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(path / f"{i}.png")
-        (path / f"{i}.txt").write_text(f"thing{i}, red")
-
-
-def output(unet: UNet2DConditionModel, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

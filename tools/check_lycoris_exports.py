@@ -54,7 +54,6 @@ Usage: source tools/setup.sh && python tools/check_lycoris_exports.py --bin targ
 import argparse
 import json
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -64,7 +63,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.lora_pipeline import ZImageLoraLoaderMixin
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
-from PIL import Image
+from export_checks import image_folder, output, run
 from safetensors.torch import load_file, save_file
 
 TOLERANCE = 1e-5
@@ -82,26 +81,6 @@ CASES = [
 ]
 LOHA_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
 LOKR_PARTS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
-
-
-def run(*args: str) -> None:
-    done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr}")
-
-
-def image_folder(path: Path) -> None:
-    path.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(8):
-        pixels = (torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(path / f"{i}.png")
-        (path / f"{i}.txt").write_text(f"thing{i}, red")
-
-
-def output(unet: torch.nn.Module, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
 
 
 def relative(a, b) -> float:
