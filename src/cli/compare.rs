@@ -58,14 +58,16 @@ pub fn run(args: CompareArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let run_parallel = config.study.parallel == Parallelism::Run;
+    // Run-parallel ranks: each method's width (the ranks a run of it spans). Every rank refuses
+    // bad settings on its own, before the ranks join.
+    let mut widths = None;
     if let Some(launch) = &launch {
-        // Every rank refuses on its own, before the ranks join.
-        match run_parallel {
-            true => {
-                teams::widths(&config, launch, config.train.device.resolve()?)?;
+        match config.study.parallel {
+            Parallelism::Run => {
+                let device = config.train.device.resolve()?;
+                widths = Some(teams::widths(&config, launch, device)?);
             }
-            false => check_world_size(&config, launch.world_size)?,
+            Parallelism::Data => check_world_size(&config, launch.world_size)?,
         }
         if args.jobs > 1 {
             bail!("--jobs runs processes of its own: not under a launcher, which starts the ranks");
@@ -102,9 +104,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
         progress: true,
         interrupt: interrupt.flag(),
     };
-    let outcome = match run_parallel && group.is_distributed() {
-        true => run_whole_units(&opts, &group)?,
-        false => run_in(&opts, &group)?,
+    let outcome = match widths {
+        Some(widths) => run_whole_units(&opts, &group, widths)?,
+        None => run_in(&opts, &group)?,
     };
     group.shutdown()?;
     if let Some(workers) = workers {

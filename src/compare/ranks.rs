@@ -15,17 +15,23 @@
 //! U-Net on GPUs) are data-parallel over teams of ranks, c10d sub-groups (see [`super::teams`]).
 use super::machine::cores;
 use super::runner::{run_on, CompareOptions, Outcome};
-use super::teams::{widths, Teams};
+use super::teams::Teams;
 use super::workers::threads_per_worker;
 use crate::dist::ProcessGroup;
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 use tch::Device;
 
 /// Runs this rank's share of the study in `opts` as one of the cooperating invocations on its
-/// folder, on this rank's device, and waits at the end for the other ranks of `group`. Rank 0
-/// gets the results, the others [`Outcome::FinishedOnMainRank`]; every rank gets
+/// folder, on this rank's device, with teams of the methods' `widths` (see
+/// [`super::teams::widths`]), and waits at the end for the other ranks of `group`. Rank 0 gets
+/// the results, the others [`Outcome::FinishedOnMainRank`]; every rank gets
 /// [`Outcome::Interrupted`] when it was stopped.
-pub fn run_whole_units(opts: &CompareOptions, group: &ProcessGroup) -> Result<Outcome> {
+pub fn run_whole_units(
+    opts: &CompareOptions,
+    group: &ProcessGroup,
+    widths: BTreeMap<String, usize>,
+) -> Result<Outcome> {
     let device = group.local_device(opts.config.train.device.resolve()?);
     let threads = match device {
         Device::Cpu => {
@@ -39,8 +45,6 @@ pub fn run_whole_units(opts: &CompareOptions, group: &ProcessGroup) -> Result<Ou
         group.rank(),
         group.world_size(),
     );
-    let launch = group.launch().context("run-parallel ranks need a launch")?;
-    let widths = widths(&opts.config, launch, device)?;
     let teams = Teams::form(group, widths).context("forming the teams of data-parallel runs")?;
     for team in teams.iter() {
         let members = team.first..team.first + team.width;
