@@ -7,6 +7,8 @@
 mod common;
 #[path = "common/science.rs"]
 mod science;
+#[path = "common/study.rs"]
+mod study;
 
 use common::{difftune, start, LIMIT};
 use difftune::compare::CompareConfig;
@@ -14,6 +16,7 @@ use difftune::settings::compare::preset;
 use science::science;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use study::{compare_args, write_config};
 
 /// The tiny preset's study (two runs per method, the learning-rate search, scores along the
 /// budget, the timing pass, the content classifier) with LoRA and full at a budget of seconds.
@@ -55,24 +58,9 @@ fn small_config() -> CompareConfig {
     config
 }
 
-fn write_config(dir: &Path, config: &CompareConfig) -> PathBuf {
-    let path = dir.join("study.toml");
-    std::fs::write(&path, config.to_toml().unwrap()).unwrap();
-    path
-}
-
-fn args(config: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    ["compare", "--config", config.to_str().unwrap()]
-        .into_iter()
-        .chain(["--out", out.to_str().unwrap()])
-        .chain(extra.iter().copied())
-        .map(String::from)
-        .collect()
-}
-
 /// One process, to a successful exit.
 fn one_process(config: &Path, out: &Path, extra: &[&str]) -> String {
-    let args = args(config, out, extra);
+    let args = compare_args(config, out, extra);
     let output = difftune(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .output()
         .unwrap();
@@ -125,7 +113,10 @@ fn two_invocations_and_jobs_2_share_the_units_and_equal_one_process() {
     let single = started.elapsed().as_secs_f64();
 
     let two = dir.path().join("two");
-    let mut job = start(&[args(&config, &two, &[]), args(&config, &two, &[])]);
+    let mut job = start(&[
+        compare_args(&config, &two, &[]),
+        compare_args(&config, &two, &[]),
+    ]);
     let deadline = Instant::now() + LIMIT;
     let mut stderr = Vec::new();
     for process in &mut job.ranks {
@@ -162,7 +153,7 @@ fn a_killed_invocation_s_unit_is_taken_over_and_resumed() {
     one_process(&config, &one, &[]);
 
     let out = dir.path().join("study");
-    let mut job = start(&[args(&config, &out, &[])]);
+    let mut job = start(&[compare_args(&config, &out, &[])]);
     let deadline = Instant::now() + LIMIT;
     // Killed while training the second final run (holding its unit), past its checkpoint at
     // step 2 (`eval.at_steps`).

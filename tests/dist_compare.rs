@@ -7,6 +7,8 @@
 mod common;
 #[path = "common/science.rs"]
 mod science;
+#[path = "common/study.rs"]
+mod study;
 
 use common::{difftune, launch, run_to_success, Job, LIMIT};
 use difftune::compare::report::BASE_ROW;
@@ -21,6 +23,7 @@ use science::science;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use study::{compare_args, write_config};
 use tch::Device;
 
 /// The tiny preset with the pre-training, LoRA and full runs at a budget of seconds. The study's
@@ -76,20 +79,6 @@ fn small_config_with(set: &[&str]) -> CompareConfig {
     config
 }
 
-fn write_config(dir: &Path, config: &CompareConfig) -> PathBuf {
-    let path = dir.join("study.toml");
-    std::fs::write(&path, config.to_toml().unwrap()).unwrap();
-    path
-}
-
-fn args(config: &Path, out: &Path) -> Vec<String> {
-    ["compare", "--config", config.to_str().unwrap()]
-        .into_iter()
-        .chain(["--out", out.to_str().unwrap()])
-        .map(String::from)
-        .collect()
-}
-
 /// Every file under `dir` (relative path → bytes), without the released folder locks. A
 /// TensorBoard event file's name holds its start time and process id: it is listed as
 /// `tfevents-N`, N counting them in its folder.
@@ -123,12 +112,12 @@ fn files_under(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 fn one_process_and_ranks(world: usize, set: &[&str]) -> (tempfile::TempDir, Job) {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &small_config_with(set));
-    let one_args = args(&config, &dir.path().join("one"));
+    let one_args = compare_args(&config, &dir.path().join("one"), &[]);
     let single = difftune(&one_args.iter().map(String::as_str).collect::<Vec<_>>())
         .output()
         .unwrap();
     assert!(single.status.success(), "{single:?}");
-    let ranks_args = args(&config, &dir.path().join("ranks"));
+    let ranks_args = compare_args(&config, &dir.path().join("ranks"), &[]);
     let job = run_to_success(
         world,
         &ranks_args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -156,7 +145,7 @@ fn two_rank_compare_equals_one_process() {
     let config = write_config(dir.path(), &small_config());
     let (one, two) = (dir.path().join("one"), dir.path().join("ranks"));
     let single = difftune(
-        &args(&config, &one)
+        &compare_args(&config, &one, &[])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -164,7 +153,7 @@ fn two_rank_compare_equals_one_process() {
     .output()
     .unwrap();
     assert!(single.status.success(), "{single:?}");
-    let two_args = args(&config, &two);
+    let two_args = compare_args(&config, &two, &[]);
     let job = run_to_success(2, &two_args.iter().map(String::as_str).collect::<Vec<_>>());
     eprintln!(
         "1 process and 2 ranks in {:.1} s",
@@ -462,7 +451,7 @@ fn refused_before_anything_is_written(set: &[&str], message: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &small_config_with(set));
     let out = dir.path().join("out");
-    let args = args(&config, &out);
+    let args = compare_args(&config, &out, &[]);
     let mut job = launch(
         2,
         &[0, 1],

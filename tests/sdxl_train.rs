@@ -24,8 +24,6 @@ use difftune::train::trainer::{latest_trainable, METRICS_FILE};
 use difftune::train::{train, Resume, TrainOptions};
 use difftune::util::tensor::relative_l2;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use tiny_run::serial;
 
@@ -101,18 +99,7 @@ impl Fixture {
     }
 
     fn options(&self, config: RunConfig, out: &str) -> TrainOptions {
-        TrainOptions {
-            model: sdxl_model().display().to_string(),
-            data: self.data.clone(),
-            cache: Some(self.root.join("cache")),
-            out: self.root.join(out),
-            config,
-            resume: Resume::No,
-            strict: false,
-            stop_after: None,
-            interrupt: Arc::new(AtomicBool::new(false)),
-            progress: false,
-        }
+        tiny_run::train_options(&sdxl_model(), &self.data, &self.root, config, out)
     }
 
     /// A square cache at [`RESOLUTION`] with flips, in `name`.

@@ -136,27 +136,34 @@ pub fn launch_with(world: usize, ranks: &[usize], args_of: impl Fn(usize) -> Vec
         .map(|&rank| {
             let args = args_of(rank);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut child = difftune(&args)
+            let mut command = difftune(&args);
+            command
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", world.to_string())
                 .env("LOCAL_RANK", rank.to_string())
                 .env("LOCAL_WORLD_SIZE", world.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stdout = capture(child.stdout.take().unwrap());
-            let stderr = capture(child.stderr.take().unwrap());
-            Rank {
-                child,
-                stdout,
-                stderr,
-            }
+                .env("MASTER_PORT", &port);
+            spawn(command)
         })
         .collect();
     Job { ranks }
+}
+
+/// Starts `command` with its stdout and stderr captured into a [`Rank`].
+fn spawn(mut command: Command) -> Rank {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = capture(child.stdout.take().unwrap());
+    let stderr = capture(child.stderr.take().unwrap());
+    Rank {
+        child,
+        stdout,
+        stderr,
+    }
 }
 
 /// Runs every rank of a `world`-rank job of `difftune ARGS` to a successful exit (within
@@ -181,18 +188,7 @@ pub fn start(commands: &[Vec<String>]) -> Job {
         .iter()
         .map(|args| {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut child = difftune(&args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stdout = capture(child.stdout.take().unwrap());
-            let stderr = capture(child.stderr.take().unwrap());
-            Rank {
-                child,
-                stdout,
-                stderr,
-            }
+            spawn(difftune(&args))
         })
         .collect();
     Job { ranks }

@@ -25,6 +25,29 @@ pub fn serial() -> MutexGuard<'static, ()> {
     guard
 }
 
+/// A run of `config` from `model` on `data` into `root/out`, caching into `root/cache`, as a test
+/// runs it: from scratch, not interrupted, without progress bars.
+pub fn train_options(
+    model: &Path,
+    data: &Path,
+    root: &Path,
+    config: RunConfig,
+    out: &str,
+) -> TrainOptions {
+    TrainOptions {
+        model: model.display().to_string(),
+        data: data.to_path_buf(),
+        cache: Some(root.join("cache")),
+        out: root.join(out),
+        config,
+        resume: Resume::No,
+        strict: false,
+        stop_after: None,
+        interrupt: Arc::new(AtomicBool::new(false)),
+        progress: false,
+    }
+}
+
 /// Images of the synthetic datasets, and the training resolution.
 pub const RESOLUTION: u32 = 64;
 
@@ -78,18 +101,7 @@ impl TinyRun {
 
     /// A run of `config` into `out` (under the fixture's folder), caching into `cache/`.
     pub fn options(&self, config: RunConfig, out: &str) -> TrainOptions {
-        TrainOptions {
-            model: self.model.display().to_string(),
-            data: self.data.clone(),
-            cache: Some(self.root.join("cache")),
-            out: self.root.join(out),
-            config,
-            resume: Resume::No,
-            strict: false,
-            stop_after: None,
-            interrupt: Arc::new(AtomicBool::new(false)),
-            progress: false,
-        }
+        train_options(&self.model, &self.data, &self.root, config, out)
     }
 
     /// `difftune train` on this fixture with the config in `config_file`, into `out`: one
